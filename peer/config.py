@@ -1,0 +1,224 @@
+"""Typed, validated configs, one dataclass per concern, loaded from ``model_configs/*.yaml``.
+
+A model config file has one section per concern::
+
+    model: {hidden_size: 64, ...}        # ModelConfig: the Llama architecture
+    data: {vocab_size: 2048, ...}        # DataConfig: tokenizer and pages
+    train: {inner_lr: 1e-3, ...}         # TrainConfig: inner/outer optimisation and rounds
+
+Every field has a docstring saying what it does and how to tune it. Unknown keys are errors, so a typo
+in a YAML file fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_type_hints
+
+import yaml
+
+from peer.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "model_configs"
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A Llama-style decoder, built locally as HF ``LlamaForCausalLM`` (no hub download)."""
+
+    hidden_size: int
+    """Width of the residual stream. Memory and compute grow ~quadratically with it."""
+    intermediate_size: int
+    """Width of the MLP (SwiGLU); usually ~2.7x hidden_size."""
+    num_hidden_layers: int
+    """Number of transformer blocks."""
+    num_attention_heads: int
+    """Attention heads; hidden_size must be divisible by it."""
+    num_key_value_heads: int | None = None
+    """Grouped-query attention heads (None = same as num_attention_heads)."""
+    max_position_embeddings: int = 2048
+    """Longest sequence the rotary embeddings are set up for; must be >= data.seq_len."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    tie_word_embeddings: bool = False
+    """Share input and output embeddings (saves vocab_size*hidden_size parameters)."""
+    initializer_range: float = 0.02
+    """Std of the normal init. The init is seeded, so every peer builds the same starting weights."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads})"
+            )
+        kv = self.num_key_value_heads or self.num_attention_heads
+        if self.num_attention_heads % kv:
+            raise ConfigError("model.num_attention_heads must be a multiple of model.num_key_value_heads")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Tokenizer and page layout. Pages are fixed-size token blocks addressed by index."""
+
+    vocab_size: int
+    """Byte-level BPE vocabulary size trained on the corpus; also the model's vocab size."""
+    seq_len: int
+    """Tokens per training sample (the model sees seq_len tokens, predicts seq_len)."""
+    samples_per_page: int = 8
+    """Samples in one page; a page holds samples_per_page * (seq_len + 1) tokens."""
+    heldout_permille: int = 50
+    """Pages per thousand kept out of training for evaluation (chosen by a hash of the page id)."""
+    pages_per_round: int = 16
+    """Pages assigned to each hotkey per round. Raise it if peers run out of data within a round."""
+    corpus: str = "shakespeare"
+    """Offline corpus name (``shakespeare``) or ``hf:<dataset>[:<config>]`` for HF datasets streaming."""
+    max_corpus_chars: int | None = None
+    """Use only the first N characters of the corpus (tests and quick demos). None = all of it."""
+
+    def __post_init__(self) -> None:
+        if not 256 < self.vocab_size <= 65535:
+            raise ConfigError(f"data.vocab_size must be in (256, 65535], got {self.vocab_size}")
+        if self.seq_len < 8:
+            raise ConfigError(f"data.seq_len must be >= 8, got {self.seq_len}")
+        if self.samples_per_page < 1:
+            raise ConfigError("data.samples_per_page must be >= 1")
+        if not 0 < self.heldout_permille < 500:
+            raise ConfigError("data.heldout_permille must be in (0, 500)")
+        if self.pages_per_round < 1:
+            raise ConfigError("data.pages_per_round must be >= 1")
+
+    @property
+    def page_tokens(self) -> int:
+        return self.samples_per_page * (self.seq_len + 1)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Inner (local) and outer (swarm) optimisation, DiLoCo-style."""
+
+    batch_size: int = 8
+    """Samples per inner step. Lower it if you run out of memory; raise it for throughput."""
+    inner_lr: float = 1e-3
+    """AdamW learning rate of the local steps. If local loss spikes or goes NaN, lower it."""
+    inner_weight_decay: float = 0.1
+    """AdamW weight decay of the local steps."""
+    warmup_steps: int = 20
+    """Linear warm-up of the inner learning rate, counted in local steps since the peer started."""
+    grad_clip: float = 1.0
+    """Clip the global grad norm of each inner step to this value."""
+    outer_lr: float = 0.7
+    """Outer Nesterov SGD learning rate applied to the averaged pseudo-gradient (DiLoCo uses 0.7)."""
+    outer_momentum: float = 0.9
+    """Outer Nesterov momentum (DiLoCo uses 0.9)."""
+    round_seconds: float = 10.0
+    """Wall-clock length of a round (local clock; on a chain, round_blocks * block time).
+    Longer rounds mean more inner steps per averaging (less communication, more drift)."""
+    max_inner_steps: int = 500
+    """Upper bound on inner steps per round (H). A fast peer stops at H and waits for the boundary."""
+    averaging_reserve_seconds: float = 2.0
+    """Seconds before the round boundary at which inner training stops and averaging starts.
+    Raise it if peers often miss the all-reduce ("averaging failed: timeout")."""
+    averaging_timeout: float = 30.0
+    """Seconds a peer waits for the all-reduce to finish before giving up on the round."""
+    max_delta_norm: float = 10.0
+    """Pseudo-gradients with a larger L2 norm are scaled down to this norm before averaging."""
+    seed: int = 0
+    """Seed of the model's initial weights; every peer in a swarm must use the same."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("train.batch_size must be >= 1")
+        for name in ("inner_lr", "outer_lr", "round_seconds", "averaging_timeout", "max_delta_norm"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.outer_momentum < 1:
+            raise ConfigError("train.outer_momentum must be in [0, 1)")
+        if self.averaging_reserve_seconds >= self.round_seconds:
+            raise ConfigError("train.averaging_reserve_seconds must be shorter than train.round_seconds")
+        if self.max_inner_steps < 1:
+            raise ConfigError("train.max_inner_steps must be >= 1")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A model config file: what every peer and validator of one swarm must agree on."""
+
+    name: str
+    """Config name (file stem), e.g. ``debug``."""
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+
+    def __post_init__(self) -> None:
+        if self.model.max_position_embeddings < self.data.seq_len:
+            raise ConfigError("model.max_position_embeddings must be >= data.seq_len")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known keys: {sorted(known)}")
+    hints = get_type_hints(cls)
+    values = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if hint is float and isinstance(value, int | str) and not isinstance(value, bool):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}.{key}: expected a number, got {value!r}") from None
+        values[key] = value
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def load_run_config(name_or_path: str) -> RunConfig:
+    """Load ``model_configs/<name>.yaml`` (or a path to a YAML file) into a validated RunConfig."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        shipped = ", ".join(available_configs())
+        raise ConfigError(f"model config {name_or_path!r} not found (looked at {path}); shipped: {shipped}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected sections model/data/train")
+    missing = {"model", "data"} - set(raw)
+    if missing:
+        raise ConfigError(f"{path}: missing section(s) {sorted(missing)}")
+    extra = set(raw) - {"model", "data", "train"}
+    if extra:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(extra)}; expected model, data, train")
+    return RunConfig(
+        name=path.stem,
+        model=_build(ModelConfig, raw["model"], f"{path.name}:model"),
+        data=_build(DataConfig, raw["data"], f"{path.name}:data"),
+        train=_build(TrainConfig, raw.get("train") or {}, f"{path.name}:train"),
+    )
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def override(cfg: Any, **changes: Any) -> Any:
+    """A copy of a config dataclass with some fields changed (validated again)."""
+    return dataclasses.replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+
+
+AveragingMode = Literal["diloco", "sync"]

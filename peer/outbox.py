@@ -1,0 +1,187 @@
+"""The peer's outbox: what it publishes each round, written atomically for the publisher to serve.
+
+Layout (``<peer_home>/outbox``)::
+
+    rounds/<r>/contribution.safetensors   Δ_r = θ_start − θ_local, 8-bit blockwise (int8 codes + fp32 scales)
+    rounds/<r>/manifest.json              ContributionManifest (peer.records), hotkey-signed
+    state/<r>/state.safetensors           θ_r (fp32) — the averaged state at the *start* of round r
+    state/<r>/manifest.json               StateManifest, hotkey-signed
+
+Every file is written to a temp name in the same folder, fsynced and renamed, and a round folder's
+manifest is written last, so a reader that sees a manifest sees complete blobs; a crash leaves at most
+a stray ``.tmp`` file (ignored and cleaned up), never a torn one. Nothing here is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+
+from peer.errors import CheckpointError
+
+QUANT_BLOCK = 4096
+CONTRIBUTION = "contribution.safetensors"
+STATE = "state.safetensors"
+MANIFEST = "manifest.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode())
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8-bit blockwise (absmax, linear) quantisation of pseudo-gradients for publication
+
+
+def quantize_blockwise(t: torch.Tensor, block: int = QUANT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes and one fp32 absmax scale per block of ``block`` values (deterministic, pure torch)."""
+    flat = t.detach().float().reshape(-1).cpu()
+    pad = (-flat.numel()) % block
+    padded = torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
+    scale = padded.abs().amax(dim=1).clamp_min(1e-12)
+    codes = torch.round(padded / scale[:, None] * 127).clamp(-127, 127).to(torch.int8)
+    return codes.reshape(-1)[: flat.numel()].clone(), scale
+
+
+def dequantize_blockwise(codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], block: int = QUANT_BLOCK) -> torch.Tensor:
+    n = codes.numel()
+    pad = (-n) % block
+    padded = torch.nn.functional.pad(codes.float(), (0, pad)).view(-1, block)
+    if padded.shape[0] != scale.numel():
+        raise CheckpointError(f"quantised tensor has {padded.shape[0]} blocks but {scale.numel()} scales")
+    return (padded * (scale[:, None] / 127)).reshape(-1)[:n].reshape(shape)
+
+
+def encode_delta(delta: dict[str, torch.Tensor]) -> bytes:
+    """Serialise a pseudo-gradient as 8-bit blockwise safetensors bytes."""
+    tensors: dict[str, torch.Tensor] = {}
+    shapes = {}
+    for name, t in delta.items():
+        codes, scale = quantize_blockwise(t)
+        tensors[f"{name}::q"] = codes
+        tensors[f"{name}::scale"] = scale
+        shapes[name] = list(t.shape)
+    return save(tensors, metadata={"format": "gradswarm-delta-int8-blockwise", "block": str(QUANT_BLOCK),
+                                   "shapes": json.dumps(shapes)})
+
+
+def decode_delta(data: bytes) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode_delta`; raises CheckpointError on anything malformed."""
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+        # safetensors header: 8-byte little-endian length, then JSON (with our __metadata__)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
+        if meta.get("format") != "gradswarm-delta-int8-blockwise":
+            raise CheckpointError("not a gradswarm delta (format metadata missing)")
+        block = int(meta["block"])
+        shapes = json.loads(meta["shapes"])
+        out = {}
+        for name, shape in shapes.items():
+            out[name] = dequantize_blockwise(tensors[f"{name}::q"], tensors[f"{name}::scale"], tuple(shape), block)
+        return out
+    except CheckpointError:
+        raise
+    except (SafetensorError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"malformed delta blob: {e}") from None
+
+
+def encode_state(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    return save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=metadata or {})
+
+
+def decode_state(data: bytes) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    try:
+        return load(data)
+    except SafetensorError as e:
+        raise CheckpointError(f"malformed state blob: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class Outbox:
+    """Per-round files the publisher serves. Keeps the last ``keep_rounds`` rounds."""
+
+    def __init__(self, root: Path, keep_rounds: int = 8):
+        self.root = Path(root)
+        self.keep_rounds = keep_rounds
+
+    def round_dir(self, round_: int) -> Path:
+        return self.root / "rounds" / str(round_)
+
+    def state_dir(self, round_: int) -> Path:
+        return self.root / "state" / str(round_)
+
+    def write_contribution(self, round_: int, blob: bytes, manifest: dict) -> Path:
+        d = self.round_dir(round_)
+        atomic_write_bytes(d / CONTRIBUTION, blob)
+        atomic_write_json(d / MANIFEST, manifest)  # last: a visible manifest means complete blobs
+        return d
+
+    def write_state(self, round_: int, blob: bytes, manifest: dict) -> Path:
+        d = self.state_dir(round_)
+        atomic_write_bytes(d / STATE, blob)
+        atomic_write_json(d / MANIFEST, manifest)
+        return d
+
+    def rounds(self, kind: str = "rounds") -> list[int]:
+        base = self.root / kind
+        if not base.is_dir():
+            return []
+        return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and (p / MANIFEST).exists())
+
+    def prune(self) -> None:
+        for kind in ("rounds", "state"):
+            for r in self.rounds(kind)[: -self.keep_rounds]:
+                shutil.rmtree(self.root / kind / str(r), ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors checkpoint, turning corruption into a readable CheckpointError."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} not found") from None
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt ({e}); delete it to start from the swarm's state"
+        ) from None

@@ -1,0 +1,113 @@
+"""Strict, versioned, hotkey-signed records: what peers publish and validators trust.
+
+Every record carries ``spec_version``, the swarm's ``run_id`` and a ``round`` so it cannot be replayed
+into another run or round, the publisher's libp2p ``peer_id`` and the ``hotkey`` (ss58) that signs it.
+The signature is sr25519 over the canonical JSON of every other field (sorted keys, no spaces).
+
+Records are pydantic models with ``extra="forbid"``: unknown fields, a wrong ``spec_version`` or a bad
+signature are rejected with :class:`RecordError` saying why.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from substrateinterface import Keypair, KeypairType
+
+from peer.errors import UserError
+
+SPEC_VERSION = 1
+Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class RecordError(UserError):
+    """A record is malformed, of another spec version, for another run/round, or badly signed."""
+
+
+class SignedRecord(BaseModel):
+    """Base of every published record."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    kind: ClassVar[str] = "record"
+
+    spec_version: int = SPEC_VERSION
+    run_id: str = Field(min_length=1, max_length=128)
+    round: int = Field(ge=0)
+    hotkey: str = Field(min_length=40, max_length=60)
+    peer_id: str = Field(min_length=1, max_length=128)
+    signature: str | None = None
+
+    def signing_payload(self) -> bytes:
+        body = self.model_dump(mode="json", exclude={"signature"})
+        body["kind"] = self.kind
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def signed(self, keypair: Keypair) -> SignedRecord:
+        if keypair.ss58_address != self.hotkey:
+            raise RecordError(f"record names hotkey {self.hotkey} but is being signed by {keypair.ss58_address}")
+        return self.model_copy(update={"signature": "0x" + keypair.sign(self.signing_payload()).hex()})
+
+    def verify(self, *, run_id: str | None = None, round_: int | None = None) -> None:
+        """Check version, run, round and signature; raise RecordError with the reason otherwise."""
+        if self.spec_version != SPEC_VERSION:
+            raise RecordError(f"{self.kind}: spec_version {self.spec_version} != {SPEC_VERSION}")
+        if run_id is not None and self.run_id != run_id:
+            raise RecordError(f"{self.kind}: run_id {self.run_id!r} is not this swarm's ({run_id!r})")
+        if round_ is not None and self.round != round_:
+            raise RecordError(f"{self.kind}: round {self.round} where {round_} was asked for")
+        if not self.signature:
+            raise RecordError(f"{self.kind}: unsigned")
+        try:
+            kp = Keypair(ss58_address=self.hotkey, crypto_type=KeypairType.SR25519)
+            ok = kp.verify(self.signing_payload(), bytes.fromhex(self.signature.removeprefix("0x")))
+        except ValueError as e:
+            raise RecordError(f"{self.kind}: bad hotkey or signature encoding ({e})") from None
+        if not ok:
+            raise RecordError(f"{self.kind}: signature does not match hotkey {self.hotkey}")
+
+    @classmethod
+    def parse(cls, raw: bytes | str | dict) -> SignedRecord:
+        """Parse strictly; every problem becomes a RecordError (never a traceback)."""
+        try:
+            if isinstance(raw, dict):
+                return cls.model_validate(raw)
+            return cls.model_validate_json(raw)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"]) or "record"
+            raise RecordError(f"{cls.kind}: invalid field {where}: {first['msg']}") from None
+
+
+class BlobRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    name: str = Field(pattern=r"^[a-z_]+\.safetensors$")
+    sha256: Hex64
+    size: int = Field(ge=0)
+
+
+class ContributionManifest(SignedRecord):
+    """A peer's pseudo-gradient for one round and how it was made."""
+
+    kind: ClassVar[str] = "contribution"
+    base_state_hash: Hex64
+    data_fingerprint: Hex64
+    model_config_name: str
+    pages: list[int]
+    samples: int = Field(ge=0)
+    tokens: int = Field(ge=0)
+    inner_steps: int = Field(ge=0)
+    loss_before: float | None
+    loss_after: float | None
+    blob: BlobRef
+    behaviour: Literal["honest"] | str = "honest"
+
+
+class StateManifest(SignedRecord):
+    """The averaged model state θ_r a peer holds at the start of round r."""
+
+    kind: ClassVar[str] = "state"
+    state_hash: Hex64
+    model_config_name: str
+    blob: BlobRef
