@@ -46,7 +46,9 @@ class SignedRecord(BaseModel):
 
     def signed(self, keypair: Keypair) -> SignedRecord:
         if keypair.ss58_address != self.hotkey:
-            raise RecordError(f"record names hotkey {self.hotkey} but is being signed by {keypair.ss58_address}")
+            raise RecordError(
+                f"record names hotkey {self.hotkey} but is being signed by {keypair.ss58_address}"
+            )
         return self.model_copy(update={"signature": "0x" + keypair.sign(self.signing_payload()).hex()})
 
     def verify(self, *, run_id: str | None = None, round_: int | None = None) -> None:
@@ -111,3 +113,96 @@ class StateManifest(SignedRecord):
     state_hash: Hex64
     model_config_name: str
     blob: BlobRef
+
+
+# ---------------------------------------------------------------------------------------------------
+# Identity: hotkey <-> libp2p peer id <-> addresses
+
+Multiaddr = Annotated[str, Field(min_length=4, max_length=256, pattern=r"^/[A-Za-z0-9_./:\-]+$")]
+JsonScalar = str | int | float | bool | None
+
+
+class PeerIdentityRecord(SignedRecord):
+    """Binds a hotkey to the libp2p peer id and addresses of its publisher, signed by the hotkey.
+
+    Served by the publisher (``identity.json`` in the outbox) with every listing, so a validator that
+    dialled the peer id from the on-chain :class:`Commitment` can check that the hotkey it is about to
+    reward really runs that peer id. ``round`` is the round it was issued in.
+    """
+
+    kind: ClassVar[str] = "identity"
+    addrs: list[Multiaddr] = Field(min_length=1, max_length=16)
+    protocol: Literal["/gradswarm/artifact/1.0.0"] = "/gradswarm/artifact/1.0.0"
+
+
+class DHTAnnouncement(SignedRecord):
+    """A value a peer stores in hivemind's DHT under ``key``, signed by its hotkey.
+
+    Store it as ``dht.store(key, value=record.model_dump_json(), subkey=hotkey_subkey(hotkey), ...)``;
+    :class:`peer.dht_records.HotkeyRecordValidator` makes every DHT node refuse it unless the signature,
+    the key and the subkey's hotkey all match.
+    """
+
+    kind: ClassVar[str] = "dht"
+    key: str = Field(min_length=1, max_length=256)
+    value: dict[str, JsonScalar] = Field(default_factory=dict, max_length=64)
+
+
+COMMITMENT_VERSION = 1
+MAX_COMMITMENT_BYTES = 128
+
+
+class Commitment(BaseModel):
+    """What a peer commits on chain: its publisher's address and peer id, compactly (<= 128 bytes).
+
+    Binary form: one version byte, then the multiaddr ``<addr>/p2p/<peer_id>`` in multiaddr binary
+    encoding (45 bytes for IPv4 + an RSA peer id). The chain extrinsic that stores it is signed by the
+    hotkey; the full :class:`PeerIdentityRecord` (all addresses, run id) comes from the publisher itself.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    addr: Multiaddr
+    """Transport address without ``/p2p``, e.g. ``/ip4/203.0.113.5/tcp/4001``."""
+    peer_id: str = Field(min_length=1, max_length=128)
+
+    @property
+    def multiaddr(self) -> str:
+        return f"{self.addr}/p2p/{self.peer_id}"
+
+    def to_bytes(self) -> bytes:
+        import multiaddr
+
+        try:
+            raw = bytes([COMMITMENT_VERSION]) + multiaddr.Multiaddr(self.multiaddr).to_bytes()
+        except (ValueError, multiaddr.exceptions.Error) as e:
+            raise RecordError(f"commitment: {self.multiaddr!r} is not a valid multiaddr ({e})") from None
+        if len(raw) > MAX_COMMITMENT_BYTES:
+            raise RecordError(
+                f"commitment: {len(raw)} bytes > {MAX_COMMITMENT_BYTES}; announce a shorter address (IPv4/IPv6 + tcp)"
+            )
+        return raw
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Commitment:
+        import multiaddr
+
+        if not raw or len(raw) > MAX_COMMITMENT_BYTES:
+            raise RecordError(f"commitment: {len(raw)} bytes (expected 1..{MAX_COMMITMENT_BYTES})")
+        if raw[0] != COMMITMENT_VERSION:
+            raise RecordError(f"commitment: version {raw[0]} != {COMMITMENT_VERSION} (upgrade gradswarm)")
+        try:
+            text = str(multiaddr.Multiaddr(raw[1:]))
+        except (ValueError, multiaddr.exceptions.Error) as e:
+            raise RecordError(f"commitment: not a multiaddr ({e})") from None
+        return cls.from_multiaddr(text)
+
+    @classmethod
+    def from_multiaddr(cls, text: str) -> Commitment:
+        """Parse ``<addr>/p2p/<peer_id>`` (the text form, e.g. what `peer status` prints)."""
+        addr, sep, peer_id = text.rpartition("/p2p/")
+        if not sep or not addr or not peer_id or "/" in peer_id:
+            raise RecordError(f"commitment: {text!r} is not of the form /ip4/<ip>/tcp/<port>/p2p/<peer id>")
+        try:
+            return cls(addr=addr, peer_id=peer_id)
+        except ValidationError as e:
+            raise RecordError(f"commitment: {text!r}: {e.errors()[0]['msg']}") from None

@@ -1,0 +1,192 @@
+"""The wire protocol ``/gradswarm/artifact/1.0.0`` between a peer's publisher and anyone fetching from it.
+
+One request per libp2p stream (noise + yamux, raw stream — never py-libp2p's request/response helper,
+which breaks around 8 MiB). Every message is a *frame*: a 4-byte big-endian length, then that many bytes.
+
+Client -> publisher: one request frame (msgpack map, at most :data:`MAX_REQUEST_BYTES`):
+
+* ``{"op": "list", "round": r}`` — what the peer has for round ``r`` (``round: None``: only which rounds
+  it has). Answer: one msgpack frame :class:`ListResponse` carrying the raw signed manifest JSON (the
+  client verifies it; the publisher never vouches for anything) and the peer's signed identity record.
+* ``{"op": "fetch", "sha256": hex}`` — a blob by content hash, only if a manifest in the outbox names it.
+  Answer: a :class:`FetchHeader` frame with the size, then the bytes in frames of at most the chunk size,
+  then an empty frame (end). The client hashes as it goes and keeps nothing unless the hash matches.
+* ``{"op": "stats"}`` — the publisher's counters (served/refused, by reason).
+
+Any refusal is an :class:`ErrorResponse` frame ``{"ok": False, "reason": code, "error": one line}``.
+Nothing is pickled: msgpack with no extension types, JSON inside, safetensors bytes as payload.
+
+This module imports py-libp2p only inside the stream helpers, so the publisher's parent (the trainer,
+a hivemind process) can import :mod:`peer.publisher` safely.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated, Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from peer.errors import NetworkError
+
+PROTOCOL_ID = "/gradswarm/artifact/1.0.0"
+FRAME_HEADER = struct.Struct(">I")
+MAX_REQUEST_BYTES = 4096
+"""Largest request frame a publisher accepts (requests are tiny maps)."""
+MAX_LISTING_BYTES = 1 << 20
+"""Largest listing/header/error frame either side accepts (two manifests + identity are a few KB)."""
+DEFAULT_CHUNK_BYTES = 1 << 20
+"""Blob chunk size; also the largest data frame a client accepts unless told otherwise."""
+
+Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ProtocolError(NetworkError):
+    """The other side broke the protocol: truncated or oversized frame, malformed message, refusal.
+
+    ``reason`` is a short machine code (``truncated_frame``, ``oversized_frame``, ``bad_message``, ...)
+    used to count rejections; the message says what happened in words.
+    """
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class _Msg(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ListRequest(_Msg):
+    op: Literal["list"]
+    round: int | None = Field(default=None, ge=0, le=2**40)
+
+
+class FetchRequest(_Msg):
+    op: Literal["fetch"]
+    sha256: Hex64
+
+
+class StatsRequest(_Msg):
+    op: Literal["stats"]
+
+
+Request = Annotated[ListRequest | FetchRequest | StatsRequest, Field(discriminator="op")]
+_REQUEST = TypeAdapter(Request)
+
+
+class ListResponse(_Msg):
+    ok: Literal[True] = True
+    peer_id: str
+    identity: str | None = None
+    """The peer's signed PeerIdentityRecord (JSON), if it wrote one."""
+    rounds: list[int] = Field(default_factory=list, max_length=1024)
+    """Rounds with a contribution manifest."""
+    state_rounds: list[int] = Field(default_factory=list, max_length=1024)
+    """Rounds with a state manifest."""
+    contribution: str | None = None
+    """Raw ContributionManifest JSON for the asked round."""
+    state: str | None = None
+    """Raw StateManifest JSON for the asked round."""
+
+
+class FetchHeader(_Msg):
+    ok: Literal[True] = True
+    size: int = Field(ge=0)
+    chunk_bytes: int = Field(ge=1)
+
+
+class StatsResponse(_Msg):
+    ok: Literal[True] = True
+    peer_id: str
+    counters: dict[str, int]
+
+
+class ErrorResponse(_Msg):
+    ok: Literal[False] = False
+    reason: str = Field(max_length=64)
+    error: str = Field(max_length=1024)
+
+
+def encode_frame(payload: bytes) -> bytes:
+    return FRAME_HEADER.pack(len(payload)) + payload
+
+
+def pack(obj: BaseModel) -> bytes:
+    """A message as one frame."""
+    return encode_frame(msgpack.packb(obj.model_dump(mode="json"), use_bin_type=True))
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not allowed")
+
+
+def unpack_map(raw: bytes, *, what: str) -> dict:
+    """msgpack bytes -> dict, refusing extension types and non-map messages."""
+    try:
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_no_ext)
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise ProtocolError("bad_message", f"{what}: not a msgpack message ({e})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_message", f"{what}: expected a map, got {type(obj).__name__}")
+    return obj
+
+
+def parse_request(raw: bytes) -> ListRequest | FetchRequest | StatsRequest:
+    obj = unpack_map(raw, what="request")
+    try:
+        return _REQUEST.validate_python(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "request"
+        raise ProtocolError("bad_request", f"request: invalid field {where}: {first['msg']}") from None
+
+
+def parse_response(raw: bytes, model: type[_Msg], *, what: str) -> _Msg:
+    """Parse an answer frame as ``model``; an ErrorResponse becomes a ProtocolError with its reason."""
+    obj = unpack_map(raw, what=what)
+    if obj.get("ok") is False:
+        try:
+            err = ErrorResponse.model_validate(obj)
+        except ValidationError:
+            raise ProtocolError("bad_message", f"{what}: malformed error answer") from None
+        raise ProtocolError(f"refused_{err.reason}", f"{what}: publisher refused: {err.error}")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or what
+        raise ProtocolError("bad_message", f"{what}: invalid field {where}: {first['msg']}") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# stream helpers (py-libp2p INetStream; imported lazily)
+
+
+async def read_exactly(stream, n: int, *, what: str) -> bytes:
+    """Read exactly ``n`` bytes; a stream that ends or resets first is a ``truncated_frame``."""
+    from libp2p.network.stream.exceptions import StreamError
+
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        try:
+            chunk = await stream.read(n - got)
+        except StreamError:
+            chunk = b""
+        if not chunk:
+            raise ProtocolError("truncated_frame", f"{what}: stream ended after {got} of {n} bytes")
+        parts.append(chunk)
+        got += len(chunk)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+async def read_frame(stream, max_bytes: int, *, what: str) -> bytes:
+    """One frame; a length over ``max_bytes`` is refused before anything is read (``oversized_frame``)."""
+    (length,) = FRAME_HEADER.unpack(await read_exactly(stream, FRAME_HEADER.size, what=f"{what} header"))
+    if length > max_bytes:
+        raise ProtocolError("oversized_frame", f"{what}: frame of {length} bytes > limit {max_bytes}")
+    if length == 0:
+        return b""
+    return await read_exactly(stream, length, what=what)

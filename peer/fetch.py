@@ -1,0 +1,684 @@
+"""Fetch a peer's artifacts from its publisher and keep them only if they are provably that peer's.
+
+Used by the validator (a py-libp2p process, never hivemind) and by ``peer fetch`` for humans. The
+client dials the address + peer id a peer committed on chain; noise authenticates the remote peer id
+during the handshake, so a commitment whose peer id is not the one listening there is refused
+(``peer_id_mismatch``). Then, for a round:
+
+1. the signed :class:`~peer.records.PeerIdentityRecord` must name the hotkey we expect (the one
+   registered for that uid), this run, and the peer id of the connection (``require_identity``);
+2. each manifest must parse strictly, have this run id and round, the expected hotkey, the connection's
+   peer id, and a valid sr25519 signature;
+3. the blob is streamed into a temp file in the cache while being hashed; it is renamed to
+   ``<cache>/<sha256>.safetensors`` only if size and sha256 match the manifest and the file is a
+   well-formed safetensors container (header checked without deserialising any tensor).
+
+Nothing is deserialised before that, and nothing is ever unpickled. Each rejection raises
+:class:`FetchError` with a one-line reason and is counted in :attr:`FetchClient.rejections`.
+
+The client runs py-libp2p on trio in a background thread, so its methods are plain blocking calls
+usable from any (non-hivemind) process; one libp2p host and its connections are reused across calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from peer.artifact_protocol import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_LISTING_BYTES,
+    PROTOCOL_ID,
+    FetchHeader,
+    FetchRequest,
+    ListRequest,
+    ListResponse,
+    ProtocolError,
+    StatsRequest,
+    StatsResponse,
+    pack,
+    parse_response,
+    read_frame,
+)
+from peer.errors import ConfigError, NetworkError
+from peer.records import (
+    BlobRef,
+    Commitment,
+    ContributionManifest,
+    PeerIdentityRecord,
+    RecordError,
+    SignedRecord,
+    StateManifest,
+)
+
+MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+class FetchError(NetworkError):
+    """An artifact was refused or could not be fetched; ``reason`` is a short code for counting."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(kw_only=True)
+class FetchConfig:
+    """How a client fetches and what it accepts."""
+
+    cache_dir: Path
+    """Verified blobs land here as ``<sha256>.safetensors`` (temp file + rename)."""
+    run_id: str | None = None
+    """Only records of this run are accepted (None: any run — for humans poking at a peer)."""
+    max_blob_bytes: int = 16 << 30
+    """Manifests naming a bigger blob are refused before any byte is fetched."""
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    """Largest data frame accepted; must be >= the publisher's chunk size."""
+    connect_timeout_s: float = 15.0
+    """Dial + noise handshake limit. Raise it for peers far away / behind slow links."""
+    io_timeout_s: float = 30.0
+    """Limit for one frame to arrive; a publisher that stalls longer is dropped (``timeout``)."""
+    require_identity: bool = True
+    """Refuse a publisher that serves no signed PeerIdentityRecord for the expected hotkey."""
+    identity_path: Path | None = None
+    """This client's own libp2p key file (None: a fresh random key per client)."""
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir)
+        if self.max_chunk_bytes < 1024 or self.max_blob_bytes < 1:
+            raise ConfigError("fetch max_chunk_bytes must be >= 1024 and max_blob_bytes >= 1")
+        if self.connect_timeout_s <= 0 or self.io_timeout_s <= 0:
+            raise ConfigError("fetch timeouts must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    """Whom to fetch from: a committed address + peer id, and the hotkey registered for it."""
+
+    addr: str
+    peer_id: str
+    hotkey: str
+
+    @classmethod
+    def from_commitment(cls, commitment: Commitment | bytes | str, hotkey: str) -> Target:
+        if isinstance(commitment, bytes):
+            commitment = Commitment.from_bytes(commitment)
+        elif isinstance(commitment, str):
+            commitment = Commitment.from_multiaddr(commitment)
+        return cls(addr=commitment.addr, peer_id=commitment.peer_id, hotkey=hotkey)
+
+
+@dataclass(kw_only=True)
+class RoundListing:
+    """What a peer serves for a round, every record already verified."""
+
+    peer_id: str
+    hotkey: str
+    identity: PeerIdentityRecord | None
+    rounds: list[int]
+    state_rounds: list[int]
+    contribution: ContributionManifest | None = None
+    state: StateManifest | None = None
+
+    @property
+    def manifests(self) -> list[ContributionManifest | StateManifest]:
+        return [m for m in (self.contribution, self.state) if m is not None]
+
+
+@dataclass(kw_only=True)
+class Fetched:
+    """A verified blob in the cache."""
+
+    manifest: ContributionManifest | StateManifest
+    path: Path
+    sha256: str
+    size: int
+
+    def read_bytes(self) -> bytes:
+        return self.path.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------------
+# pure checks (no network): used by the client and testable on their own
+
+
+def verify_manifest(
+    raw: str | bytes,
+    model: type[ContributionManifest] | type[StateManifest],
+    *,
+    hotkey: str,
+    peer_id: str,
+    run_id: str | None,
+    round_: int,
+    max_blob_bytes: int,
+) -> ContributionManifest | StateManifest:
+    """Parse + verify a manifest from the network; FetchError with the reason if anything is off."""
+    try:
+        m = model.parse(raw)
+    except RecordError as e:
+        raise FetchError("bad_manifest", str(e)) from None
+    if m.hotkey != hotkey:
+        raise FetchError("wrong_hotkey", f"{m.kind} manifest is for hotkey {m.hotkey}, expected {hotkey}")
+    if m.round != round_:
+        raise FetchError("wrong_round", f"{m.kind} manifest is for round {m.round}, asked for round {round_}")
+    if run_id is not None and m.run_id != run_id:
+        raise FetchError("wrong_run", f"{m.kind} manifest is for run {m.run_id!r}, this is run {run_id!r}")
+    _verify_signature(m, run_id=run_id, round_=round_)
+    if m.peer_id != peer_id:
+        raise FetchError("wrong_peer_id", f"{m.kind} manifest names peer {m.peer_id}, served by {peer_id}")
+    if m.blob.size > max_blob_bytes:
+        raise FetchError("too_large", f"{m.kind} blob is {m.blob.size} bytes > limit {max_blob_bytes}")
+    return m
+
+
+def verify_identity(raw: str, *, hotkey: str, peer_id: str, run_id: str | None) -> PeerIdentityRecord:
+    try:
+        rec = PeerIdentityRecord.parse(raw)
+    except RecordError as e:
+        raise FetchError("bad_identity", str(e)) from None
+    if rec.hotkey != hotkey:
+        raise FetchError("wrong_hotkey", f"identity record is for hotkey {rec.hotkey}, expected {hotkey}")
+    if run_id is not None and rec.run_id != run_id:
+        raise FetchError("wrong_run", f"identity record is for run {rec.run_id!r}, this is run {run_id!r}")
+    _verify_signature(rec, run_id=run_id, round_=None)
+    if rec.peer_id != peer_id:
+        raise FetchError(
+            "peer_id_mismatch", f"hotkey {hotkey} signed peer id {rec.peer_id}, but {peer_id} answered"
+        )
+    return rec
+
+
+def _verify_signature(rec: SignedRecord, *, run_id: str | None, round_: int | None) -> None:
+    try:
+        rec.verify(run_id=run_id, round_=round_)
+    except RecordError as e:
+        raise FetchError("bad_signature", str(e)) from None
+
+
+def check_safetensors(path: Path, size: int) -> None:
+    """The file is a safetensors container whose tensors exactly fill it (header JSON only; no tensors)."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise FetchError("not_safetensors", "blob is shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
+            raise FetchError("not_safetensors", f"blob's safetensors header length {n} is impossible")
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FetchError("not_safetensors", f"blob's safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise FetchError("not_safetensors", "blob's safetensors header is not a map")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise FetchError("not_safetensors", f"blob's tensor {name!r} has no valid data_offsets")
+        end = max(end, offsets[1])
+    if 8 + n + end != size:
+        raise FetchError("not_safetensors", f"blob's tensors end at {8 + n + end}, file is {size} bytes")
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+class FetchClient:
+    """Blocking client; ``with FetchClient(FetchConfig(cache_dir=...)) as c: c.fetch_contribution(...)``."""
+
+    def __init__(self, cfg: FetchConfig):
+        self.cfg = cfg
+        self.rejections: Counter = Counter()
+        """Refusals by reason code (``wrong_hotkey``, ``hash_mismatch``, ``peer_id_mismatch``, ...)."""
+        self._thread: threading.Thread | None = None
+        self._token = None
+        self._host = None
+        self._stop = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._connected: set[str] = set()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def __enter__(self) -> FetchClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="gradswarm-fetch", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        import trio
+
+        try:
+            trio.run(self._main)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread by start()
+            self._error = e
+            self._ready.set()
+
+    async def _main(self) -> None:
+        import trio
+
+        from peer.publisher import make_host
+
+        if self.cfg.identity_path is not None:
+            from peer.identity import libp2p_keypair
+
+            keypair = libp2p_keypair(self.cfg.identity_path)
+        else:
+            from libp2p.crypto.ed25519 import create_new_key_pair
+
+            keypair = create_new_key_pair()
+        self._host = make_host(keypair)
+        self._token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        async with self._host.run(listen_addrs=[]):
+            self._ready.set()
+            await self._stop.wait()
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        import trio
+
+        if self._stop is not None:
+            trio.from_thread.run_sync(self._stop.set, trio_token=self._token)
+        self._thread.join(10)
+        self._thread = None
+
+    def _call(self, afn, *args):
+        import trio
+
+        self.start()
+        return trio.from_thread.run(afn, *args, trio_token=self._token)
+
+    # -- public blocking API ---------------------------------------------------------------------
+
+    def list_round(self, addr: str, peer_id: str, round_: int, *, hotkey: str) -> RoundListing:
+        """Verified listing of ``round_`` from the peer at ``addr``/``peer_id`` run by ``hotkey``."""
+        return self._call(
+            self._counted, self.alist_round(Target(addr=addr, peer_id=peer_id, hotkey=hotkey), round_)
+        )
+
+    def fetch_contribution(self, addr: str, peer_id: str, round_: int, *, hotkey: str) -> Fetched:
+        return self.fetch(Target(addr=addr, peer_id=peer_id, hotkey=hotkey), round_, "contribution")
+
+    def fetch_state(self, addr: str, peer_id: str, round_: int, *, hotkey: str) -> Fetched:
+        return self.fetch(Target(addr=addr, peer_id=peer_id, hotkey=hotkey), round_, "state")
+
+    def fetch(self, target: Target, round_: int, kind: str = "contribution") -> Fetched:
+        return self._call(self._counted, self.afetch(target, round_, kind))
+
+    def fetch_many(
+        self, targets: Iterable[Target], round_: int, kind: str = "contribution"
+    ) -> dict[Target, Fetched | FetchError]:
+        """Fetch one kind of artifact from many peers concurrently; failures are returned, not raised."""
+        return self._call(self._afetch_many, list(targets), round_, kind)
+
+    def stats(self, addr: str, peer_id: str) -> dict[str, int]:
+        """The publisher's own counters (what it served and refused)."""
+        return self._call(self._counted, self._astats(Target(addr=addr, peer_id=peer_id, hotkey="")))
+
+    # -- async (trio) implementation -------------------------------------------------------------
+
+    async def _counted(self, coro):
+        try:
+            return await coro
+        except FetchError as e:
+            self.rejections[e.reason] += 1
+            raise
+
+    async def _afetch_many(self, targets: list[Target], round_: int, kind: str):
+        import trio
+
+        results: dict[Target, Fetched | FetchError] = {}
+
+        async def one(t: Target) -> None:
+            try:
+                results[t] = await self._counted(self.afetch(t, round_, kind))
+            except FetchError as e:
+                results[t] = e
+
+        async with trio.open_nursery() as nursery:
+            for t in targets:
+                nursery.start_soon(one, t)
+        return results
+
+    async def _open(self, target: Target):
+        """A stream to ``target`` on our protocol, on a connection whose peer id noise verified."""
+        import multiaddr
+        import trio
+        from libp2p.custom_types import TProtocol
+        from libp2p.exceptions import BaseLibp2pError
+        from libp2p.peer.id import ID
+        from libp2p.peer.peerinfo import PeerInfo
+
+        try:
+            pid = ID.from_base58(target.peer_id)
+            maddr = multiaddr.Multiaddr(target.addr)
+        except (ValueError, multiaddr.exceptions.Error) as e:
+            raise FetchError(
+                "bad_commitment", f"cannot dial {target.addr}/p2p/{target.peer_id}: {e}"
+            ) from None
+        try:
+            with trio.fail_after(self.cfg.connect_timeout_s):
+                if target.peer_id not in self._connected or not self._host.get_network().get_connections(pid):
+                    await self._host.connect(PeerInfo(pid, [maddr]))
+                    self._connected.add(target.peer_id)
+                stream = await self._host.new_stream(pid, [TProtocol(PROTOCOL_ID)])
+        except trio.TooSlowError:
+            raise FetchError(
+                "timeout", f"{target.addr}: no connection within {self.cfg.connect_timeout_s:.0f}s"
+            ) from None
+        except (BaseLibp2pError, OSError) as e:
+            self._connected.discard(target.peer_id)
+            if _mentions_mismatch(e):
+                raise FetchError(
+                    "peer_id_mismatch",
+                    f"the peer listening at {target.addr} is not {target.peer_id} (commitment is stale or forged)",
+                ) from None
+            raise FetchError(
+                "dial_failed", f"cannot reach {target.addr}/p2p/{target.peer_id}: {_first_line(e)}"
+            ) from None
+        remote = str(stream.muxed_conn.peer_id)
+        if remote != target.peer_id:
+            await _reset(stream)
+            raise FetchError(
+                "peer_id_mismatch", f"{target.addr} answered as {remote}, expected {target.peer_id}"
+            )
+        return stream
+
+    async def _request(self, target: Target, request, model, *, what: str):
+        """Open a stream, send ``request``, parse the answer frame; returns (stream, answer)."""
+        import trio
+        from libp2p.io.exceptions import IOException
+
+        stream = await self._open(target)
+        try:
+            with trio.fail_after(self.cfg.io_timeout_s):
+                await stream.write(pack(request))
+                raw = await read_frame(stream, MAX_LISTING_BYTES, what=what)
+            return stream, parse_response(raw, model, what=what)
+        except ProtocolError as e:
+            await _reset(stream)
+            raise FetchError(e.reason, f"{target.peer_id[:12]}: {e}") from None
+        except trio.TooSlowError:
+            await _reset(stream)
+            raise FetchError(
+                "timeout", f"{target.peer_id[:12]}: {what} took over {self.cfg.io_timeout_s:.0f}s"
+            ) from None
+        except IOException as e:
+            await _reset(stream)
+            raise FetchError("stream_error", f"{target.peer_id[:12]}: {what}: {_first_line(e)}") from None
+
+    async def _astats(self, target: Target) -> dict[str, int]:
+        stream, resp = await self._request(target, StatsRequest(op="stats"), StatsResponse, what="stats")
+        await _close(stream)
+        return dict(resp.counters)
+
+    async def alist_round(self, target: Target, round_: int | None) -> RoundListing:
+        stream, resp = await self._request(
+            target, ListRequest(op="list", round=round_), ListResponse, what="listing"
+        )
+        await _close(stream)
+        cfg = self.cfg
+        identity = None
+        if resp.identity is not None:
+            identity = verify_identity(
+                resp.identity, hotkey=target.hotkey, peer_id=target.peer_id, run_id=cfg.run_id
+            )
+        elif cfg.require_identity:
+            raise FetchError(
+                "no_identity", f"{target.peer_id[:12]} serves no signed identity record for {target.hotkey}"
+            )
+        kw = dict(
+            hotkey=target.hotkey,
+            peer_id=target.peer_id,
+            run_id=cfg.run_id,
+            round_=round_,
+            max_blob_bytes=cfg.max_blob_bytes,
+        )
+        return RoundListing(
+            peer_id=target.peer_id,
+            hotkey=target.hotkey,
+            identity=identity,
+            rounds=resp.rounds,
+            state_rounds=resp.state_rounds,
+            contribution=verify_manifest(resp.contribution, ContributionManifest, **kw)
+            if resp.contribution and round_ is not None
+            else None,
+            state=verify_manifest(resp.state, StateManifest, **kw)
+            if resp.state and round_ is not None
+            else None,
+        )
+
+    async def afetch(self, target: Target, round_: int, kind: str = "contribution") -> Fetched:
+        if kind not in ("contribution", "state"):
+            raise ConfigError(f"kind {kind!r} must be 'contribution' or 'state'")
+        listing = await self.alist_round(target, round_)
+        manifest = listing.contribution if kind == "contribution" else listing.state
+        if manifest is None:
+            raise FetchError("missing", f"{target.peer_id[:12]} has no {kind} for round {round_}")
+        path = await self.afetch_blob(target, manifest.blob)
+        return Fetched(manifest=manifest, path=path, sha256=manifest.blob.sha256, size=manifest.blob.size)
+
+    async def afetch_blob(self, target: Target, blob: BlobRef) -> Path:
+        """Stream ``blob`` into the cache, verifying size and sha256 as it arrives."""
+        import trio
+        from libp2p.io.exceptions import IOException
+
+        final = self.cfg.cache_dir / f"{blob.sha256}.safetensors"
+        if final.exists() and final.stat().st_size == blob.size:
+            return final  # only verified blobs are ever renamed to their hash
+        stream, header = await self._request(
+            target, FetchRequest(op="fetch", sha256=blob.sha256), FetchHeader, what="blob header"
+        )
+        who = target.peer_id[:12]
+        if header.size != blob.size:
+            await _reset(stream)
+            raise FetchError(
+                "size_mismatch",
+                f"{who}: blob {blob.sha256[:12]} is {header.size} bytes, manifest says {blob.size}",
+            )
+        tmp = self.cfg.cache_dir / f".{blob.sha256}.{os.getpid()}.{threading.get_ident()}.{id(stream)}.tmp"
+        h = hashlib.sha256()
+        got = 0
+        try:
+            with open(tmp, "wb") as fh:
+                while True:
+                    with trio.fail_after(self.cfg.io_timeout_s):
+                        chunk = await read_frame(stream, self.cfg.max_chunk_bytes, what="blob chunk")
+                    if not chunk:
+                        break
+                    got += len(chunk)
+                    if got > blob.size:
+                        raise FetchError(
+                            "oversized", f"{who}: blob {blob.sha256[:12]} runs past its {blob.size} bytes"
+                        )
+                    h.update(chunk)
+                    fh.write(chunk)
+                if got != blob.size:
+                    raise FetchError(
+                        "truncated", f"{who}: blob {blob.sha256[:12]} ended at {got} of {blob.size} bytes"
+                    )
+                if h.hexdigest() != blob.sha256:
+                    raise FetchError(
+                        "hash_mismatch",
+                        f"{who}: blob's sha256 is {h.hexdigest()[:12]}, manifest says {blob.sha256[:12]}",
+                    )
+                fh.flush()
+                os.fsync(fh.fileno())
+            check_safetensors(tmp, got)
+            os.replace(tmp, final)
+        except ProtocolError as e:
+            await _reset(stream)
+            raise FetchError(e.reason, f"{who}: {e}") from None
+        except trio.TooSlowError:
+            await _reset(stream)
+            raise FetchError(
+                "timeout", f"{who}: blob stalled for {self.cfg.io_timeout_s:.0f}s at {got} bytes"
+            ) from None
+        except IOException as e:
+            await _reset(stream)
+            raise FetchError(
+                "stream_error", f"{who}: blob transfer failed at {got} bytes: {_first_line(e)}"
+            ) from None
+        except FetchError:
+            await _reset(stream)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        await _close(stream)
+        return final
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def _mentions_mismatch(e: BaseException) -> bool:
+    seen = 0
+    cur: BaseException | None = e
+    while cur is not None and seen < 10:
+        if "Mismatch" in type(cur).__name__ or "mismatch" in str(cur).lower():
+            return True
+        if isinstance(cur, BaseExceptionGroup) and any(_mentions_mismatch(x) for x in cur.exceptions):
+            return True
+        cur = cur.__cause__ or cur.__context__
+        seen += 1
+    return False
+
+
+async def _close(stream) -> None:
+    from libp2p.io.exceptions import IOException
+
+    try:
+        await stream.close()
+    except IOException:
+        pass
+
+
+async def _reset(stream) -> None:
+    from libp2p.io.exceptions import IOException
+
+    try:
+        await stream.reset()
+    except IOException:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------------
+# `peer fetch`
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fetch",
+        help="fetch and verify a peer's published artifacts",
+        description="Dial a peer's publisher, verify its signed identity and manifests, and save the "
+        "round's contribution (and --state) into --out after checking their sha256.",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        help="/ip4/<ip>/tcp/<port>/p2p/<peer id>, or a 0x-hex commitment",
+    )
+    p.add_argument("--hotkey", required=True, help="ss58 hotkey the peer is registered with")
+    p.add_argument("--run-id", default=None, help="only accept records of this run")
+    p.add_argument("--round", type=int, default=None, help="round to fetch (default: list the rounds it has)")
+    p.add_argument("--state", action="store_true", help="also fetch the state θ_r")
+    p.add_argument("--out", type=Path, default=Path("fetched"), help="cache folder for verified blobs")
+    p.add_argument("--no-identity", action="store_true", help="accept a publisher without an identity record")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=_cmd_fetch)
+
+
+def _cmd_fetch(args) -> int:
+    from peer.publisher import quiet_libp2p
+
+    quiet_libp2p()
+    source = args.source
+    if source.startswith("0x"):
+        try:
+            target = Target.from_commitment(bytes.fromhex(source[2:]), args.hotkey)
+        except ValueError:
+            raise ConfigError(f"--from {source!r}: not hex") from None
+    else:
+        target = Target.from_commitment(source, args.hotkey)
+    cfg = FetchConfig(cache_dir=args.out, run_id=args.run_id, require_identity=not args.no_identity)
+    out: dict = {"peer_id": target.peer_id, "hotkey": target.hotkey}
+    with FetchClient(cfg) as client:
+        listing = client._call(client._counted, client.alist_round(target, args.round))
+        out["rounds"], out["state_rounds"] = listing.rounds, listing.state_rounds
+        if args.round is not None:
+            kinds = ["contribution"] + (["state"] if args.state else [])
+            for kind in kinds:
+                f = client.fetch(target, args.round, kind)
+                out[kind] = {
+                    "path": str(f.path),
+                    "sha256": f.sha256,
+                    "size": f.size,
+                    "round": f.manifest.round,
+                }
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"peer {target.peer_id} (hotkey {target.hotkey}): rounds {out['rounds']}, state rounds {out['state_rounds']}"
+        )
+        for kind in ("contribution", "state"):
+            if kind in out:
+                print(
+                    f"  {kind} r{out[kind]['round']}: {out[kind]['path']} ({out[kind]['size']} bytes, sha256 {out[kind]['sha256'][:16]}…) verified"
+                )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m peer.fetch ...`` == ``peer fetch ...``."""
+    from peer.cli import _Parser
+    from peer.errors import run_cli
+
+    parser = _Parser(prog="peer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["fetch", *(argv if argv is not None else __import__("sys").argv[1:])])
+    return run_cli(lambda: args.func(args), "peer fetch")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "FetchClient",
+    "FetchConfig",
+    "FetchError",
+    "Fetched",
+    "RoundListing",
+    "Target",
+    "check_safetensors",
+    "verify_identity",
+    "verify_manifest",
+]
