@@ -1,0 +1,495 @@
+"""SubstrateChain: the ``Chain`` protocol on a real subtensor through substrate-interface.
+
+Storage is read directly (names of runtime spec 218, see ``../shared/chain/README.md``): the runtime
+APIs that current bittensor SDKs use are missing there, and storage reads work on every version.
+Every extrinsic is submitted with ``wait_for_inclusion`` and checked: ``ExtrinsicSuccess``, and for
+``Sudo.sudo`` the inner result carried by ``Sudo.Sudid`` (a successful Sudo extrinsic says nothing
+about its inner call). Runtime errors become the typed errors of :mod:`peer.chain.base`.
+
+Stake shown in the metagraph is the hotkey's alpha on the subnet plus its root (netuid 0) stake, in
+rao: on spec 218 root stake is 1:1 TAO and is what validators hold in practice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from substrateinterface import Keypair, SubstrateInterface
+from substrateinterface.exceptions import SubstrateRequestException
+from websocket import WebSocketException
+
+from peer.chain.base import (
+    BurnRequired,
+    ChainError,
+    ChainUnreachable,
+    CommitRevealError,
+    ExtrinsicFailed,
+    Hyperparameters,
+    InsufficientBalance,
+    Metagraph,
+    Neuron,
+    NotRegistered,
+    PermissionDenied,
+    RateLimited,
+    Registration,
+    RegistrationError,
+    RevealTooEarly,
+    RevealTooLate,
+    SubnetNotFound,
+    SubnetParams,
+    TxResult,
+    WeightCommit,
+    WeightsError,
+    check_weights_shape,
+)
+from peer.chain.commit_reveal import commit_hash
+
+U16_MAX = 65535
+MAX_COMMITMENT_BYTES = 128
+
+_ERRORS: dict[str, type[ChainError]] = {}
+for _cls, _names in (
+    (
+        NotRegistered,
+        "HotKeyNotRegisteredInSubNet HotKeyNotRegisteredInNetwork HotKeyAccountNotExists AccountNotAllowedCommit",
+    ),
+    (
+        RateLimited,
+        "SettingWeightsTooFast CommittingWeightsTooFast CommitmentSetRateLimitExceeded TooManyUnrevealedCommits "
+        "TooManyRegistrationsThisBlock TooManyRegistrationsThisInterval ServingRateLimitExceeded "
+        "StakeRateLimitExceeded TxRateLimitExceeded NetworkTxRateLimitExceeded",
+    ),
+    (RevealTooEarly, "RevealTooEarly"),
+    (RevealTooLate, "ExpiredWeightCommit NoWeightsCommitFound InvalidRevealCommitHashNotMatch"),
+    (CommitRevealError, "CommitRevealEnabled CommitRevealDisabled"),
+    (
+        InsufficientBalance,
+        "NotEnoughBalanceToStake BalanceWithdrawalError InsufficientBalance FundsUnavailable "
+        "NotEnoughBalanceToPaySwapHotKey",
+    ),
+    (
+        WeightsError,
+        "WeightVecNotEqualSize DuplicateUids UidVecContainInvalidOne WeightVecLengthIsLow MaxWeightExceeded "
+        "IncorrectWeightVersionKey NeuronNoValidatorPermit UidsLengthExceedUidsInSubNet "
+        "NotEnoughStakeToSetWeights InputLengthsUnequal",
+    ),
+    (SubnetNotFound, "SubNetworkDoesNotExist SubnetNotExists"),
+    (RegistrationError, "NoNeuronIdAvailable HotKeyAlreadyRegisteredInSubNet SubNetRegistrationDisabled"),
+    (PermissionDenied, "BadOrigin NotSubnetOwner RequireSudo NonAssociatedColdKey"),
+):
+    for _n in _names.split():
+        _ERRORS[_n] = _cls
+
+NETWORKS = {
+    "finney": "wss://entrypoint-finney.opentensor.ai:443",
+    "test": "wss://test.finney.opentensor.ai:443",
+    "archive": "wss://archive.chain.opentensor.ai:443",
+    "local-subtensor": "ws://127.0.0.1:9944",
+}
+"""btcli-style network names (``local`` is the embedded LocalLedger here; a local subtensor node is
+``local-subtensor``)."""
+
+# Hyperparameters field -> (AdminUtils call, its value argument)
+_ADMIN_CALLS = {
+    "tempo": ("sudo_set_tempo", "tempo"),
+    "weights_rate_limit": ("sudo_set_weights_set_rate_limit", "weights_set_rate_limit"),
+    "commit_reveal_enabled": ("sudo_set_commit_reveal_weights_enabled", "enabled"),
+    "reveal_period_epochs": ("sudo_set_commit_reveal_weights_interval", "interval"),
+    "max_uids": ("sudo_set_max_allowed_uids", "max_allowed_uids"),
+    "immunity_period": ("sudo_set_immunity_period", "immunity_period"),
+    "min_allowed_weights": ("sudo_set_min_allowed_weights", "min_allowed_weights"),
+    "max_weights_limit": ("sudo_set_max_weight_limit", "max_weight_limit"),
+    "weights_version_key": ("sudo_set_weights_version_key", "weights_version_key"),
+    "max_validators": ("sudo_set_max_allowed_validators", "max_allowed_validators"),
+    "target_registrations_per_interval": (
+        "sudo_set_target_registrations_per_interval",
+        "target_registrations_per_interval",
+    ),
+    "max_registrations_per_block": ("sudo_set_max_registrations_per_block", "max_registrations_per_block"),
+}
+
+
+class SubstrateChain:
+    """A subtensor node at ``url`` (ws:// or wss://). ``timeout`` is the websocket read timeout: a call
+    that waits longer (a block that is never built) fails instead of hanging; raise it on slow links."""
+
+    def __init__(self, url: str, *, timeout: float = 120.0, block_time: float = 12.0):
+        self.url = url
+        self.block_time = block_time
+        try:
+            self.s = SubstrateInterface(url=url, ss58_format=42, ws_options={"timeout": timeout})
+            self.s.init_runtime()
+        except (OSError, ConnectionError, SubstrateRequestException) as e:
+            raise ChainUnreachable(
+                f"cannot reach the chain at {url}: {e or type(e).__name__} (check --subtensor.chain_endpoint / "
+                "--subtensor.network and that the node is running)"
+            ) from None
+        except WebSocketException as e:
+            raise ChainUnreachable(f"cannot reach the chain at {url}: {e}") from None
+
+    def close(self) -> None:
+        self.s.close()
+
+    # ------------------------------------------------------------------------------ low level
+    def _q(self, module: str, item: str, params: list | None = None, block_hash: str | None = None):
+        return self.s.query(module, item, params or [], block_hash=block_hash).value
+
+    def _error_name(self, receipt) -> tuple[str, str]:
+        em = receipt.error_message
+        if isinstance(em, dict) and em.get("name"):
+            return em["name"], " ".join(em.get("docs") or [])
+        for e in receipt.triggered_events:
+            if e.value["event_id"] == "ExtrinsicFailed":
+                attrs = e.value["attributes"]
+                err = attrs.get("dispatch_error", attrs) if isinstance(attrs, dict) else attrs
+                if isinstance(err, dict):
+                    if "Token" in err:
+                        return str(err["Token"]), "token error"
+                    if "Arithmetic" in err:
+                        return str(err["Arithmetic"]), "arithmetic error"
+                    if "Module" in err:
+                        return self._module_error(err["Module"]), ""
+                    return next(iter(err)), str(err)
+                return str(err), ""
+        return "unknown", str(em)
+
+    def _module_error(self, mod: dict) -> str:
+        idx = mod["error"]
+        if isinstance(idx, str):
+            idx = bytes.fromhex(idx[2:])[0]
+        for p in self.s.metadata.pallets:
+            if p["index"].value == mod["index"]:
+                return p.errors[idx].name
+        return f"Module{mod}"
+
+    def _raise_for(self, what: str, name: str, docs: str = "") -> None:
+        cls = _ERRORS.get(name, ExtrinsicFailed)
+        if name in ("FundsUnavailable", "NoFunds"):
+            cls = InsufficientBalance
+        hint = f" ({docs.strip()})" if docs.strip() else ""
+        raise cls(f"{what} refused by the chain: {name}{hint}")
+
+    def _submit(self, module: str, fn: str, params: dict, signer: Keypair):
+        call = self.s.compose_call(call_module=module, call_function=fn, call_params=params)
+        try:
+            xt = self.s.create_signed_extrinsic(call=call, keypair=signer)
+            r = self.s.submit_extrinsic(xt, wait_for_inclusion=True)
+        except SubstrateRequestException as e:
+            msg = str(e)
+            if "Inability to pay" in msg or "balance too low" in msg.lower():
+                raise InsufficientBalance(
+                    f"{module}.{fn}: {signer.ss58_address} cannot pay the fee: {msg}"
+                ) from None
+            if "Custom error" in msg or "Invalid Transaction" in msg:
+                raise ExtrinsicFailed(f"{module}.{fn} rejected by the transaction pool: {msg}") from None
+            raise ChainUnreachable(f"{module}.{fn}: chain request failed: {msg}") from None
+        except (OSError, ConnectionError, WebSocketException) as e:
+            raise ChainUnreachable(f"{module}.{fn}: lost the chain at {self.url}: {e}") from None
+        if not r.is_success:
+            name, docs = self._error_name(r)
+            self._raise_for(f"{module}.{fn}", name, docs)
+        return r
+
+    def _events(self, r) -> list[tuple[str, str, object]]:
+        return [
+            (e.value["module_id"], e.value["event_id"], e.value["attributes"]) for e in r.triggered_events
+        ]
+
+    def _tx(self, r, call: str) -> TxResult:
+        return TxResult(call=call, block=self.s.get_block_number(r.block_hash))
+
+    def sudo(self, fn: str, params: dict, sudo_key: Keypair, module: str = "AdminUtils") -> TxResult:
+        """``Sudo.sudo(module.fn(params))``; checks the inner result in ``Sudo.Sudid``."""
+        inner = self.s.compose_call(call_module=module, call_function=fn, call_params=params)
+        r = self._submit("Sudo", "sudo", {"call": inner}, sudo_key)
+        sudid = [a for m, e, a in self._events(r) if m == "Sudo" and e == "Sudid"]
+        if not sudid:
+            raise PermissionDenied(
+                f"sudo {module}.{fn}: no Sudo.Sudid event (is {sudo_key.ss58_address} sudo?)"
+            )
+        res = sudid[0]["sudo_result"] if isinstance(sudid[0], dict) else sudid[0]
+        if not (isinstance(res, dict) and "Ok" in res):
+            err = res.get("Err") if isinstance(res, dict) else res
+            name = (
+                self._module_error(err["Module"]) if isinstance(err, dict) and "Module" in err else str(err)
+            )
+            self._raise_for(f"sudo {module}.{fn}{params}", name)
+        return self._tx(r, f"{module}.{fn}")
+
+    # ------------------------------------------------------------------------------ blocks
+    def block(self) -> int:
+        return int(self.s.rpc_request("chain_getHeader", [])["result"]["number"], 16)
+
+    def block_hash(self, n: int) -> str:
+        h = self.s.get_block_hash(n) if n >= 0 else None
+        if h is None:
+            raise ChainError(f"block {n} does not exist yet (head is #{self.block()})")
+        return h
+
+    # ------------------------------------------------------------------------------ subnets
+    def _require_subnet(self, netuid: int, block_hash: str | None = None) -> None:
+        if not self._q("SubtensorModule", "NetworksAdded", [netuid], block_hash):
+            raise SubnetNotFound(f"subnet {netuid} does not exist on {self.url} (check --netuid)")
+
+    def hyperparameters(self, netuid: int) -> Hyperparameters:
+        self._require_subnet(netuid)
+        items = [
+            ("tempo", "Tempo"),
+            ("weights_rate_limit", "WeightsSetRateLimit"),
+            ("commit_reveal_enabled", "CommitRevealWeightsEnabled"),
+            ("reveal_period_epochs", "RevealPeriodEpochs"),
+            ("max_uids", "MaxAllowedUids"),
+            ("immunity_period", "ImmunityPeriod"),
+            ("min_allowed_weights", "MinAllowedWeights"),
+            ("max_weights_limit", "MaxWeightsLimit"),
+            ("weights_version_key", "WeightsVersionKey"),
+            ("max_validators", "MaxAllowedValidators"),
+            ("burn", "Burn"),
+        ]
+        keys = [self.s.create_storage_key("SubtensorModule", item, [netuid]) for _, item in items]
+        vals = {k.storage_function: v.value for k, v in self.s.query_multi(keys)}
+        out = {field: vals[item] for field, item in items}
+        out["commitment_rate_limit"] = int(self.s.get_constant("Commitments", "RateLimit").value)
+        return Hyperparameters(**out)
+
+    def create_subnet(
+        self,
+        owner: Keypair,
+        params: SubnetParams | None = None,
+        owner_hotkey: Keypair | None = None,
+        *,
+        sudo_key: Keypair | None = None,
+    ) -> int:
+        """``register_network`` signed by ``owner`` (pays the lock cost); ``owner_hotkey`` gets uid 0.
+        Parameters other than the runtime defaults are set through ``Sudo.sudo`` with ``sudo_key``."""
+        hk = owner_hotkey or owner
+        r = self._submit(
+            "SubtensorModule", "register_network", {"hotkey": hk.ss58_address, "mechid": 1}, owner
+        )
+        added = [a for m, e, a in self._events(r) if m == "SubtensorModule" and e == "NetworkAdded"]
+        if not added:
+            raise ExtrinsicFailed("register_network: no NetworkAdded event")
+        netuid = int(added[0][0])
+        p = params or SubnetParams()
+        changes = {k: v for k, v in asdict(p).items() if k != "extra" and v is not None}
+        changes.update(p.extra)
+        if changes:
+            if sudo_key is None:
+                raise PermissionDenied("setting subnet parameters on a real chain needs the sudo key")
+            self.set_hyperparameters(netuid, sudo_key, **changes)
+        return netuid
+
+    def set_hyperparameters(self, netuid: int, admin: Keypair, **changes) -> TxResult | None:
+        """Set parameters through ``Sudo.sudo(AdminUtils.sudo_set_*)`` signed by the sudo key."""
+        last = None
+        for name, value in changes.items():
+            if name not in _ADMIN_CALLS:
+                raise ChainError(
+                    f"cannot set {name!r} on a real chain from here; settable: {sorted(_ADMIN_CALLS)}"
+                )
+            fn, arg = _ADMIN_CALLS[name]
+            last = self.sudo(fn, {"netuid": netuid, arg: value}, admin)
+        return last
+
+    # ------------------------------------------------------------------------------ balances/stake
+    def balance(self, address: str) -> int:
+        return int(self._q("System", "Account", [address])["data"]["free"])
+
+    def add_stake(self, netuid: int, hotkey: str, coldkey: Keypair, amount: int) -> TxResult:
+        r = self._submit(
+            "SubtensorModule",
+            "add_stake",
+            {"hotkey": hotkey, "netuid": netuid, "amount_staked": int(amount)},
+            coldkey,
+        )
+        return self._tx(r, "add_stake")
+
+    # ------------------------------------------------------------------------------ registration
+    def uid_of(self, netuid: int, hotkey: str) -> int | None:
+        uid = self._q("SubtensorModule", "Uids", [netuid, hotkey])
+        return None if uid is None else int(uid)
+
+    def register(
+        self, netuid: int, hotkey: Keypair, coldkey: Keypair | None = None, *, burn: bool = False
+    ) -> Registration:
+        self._require_subnet(netuid)
+        uid = self.uid_of(netuid, hotkey.ss58_address)
+        new = uid is None
+        if new:
+            cost = int(self._q("SubtensorModule", "Burn", [netuid]))
+            if not burn or coldkey is None:
+                raise BurnRequired(
+                    f"registering on subnet {netuid} burns {cost / 1e9:g} TAO from the coldkey: pass the "
+                    "coldkey and the explicit burn flag (--register.burn) to pay it"
+                )
+            self._submit(
+                "SubtensorModule",
+                "burned_register",
+                {"netuid": netuid, "hotkey": hotkey.ss58_address},
+                coldkey,
+            )
+            uid = self.uid_of(netuid, hotkey.ss58_address)
+            if uid is None:
+                raise RegistrationError(f"burned_register succeeded but {hotkey.ss58_address} has no uid")
+        owner = self._q("SubtensorModule", "Owner", [hotkey.ss58_address])
+        at = self._q("SubtensorModule", "BlockAtRegistration", [netuid, uid])
+        return Registration(
+            netuid=netuid, uid=uid, hotkey=hotkey.ss58_address, coldkey=owner, block=int(at), new=new
+        )
+
+    # ------------------------------------------------------------------------------ commitments
+    def set_commitment(self, netuid: int, hotkey: Keypair, data: bytes) -> TxResult:
+        data = bytes(data)
+        if len(data) > MAX_COMMITMENT_BYTES:
+            raise ChainError(f"commitment is {len(data)} bytes; at most {MAX_COMMITMENT_BYTES} fit")
+        info = {"fields": [[{f"Raw{len(data)}": "0x" + data.hex()}]]}
+        r = self._submit("Commitments", "set_commitment", {"netuid": netuid, "info": info}, hotkey)
+        return self._tx(r, "set_commitment")
+
+    @staticmethod
+    def _decode_commitment(value: dict) -> bytes | None:
+        fields = value["info"]["fields"]
+        if not fields:
+            return b""
+        f0 = fields[0]
+        while isinstance(f0, (list, tuple)):
+            if not f0:
+                return b""
+            f0 = f0[0]
+        if not isinstance(f0, dict):
+            return None
+        ((kind, raw),) = f0.items()
+        if not kind.startswith("Raw"):
+            return None
+        if isinstance(raw, str):
+            return bytes.fromhex(raw[2:]) if raw.startswith("0x") else raw.encode()
+        return bytes(raw)
+
+    def commitments(self, netuid: int) -> dict[str, bytes]:
+        out = {}
+        for k, v in self.s.query_map("Commitments", "CommitmentOf", [netuid], page_size=1000):
+            data = self._decode_commitment(v.value)
+            if data is not None:
+                out[k.value] = data
+        return out
+
+    # ------------------------------------------------------------------------------ weights
+    def set_weights(
+        self, netuid: int, hotkey: Keypair, uids: Sequence[int], weights: Sequence[int], version_key: int
+    ) -> TxResult:
+        u, w = check_weights_shape(uids, weights)
+        params = {"netuid": netuid, "dests": u, "weights": w, "version_key": int(version_key)}
+        return self._tx(self._submit("SubtensorModule", "set_weights", params, hotkey), "set_weights")
+
+    def commit_weights(
+        self,
+        netuid: int,
+        hotkey: Keypair,
+        uids: Sequence[int],
+        weights: Sequence[int],
+        salt: Sequence[int],
+        version_key: int,
+    ) -> WeightCommit:
+        u, w = check_weights_shape(uids, weights)
+        h = commit_hash(hotkey.public_key, netuid, u, w, list(salt), int(version_key))
+        self._submit("SubtensorModule", "commit_weights", {"netuid": netuid, "commit_hash": h}, hotkey)
+        for c in self.pending_commits(netuid, hotkey.ss58_address):
+            if c.hash == h:
+                return c
+        raise ExtrinsicFailed("commit_weights succeeded but the commit is not in WeightCommits")
+
+    def reveal_weights(
+        self,
+        netuid: int,
+        hotkey: Keypair,
+        uids: Sequence[int],
+        weights: Sequence[int],
+        salt: Sequence[int],
+        version_key: int,
+    ) -> TxResult:
+        u, w = check_weights_shape(uids, weights)
+        params = {"netuid": netuid, "uids": u, "values": w, "salt": [int(x) for x in salt]}
+        params["version_key"] = int(version_key)
+        return self._tx(self._submit("SubtensorModule", "reveal_weights", params, hotkey), "reveal_weights")
+
+    def pending_commits(self, netuid: int, hotkey: str) -> list[WeightCommit]:
+        rows = self._q("SubtensorModule", "WeightCommits", [netuid, hotkey]) or []
+        return [
+            WeightCommit(hash=h, commit_block=int(b), first_reveal_block=int(f), last_reveal_block=int(x))
+            for h, b, f, x in rows
+        ]
+
+    def weights(self, netuid: int) -> dict[int, list[tuple[int, int]]]:
+        out = {}
+        for k, v in self.s.query_map("SubtensorModule", "Weights", [netuid], page_size=1000):
+            row = [(int(a), int(b)) for a, b in v.value]
+            if row:
+                out[int(k.value)] = sorted(row)
+        return dict(sorted(out.items()))
+
+    # ------------------------------------------------------------------------------ metagraph
+    def metagraph(self, netuid: int) -> Metagraph:
+        head = self.s.get_chain_head()
+        block = self.s.get_block_number(head)
+        self._require_subnet(netuid, head)
+        keys = {
+            int(k.value): v.value
+            for k, v in self.s.query_map("SubtensorModule", "Keys", [netuid], block_hash=head, page_size=1000)
+        }
+        n = len(keys)
+        hotkeys = [keys[i] for i in sorted(keys)]
+        sk = self.s.create_storage_key
+        vec_items = ["ValidatorPermit", "LastUpdate", "Incentive", "Dividends", "Consensus", "Emission"]
+        storage = [sk("SubtensorModule", item, [netuid]) for item in vec_items]
+        storage += [sk("SubtensorModule", "Owner", [hk]) for hk in hotkeys]
+        storage += [sk("SubtensorModule", "TotalHotkeyAlpha", [hk, netuid]) for hk in hotkeys]
+        storage += [sk("SubtensorModule", "TotalHotkeyAlpha", [hk, 0]) for hk in hotkeys]
+        storage += [sk("SubtensorModule", "BlockAtRegistration", [netuid, uid]) for uid in sorted(keys)]
+        vals = [v.value for _, v in self.s.query_multi(storage, block_hash=head)]
+        vecs = dict(zip(vec_items, vals[: len(vec_items)], strict=True))
+        rest = vals[len(vec_items) :]
+        owners, alpha, root, reg = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
+
+        def at(vec, i, default=0):
+            return vec[i] if vec and i < len(vec) else default
+
+        neurons = tuple(
+            Neuron(
+                uid=uid,
+                hotkey=hotkeys[i],
+                coldkey=owners[i],
+                stake=int(alpha[i] or 0) + int(root[i] or 0),
+                validator_permit=bool(at(vecs["ValidatorPermit"], uid, False)),
+                last_update=int(at(vecs["LastUpdate"], uid)),
+                registered_at=int(reg[i] or 0),
+                incentive=at(vecs["Incentive"], uid) / U16_MAX,
+                dividends=at(vecs["Dividends"], uid) / U16_MAX,
+                consensus=at(vecs["Consensus"], uid) / U16_MAX,
+                emission=int(at(vecs["Emission"], uid)),
+            )
+            for i, uid in enumerate(sorted(keys))
+        )
+        return Metagraph(netuid=netuid, block=block, neurons=neurons)
+
+    # ------------------------------------------------------------------------------ dev (Chopsticks)
+    def advance(self, n: int) -> int:
+        """Chopsticks only: build ``n`` empty blocks now (``dev_newBlock``); returns the head."""
+        if n > 0:
+            self.s.rpc_request("dev_newBlock", [{"count": int(n)}])
+        return self.block()
+
+    def snapshot(self) -> tuple[str, int]:
+        """Chopsticks only: (head hash, head number) to roll back to with :meth:`rollback`."""
+        h = self.s.get_chain_head()
+        return h, self.s.get_block_number(h)
+
+    def rollback(self, snap: tuple[str, int]) -> None:
+        """Chopsticks only: ``dev_setHead`` back to a snapshot; checks the head number afterwards."""
+        self.s.rpc_request("dev_setHead", [snap[0]])
+        for _ in range(50):
+            if self.block() == snap[1]:
+                return
+            time.sleep(0.05)
+        raise ChainError(f"dev_setHead did not return to #{snap[1]} (head #{self.block()})")
