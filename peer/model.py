@@ -81,7 +81,9 @@ def state_hash(model: torch.nn.Module) -> str:
 
 
 @torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], device: str | torch.device) -> float:
+def evaluate_loss(
+    model: torch.nn.Module, batches: Iterable[torch.Tensor], device: str | torch.device
+) -> float:
     """Mean next-token cross-entropy over ``batches`` of token ids shaped [B, seq_len + 1]."""
     was_training = model.training
     model.eval()
@@ -102,4 +104,6 @@ def evaluate_loss(model: torch.nn.Module, batches: Iterable[torch.Tensor], devic
 
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=batch[:, :-1]).logits
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1))
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)
+    )

@@ -77,7 +77,9 @@ def quantize_blockwise(t: torch.Tensor, block: int = QUANT_BLOCK) -> tuple[torch
     return codes.reshape(-1)[: flat.numel()].clone(), scale
 
 
-def dequantize_blockwise(codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], block: int = QUANT_BLOCK) -> torch.Tensor:
+def dequantize_blockwise(
+    codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], block: int = QUANT_BLOCK
+) -> torch.Tensor:
     n = codes.numel()
     pad = (-n) % block
     padded = torch.nn.functional.pad(codes.float(), (0, pad)).view(-1, block)
@@ -95,8 +97,14 @@ def encode_delta(delta: dict[str, torch.Tensor]) -> bytes:
         tensors[f"{name}::q"] = codes
         tensors[f"{name}::scale"] = scale
         shapes[name] = list(t.shape)
-    return save(tensors, metadata={"format": "gradswarm-delta-int8-blockwise", "block": str(QUANT_BLOCK),
-                                   "shapes": json.dumps(shapes)})
+    return save(
+        tensors,
+        metadata={
+            "format": "gradswarm-delta-int8-blockwise",
+            "block": str(QUANT_BLOCK),
+            "shapes": json.dumps(shapes),
+        },
+    )
 
 
 def decode_delta(data: bytes) -> dict[str, torch.Tensor]:
@@ -114,7 +122,9 @@ def decode_delta(data: bytes) -> dict[str, torch.Tensor]:
         shapes = json.loads(meta["shapes"])
         out = {}
         for name, shape in shapes.items():
-            out[name] = dequantize_blockwise(tensors[f"{name}::q"], tensors[f"{name}::scale"], tuple(shape), block)
+            out[name] = dequantize_blockwise(
+                tensors[f"{name}::q"], tensors[f"{name}::scale"], tuple(shape), block
+            )
         return out
     except CheckpointError:
         raise

@@ -1,0 +1,250 @@
+"""All-reduce that leaves every peer with *bit-identical* results under lossy wire compression.
+
+hivemind's stock all-reduce sends each peer ``Q(average − Q(local_part))`` and adds it to the local
+part, so with 8-bit (or fp16) compression every peer ends up with slightly different numbers, and the
+owner of a part keeps its own uncompressed average. A swarm whose members must agree on one state hash
+(validators evaluate *the* state θ_r) needs every peer, the owner included, to apply the same
+dequantized values. :class:`ConsensusAllReduceRunner` therefore
+
+* returns the **averaged part itself** (compressed once by its owner), not a delta;
+* makes the owner apply ``dequantize(quantize(average))`` of its own part — the very bytes it sends;
+* drops non-finite incoming parts (a NaN sender is averaged in with weight 0, never poisons the mean);
+* counts payload bytes sent and received (shared-memory counters readable from the trainer);
+* fails loudly if any part could not be averaged (a reducer died), instead of silently keeping the
+  local values for that part the way hivemind does — the caller then decides what a failed round means.
+
+:class:`ConsensusAverager` is a ``DecentralizedAverager`` that uses this runner and *copies* results
+into its tensors (instead of adding deltas).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import multiprocessing as mp
+from collections.abc import AsyncIterator, Sequence
+
+import torch
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.partition import BannedException
+from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.p2p import PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils import get_logger
+from hivemind.utils.asyncio import (
+    aiter_with_timeout,
+    amap_in_executor,
+    as_aiter,
+    attach_event_on_finished,
+    azip,
+)
+from hivemind.utils.timed_storage import get_dht_time
+
+logger = get_logger(__name__)
+
+
+class ByteCounters:
+    """Payload bytes through the all-reduce, in shared memory (the averager runs in a child process)."""
+
+    def __init__(self) -> None:
+        self._sent = mp.Value(ctypes.c_longlong, 0)
+        self._received = mp.Value(ctypes.c_longlong, 0)
+        self._rejected_parts = mp.Value(ctypes.c_longlong, 0)
+
+    def add(self, sent: int = 0, received: int = 0, rejected: int = 0) -> None:
+        with self._sent.get_lock():
+            self._sent.value += sent
+            self._received.value += received
+            self._rejected_parts.value += rejected
+
+    def snapshot(self) -> tuple[int, int, int]:
+        return int(self._sent.value), int(self._received.value), int(self._rejected_parts.value)
+
+
+class ConsensusAllReduceRunner(AllReduceRunner):
+    """See the module docstring. Same wire protocol as hivemind's runner (peers must all use this one)."""
+
+    def __init__(self, *args, counters: ByteCounters | None = None, clip_ratio: float | None = 4.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.counters = counters or ByteCounters()
+        self.clip_ratio = clip_ratio
+        container = self.tensor_part_container
+        container.return_deltas = (
+            False  # a failed reducer's parts then fall back to local values (and we raise)
+        )
+        my_index = self.ordered_peer_ids.index(self.peer_id)
+        self._own_part_infos = [info for _, info in container._input_parts_by_peer[my_index]]
+
+    def _roundtrip(self, averaged_part: torch.Tensor, info) -> torch.Tensor:
+        """Exactly what a remote peer reconstructs from the bytes we would send it."""
+        compression = self.tensor_part_container.compression
+        serialized = compression.compress(averaged_part, info, allow_inplace=False)
+        return deserialize_torch_tensor(serialized)
+
+    async def run(self) -> AsyncIterator[torch.Tensor]:
+        async for averaged in super().run():
+            yield averaged
+        failed = self.tensor_part_container.failed_size
+        if failed:
+            raise AllreduceException(
+                f"{failed} of {self.tensor_part_container.total_size} values could not be averaged (a peer left)"
+            )
+
+    async def _communicate_with_peer(self, peer_id: PeerID):
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        if peer_id == self.peer_id:
+            sender_index = self.sender_peer_ids.index(peer_id)
+            loop = asyncio.get_event_loop()
+            for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
+                weight = self.weight if bool(torch.isfinite(tensor_part).all()) else 0.0
+                averaged_part = await self.tensor_part_reducer.accumulate_part(
+                    sender_index, part_index, tensor_part, weight=weight
+                )
+                info = self._own_part_infos[part_index]
+                result = await loop.run_in_executor(None, self._roundtrip, averaged_part, info)
+                self.tensor_part_container.register_processed_part(peer_index, part_index, result)
+            return
+        try:
+            done_sending = asyncio.Event()
+            inputs_aiter = attach_event_on_finished(self._generate_input_for_peer(peer_index), done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs_aiter)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+            part_index = 0
+
+            def _deserialize(msg):
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
+                return deserialize_torch_tensor(msg.tensor_part), msg
+
+            async for averaged, msg in amap_in_executor(
+                _deserialize,
+                aiter_with_timeout(stream, self.reducer_timeout),
+                max_prefetch=self.tensor_part_container.prefetch,
+            ):
+                self.counters.add(received=msg.ByteSize())
+                if not torch.isfinite(averaged).all():
+                    raise AllreduceException(f"{peer_id} returned a non-finite average")
+                self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
+                part_index += 1
+            if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
+                raise AllreduceException(
+                    f"peer {peer_id} sent {part_index} parts, expected "
+                    f"{self.tensor_part_container.num_parts_by_peer[peer_index]}"
+                )
+        except BaseException as e:
+            if isinstance(e, Exception):
+                logger.debug(f"Caught {e!r} when communicating to {peer_id}", exc_info=True)
+            self.tensor_part_container.register_failed_reducer(peer_index)
+            raise
+
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[averaging_pb2.AveragingData]:
+        async for msg in super()._generate_input_for_peer(peer_index):
+            self.counters.add(sent=msg.ByteSize())
+            yield msg
+
+    def _screen(self, part: torch.Tensor, weight: float, part_index: int) -> tuple[torch.Tensor, float]:
+        """Robust aggregation of an incoming part: drop non-finite parts, clip outsized ones.
+
+        A part whose L2 norm exceeds ``clip_ratio`` × the norm of our own part (same slice of the same
+        tensors) is scaled down to that bound, so one peer's ×100 pseudo-gradient cannot dominate.
+        """
+        if not bool(torch.isfinite(part).all()):
+            self.counters.add(rejected=1)
+            return torch.zeros_like(part), 0.0
+        if self.clip_ratio is not None:
+            own = self.parts_for_local_averaging[part_index]
+            bound = self.clip_ratio * float(own.norm()) + 1e-12
+            norm = float(part.norm())
+            if norm > bound:
+                self.counters.add(rejected=1)
+                part = part * (bound / norm)
+        return part, weight
+
+    async def _accumulate_parts_streaming(self, stream, sender_index: int):
+        part_index = 0
+        try:
+            loop = asyncio.get_event_loop()
+
+            def _deserialize(msg):
+                return (
+                    deserialize_torch_tensor(msg.tensor_part),
+                    msg.weight,
+                    msg.tensor_part.compression,
+                    msg.ByteSize(),
+                )
+
+            async for tensor_part, weight, part_compression, nbytes in amap_in_executor(
+                _deserialize, stream, max_prefetch=self.tensor_part_container.prefetch
+            ):
+                self.counters.add(received=nbytes)
+                tensor_part, weight = self._screen(tensor_part, weight, part_index)
+                try:
+                    averaged_part = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, tensor_part, weight=weight
+                    )
+                    part_index += 1
+                except BannedException:
+                    logger.debug(f"Sender {sender_index} is already banned")
+                    break
+                serialized = await loop.run_in_executor(
+                    None, serialize_torch_tensor, averaged_part, part_compression
+                )
+                reply = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
+                self.counters.add(sent=reply.ByteSize())
+                yield reply
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+class ConsensusAverager(DecentralizedAverager):
+    """A DecentralizedAverager whose all-reduce leaves every group member with identical tensors.
+
+    ``state_provider`` (called in the trainer process) returns ``(metadata, tensors)`` that peers may
+    download with :meth:`load_state_from_peers` — the swarm's shared state, not the averaged buffers.
+    """
+
+    def __init__(
+        self,
+        averaged_tensors: Sequence[torch.Tensor],
+        *,
+        state_provider=None,
+        clip_ratio: float | None = 4.0,
+        **kwargs,
+    ):
+        self.counters = ByteCounters()
+        self._state_provider = state_provider
+        self.clip_ratio = clip_ratio
+        super().__init__(averaged_tensors, **kwargs)
+
+    async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = ConsensusAllReduceRunner(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            counters=self.counters,
+            clip_ratio=self.clip_ratio,
+            **kwargs,
+        )
+        assert group_id in self._running_groups, f"group {group_id} was not registered"
+        self._running_groups[group_id].set_result(runner)
+        if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
+            async for tensor, result in azip(as_aiter(*tensors), runner):
+                tensor.copy_(result)
+                self.last_updated = get_dht_time()
+                self._state_updated.set()
+        else:
+            async for _ in runner:
+                raise ValueError("aux peers should not receive averaged tensors")
+
+    def get_current_state(self):
+        if self._state_provider is None:
+            return super().get_current_state()
+        metadata, tensors = self._state_provider()
+        return metadata, tensors, None

@@ -1,0 +1,142 @@
+"""DiLoCo state of one peer: the round's start snapshot θ_r, the inner optimizer, the outer step.
+
+A round: snapshot θ_r → H inner AdamW steps on the peer's pages → pseudo-gradient Δ = θ_r − θ_local →
+swarm average of Δ (``peer.allreduce``) → outer Nesterov SGD step θ_{r+1} = θ_r − lr·(g + μ·m).
+The outer step runs on CPU in fp32 from identical inputs, so every peer that averaged in the same
+group computes bit-identical θ_{r+1} (checked by :meth:`state_hash`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from peer.config import TrainConfig
+from peer.errors import CheckpointError
+from peer.model import hash_tensors
+
+
+def make_inner_optimizer(name: str, params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """``adamw`` (torch, CPU default) or ``adamw8bit`` (bitsandbytes, CUDA default: ¼ of the state memory)."""
+    if name == "adamw":
+        return torch.optim.AdamW(
+            params, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay, betas=(0.9, 0.95)
+        )
+    if name == "adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(
+            params, lr=cfg.inner_lr, weight_decay=cfg.inner_weight_decay, betas=(0.9, 0.95)
+        )
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
+    total = 0
+    for state in opt.state.values():
+        for v in state.values():
+            if torch.is_tensor(v):
+                total += v.numel() * v.element_size()
+    return total
+
+
+class DilocoState:
+    """Parameters, snapshot and outer momentum of one peer (see module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, optimizer: str = "adamw"):
+        self.model = model
+        self.cfg = cfg
+        self.names = [n for n, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        self.snapshot = [p.detach().to("cpu", torch.float32).clone() for p in self.params]
+        self.momentum = [torch.zeros_like(s) for s in self.snapshot]
+        self.inner = make_inner_optimizer(optimizer, self.params, cfg)
+        self.local_steps = 0
+
+    # -- the shared state -------------------------------------------------------------------------
+
+    def state_hash(self) -> str:
+        """Hash of θ_r (the snapshot): what every peer of the swarm must agree on."""
+        return hash_tensors(zip(self.names, self.snapshot, strict=True))
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """θ_r followed by the outer momentum: what a joining peer downloads."""
+        return [*self.snapshot, *self.momentum]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        out = {f"param/{n}": s for n, s in zip(self.names, self.snapshot, strict=True)}
+        out.update({f"momentum/{n}": m for n, m in zip(self.names, self.momentum, strict=True)})
+        return out
+
+    def load_state_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
+        n = len(self.names)
+        if len(tensors) != 2 * n:
+            raise CheckpointError(f"state has {len(tensors)} tensors, this model needs {2 * n}")
+        for i, (s, t) in enumerate(zip(self.snapshot + self.momentum, tensors, strict=True)):
+            if s.shape != t.shape:
+                name = self.names[i % n]
+                raise CheckpointError(
+                    f"state tensor {name} has shape {tuple(t.shape)}, model needs {tuple(s.shape)}"
+                )
+            s.copy_(t.to(torch.float32))
+        self._reset_params_to_snapshot()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        try:
+            tensors = [state[f"param/{n}"] for n in self.names] + [state[f"momentum/{n}"] for n in self.names]
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint lacks tensor {e.args[0]}") from None
+        self.load_state_tensors(tensors)
+
+    @torch.no_grad()
+    def _reset_params_to_snapshot(self) -> None:
+        for p, s in zip(self.params, self.snapshot, strict=True):
+            p.copy_(s.to(p.device, p.dtype))
+
+    # -- a round ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def begin_round(self) -> None:
+        """Make sure the live parameters equal θ_r before inner training."""
+        self._reset_params_to_snapshot()
+
+    def inner_lr(self) -> float:
+        warm = self.cfg.warmup_steps
+        return self.cfg.inner_lr * min(1.0, (self.local_steps + 1) / warm) if warm else self.cfg.inner_lr
+
+    def inner_step(self, loss: torch.Tensor) -> None:
+        for group in self.inner.param_groups:
+            group["lr"] = self.inner_lr()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.inner.step()
+        self.inner.zero_grad(set_to_none=True)
+        self.local_steps += 1
+
+    @torch.no_grad()
+    def pseudo_gradient(self) -> list[torch.Tensor]:
+        """Δ = θ_r − θ_local (CPU fp32), with its L2 norm clipped to ``max_delta_norm``."""
+        delta = [
+            s - p.detach().to("cpu", torch.float32) for s, p in zip(self.snapshot, self.params, strict=True)
+        ]
+        norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta)).item()
+        if norm > self.cfg.max_delta_norm:
+            scale = self.cfg.max_delta_norm / norm
+            delta = [d * scale for d in delta]
+        return delta
+
+    @torch.no_grad()
+    def outer_step(self, avg_delta: Sequence[torch.Tensor]) -> None:
+        """Nesterov SGD on the averaged pseudo-gradient; θ_{r+1} becomes the new snapshot."""
+        lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
+        for s, m, g in zip(self.snapshot, self.momentum, avg_delta, strict=True):
+            g = g.to(torch.float32)
+            m.mul_(mu).add_(g)
+            s.sub_(g.add(m, alpha=mu), alpha=lr)
+        self._reset_params_to_snapshot()
+
+    @torch.no_grad()
+    def discard_local(self) -> None:
+        """Drop the round's local progress (the round failed): θ_{r+1} = θ_r."""
+        self._reset_params_to_snapshot()

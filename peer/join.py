@@ -1,0 +1,245 @@
+"""``peer join``: one command to join a swarm, train, average and publish.
+
+    peer join --config debug --wallet.name alice --wallet.hotkey default \\
+              --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/Qm… --run-id my-swarm
+
+The first peer of a swarm runs without ``--initial-peers`` and prints the multiaddrs others join with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from peer.behaviour import Behaviour
+from peer.config import available_configs, load_run_config, override
+from peer.errors import ConfigError
+from peer.tracking import add_tracking_args, make_tracker, tracking_config_from_args
+from peer.wallet import DEFAULT_WALLET_PATH, WalletConfig, load_hotkey
+
+log = logging.getLogger("gradswarm.join")
+
+
+def add_wallet_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("wallet (btcli layout: <path>/<name>/hotkeys/<hotkey>)")
+    g.add_argument("--wallet.name", dest="wallet_name", default="default", help="wallet (coldkey) name")
+    g.add_argument("--wallet.hotkey", dest="wallet_hotkey", default="default", help="hotkey name")
+    g.add_argument("--wallet.path", dest="wallet_path", default=DEFAULT_WALLET_PATH, help="wallets folder")
+    g.add_argument(
+        "--wallet.create",
+        dest="wallet_create",
+        action="store_true",
+        help="create the coldkey/hotkey if missing (never done silently)",
+    )
+
+
+def wallet_config_from_args(args) -> WalletConfig:
+    return WalletConfig(
+        name=args.wallet_name, hotkey=args.wallet_hotkey, path=args.wallet_path, create=args.wallet_create
+    )
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "join",
+        help="join a swarm: sync the model, train on your assigned pages, average, publish",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("model and data")
+    g.add_argument(
+        "--config",
+        default="debug",
+        help=f"model config name ({', '.join(available_configs())}) or a YAML path",
+    )
+    g.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="prepared data folder (default: ~/.cache/gradswarm/data/<config>)",
+    )
+    g.add_argument(
+        "--corpus-dir",
+        type=Path,
+        default=None,
+        help="offline corpus folder (default: $GRADSWARM_CORPUS or .cache/corpus)",
+    )
+    g = p.add_argument_group("swarm")
+    g.add_argument(
+        "--run-id", default="gradswarm", help="swarm name; every peer and validator of a swarm uses the same"
+    )
+    g.add_argument(
+        "--initial-peers",
+        nargs="*",
+        default=[],
+        metavar="MADDR",
+        help="multiaddrs of peers already in the swarm (…/p2p/<peer id>); none = start a new swarm",
+    )
+    g.add_argument(
+        "--host-maddrs",
+        nargs="*",
+        default=["/ip4/0.0.0.0/tcp/0"],
+        metavar="MADDR",
+        help="addresses the DHT listens on (default: all interfaces, a free TCP port)",
+    )
+    g.add_argument(
+        "--announce-maddrs",
+        nargs="*",
+        default=[],
+        metavar="MADDR",
+        help="public addresses to announce (behind NAT / port forwarding)",
+    )
+    g.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="this peer's folder (default: ~/.gradswarm/<run-id>/<wallet>-<hotkey>)",
+    )
+    g.add_argument(
+        "--round-genesis", type=float, default=0.0, help="unix time of round 0 of the wall clock (no chain)"
+    )
+    g = p.add_argument_group("training")
+    g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
+    g.add_argument(
+        "--optimizer",
+        choices=["adamw", "adamw8bit"],
+        default=None,
+        help="inner optimizer (default: adamw on CPU, bitsandbytes adamw8bit on CUDA)",
+    )
+    g.add_argument(
+        "--averaging",
+        choices=["diloco", "sync"],
+        default="diloco",
+        help="diloco: average pseudo-gradients once per round; sync: hivemind Optimizer, per-step gradients",
+    )
+    g.add_argument(
+        "--compression", choices=["8bit", "fp16", "none"], default="8bit", help="all-reduce wire compression"
+    )
+    g.add_argument("--round-seconds", type=float, default=None, help="override train.round_seconds")
+    g.add_argument("--max-inner-steps", type=int, default=None, help="override train.max_inner_steps (H)")
+    g.add_argument("--batch-size", type=int, default=None, help="override train.batch_size")
+    g.add_argument("--max-rounds", type=int, default=None, help="stop after N rounds")
+    g.add_argument("--max-seconds", type=float, default=None, help="stop after N seconds")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--eval-pages", type=int, default=4, help="held-out pages evaluated per round (0 = none)")
+    g.add_argument(
+        "--behaviour",
+        choices=[b.value for b in Behaviour],
+        default="honest",
+        help="fault injection for studying incentives (local ledger only; refused on a real network)",
+    )
+    add_wallet_args(p)
+    add_tracking_args(p)
+    p.set_defaults(func=run)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    for noisy in ("hivemind", "transformers", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # "kernels" package hints on CPU
+    os.environ.setdefault("HIVEMIND_LOGLEVEL", "WARNING")
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run(args) -> int:
+    _setup_logging()
+    import torch
+
+    run_cfg = load_run_config(args.config)
+    train = override(
+        run_cfg.train,
+        round_seconds=args.round_seconds,
+        max_inner_steps=args.max_inner_steps,
+        batch_size=args.batch_size,
+    )
+    run_cfg = override(run_cfg, train=train)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    optimizer = args.optimizer or ("adamw8bit" if device.startswith("cuda") else "adamw")
+    behaviour = Behaviour(args.behaviour)
+    wallet = wallet_config_from_args(args)
+    keypair = load_hotkey(wallet)
+    home = args.home or Path.home() / ".gradswarm" / args.run_id / f"{wallet.name}-{wallet.hotkey}"
+    data_dir = args.data_dir or Path.home() / ".cache" / "gradswarm" / "data" / run_cfg.name
+    tracking = tracking_config_from_args(args)
+    home.mkdir(parents=True, exist_ok=True)
+
+    from peer.clock import WallClock
+    from peer.progress import Progress
+    from peer.swarm import start_dht
+    from peer.trainer import Trainer, TrainerConfig
+
+    cfg = TrainerConfig(
+        run=run_cfg,
+        run_id=args.run_id,
+        home=home,
+        data_dir=data_dir,
+        corpus_dir=args.corpus_dir,
+        device=device,
+        optimizer=optimizer,
+        compression=args.compression,
+        max_rounds=args.max_rounds,
+        max_seconds=args.max_seconds,
+        behaviour=behaviour,
+        eval_pages=args.eval_pages,
+        threads=args.threads,
+    )
+    dht = start_dht(
+        initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs
+    )
+    # hivemind sets SIGINT to ignored in some paths; make Ctrl-C stop the peer cleanly
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+    maddrs = [str(m) for m in dht.get_visible_maddrs()]
+    print(
+        f"peer id {dht.peer_id.to_base58()}; others join with: --initial-peers {' '.join(maddrs)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    clock = WallClock(
+        run_id=args.run_id, round_seconds=run_cfg.train.round_seconds, genesis=args.round_genesis
+    )
+    tracker = make_tracker(
+        tracking,
+        run_id=args.run_id,
+        job_type="peer",
+        name=keypair.ss58_address[:8],
+        config={
+            "config": run_cfg.name,
+            "behaviour": behaviour.value,
+            "device": device,
+            "optimizer": optimizer,
+            "averaging": args.averaging,
+        },
+        default_dir=home,
+    )
+    try:
+        if args.averaging == "sync":
+            from peer.sync import run_sync
+
+            run_sync(cfg, keypair=keypair, dht=dht, tracker=tracker)
+            return 0
+        trainer = Trainer(
+            cfg,
+            keypair=keypair,
+            clock=clock,
+            dht=dht,
+            tracker=tracker,
+            progress=Progress(keypair.ss58_address[:8]),
+            identity={"maddrs": maddrs},
+        )
+        trainer.run()
+    finally:
+        dht.shutdown()
+    return 0

@@ -1,0 +1,264 @@
+"""The peer's view of the swarm over hivemind: DHT, averager, state-hash announcements, state sync.
+
+* :func:`start_dht` validates multiaddrs and joins the DHT (clear errors for bad or unreachable peers).
+* :class:`SwarmAveraging` owns the :class:`~peer.allreduce.ConsensusAverager` over the round's
+  pseudo-gradient buffers: matchmaking per round (the round number is part of the group key), 8-bit
+  blockwise compression on the wire (bitsandbytes), the all-reduce, byte counters.
+* State agreement: each peer announces ``hash(θ_r)`` under ``<run>.state.<r>``; a peer whose hash
+  is not the majority's (late join, failed round, restart) downloads θ_r from a peer that holds the
+  majority hash (hivemind ``load_state_from_peers``) and checks the hash before adopting it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from peer.errors import NetworkError, UserError
+
+log = logging.getLogger("gradswarm.swarm")
+
+
+class BadMultiaddr(UserError):
+    pass
+
+
+def parse_maddrs(values: Sequence[str], what: str) -> list[str]:
+    from multiaddr import Multiaddr
+
+    out = []
+    for value in values:
+        try:
+            Multiaddr(value)
+        except Exception as e:  # multiaddr raises a zoo of error types for malformed input
+            raise BadMultiaddr(
+                f"{what} {value!r} is not a valid multiaddr ({e}); expected e.g. /ip4/1.2.3.4/tcp/31337/p2p/Qm…"
+            ) from None
+        out.append(value)
+    return out
+
+
+def start_dht(
+    *,
+    initial_peers: Sequence[str],
+    host_maddrs: Sequence[str],
+    announce_maddrs: Sequence[str],
+    identity_path: str | None = None,
+    record_validators: Sequence = (),
+):
+    import hivemind
+
+    initial_peers = parse_maddrs(initial_peers, "--initial-peers")
+    host_maddrs = parse_maddrs(host_maddrs, "--host-maddrs")
+    announce_maddrs = parse_maddrs(announce_maddrs, "--announce-maddrs")
+    for maddr in initial_peers:
+        if "/p2p/" not in maddr:
+            raise BadMultiaddr(
+                f"--initial-peers {maddr!r} lacks the peer id: append /p2p/<peer id> (printed by the bootstrap peer)"
+            )
+    try:
+        return hivemind.DHT(
+            initial_peers=initial_peers,
+            host_maddrs=host_maddrs,
+            announce_maddrs=announce_maddrs or None,
+            identity_path=identity_path,
+            record_validators=list(record_validators),
+            start=True,
+            await_ready=True,
+        )
+    except (
+        Exception
+    ) as e:  # hivemind raises P2PDaemonError / RuntimeError / TimeoutError for unreachable peers
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NetworkError(
+            f"could not join the DHT ({msg}); check that --initial-peers are running and reachable, "
+            "and that --host-maddrs is a free local address"
+        ) from None
+
+
+@dataclass
+class RoundOutcome:
+    """What happened to the all-reduce of one round."""
+
+    status: str
+    """``averaged`` (in a group), ``alone`` (no other peer found), ``failed`` (group formed, all-reduce broke)."""
+    group_size: int
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+    gathered: dict
+    error: str | None = None
+
+
+class SwarmAveraging:
+    """Round-keyed consensus averaging of the pseudo-gradient over hivemind (see module docstring)."""
+
+    def __init__(
+        self,
+        dht,
+        *,
+        run_id: str,
+        shapes: Sequence[torch.Size],
+        compression: str,
+        state_provider: Callable[[], tuple[dict, list[torch.Tensor]]],
+        matchmaking_seconds: float,
+        allreduce_timeout: float,
+        clip_ratio: float | None = 4.0,
+        target_group_size: int | None = None,
+    ):
+        import bitsandbytes  # noqa: F401  (must be imported before the averager for blockwise 8-bit)
+
+        from peer.allreduce import ConsensusAverager
+
+        self.dht = dht
+        self.run_id = run_id
+        self.buffers = [torch.zeros(s, dtype=torch.float32) for s in shapes]
+        self.averager = ConsensusAverager(
+            self.buffers,
+            dht=dht,
+            prefix=f"{run_id}_diloco",
+            compression=make_compression(compression),
+            state_compression=make_compression("none"),
+            state_provider=state_provider,
+            clip_ratio=clip_ratio,
+            min_group_size=2,
+            target_group_size=target_group_size,
+            min_matchmaking_time=matchmaking_seconds,
+            request_timeout=matchmaking_seconds / 2,
+            allreduce_timeout=allreduce_timeout,
+            next_chunk_timeout=allreduce_timeout / 3,
+            allow_state_sharing=True,
+            declare_state_period=10,
+            start=True,
+        )
+        self.matchmaking_seconds = matchmaking_seconds
+        self.allreduce_timeout = allreduce_timeout
+        self._pending = None
+        self._round = None
+
+    @property
+    def peer_id(self) -> str:
+        return self.dht.peer_id.to_base58()
+
+    def schedule(self, round_: int, start_at: float, gather: dict, weight: float = 1.0) -> None:
+        """Begin matchmaking for ``round_`` now; the all-reduce itself starts at ``start_at`` (unix time)."""
+        from hivemind.utils.timed_storage import get_dht_time
+
+        self.averager.set_group_bits(format(round_ % (1 << 24), "024b"))
+        scheduled = get_dht_time() + max(0.0, start_at - time.time())
+        self._round = round_
+        self._pending = self.averager.step(
+            gather=gather,
+            weight=weight,
+            scheduled_time=scheduled,
+            timeout=max(scheduled - get_dht_time(), 0) + self.matchmaking_seconds,
+            require_trigger=True,
+            wait=False,
+        )
+
+    def run(self, delta: Sequence[torch.Tensor]) -> tuple[RoundOutcome, list[torch.Tensor]]:
+        """Average ``delta`` in the scheduled group; returns the outcome and the averaged tensors."""
+        from hivemind.averaging.partition import AllreduceException
+
+        assert self._pending is not None, "schedule() first"
+        control, self._pending = self._pending, None
+        with self.averager.get_tensors() as buffers:
+            for b, d in zip(buffers, delta, strict=True):
+                b.copy_(d)
+        sent0, recv0, _ = self.averager.counters.snapshot()
+        t0 = time.time()
+        error, gathered, status = None, {}, "averaged"
+        control.allow_allreduce()
+        try:
+            gathered = control.result(timeout=self.allreduce_timeout + self.matchmaking_seconds + 5) or {}
+        except AllreduceException as e:
+            error = str(e)
+            status = "alone" if "could not find a group" in error else "failed"
+        except (TimeoutError, Exception) as e:  # noqa: BLE001 - any all-reduce failure fails only this round
+            control.cancel()
+            error, status = f"{type(e).__name__}: {e}", "failed"
+        sent1, recv1, _ = self.averager.counters.snapshot()
+        with self.averager.get_tensors() as buffers:
+            result = [b.clone() for b in buffers]
+        if status != "averaged":
+            result = [d.clone() for d in delta]
+        return (
+            RoundOutcome(
+                status=status,
+                group_size=max(1, len(gathered)),
+                seconds=time.time() - t0,
+                bytes_sent=sent1 - sent0,
+                bytes_received=recv1 - recv0,
+                gathered={str(k): v for k, v in gathered.items()},
+                error=error,
+            ),
+            result,
+        )
+
+    # -- state agreement --------------------------------------------------------------------------
+
+    def announce_state(self, round_: int, state_hash: str, ttl: float) -> None:
+        from hivemind.utils.timed_storage import get_dht_time
+
+        self.dht.store(
+            f"{self.run_id}.state.{round_}",
+            subkey=self.peer_id,
+            value=state_hash,
+            expiration_time=get_dht_time() + ttl,
+        )
+
+    def announced_states(self, round_: int) -> dict[str, str]:
+        """peer id → announced hash of θ_round."""
+        found = self.dht.get(f"{self.run_id}.state.{round_}", latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        return {str(k): v.value for k, v in found.value.items() if isinstance(v.value, str)}
+
+    def majority_state(self, round_: int) -> tuple[str | None, int, int]:
+        """(most announced hash, its count, total announcements) for θ_round."""
+        states = self.announced_states(round_)
+        if not states:
+            return None, 0, 0
+        (best, count), *_ = collections.Counter(states.values()).most_common(1)
+        return best, count, len(states)
+
+    def download_state(self, want_hash: str, tries: int = 3) -> tuple[dict, list[torch.Tensor]] | None:
+        """Load θ and outer momentum from a peer; accept only a state whose metadata hash is ``want_hash``."""
+        for _ in range(tries):
+            loaded = self.averager.load_state_from_peers(timeout=self.allreduce_timeout)
+            if loaded is None:
+                continue
+            metadata, tensors = loaded
+            if isinstance(metadata, dict) and metadata.get("state_hash") == want_hash:
+                return metadata, tensors
+            log.info("downloaded a state with another hash; trying another peer")
+        return None
+
+    def shutdown(self) -> None:
+        self.averager.shutdown()
+
+
+def make_compression(name: str):
+    """Wire compression: ``8bit`` (bitsandbytes blockwise for tensors ≥ 4096 values, fp16 below),
+    ``fp16`` or ``none``. 8-bit sends ~¼ of fp32's bytes; the consensus all-reduce keeps peers identical."""
+    from hivemind.compression import (
+        BlockwiseQuantization,
+        Float16Compression,
+        NoCompression,
+        SizeAdaptiveCompression,
+    )
+
+    if name == "8bit":
+        return SizeAdaptiveCompression(
+            threshold=2**12, less=Float16Compression(), greater_equal=BlockwiseQuantization()
+        )
+    if name == "fp16":
+        return Float16Compression()
+    if name == "none":
+        return NoCompression()
+    raise ValueError(f"unknown compression {name!r}")
