@@ -8,7 +8,8 @@ Client -> publisher: one request frame (msgpack map, at most :data:`MAX_REQUEST_
 * ``{"op": "list", "round": r}`` — what the peer has for round ``r`` (``round: None``: only which rounds
   it has). Answer: one msgpack frame :class:`ListResponse` carrying the raw signed manifest JSON (the
   client verifies it; the publisher never vouches for anything) and the peer's signed identity record.
-* ``{"op": "fetch", "sha256": hex}`` — a blob by content hash, only if a manifest in the outbox names it.
+* ``{"op": "fetch", "sha256": hex, "round": r, "kind": "contribution"|"state"}`` — a blob by content
+  hash, only if a manifest in the outbox names it (``round``/``kind`` say which manifest to look at first).
   Answer: a :class:`FetchHeader` frame with the size, then the bytes in frames of at most the chunk size,
   then an empty frame (end). The client hashes as it goes and keeps nothing unless the hash matches.
 * ``{"op": "stats"}`` — the publisher's counters (served/refused, by reason).
@@ -66,6 +67,9 @@ class ListRequest(_Msg):
 class FetchRequest(_Msg):
     op: Literal["fetch"]
     sha256: Hex64
+    round: int | None = Field(default=None, ge=0, le=2**40)
+    """Where the client saw the manifest naming the blob (looked at first; the hash decides)."""
+    kind: Literal["contribution", "state"] | None = None
 
 
 class StatsRequest(_Msg):

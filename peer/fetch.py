@@ -381,7 +381,12 @@ class FetchClient:
             ) from None
         try:
             with trio.fail_after(self.cfg.connect_timeout_s):
-                if target.peer_id not in self._connected or not self._host.get_network().get_connections(pid):
+                network = self._host.get_network()
+                if target.peer_id not in self._connected or not network.get_connections(pid):
+                    # dial exactly the committed address: forget addresses a stale or forged commitment
+                    # left for this peer id, and py-libp2p's 60 s "recently failed" block
+                    self._host.get_peerstore().clear_addrs(pid)
+                    network.unblock_peer(pid)
                     await self._host.connect(PeerInfo(pid, [maddr]))
                     self._connected.add(target.peer_id)
                 stream = await self._host.new_stream(pid, [TProtocol(PROTOCOL_ID)])
@@ -478,10 +483,12 @@ class FetchClient:
         manifest = listing.contribution if kind == "contribution" else listing.state
         if manifest is None:
             raise FetchError("missing", f"{target.peer_id[:12]} has no {kind} for round {round_}")
-        path = await self.afetch_blob(target, manifest.blob)
+        path = await self.afetch_blob(target, manifest.blob, round_=round_, kind=kind)
         return Fetched(manifest=manifest, path=path, sha256=manifest.blob.sha256, size=manifest.blob.size)
 
-    async def afetch_blob(self, target: Target, blob: BlobRef) -> Path:
+    async def afetch_blob(
+        self, target: Target, blob: BlobRef, *, round_: int | None = None, kind: str | None = None
+    ) -> Path:
         """Stream ``blob`` into the cache, verifying size and sha256 as it arrives."""
         import trio
         from libp2p.io.exceptions import IOException
@@ -490,7 +497,10 @@ class FetchClient:
         if final.exists() and final.stat().st_size == blob.size:
             return final  # only verified blobs are ever renamed to their hash
         stream, header = await self._request(
-            target, FetchRequest(op="fetch", sha256=blob.sha256), FetchHeader, what="blob header"
+            target,
+            FetchRequest(op="fetch", sha256=blob.sha256, round=round_, kind=kind),
+            FetchHeader,
+            what="blob header",
         )
         who = target.peer_id[:12]
         if header.size != blob.size:
@@ -556,17 +566,20 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
-def _mentions_mismatch(e: BaseException) -> bool:
-    seen = 0
-    cur: BaseException | None = e
-    while cur is not None and seen < 10:
-        if "Mismatch" in type(cur).__name__ or "mismatch" in str(cur).lower():
-            return True
-        if isinstance(cur, BaseExceptionGroup) and any(_mentions_mismatch(x) for x in cur.exceptions):
-            return True
-        cur = cur.__cause__ or cur.__context__
-        seen += 1
-    return False
+def _mentions_mismatch(e: BaseException, depth: int = 0) -> bool:
+    """Whether a dial failed because the remote's key is not the peer id we asked for (noise check)."""
+    if depth > 12:
+        return False
+    if "Mismatch" in type(e).__name__ or "mismatch" in str(e).lower():
+        return True
+    nested: list[BaseException] = []
+    if isinstance(e, BaseExceptionGroup):
+        nested += list(e.exceptions)
+    for arg in e.args:  # py-libp2p's MultiError carries its errors as a list argument
+        if isinstance(arg, list):
+            nested += [x for x in arg if isinstance(x, BaseException)]
+    nested += [x for x in (e.__cause__, e.__context__) if x is not None]
+    return any(_mentions_mismatch(x, depth + 1) for x in nested)
 
 
 async def _close(stream) -> None:

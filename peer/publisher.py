@@ -181,25 +181,30 @@ class OutboxIndex:
         raw = self._read_inside(path, MAX_MANIFEST_BYTES)
         return raw.decode("utf-8", "replace") if raw else None
 
-    def find_blob(self, sha256: str) -> tuple[Path, int]:
-        """Path and size of the blob a manifest names by ``sha256``; ProtocolError saying why not."""
-        for kind in KINDS:
-            for r in reversed(self.rounds(kind)):
-                m = self.manifest(kind, r)
-                if m is None or m.parsed.blob.sha256 != sha256:
-                    continue
-                blob = m.parsed.blob
-                if blob.size > self.max_blob_bytes:
-                    raise ProtocolError("too_large", f"blob {sha256[:12]} is {blob.size} bytes > limit")
-                real = self._inside(self.root / kind / str(r) / blob.name)
-                if real is None:
-                    raise ProtocolError("not_found", f"blob {sha256[:12]} is not a file inside the outbox")
-                size = real.stat().st_size
-                if size != blob.size:
-                    raise ProtocolError(
-                        "not_found", f"blob {sha256[:12]} is {size} bytes on disk, manifest says {blob.size}"
-                    )
-                return real, size
+    def find_blob(self, sha256: str, hint: tuple[str, int] | None = None) -> tuple[Path, int]:
+        """Path and size of the blob a manifest names by ``sha256``; ProtocolError saying why not.
+
+        ``hint`` = (kind folder, round) of the manifest the client read: checked first, so two rounds
+        holding the same hash cannot make the publisher serve the other round's file.
+        """
+        candidates = [hint] if hint is not None else []
+        candidates += [(kind, r) for kind in KINDS for r in reversed(self.rounds(kind)) if (kind, r) != hint]
+        for kind, r in candidates:
+            m = self.manifest(kind, r)
+            if m is None or m.parsed.blob.sha256 != sha256:
+                continue
+            blob = m.parsed.blob
+            if blob.size > self.max_blob_bytes:
+                raise ProtocolError("too_large", f"blob {sha256[:12]} is {blob.size} bytes > limit")
+            real = self._inside(self.root / kind / str(r) / blob.name)
+            if real is None:
+                raise ProtocolError("not_found", f"blob {sha256[:12]} is not a file inside the outbox")
+            size = real.stat().st_size
+            if size != blob.size:
+                raise ProtocolError(
+                    "not_found", f"blob {sha256[:12]} is {size} bytes on disk, manifest says {blob.size}"
+                )
+            return real, size
         raise ProtocolError("not_found", f"no manifest in this outbox names blob {sha256[:12]}")
 
 
@@ -228,9 +233,13 @@ class RateLimiter:
 
 
 def quiet_libp2p() -> None:
-    """py-libp2p logs every closed stream at INFO/WARNING; keep only real errors."""
-    for name in ("libp2p", "multiaddr", "trio", "async_service"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """py-libp2p logs every closed stream and failed dial itself; we report failures with reasons.
+
+    Set ``GRADSWARM_LIBP2P_LOG=DEBUG`` (or INFO, WARNING, ...) to see its own logs when debugging.
+    """
+    level = os.environ.get("GRADSWARM_LIBP2P_LOG", "CRITICAL").upper()
+    for name in ("libp2p", "multiaddr", "async_service"):
+        logging.getLogger(name).setLevel(level)
 
 
 def make_host(keypair, listen_addrs: list | None = None):
@@ -334,7 +343,10 @@ class _Server:
             raise ProtocolError("busy", f"{self.cfg.max_fetches_per_peer} transfers already running for you")
         if sum(self.active.values()) >= self.cfg.max_fetches:
             raise ProtocolError("busy", f"{self.cfg.max_fetches} transfers running; retry shortly")
-        path, size = self.index.find_blob(req.sha256)
+        hint = None
+        if req.round is not None and req.kind is not None:
+            hint = ("rounds" if req.kind == "contribution" else "state", req.round)
+        path, size = self.index.find_blob(req.sha256, hint)
         self.active[remote] += 1
         try:
             with open(path, "rb") as fh:
