@@ -151,7 +151,7 @@ class Hyperparameters:
     reveal_period_epochs: int
     """A commit is revealed this many epochs after the epoch it was committed in."""
     max_uids: int
-    """Subnet size; a registration into a full subnet replaces the lowest-incentive non-immune uid."""
+    """Subnet size; a registration into a full subnet replaces the non-immune uid that earned least."""
     immunity_period: int
     """Blocks after registration during which a uid cannot be replaced."""
     min_allowed_weights: int

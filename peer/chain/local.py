@@ -12,8 +12,9 @@ same on a real chain (the contract suite runs both):
   era is recent (:data:`ERA_BLOCKS`) and that the call was not seen before (replay protection).
 * **Concurrency**: each write is one ``BEGIN IMMEDIATE`` transaction with a busy timeout, so peers and
   validators in different processes can write at once; readers never block (WAL).
-* **Registration** → the next free uid; when the subnet is full, the lowest-incentive non-immune uid
-  is replaced (its weights, commits and commitment are cleared). A burn cost, if the subnet has one, is
+* **Registration** → the next free uid; when the subnet is full, the non-immune uid with the lowest
+  pruning score is replaced (the runtime's score: last epoch's emission, i.e. incentive for miners and
+  dividends for validators; ties → lower incentive, older registration) (its weights, commits and commitment are cleared). A burn cost, if the subnet has one, is
   paid by the coldkey through ``burned_register`` and only with ``burn=True``.
 * **Weights**: the runtime's checks (lengths, duplicates, known uids, version key, validator permit,
   min allowed weights, rate limit), stored max-upscaled like the runtime. Commit-reveal uses the
@@ -574,7 +575,7 @@ def _append_neuron(db, cur: int, netuid: int, hotkey: str, coldkey: str, hp: Hyp
     else:
         row = db.execute(
             "SELECT uid, hotkey FROM neurons WHERE netuid=? AND ? - registered_at >= ? "
-            "ORDER BY incentive ASC, emission ASC, registered_at ASC, uid ASC LIMIT 1",
+            "ORDER BY emission ASC, incentive ASC, registered_at ASC, uid ASC LIMIT 1",
             (netuid, cur, hp.immunity_period),
         ).fetchone()
         if row is None:
