@@ -17,6 +17,8 @@ from peer.errors import run_cli
 SUBCOMMAND_MODULES = [
     "peer.join",
     "peer.bootstrap",
+    "peer.fetch",
+    "peer.status",
 ]
 
 

@@ -156,7 +156,8 @@ class Commitment(BaseModel):
     """What a peer commits on chain: its publisher's address and peer id, compactly (<= 128 bytes).
 
     Binary form: one version byte, then the multiaddr ``<addr>/p2p/<peer_id>`` in multiaddr binary
-    encoding (45 bytes for IPv4 + an RSA peer id). The chain extrinsic that stores it is signed by the
+    encoding (46 bytes for IPv4 + an RSA peer id). :meth:`from_bytes` also accepts the text form
+    ``b"/ip4/.../p2p/..."`` (82 bytes at most for IPv4). The chain extrinsic that stores it is signed by the
     hotkey; the full :class:`PeerIdentityRecord` (all addresses, run id) comes from the publisher itself.
     """
 
@@ -188,6 +189,11 @@ class Commitment(BaseModel):
 
         if not raw or len(raw) > MAX_COMMITMENT_BYTES:
             raise RecordError(f"commitment: {len(raw)} bytes (expected 1..{MAX_COMMITMENT_BYTES})")
+        if raw[:1] == b"/":  # the text form, as bytes (what a human or an older peer may commit)
+            try:
+                return cls.from_multiaddr(raw.decode("ascii"))
+            except UnicodeDecodeError:
+                raise RecordError("commitment: text form is not ASCII") from None
         if raw[0] != COMMITMENT_VERSION:
             raise RecordError(f"commitment: version {raw[0]} != {COMMITMENT_VERSION} (upgrade gradswarm)")
         try:

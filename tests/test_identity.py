@@ -143,3 +143,61 @@ def test_same_key_same_peer_id_in_hivemind_and_libp2p(tmp_path):
             except subprocess.TimeoutExpired:
                 hm.kill()
                 hm.wait()
+
+
+def test_peer_status_shows_identity_registration_and_rounds(tmp_path):
+    """`peer status` on a real LocalLedger: unregistered first, then registered with a matching commitment."""
+    from substrateinterface import Keypair
+
+    from peer.chain import ChainConfig, connect
+    from peer.wallet import WalletConfig, create_wallet
+
+    wallet = WalletConfig(name="w", hotkey="h", path=str(tmp_path / "wallets"))
+    hotkey = create_wallet(wallet)
+    home = tmp_path / "home"
+    ledger = tmp_path / "ledger.sqlite"
+    cmd = [
+        sys.executable, "-m", "peer.cli", "status", "--json", "--home", str(home),
+        "--wallet.name", "w", "--wallet.hotkey", "h", "--wallet.path", str(tmp_path / "wallets"),
+        "--ledger.path", str(ledger),
+    ]  # fmt: skip
+
+    def status(cli: bool = False) -> dict:
+        if not cli:  # the same code the command runs, without its start-up cost
+            from dataclasses import asdict
+
+            from peer.status import collect_status
+
+            return asdict(
+                collect_status(
+                    hotkey=hotkey.ss58_address, home=home, chain_cfg=ChainConfig(ledger_path=str(ledger))
+                )
+            )
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    st = status()
+    assert st["hotkey"] == hotkey.ss58_address and st["peer_id"] is None
+    assert st["registration"].startswith("unknown (no ledger")
+    assert not ledger.exists()  # status never creates a ledger
+
+    pid = load_or_create_identity(home / "p2p_identity.key")
+    (home / "outbox" / "rounds" / "4").mkdir(parents=True)
+    (home / "outbox" / "rounds" / "4" / "manifest.json").write_text("{}")
+    chain = connect(ChainConfig(ledger_path=str(ledger)))
+    try:
+        netuid = chain.create_subnet(Keypair.create_from_uri("//Owner"))
+        assert netuid == 1
+        st = status()
+        assert st["registration"] == "not registered on subnet 1"
+        chain.register(netuid, hotkey)
+        chain.set_commitment(
+            netuid, hotkey, Commitment(addr="/ip4/127.0.0.1/tcp/4001", peer_id=pid).to_bytes()
+        )
+    finally:
+        chain.close()
+    st = status(cli=True)
+    assert st["peer_id"] == pid and st["last_contribution_round"] == 4 and st["last_state_round"] is None
+    assert st["registration"].startswith("uid ") and st["registration"].endswith("on subnet 1")
+    assert st["commitment"] == f"/ip4/127.0.0.1/tcp/4001/p2p/{pid}" and st["commitment_matches"] is True

@@ -1,0 +1,187 @@
+"""``peer status`` — who this peer is on the network: hotkey, peer id, addresses, registration, rounds.
+
+Reads only local files (wallet, the peer's home folder: identity key, publisher ready file, outbox) and
+asks the chain read-only questions (uid, commitment). It never creates a key, a ledger or a wallet. A
+chain that cannot be reached is reported as ``unknown (why)``, not as an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from peer.errors import UserError
+from peer.identity import identity_path, load_identity
+from peer.records import Commitment, RecordError
+
+READY_FILE = "publisher.ready.json"
+
+
+@dataclass(kw_only=True)
+class PeerStatus:
+    hotkey: str
+    home: str
+    peer_id: str | None = None
+    """None until ``peer join`` created the identity key."""
+    publisher: dict | None = None
+    """``{"pid", "addrs", "running"}`` from the publisher's ready file, if it ever started."""
+    registration: str = "unknown"
+    """``uid N on subnet M`` / ``not registered on subnet M`` / ``unknown (why)``."""
+    commitment: str | None = None
+    """What the chain holds for this hotkey (text form), if anything."""
+    commitment_matches: bool | None = None
+    """Whether the on-chain commitment names this peer id (None if there is none / chain unknown)."""
+    last_contribution_round: int | None = None
+    last_state_round: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _rounds(outbox: Path, kind: str) -> list[int]:
+    base = outbox / kind
+    if not base.is_dir():
+        return []
+    return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and (p / "manifest.json").is_file())
+
+
+def collect_status(*, hotkey: str, home: Path, chain_cfg=None) -> PeerStatus:
+    """Gather the status; ``chain_cfg`` is a :class:`peer.chain.ChainConfig` (None: registration unknown)."""
+    home = Path(home)
+    st = PeerStatus(hotkey=hotkey, home=str(home))
+    key = identity_path(home)
+    if key.exists():
+        try:
+            st.peer_id = load_identity(key).peer_id
+        except UserError as e:
+            st.problems.append(str(e))
+    ready = home / READY_FILE
+    if ready.exists():
+        try:
+            info = json.loads(ready.read_text())
+            st.publisher = {
+                "pid": info["pid"],
+                "addrs": info["addrs"],
+                "running": _pid_running(int(info["pid"])),
+            }
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            st.problems.append(f"{ready} is unreadable ({e}); it is rewritten when the publisher starts")
+    outbox = home / "outbox"
+    contrib, state = _rounds(outbox, "rounds"), _rounds(outbox, "state")
+    st.last_contribution_round = contrib[-1] if contrib else None
+    st.last_state_round = state[-1] if state else None
+    if chain_cfg is not None:
+        _chain_status(st, chain_cfg)
+    return st
+
+
+def _chain_status(st: PeerStatus, chain_cfg) -> None:
+    from peer.chain import ChainError, connect
+
+    if chain_cfg.is_local and not Path(chain_cfg.ledger_path).exists():
+        st.registration = f"unknown (no ledger at {chain_cfg.ledger_path})"
+        return
+    try:
+        chain = connect(chain_cfg)
+    except UserError as e:
+        st.registration = f"unknown ({e})"
+        return
+    try:
+        uid = chain.uid_of(chain_cfg.netuid, st.hotkey)
+        st.registration = (
+            f"uid {uid} on subnet {chain_cfg.netuid}"
+            if uid is not None
+            else f"not registered on subnet {chain_cfg.netuid}"
+        )
+        raw = chain.commitments(chain_cfg.netuid).get(st.hotkey)
+    except ChainError as e:
+        st.registration = f"unknown ({e})"
+        return
+    finally:
+        chain.close()
+    if raw:
+        try:
+            c = Commitment.from_bytes(raw)
+            st.commitment = c.multiaddr
+            st.commitment_matches = st.peer_id is not None and c.peer_id == st.peer_id
+        except RecordError as e:
+            st.commitment = f"unreadable ({e})"
+            st.commitment_matches = False
+
+
+def format_status(st: PeerStatus) -> str:
+    pub = st.publisher
+    if pub is None:
+        pub_line = "never started (`peer join` starts it)"
+    else:
+        state = "running" if pub["running"] else "not running"
+        pub_line = f"{state} (pid {pub['pid']}) on {', '.join(pub['addrs'])}"
+    commit_line = st.commitment or "none"
+    if st.commitment_matches is False and st.commitment:
+        commit_line += "  <- does not name this peer id: validators cannot reach you; re-run `peer join`"
+    lines = [
+        f"hotkey        {st.hotkey}",
+        f"home          {st.home}",
+        f"peer id       {st.peer_id or 'none yet (created by `peer join`)'}",
+        f"publisher     {pub_line}",
+        f"registration  {st.registration}",
+        f"commitment    {commit_line}",
+        f"published     contribution round {_r(st.last_contribution_round)}, state round {_r(st.last_state_round)}",
+    ]
+    lines += [f"problem       {p}" for p in st.problems]
+    return "\n".join(lines)
+
+
+def _r(r: int | None) -> str:
+    return "none" if r is None else str(r)
+
+
+def register(subparsers) -> None:
+    from peer.join import add_wallet_args
+
+    p = subparsers.add_parser(
+        "status",
+        help="show this peer's identity: hotkey, peer id, addresses, registration, last published round",
+        description=__doc__,
+    )
+    add_wallet_args(p)
+    p.add_argument("--run-id", default="gradswarm", help="swarm name (locates the default --home)")
+    p.add_argument(
+        "--home",
+        type=Path,
+        default=None,
+        help="peer folder (default: ~/.gradswarm/<run-id>/<wallet>-<hotkey>)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    from peer.chain import add_chain_args
+
+    add_chain_args(p)
+    p.add_argument("--no-chain", action="store_true", help="skip the chain (registration shows 'unknown')")
+    p.set_defaults(func=_cmd_status)
+
+
+def _cmd_status(args) -> int:
+    from peer.join import wallet_config_from_args
+    from peer.wallet import load_hotkey
+
+    wallet = wallet_config_from_args(args)
+    if wallet.create:
+        raise UserError("`peer status` never creates keys: drop --wallet.create")
+    hotkey = load_hotkey(wallet).ss58_address
+    home = args.home or Path.home() / ".gradswarm" / args.run_id / f"{wallet.name}-{wallet.hotkey}"
+    from peer.chain import chain_config_from_args
+
+    chain_cfg = None if args.no_chain else chain_config_from_args(args)
+    st = collect_status(hotkey=hotkey, home=home, chain_cfg=chain_cfg)
+    print(json.dumps(asdict(st)) if args.json else format_status(st))
+    return 0
