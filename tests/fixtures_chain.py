@@ -11,115 +11,21 @@ If node/npm or ``../shared/chain`` is missing, the ``chain`` tests skip with the
 
 from __future__ import annotations
 
-import ctypes
-import os
-import re
-import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 from substrateinterface import Keypair
 
 from peer.chain.base import SubnetParams
+from peer.chain.devnode import ChopsticksNode, kit_problem, start_chopsticks
 
-REPO = Path(__file__).resolve().parent.parent
-KIT = Path(os.environ.get("GRADSWARM_CHAIN_KIT", REPO.parent / "shared" / "chain"))
-CHOPSTICKS_HOME = REPO / ".cache" / "chopsticks"
 TAO = 10**9
 HUGE_BLOCK_TIME = 10_000.0  # LocalLedger in contract tests: the head moves only through advance()
 
 # the same subnet on both implementations
 TEMPO = 10
 BURN = TAO  # the runtime's default burn for a new subnet; LocalLedger contract subnets use the same
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pdeathsig() -> None:  # runs in the child: die with the parent (pytest), even on SIGKILL of pytest
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _kit_problem() -> str | None:
-    if not (KIT / "start.sh").exists():
-        return f"chain kit not found at {KIT} (../shared/chain)"
-    for tool in ("node", "npm"):
-        if shutil.which(tool) is None:
-            return f"{tool} not found: install Node.js >= 20 to run the chain tests"
-    return None
-
-
-@dataclass
-class ChopsticksNode:
-    url: str
-    proc: subprocess.Popen
-    log: Path
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
-def start_chopsticks(name: str = "pytest", timeout: float = 120.0) -> ChopsticksNode:
-    """Install the kit if needed (idempotent), start one node on a free loopback port, wait for it."""
-    env = {**os.environ, "CHOPSTICKS_HOME": str(CHOPSTICKS_HOME)}
-    r = subprocess.run(
-        [str(KIT / "start.sh"), "install"], env=env, capture_output=True, text=True, timeout=600
-    )
-    if r.returncode != 0:
-        raise RuntimeError(f"chopsticks install failed: {r.stderr.strip()[-2000:]}")
-    port = _free_port()
-    log = CHOPSTICKS_HOME / f"{name}-{os.getpid()}.log"
-    binary = CHOPSTICKS_HOME / "node_modules/@acala-network/chopsticks/chopsticks.cjs"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                "node",
-                str(binary),
-                "--config=localnet.yml",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--max-memory-block-count",
-                "5000",
-            ],
-            cwd=CHOPSTICKS_HOME,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=_pdeathsig,
-        )
-    node = ChopsticksNode(url="", proc=proc, log=log)
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"chopsticks exited during startup:\n{log.read_text()[-3000:]}")
-            m = re.search(r"ws://127\.0\.0\.1:(\d+)", log.read_text(errors="replace"))
-            if m:
-                node.url = m.group(0)
-                return node
-            time.sleep(0.1)
-        raise RuntimeError(f"chopsticks did not listen within {timeout}s:\n{log.read_text()[-3000:]}")
-    except BaseException:
-        node.stop()
-        raise
 
 
 @dataclass
@@ -188,7 +94,7 @@ def _setup_subnet(chain, kind: str, owner: Keypair, coldkey: Keypair, sudo: Keyp
 
 @pytest.fixture(scope="session")
 def chopsticks() -> Iterator[ChopsticksNode]:
-    problem = _kit_problem()
+    problem = kit_problem()
     if problem:
         pytest.skip(problem)
     node = start_chopsticks()

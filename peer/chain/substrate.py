@@ -12,12 +12,15 @@ rao: on spec 218 root stake is 1:1 TAO and is what validators hold in practice.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
 
 from substrateinterface import Keypair, SubstrateInterface
 from substrateinterface.exceptions import SubstrateRequestException
+from substrateinterface.utils.hasher import xxh128
+from substrateinterface.utils.ss58 import ss58_encode
 from websocket import WebSocketException
 
 from peer.chain.base import (
@@ -90,6 +93,43 @@ NETWORKS = {
 }
 """btcli-style network names (``local`` is the embedded LocalLedger here; a local subtensor node is
 ``local-subtensor``)."""
+
+_QUERY_CHUNK = 1000
+
+
+def _key(item: str, pallet: str = "SubtensorModule") -> bytes:
+    """Storage prefix ``twox128(pallet) + twox128(item)``."""
+    return bytes(xxh128(pallet.encode()) + xxh128(item.encode()))
+
+
+def _u16(x: int) -> bytes:
+    return int(x).to_bytes(2, "little")
+
+
+def _b2c(data: bytes) -> bytes:
+    """Blake2_128Concat hasher."""
+    return hashlib.blake2b(data, digest_size=16).digest() + data
+
+
+def _decode_compact(b: bytes) -> tuple[int, int]:
+    mode = b[0] & 3
+    if mode == 0:
+        return b[0] >> 2, 1
+    if mode == 1:
+        return int.from_bytes(b[:2], "little") >> 2, 2
+    if mode == 2:
+        return int.from_bytes(b[:4], "little") >> 2, 4
+    size = (b[0] >> 2) + 4
+    return int.from_bytes(b[1 : 1 + size], "little"), 1 + size
+
+
+def _decode_vec(b: bytes | None, width: int) -> list[int]:
+    """SCALE ``Vec<uN>`` / ``Vec<bool>`` (width 1) as ints."""
+    if not b:
+        return []
+    n, off = _decode_compact(b)
+    return [int.from_bytes(b[off + i * width : off + (i + 1) * width], "little") for i in range(n)]
+
 
 # Hyperparameters field -> (AdminUtils call, its value argument)
 _ADMIN_CALLS = {
@@ -430,46 +470,67 @@ class SubstrateChain:
         return dict(sorted(out.items()))
 
     # ------------------------------------------------------------------------------ metagraph
+    def _raw_query(self, keys: list[bytes], at: str) -> list[bytes | None]:
+        """Raw values of storage ``keys`` at block ``at`` (``state_queryStorageAt``, chunked)."""
+        out: dict[str, str | None] = {}
+        for i in range(0, len(keys), _QUERY_CHUNK):
+            chunk = ["0x" + k.hex() for k in keys[i : i + _QUERY_CHUNK]]
+            res = self.s.rpc_request("state_queryStorageAt", [chunk, at])["result"]
+            for change_set in res:
+                for k, v in change_set["changes"]:
+                    out[k] = v
+        return [
+            None if out.get("0x" + k.hex()) is None else bytes.fromhex(out["0x" + k.hex()][2:]) for k in keys
+        ]
+
     def metagraph(self, netuid: int) -> Metagraph:
+        """All neurons at the head, read in two batched storage queries with hand-built keys.
+
+        (Building keys and decoding through substrate-interface cost ~5 ms per key: 1.3 s at 256 uids.)
+        """
         head = self.s.get_chain_head()
         block = self.s.get_block_number(head)
         self._require_subnet(netuid, head)
-        keys = {
-            int(k.value): v.value
-            for k, v in self.s.query_map("SubtensorModule", "Keys", [netuid], block_hash=head, page_size=1000)
-        }
-        n = len(keys)
-        hotkeys = [keys[i] for i in sorted(keys)]
-        sk = self.s.create_storage_key
+        net = _u16(netuid)
         vec_items = ["ValidatorPermit", "LastUpdate", "Incentive", "Dividends", "Consensus", "Emission"]
-        storage = [sk("SubtensorModule", item, [netuid]) for item in vec_items]
-        storage += [sk("SubtensorModule", "Owner", [hk]) for hk in hotkeys]
-        storage += [sk("SubtensorModule", "TotalHotkeyAlpha", [hk, netuid]) for hk in hotkeys]
-        storage += [sk("SubtensorModule", "TotalHotkeyAlpha", [hk, 0]) for hk in hotkeys]
-        storage += [sk("SubtensorModule", "BlockAtRegistration", [netuid, uid]) for uid in sorted(keys)]
-        vals = [v.value for _, v in self.s.query_multi(storage, block_hash=head)]
-        vecs = dict(zip(vec_items, vals[: len(vec_items)], strict=True))
-        rest = vals[len(vec_items) :]
-        owners, alpha, root, reg = rest[:n], rest[n : 2 * n], rest[2 * n : 3 * n], rest[3 * n :]
+        first = [_key("SubnetworkN") + net] + [_key(item) + net for item in vec_items]
+        raw = self._raw_query(first, head)
+        n = int.from_bytes(raw[0] or b"", "little")
+        permit = _decode_vec(raw[1], 1)
+        last_update, emission = _decode_vec(raw[2], 8), _decode_vec(raw[6], 8)
+        incentive, dividends, consensus = (_decode_vec(r, 2) for r in raw[3:6])
+        hk_raw = self._raw_query([_key("Keys") + net + _u16(uid) for uid in range(n)], head)
+        uids = [uid for uid in range(n) if hk_raw[uid] is not None]
+        pubs = [hk_raw[uid] for uid in uids]
+        keys = [_key("Owner") + _b2c(p) for p in pubs]
+        keys += [_key("TotalHotkeyAlpha") + _b2c(p) + net for p in pubs]
+        keys += [_key("TotalHotkeyAlpha") + _b2c(p) + _u16(0) for p in pubs]
+        keys += [_key("BlockAtRegistration") + net + _u16(uid) for uid in uids]
+        vals = self._raw_query(keys, head)
+        m = len(uids)
+        owners, alpha, root, reg = vals[:m], vals[m : 2 * m], vals[2 * m : 3 * m], vals[3 * m :]
 
-        def at(vec, i, default=0):
-            return vec[i] if vec and i < len(vec) else default
+        def at(vec: list[int], i: int) -> int:
+            return vec[i] if i < len(vec) else 0
+
+        def u64(b: bytes | None) -> int:
+            return int.from_bytes(b[:8], "little") if b else 0
 
         neurons = tuple(
             Neuron(
                 uid=uid,
-                hotkey=hotkeys[i],
-                coldkey=owners[i],
-                stake=int(alpha[i] or 0) + int(root[i] or 0),
-                validator_permit=bool(at(vecs["ValidatorPermit"], uid, False)),
-                last_update=int(at(vecs["LastUpdate"], uid)),
-                registered_at=int(reg[i] or 0),
-                incentive=at(vecs["Incentive"], uid) / U16_MAX,
-                dividends=at(vecs["Dividends"], uid) / U16_MAX,
-                consensus=at(vecs["Consensus"], uid) / U16_MAX,
-                emission=int(at(vecs["Emission"], uid)),
+                hotkey=ss58_encode(pubs[i], 42),
+                coldkey=ss58_encode(owners[i], 42) if owners[i] else "",
+                stake=u64(alpha[i]) + u64(root[i]),
+                validator_permit=bool(at(permit, uid)),
+                last_update=at(last_update, uid),
+                registered_at=u64(reg[i]),
+                incentive=at(incentive, uid) / U16_MAX,
+                dividends=at(dividends, uid) / U16_MAX,
+                consensus=at(consensus, uid) / U16_MAX,
+                emission=at(emission, uid),
             )
-            for i, uid in enumerate(sorted(keys))
+            for i, uid in enumerate(uids)
         )
         return Metagraph(netuid=netuid, block=block, neurons=neurons)
 
