@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import math
 import multiprocessing as mp
 from collections.abc import AsyncIterator, Sequence
 
@@ -97,7 +98,12 @@ class ConsensusAllReduceRunner(AllReduceRunner):
             sender_index = self.sender_peer_ids.index(peer_id)
             loop = asyncio.get_event_loop()
             for part_index, tensor_part in enumerate(self.parts_for_local_averaging):
-                weight = self.weight if bool(torch.isfinite(tensor_part).all()) else 0.0
+                weight = self.weight
+                if not bool(
+                    torch.isfinite(tensor_part).all()
+                ):  # never let our own NaN into the sum (NaN·0 = NaN)
+                    tensor_part, weight = torch.zeros_like(tensor_part), 0.0
+                    self.counters.add(rejected=1)
                 averaged_part = await self.tensor_part_reducer.accumulate_part(
                     sender_index, part_index, tensor_part, weight=weight
                 )
@@ -154,10 +160,10 @@ class ConsensusAllReduceRunner(AllReduceRunner):
             self.counters.add(rejected=1)
             return torch.zeros_like(part), 0.0
         if self.clip_ratio is not None:
-            own = self.parts_for_local_averaging[part_index]
-            bound = self.clip_ratio * float(own.norm()) + 1e-12
+            own_norm = float(self.parts_for_local_averaging[part_index].norm())
+            bound = self.clip_ratio * own_norm + 1e-12
             norm = float(part.norm())
-            if norm > bound:
+            if math.isfinite(own_norm) and norm > bound:  # no reference if our own part is unusable
                 self.counters.add(rejected=1)
                 part = part * (bound / norm)
         return part, weight

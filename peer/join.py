@@ -228,7 +228,7 @@ def run(args) -> int:
         if args.averaging == "sync":
             from peer.sync import run_sync
 
-            run_sync(cfg, keypair=keypair, dht=dht, tracker=tracker)
+            run_sync(cfg, keypair=keypair, dht=dht, tracker=tracker, clock=clock)
             return 0
         trainer = Trainer(
             cfg,

@@ -1,0 +1,214 @@
+"""Fixtures for tests that run real peers: prepared data, a bootstrap DHT, peer processes.
+
+Every process is started in its own process group and killed (SIGKILL to the group) at teardown,
+also when the test fails, so no peer, DHT daemon (p2pd) or averager outlives the test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def peer_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "WANDB_MODE": "disabled",
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "GRADSWARM_CORPUS": str(REPO / ".cache" / "corpus"),
+        }
+    )
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A child process in its own process group, with its output in a log file."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            args,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env or peer_env(),
+            cwd=REPO,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.popen.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill(signal.SIGKILL)  # the group: p2pd daemons and averager children too
+        try:
+            self.popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._log.close()
+
+
+class ProcessGroup:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, args: list[str], env: dict | None = None) -> Proc:
+        p = Proc(args, self.tmp / f"{name}.log", env)
+        self.procs.append(p)
+        return p
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            p.stop()
+
+
+@pytest.fixture
+def procs(tmp_path) -> Iterator[ProcessGroup]:
+    group = ProcessGroup(tmp_path)
+    try:
+        yield group
+    finally:
+        group.stop_all()
+
+
+@pytest.fixture(scope="session")
+def corpus_dir() -> Path:
+    from peer.data import fetch_corpus
+
+    path = REPO / ".cache" / "corpus"
+    fetch_corpus(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def debug_config():
+    from peer.config import load_run_config
+
+    return load_run_config("debug")
+
+
+@pytest.fixture(scope="session")
+def debug_data(tmp_path_factory, corpus_dir, debug_config) -> Path:
+    """A prepared data dir for the debug config, shared by the whole session."""
+    from peer.data import prepare_data
+
+    path = tmp_path_factory.mktemp("data") / "debug"
+    prepare_data(debug_config.data, path, corpus_dir)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bootstrap(tmp_path_factory) -> Iterator[str]:
+    """A bootstrap DHT node on 127.0.0.1 for the session; yields its multiaddr."""
+    tmp = tmp_path_factory.mktemp("bootstrap")
+    ready = tmp / "ready.json"
+    proc = Proc(
+        [
+            sys.executable,
+            "-m",
+            "peer.cli",
+            "bootstrap",
+            "--host-maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--ready-file",
+            str(ready),
+        ],
+        tmp / "bootstrap.log",
+    )
+    try:
+        deadline = time.time() + 60
+        while not ready.exists():
+            if proc.popen.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"bootstrap did not start:\n{proc.log()[-3000:]}")
+            time.sleep(0.2)
+        yield json.loads(ready.read_text())["maddrs"][0]
+    finally:
+        proc.stop()
+
+
+def join_args(
+    *,
+    home: Path,
+    data_dir: Path,
+    wallet_path: Path,
+    name: str,
+    run_id: str,
+    initial_peers: list[str],
+    extra: list[str] = (),
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "peer.cli",
+        "join",
+        "--config",
+        "debug",
+        "--run-id",
+        run_id,
+        "--home",
+        str(home),
+        "--data-dir",
+        str(data_dir),
+        "--host-maddrs",
+        "/ip4/127.0.0.1/tcp/0",
+        "--wallet.path",
+        str(wallet_path),
+        "--wallet.name",
+        name,
+        "--wallet.create",
+        "--threads",
+        "1",
+        "--initial-peers",
+        *initial_peers,
+        *extra,
+    ]
+
+
+def read_rounds(home: Path) -> list[dict]:
+    path = home / "rounds.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(predicate, timeout: float, what: str, procs: list[Proc] = ()) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            logs = "\n".join(f"--- {p.log_path.name}\n{p.log()[-2000:]}" for p in procs)
+            raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        time.sleep(0.2)
