@@ -85,6 +85,9 @@ class FetchConfig:
     """Dial + noise handshake limit. Raise it for peers far away / behind slow links."""
     io_timeout_s: float = 30.0
     """Limit for one frame to arrive; a publisher that stalls longer is dropped (``timeout``)."""
+    receive_window_bytes: int = 16 << 20
+    """yamux window granted to a publisher for each blob (at most 16 MiB, yamux's limit). Bigger = fewer
+    stalls of the sender; lower it only if many parallel fetches use too much memory."""
     require_identity: bool = True
     """Refuse a publisher that serves no signed PeerIdentityRecord for the expected hotkey."""
     identity_path: Path | None = None
@@ -509,6 +512,7 @@ class FetchClient:
                 "size_mismatch",
                 f"{who}: blob {blob.sha256[:12]} is {header.size} bytes, manifest says {blob.size}",
             )
+        await _widen_receive_window(stream, self.cfg.receive_window_bytes)
         tmp = self.cfg.cache_dir / f".{blob.sha256}.{os.getpid()}.{threading.get_ident()}.{id(stream)}.tmp"
         h = hashlib.sha256()
         got = 0
@@ -559,6 +563,29 @@ class FetchClient:
             tmp.unlink(missing_ok=True)
         await _close(stream)
         return final
+
+
+async def _widen_receive_window(stream, nbytes: int) -> None:
+    """Grant the sender a ``nbytes`` yamux window on this stream right away.
+
+    py-libp2p 0.8 starts every stream at yamux's 256 KiB and its sender polls every 10 ms while the
+    window is exhausted, which caps a bulk transfer at a fraction of what the link does; its receive
+    auto-tuning grows the window only slowly. A receiver may grant more at any time (yamux spec), so for
+    blob streams we do it up front. Streams of other muxers are left alone.
+    """
+    from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, YamuxStream
+
+    muxed = stream.muxed_stream
+    if not isinstance(muxed, YamuxStream):
+        return
+    target = min(nbytes, MAX_WINDOW_SIZE)
+    async with muxed.window_lock:
+        grant = target - muxed.recv_window
+        if grant <= 0:
+            return
+        muxed.target_recv_window = max(muxed.target_recv_window, target)
+        muxed.recv_window += grant
+    await muxed.send_window_update(grant)
 
 
 def _first_line(e: BaseException) -> str:
