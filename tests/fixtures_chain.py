@@ -24,7 +24,7 @@ TAO = 10**9
 HUGE_BLOCK_TIME = 10_000.0  # LocalLedger in contract tests: the head moves only through advance()
 
 # the same subnet on both implementations
-TEMPO = 10
+TEMPO = 4
 BURN = TAO  # the runtime's default burn for a new subnet; LocalLedger contract subnets use the same
 
 
