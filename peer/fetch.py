@@ -88,6 +88,9 @@ class FetchConfig:
     receive_window_bytes: int = 16 << 20
     """yamux window granted to a publisher for each blob (at most 16 MiB, yamux's limit). Bigger = fewer
     stalls of the sender; lower it only if many parallel fetches use too much memory."""
+    max_parallel: int = 16
+    """Peers fetched at the same time by :meth:`FetchClient.fetch_many`. Raise it when a round has many
+    peers and the link is idle; lower it if publishers answer ``busy`` or time out."""
     require_identity: bool = True
     """Refuse a publisher that serves no signed PeerIdentityRecord for the expected hotkey."""
     identity_path: Path | None = None
@@ -97,6 +100,8 @@ class FetchConfig:
         self.cache_dir = Path(self.cache_dir)
         if self.max_chunk_bytes < 1024 or self.max_blob_bytes < 1:
             raise ConfigError("fetch max_chunk_bytes must be >= 1024 and max_blob_bytes >= 1")
+        if self.max_parallel < 1:
+            raise ConfigError("fetch max_parallel must be >= 1")
         if self.connect_timeout_s <= 0 or self.io_timeout_s <= 0:
             raise ConfigError("fetch timeouts must be > 0")
 
@@ -354,10 +359,12 @@ class FetchClient:
         import trio
 
         results: dict[Target, Fetched | FetchError] = {}
+        limiter = trio.CapacityLimiter(self.cfg.max_parallel)
 
         async def one(t: Target) -> None:
             try:
-                results[t] = await self._counted(self.afetch(t, round_, kind))
+                async with limiter:
+                    results[t] = await self._counted(self.afetch(t, round_, kind))
             except FetchError as e:
                 results[t] = e
 

@@ -152,6 +152,8 @@ class OutboxIndex:
                     parsed = KINDS[kind].parse(raw)
                 except RecordError as e:
                     self._refuse_manifest(path, "bad_manifest", str(e))
+        if len(self._cache) > 256:  # forget pruned rounds
+            self._cache = {p: c for p, c in self._cache.items() if p.exists()}
         self._cache[path] = _Cached(key, raw or b"", parsed)
         return self._cache[path] if parsed is not None else None
 
@@ -304,6 +306,10 @@ class _Server:
         except IOException as e:  # the remote reset or dropped the connection
             self.counters["stream_error"] += 1
             log.info("stream from %s failed: %s", remote[:16], e)
+            await _reset(stream)
+        except OSError as e:  # a blob vanished or became unreadable (pruned mid-request, disk error)
+            self.counters["outbox_read_error"] += 1
+            log.warning("outbox read failed while serving %s: %s", remote[:16], e)
             await _reset(stream)
 
     async def _answer_error(self, stream, e: ProtocolError) -> None:
@@ -491,8 +497,18 @@ class PublisherHandle:
         return self.process.poll() is None
 
     def commitment(self, addr: str | None = None) -> Commitment:
-        """The compact on-chain commitment for ``addr`` (default: the first listen address)."""
-        return Commitment(addr=addr or self.addrs[0], peer_id=self.peer_id)
+        """The compact on-chain commitment for ``addr`` (default: the first listen address).
+
+        Pass the address validators can dial (your public IP and the forwarded port) when the publisher
+        listens on a wildcard address such as ``/ip4/0.0.0.0/tcp/4001``.
+        """
+        addr = addr or self.addrs[0]
+        if "/0.0.0.0/" in addr or "/::/" in addr:
+            raise ConfigError(
+                f"publisher listens on {addr}, which nobody can dial: pass the public address, e.g. "
+                "commitment('/ip4/<your public ip>/tcp/<port>')"
+            )
+        return Commitment(addr=addr, peer_id=self.peer_id)
 
     def publish_identity(
         self, keypair: Keypair, *, run_id: str, round_: int, addrs: list[str] | None = None
