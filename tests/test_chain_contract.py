@@ -13,6 +13,7 @@ from substrateinterface import Keypair
 
 from peer.chain import (
     BurnRequired,
+    Chain,
     ChainClock,
     ChainError,
     CommitRevealError,
@@ -36,6 +37,7 @@ def fresh(tag: str) -> Keypair:
 
 def test_block_and_hash(env):
     c = env.chain
+    assert isinstance(c, Chain) and c.block_time > 0
     b = c.block()
     h = c.block_hash(b)
     assert b >= 0 and HEX32.match(h)
