@@ -18,6 +18,7 @@ from pathlib import Path
 from peer.behaviour import Behaviour
 from peer.config import available_configs, load_run_config, override
 from peer.errors import ConfigError
+from peer.swarm import parse_maddrs
 from peer.tracking import add_tracking_args, make_tracker, tracking_config_from_args
 from peer.wallet import DEFAULT_WALLET_PATH, WalletConfig, load_hotkey
 
@@ -168,6 +169,9 @@ def run(args) -> int:
         raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     optimizer = args.optimizer or ("adamw8bit" if device.startswith("cuda") else "adamw")
     behaviour = Behaviour(args.behaviour)
+    parse_maddrs(args.initial_peers, "--initial-peers")  # bad addresses fail before anything starts
+    parse_maddrs(args.host_maddrs, "--host-maddrs")
+    parse_maddrs(args.announce_maddrs, "--announce-maddrs")
     wallet = wallet_config_from_args(args)
     keypair = load_hotkey(wallet)
     home = args.home or Path.home() / ".gradswarm" / args.run_id / f"{wallet.name}-{wallet.hotkey}"

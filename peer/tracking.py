@@ -7,6 +7,7 @@ without login (files under ``<dir>/wandb``); ``disabled`` turns tracking off.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,3 +115,62 @@ def tracking_config_from_args(args) -> TrackingConfig:
     return TrackingConfig(
         mode=args.wandb_mode, project=args.wandb_project, entity=args.wandb_entity, dir=args.wandb_dir
     )
+
+
+# ---------------------------------------------------------------------------------------------------
+# reading offline runs back (tests, and researchers without a W&B server)
+
+_WANDB_HEADER = b":W&B\xe1\xbe\x00"
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def read_wandb_records(path: Path):
+    """Records of an offline ``.wandb`` file (a LevelDB-style log of ``wandb_internal_pb2.Record``)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(path).read_bytes()
+    if not data.startswith(_WANDB_HEADER):
+        raise ValueError(f"{path} is not a W&B transaction log")
+    pos, pending = len(_WANDB_HEADER), b""
+    while pos + 7 <= len(data):
+        left_in_block = _BLOCK - pos % _BLOCK
+        if left_in_block < 7:
+            pos += left_in_block
+            continue
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
+        kind = data[pos + 6]
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        if kind in (_FULL, _FIRST):
+            pending = chunk
+        else:
+            pending += chunk
+        if kind in (_FULL, _LAST):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def read_offline_run(path: Path) -> dict:
+    """``{"run": {group, job_type, name}, "history": [{key: value, ...}, ...]}`` of an offline run file."""
+    run: dict[str, Any] = {}
+    history = []
+    for record in read_wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = {
+                "group": record.run.run_group,
+                "job_type": record.run.job_type,
+                "name": record.run.display_name,
+            }
+        elif kind == "history":
+            row = {}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                row[key] = json.loads(item.value_json)
+            history.append(row)
+    return {"run": run, "history": history}

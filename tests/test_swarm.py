@@ -116,3 +116,29 @@ def test_swarm_trains_survives_sigkill_and_syncs_late_joiner(procs, bootstrap, d
         assert not list(home.rglob("*.tmp")) or home == home_c
     ckpt = json.loads((home_c / "checkpoint" / "state.json").read_text())
     assert ckpt["round"] >= 2
+
+
+@pytest.mark.slow
+def test_sync_mode_two_peers(procs, bootstrap, debug_data, tmp_path):
+    """--averaging sync: hivemind Optimizer, per-step gradient averaging across two processes."""
+    run_id = f"sync-{uuid.uuid4().hex[:8]}"
+    peers = []
+    for name in ("s1", "s2"):
+        args = join_args(
+            home=tmp_path / name,
+            data_dir=debug_data,
+            wallet_path=tmp_path / "w",
+            name=name,
+            run_id=run_id,
+            initial_peers=[bootstrap],
+            extra=["--averaging", "sync", "--max-rounds", "3"],
+        )
+        peers.append(procs.start(name, args))
+    for p in peers:
+        assert p.wait(timeout=120) == 0, p.log()[-3000:]
+    for name in ("s1", "s2"):
+        rounds = read_rounds(tmp_path / name)
+        assert len(rounds) == 3
+        assert rounds[-1]["loss"] < rounds[0]["loss"]
+        assert rounds[-1]["epoch"] > 0
+        assert _check_outbox_intact(tmp_path / name) == 3

@@ -1,0 +1,145 @@
+"""`peer join` on bad input: one readable line, exit code 2, no traceback, nothing damaged."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.fixtures_swarm import REPO, peer_env
+
+
+def run_peer(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "peer.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=peer_env(),
+        cwd=REPO,
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "error:" in last
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+@pytest.fixture
+def wallet(tmp_path):
+    from peer.wallet import WalletConfig, create_wallet
+
+    path = tmp_path / "wallets"
+    create_wallet(WalletConfig(name="w", hotkey="h", path=str(path)))
+    return ["--wallet.path", str(path), "--wallet.name", "w", "--wallet.hotkey", "h"]
+
+
+def test_help_reads_well():
+    proc = run_peer("join", "--help")
+    assert proc.returncode == 0
+    for flag in (
+        "--config",
+        "--wallet.name",
+        "--initial-peers",
+        "--host-maddrs",
+        "--announce-maddrs",
+        "--run-id",
+        "--max-rounds",
+        "--device",
+        "--wandb.mode",
+        "--averaging",
+        "--optimizer",
+        "--behaviour",
+    ):
+        assert flag in proc.stdout
+
+
+def test_unknown_flag():
+    assert_user_error(run_peer("join", "--nope"), "--nope")
+
+
+def test_unknown_model_config(wallet):
+    assert_user_error(run_peer("join", "--config", "gpt-17", *wallet), "gpt-17", "shipped")
+
+
+def test_malformed_config_file(tmp_path, wallet):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {hidden_size: [\n")
+    assert_user_error(run_peer("join", "--config", str(bad), *wallet), "not valid YAML")
+
+
+def test_bad_multiaddr(wallet):
+    assert_user_error(run_peer("join", "--initial-peers", "not-an-address", *wallet), "not a valid multiaddr")
+    assert_user_error(run_peer("join", "--initial-peers", "/ip4/127.0.0.1/tcp/4000", *wallet), "/p2p/")
+
+
+def test_missing_wallet(tmp_path):
+    last = assert_user_error(
+        run_peer("join", "--wallet.path", str(tmp_path), "--wallet.name", "ghost"), "ghost"
+    )
+    assert "--wallet.create" in last
+
+
+def test_bad_run_id(tmp_path, wallet, debug_data):
+    assert_user_error(
+        run_peer(
+            "join",
+            "--run-id",
+            "a.b/c",
+            "--home",
+            str(tmp_path / "h"),
+            "--data-dir",
+            str(debug_data),
+            "--host-maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            *wallet,
+        ),
+        "--run-id",
+    )
+
+
+@pytest.mark.slow
+def test_unreachable_bootstrap_peer(tmp_path, wallet, debug_data):
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWBeG1iFi9JREmtVrBkDF7vhbsrzfHjiGa32ZkCfntSiUK"
+    proc = run_peer(
+        "join",
+        "--initial-peers",
+        dead,
+        "--host-maddrs",
+        "/ip4/127.0.0.1/tcp/0",
+        "--home",
+        str(tmp_path / "h"),
+        "--data-dir",
+        str(debug_data),
+        *wallet,
+    )
+    assert_user_error(proc, "could not join the DHT", "--initial-peers")
+
+
+@pytest.mark.slow
+def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path, wallet, debug_data):
+    home = tmp_path / "h"
+    ckpt = home / "checkpoint" / "state.safetensors"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"\x00garbage" * 10)
+    before = ckpt.read_bytes()
+    proc = run_peer(
+        "join",
+        "--home",
+        str(home),
+        "--data-dir",
+        str(debug_data),
+        "--host-maddrs",
+        "/ip4/127.0.0.1/tcp/0",
+        "--max-rounds",
+        "1",
+        *wallet,
+    )
+    assert_user_error(proc, "corrupt", "delete")
+    assert ckpt.read_bytes() == before  # nothing overwritten
