@@ -217,6 +217,39 @@ def test_fetch_verifies_and_rejects_forgeries(publishers, tmp_path):
     assert out["good_after_abuse"] is True
     assert a.alive() and b.alive()
 
+    # the human command: verified files, or one line and exit code 2
+    alice = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
+    cmd = [
+        sys.executable,
+        "-m",
+        "peer.fetch",
+        "--from",
+        a.multiaddrs[0],
+        "--run-id",
+        RUN,
+        "--out",
+        str(tmp_path / "cli"),
+    ]
+    ok = subprocess.run(
+        [*cmd, "--hotkey", alice, "--round", "3", "--state", "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert ok.returncode == 0, ok.stderr
+    res = json.loads(ok.stdout)
+    assert res["contribution"]["sha256"] == good["contribution"]["sha256"] and 3 in res["rounds"]
+    bad = subprocess.run(
+        [*cmd, "--hotkey", "5FHneW46xGXgs5mUiveU4sbTyGBzmstUspZC92UhjJM694ty", "--round", "3"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert bad.stderr.startswith("peer fetch: error:") and "hotkey" in bad.stderr
+
 
 @pytest.mark.slow
 def test_publisher_exits_when_parent_is_killed(tmp_path):
