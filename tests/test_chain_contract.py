@@ -199,3 +199,40 @@ def test_chain_clock(env):
     assert clock.seed(r) == bytes.fromhex(env.chain.block_hash(3 * r)[2:])
     assert clock.seed(r - 1) != clock.seed(r)
     assert clock.round_end(r) > clock.round_end(r - 1)
+
+
+def test_registration_counts_as_update_for_rate_limit(env):
+    c, n = env.chain, env.netuid
+    env.set_params(weights_rate_limit=50)
+    hk = fresh("v2")
+    c.register(n, hk, env.coldkey, burn=True)
+    with pytest.raises(RateLimited):
+        c.set_weights(n, hk, [2], [1], 0)
+
+
+def test_commit_rate_limit(env):
+    c, n, v = env.chain, env.netuid, env.validator
+    env.set_params(commit_reveal_enabled=True, weights_rate_limit=4)
+    env.advance(5)
+    c.commit_weights(n, v, [2], [1], [1], 0)
+    with pytest.raises(RateLimited):
+        c.commit_weights(n, v, [2], [2], [1], 0)
+
+
+def test_full_subnet_replaces_the_uid_that_earned_least(env):
+    """uids 0 owner, 1 validator, 2 miner0, 3 miner1, 4 extra; the validator weights 3 and 4. After an
+    epoch uid 2 earned nothing and is the oldest uid that did not (the owner's hotkey is never
+    replaced): a newcomer takes it over. (On the runtime the miners earn nothing here at all: the
+    validator's stake is root stake; the rule picks the oldest zero-emission uid either way.)"""
+    c, n = env.chain, env.netuid
+    env.set_params(max_uids=5, immunity_period=0)
+    assert c.register(n, fresh("extra"), env.coldkey, burn=True).uid == 4
+    c.set_weights(n, env.validator, [3, 4], [1, 1], 0)
+    env.advance(TEMPO + 2)  # past an epoch boundary
+    mg = c.metagraph(n)
+    assert mg.neurons[2].emission == 0
+    newcomer = fresh("late")
+    reg = c.register(n, newcomer, env.coldkey, burn=True)
+    assert reg.uid == 2 and reg.new
+    assert c.uid_of(n, env.miners[0].ss58_address) is None
+    assert c.metagraph(n).n == 5

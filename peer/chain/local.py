@@ -14,12 +14,13 @@ same on a real chain (the contract suite runs both):
   validators in different processes can write at once; readers never block (WAL).
 * **Registration** → the next free uid; when the subnet is full, the non-immune uid with the lowest
   pruning score is replaced (the runtime's score: last epoch's emission, i.e. incentive for miners and
-  dividends for validators; ties → lower incentive, older registration) (its weights, commits and commitment are cleared). A burn cost, if the subnet has one, is
+  dividends for validators; ties → lower incentive, older registration, lower uid); the subnet
+  owner's hotkey is never replaced (its weights, commits and commitment are cleared). A burn cost, if the subnet has one, is
   paid by the coldkey through ``burned_register`` and only with ``burn=True``.
 * **Weights**: the runtime's checks (lengths, duplicates, known uids, version key, validator permit,
   min allowed weights, rate limit), stored max-upscaled like the runtime. Commit-reveal uses the
   runtime's commit hash and reveal window (:mod:`peer.chain.commit_reveal`).
-* **Epochs** run lazily on the first read or write after an epoch boundary: a stake-weighted,
+* **Epochs** run lazily, before the first read or write after an epoch boundary: a stake-weighted,
   Yuma-like consensus (:mod:`peer.chain.yuma`) gives incentive, dividends and emission, credited to
   the neurons' stake, so a local run ends with rewards.
 """
@@ -96,7 +97,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS subnets (
   netuid INTEGER PRIMARY KEY, owner TEXT NOT NULL, params TEXT NOT NULL,
-  created_block INTEGER NOT NULL, last_epoch INTEGER NOT NULL);
+  created_block INTEGER NOT NULL, last_epoch INTEGER NOT NULL, owner_hotkey TEXT);
 CREATE TABLE IF NOT EXISTS neurons (
   netuid INTEGER NOT NULL, uid INTEGER NOT NULL, hotkey TEXT NOT NULL, coldkey TEXT NOT NULL,
   registered_at INTEGER NOT NULL, last_update INTEGER NOT NULL, last_weights INTEGER,
@@ -280,6 +281,9 @@ class LocalLedger:
                 raise BadSignature(f"{xt.call}: this signed call was already applied (replay)")
             db.execute("INSERT INTO seen VALUES (?, ?)", (h, xt.era))
             db.execute("DELETE FROM seen WHERE era < ?", (cur - ERA_BLOCKS - 1,))
+            netuid = xt.args.get("netuid")
+            if netuid is not None and xt.call != "set_hyperparameters":
+                _epoch(db, cur, netuid)  # an epoch that is due runs before the call, as on chain
             value = handler(self, db, cur, xt.signer, xt.args)
         return TxResult(call=xt.call, block=cur), value
 
@@ -501,7 +505,7 @@ def _subnet(db: sqlite3.Connection, netuid: int) -> tuple[str, Hyperparameters]:
 
 def _neuron(db: sqlite3.Connection, netuid: int, hotkey: str) -> tuple:
     row = db.execute(
-        "SELECT uid, last_weights, last_commit FROM neurons WHERE netuid=? AND hotkey=?", (netuid, hotkey)
+        "SELECT uid, last_update, last_commit FROM neurons WHERE netuid=? AND hotkey=?", (netuid, hotkey)
     ).fetchone()
     if row is None:
         raise NotRegistered(
@@ -529,8 +533,8 @@ def _h_register_network(ledger: LocalLedger, db, cur: int, signer: str, args: di
     _validate_params(hp)
     netuid = (db.execute("SELECT MAX(netuid) FROM subnets").fetchone()[0] or 0) + 1
     db.execute(
-        "INSERT INTO subnets VALUES (?, ?, ?, ?, ?)",
-        (netuid, signer, _params_to_json(hp), cur, epoch_of(cur, netuid, hp.tempo)),
+        "INSERT INTO subnets VALUES (?, ?, ?, ?, ?, ?)",
+        (netuid, signer, _params_to_json(hp), cur, epoch_of(cur, netuid, hp.tempo), args.get("owner_hotkey")),
     )
     if args.get("owner_hotkey"):
         _append_neuron(db, cur, netuid, args["owner_hotkey"], signer, hp)
@@ -574,9 +578,10 @@ def _append_neuron(db, cur: int, netuid: int, hotkey: str, coldkey: str, hp: Hyp
         uid = n
     else:
         row = db.execute(
-            "SELECT uid, hotkey FROM neurons WHERE netuid=? AND ? - registered_at >= ? "
+            "SELECT uid, hotkey FROM neurons WHERE netuid=? AND ? - registered_at >= ? AND hotkey IS NOT "
+            "(SELECT owner_hotkey FROM subnets WHERE netuid=?) "
             "ORDER BY emission ASC, incentive ASC, registered_at ASC, uid ASC LIMIT 1",
-            (netuid, cur, hp.immunity_period),
+            (netuid, cur, hp.immunity_period, netuid),
         ).fetchone()
         if row is None:
             raise RegistrationError(
@@ -691,9 +696,9 @@ def _h_set_weights(ledger: LocalLedger, db, cur: int, signer: str, args: dict) -
     if hp.commit_reveal_enabled:
         raise CommitRevealError(f"subnet {netuid} uses commit-reveal: use commit_weights + reveal_weights")
     uid, last, _ = _neuron(db, netuid, signer)
-    if last is not None and cur - last < hp.weights_rate_limit:
+    if cur - last < hp.weights_rate_limit:  # registration counts as an update, as in the runtime
         raise RateLimited(
-            f"weights rate limit: uid {uid} set weights at block {last}; next allowed at block "
+            f"weights rate limit: uid {uid} was updated at block {last}; next allowed at block "
             f"{last + hp.weights_rate_limit} (head #{cur})"
         )
     _apply_weights(db, cur, netuid, uid, hp, args)
@@ -754,6 +759,8 @@ def _h_reveal_weights(ledger: LocalLedger, db, cur: int, signer: str, args: dict
 
 def _epoch(db, cur: int, netuid: int, force: bool = False) -> None:
     row = db.execute("SELECT params, last_epoch FROM subnets WHERE netuid=?", (netuid,)).fetchone()
+    if row is None:
+        return
     hp, last_epoch = _params_from_json(row[0]), row[1]
     e = epoch_of(cur, netuid, hp.tempo)
     epochs = e - last_epoch
