@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
 import threading
 from collections import Counter
@@ -521,33 +522,30 @@ class FetchClient:
             )
         await _widen_receive_window(stream, self.cfg.receive_window_bytes)
         tmp = self.cfg.cache_dir / f".{blob.sha256}.{os.getpid()}.{threading.get_ident()}.{id(stream)}.tmp"
-        h = hashlib.sha256()
         got = 0
+        writer = _HashingWriter(tmp)
         try:
-            with open(tmp, "wb") as fh:
-                while True:
-                    with trio.fail_after(self.cfg.io_timeout_s):
-                        chunk = await read_frame(stream, self.cfg.max_chunk_bytes, what="blob chunk")
-                    if not chunk:
-                        break
-                    got += len(chunk)
-                    if got > blob.size:
-                        raise FetchError(
-                            "oversized", f"{who}: blob {blob.sha256[:12]} runs past its {blob.size} bytes"
-                        )
-                    h.update(chunk)
-                    fh.write(chunk)
-                if got != blob.size:
+            while True:
+                with trio.fail_after(self.cfg.io_timeout_s):
+                    chunk = await read_frame(stream, self.cfg.max_chunk_bytes, what="blob chunk")
+                if not chunk:
+                    break
+                got += len(chunk)
+                if got > blob.size:
                     raise FetchError(
-                        "truncated", f"{who}: blob {blob.sha256[:12]} ended at {got} of {blob.size} bytes"
+                        "oversized", f"{who}: blob {blob.sha256[:12]} runs past its {blob.size} bytes"
                     )
-                if h.hexdigest() != blob.sha256:
-                    raise FetchError(
-                        "hash_mismatch",
-                        f"{who}: blob's sha256 is {h.hexdigest()[:12]}, manifest says {blob.sha256[:12]}",
-                    )
-                fh.flush()
-                os.fsync(fh.fileno())
+                await writer.put(chunk)
+            if got != blob.size:
+                raise FetchError(
+                    "truncated", f"{who}: blob {blob.sha256[:12]} ended at {got} of {blob.size} bytes"
+                )
+            digest = await trio.to_thread.run_sync(writer.finish)
+            if digest != blob.sha256:
+                raise FetchError(
+                    "hash_mismatch",
+                    f"{who}: blob's sha256 is {digest[:12]}, manifest says {blob.sha256[:12]}",
+                )
             check_safetensors(tmp, got)
             os.replace(tmp, final)
         except ProtocolError as e:
@@ -567,9 +565,58 @@ class FetchClient:
             await _reset(stream)
             raise
         finally:
+            writer.close()
             tmp.unlink(missing_ok=True)
         await _close(stream)
         return final
+
+
+class _HashingWriter:
+    """sha256 + write of a blob's chunks in a worker thread, so the trio loop keeps receiving meanwhile
+    (hashlib and file writes release the GIL). Holds at most ``depth`` chunks in flight."""
+
+    def __init__(self, path: Path, depth: int = 8):
+        self._q: queue.Queue[bytes | None] = queue.Queue(maxsize=depth)
+        self._fh = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._h = hashlib.sha256()
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="gradswarm-fetch-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            if self._error is None:
+                try:
+                    self._h.update(chunk)
+                    self._fh.write(chunk)
+                except OSError as e:
+                    self._error = e
+
+    async def put(self, chunk: bytes) -> None:
+        import trio
+
+        if self._q.full():  # one producer: only the worker empties the queue, so this cannot race
+            await trio.to_thread.run_sync(self._q.put, chunk)
+        else:
+            self._q.put_nowait(chunk)
+
+    def finish(self) -> str:
+        """Wait for every chunk, fsync; the hex sha256 (blocking: call from a thread)."""
+        self._stop()
+        if self._error is not None:
+            raise FetchError("disk_error", f"cannot write the blob to the cache: {self._error}")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        return self._h.hexdigest()
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._q.put(None)
+            self._thread.join()
+
+    def close(self) -> None:
+        self._stop()
+        self._fh.close()
 
 
 async def _widen_receive_window(stream, nbytes: int) -> None:
