@@ -16,11 +16,13 @@ import sys
 from pathlib import Path
 
 from peer.behaviour import Behaviour
+from peer.chain.config import add_chain_args, chain_config_from_args, connect
 from peer.config import available_configs, load_run_config, override
 from peer.errors import ConfigError
+from peer.membership import commit_address, ensure_commitment, ensure_registered
 from peer.swarm import parse_maddrs
 from peer.tracking import add_tracking_args, make_tracker, tracking_config_from_args
-from peer.wallet import DEFAULT_WALLET_PATH, WalletConfig, load_hotkey
+from peer.wallet import DEFAULT_WALLET_PATH, WalletConfig, load_coldkey, load_hotkey
 
 log = logging.getLogger("gradswarm.join")
 
@@ -133,6 +135,41 @@ def register(sub) -> None:
         default="honest",
         help="fault injection for studying incentives (local ledger only; refused on a real network)",
     )
+    g = p.add_argument_group("publisher (serves this peer's contributions to validators over py-libp2p)")
+    g.add_argument(
+        "--publisher.listen",
+        dest="publisher_listen",
+        default="/ip4/0.0.0.0/tcp/0",
+        metavar="MADDR",
+        help="address the publisher listens on (default: all interfaces, a free port)",
+    )
+    g.add_argument(
+        "--publisher.announce",
+        dest="publisher_announce",
+        default=None,
+        metavar="MADDR",
+        help="address committed on chain for validators to dial (needed behind NAT / on 0.0.0.0)",
+    )
+    g.add_argument("--no-publish", action="store_true", help="do not start the publisher (no rewards)")
+    g = p.add_argument_group("chain registration")
+    g.add_argument(
+        "--no-chain",
+        action="store_true",
+        help="no chain at all: wall-clock rounds, no registration, no rewards (a pure training swarm)",
+    )
+    g.add_argument(
+        "--register.burn",
+        dest="register_burn",
+        action="store_true",
+        help="allow burned registration (spends TAO from the coldkey on a real chain)",
+    )
+    g.add_argument(
+        "--round-blocks",
+        type=int,
+        default=None,
+        help="blocks per round on a chain (default: train.round_seconds / block time)",
+    )
+    add_chain_args(p)
     add_wallet_args(p)
     add_tracking_args(p)
     p.set_defaults(func=run)
@@ -172,6 +209,11 @@ def run(args) -> int:
     parse_maddrs(args.initial_peers, "--initial-peers")  # bad addresses fail before anything starts
     parse_maddrs(args.host_maddrs, "--host-maddrs")
     parse_maddrs(args.announce_maddrs, "--announce-maddrs")
+    chain_cfg = None if args.no_chain else chain_config_from_args(args)
+    if behaviour is not Behaviour.HONEST and chain_cfg is not None and not chain_cfg.is_local:
+        raise ConfigError(
+            f"--behaviour {behaviour.value} is a tool for local studies; it is refused on a real network"
+        )
     wallet = wallet_config_from_args(args)
     keypair = load_hotkey(wallet)
     home = args.home or Path.home() / ".gradswarm" / args.run_id / f"{wallet.name}-{wallet.hotkey}"
@@ -179,9 +221,9 @@ def run(args) -> int:
     tracking = tracking_config_from_args(args)
     home.mkdir(parents=True, exist_ok=True)
 
-    from peer.clock import WallClock
+    from peer.identity import identity_path, load_or_create_identity
     from peer.progress import Progress
-    from peer.swarm import start_dht
+    from peer.swarm import start_dht, state_record_validator
     from peer.trainer import Trainer, TrainerConfig
 
     cfg = TrainerConfig(
@@ -199,36 +241,62 @@ def run(args) -> int:
         eval_pages=args.eval_pages,
         threads=args.threads,
     )
-    dht = start_dht(
-        initial_peers=args.initial_peers, host_maddrs=args.host_maddrs, announce_maddrs=args.announce_maddrs
-    )
-    # hivemind sets SIGINT to ignored in some paths; make Ctrl-C stop the peer cleanly
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
-    maddrs = [str(m) for m in dht.get_visible_maddrs()]
-    print(
-        f"peer id {dht.peer_id.to_base58()}; others join with: --initial-peers {' '.join(maddrs)}",
-        file=sys.stderr,
-        flush=True,
-    )
-    clock = WallClock(
-        run_id=args.run_id, round_seconds=run_cfg.train.round_seconds, genesis=args.round_genesis
-    )
-    tracker = make_tracker(
-        tracking,
-        run_id=args.run_id,
-        job_type="peer",
-        name=keypair.ss58_address[:8],
-        config={
-            "config": run_cfg.name,
-            "behaviour": behaviour.value,
-            "device": device,
-            "optimizer": optimizer,
-            "averaging": args.averaging,
-        },
-        default_dir=home,
-    )
+    id_file = identity_path(home)
+    load_or_create_identity(id_file)  # one libp2p key: the DHT's and the publisher's peer id are the same
+
+    chain = registration = None
+    publisher = dht = None
     try:
+        if chain_cfg is not None:
+            chain = connect(chain_cfg)
+            coldkey = load_coldkey(wallet) if args.register_burn or chain_cfg.is_local else None
+            registration = ensure_registered(
+                chain, chain_cfg.netuid, keypair, coldkey, burn=args.register_burn
+            )
+        dht = start_dht(
+            initial_peers=args.initial_peers,
+            host_maddrs=args.host_maddrs,
+            announce_maddrs=args.announce_maddrs,
+            identity_path=str(id_file),
+            record_validators=[state_record_validator(args.run_id)],
+        )
+        # hivemind sets SIGINT to ignored in some paths; make Ctrl-C and SIGTERM stop the peer cleanly
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, _terminate)
+        maddrs = [str(m) for m in dht.get_visible_maddrs()]
+        print(
+            f"peer id {dht.peer_id.to_base58()}; others join with: --initial-peers {' '.join(maddrs)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        identity = {"dht_maddrs": maddrs}
+        if not args.no_publish:
+            from peer.publisher import start_publisher
+
+            publisher = start_publisher(home / "outbox", id_file, args.publisher_listen)
+            identity["publisher_maddrs"] = publisher.multiaddrs
+            if chain is not None:
+                addr = commit_address(publisher.addrs, args.publisher_announce, local=chain_cfg.is_local)
+                ensure_commitment(chain, chain_cfg.netuid, keypair, publisher.commitment(addr))
+                identity["committed"] = publisher.commitment(addr).multiaddr
+        if registration is not None:
+            identity.update(uid=registration.uid, netuid=registration.netuid)
+        clock = _make_clock(chain, args, run_cfg)
+        tracker = make_tracker(
+            tracking,
+            run_id=args.run_id,
+            job_type="peer",
+            name=keypair.ss58_address[:8],
+            config={
+                "config": run_cfg.name,
+                "behaviour": behaviour.value,
+                "device": device,
+                "optimizer": optimizer,
+                "averaging": args.averaging,
+                "uid": identity.get("uid"),
+            },
+            default_dir=home,
+        )
         if args.averaging == "sync":
             from peer.sync import run_sync
 
@@ -241,9 +309,29 @@ def run(args) -> int:
             dht=dht,
             tracker=tracker,
             progress=Progress(keypair.ss58_address[:8]),
-            identity={"maddrs": maddrs},
+            identity=identity,
+            publisher=publisher,
         )
         trainer.run()
     finally:
-        dht.shutdown()
+        if publisher is not None:
+            publisher.stop()
+        if dht is not None:
+            dht.shutdown()
+        if chain is not None:
+            chain.close()
     return 0
+
+
+def _make_clock(chain, args, run_cfg):
+    """The chain's clock (round = block // round_blocks, seed = block hash) or, without a chain, wall time."""
+    if chain is None:
+        from peer.clock import WallClock
+
+        return WallClock(
+            run_id=args.run_id, round_seconds=run_cfg.train.round_seconds, genesis=args.round_genesis
+        )
+    from peer.chain.clock import ChainClock
+
+    round_blocks = args.round_blocks or max(1, round(run_cfg.train.round_seconds / chain.block_time))
+    return ChainClock(chain=chain, round_blocks=round_blocks)

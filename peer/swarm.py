@@ -43,6 +43,19 @@ def parse_maddrs(values: Sequence[str], what: str) -> list[str]:
     return out
 
 
+def dht_key(run_id: str, name: str) -> str:
+    from peer.dht_records import dht_key as _key
+
+    return _key(run_id, name)
+
+
+def state_record_validator(run_id: str):
+    """DHT validator: the run's state key accepts only hotkey-signed announcements."""
+    from peer.dht_records import HotkeyRecordValidator
+
+    return HotkeyRecordValidator(run_id=run_id, protected_keys=[dht_key(run_id, "state")])
+
+
 def start_dht(
     *,
     initial_peers: Sequence[str],
@@ -103,6 +116,7 @@ class SwarmAveraging:
         dht,
         *,
         run_id: str,
+        keypair,
         shapes: Sequence[torch.Size],
         compression: str,
         state_provider: Callable[[], tuple[dict, list[torch.Tensor]]],
@@ -117,6 +131,7 @@ class SwarmAveraging:
 
         self.dht = dht
         self.run_id = run_id
+        self.keypair = keypair
         self.buffers = [torch.zeros(s, dtype=torch.float32) for s in shapes]
         self.averager = ConsensusAverager(
             self.buffers,
@@ -203,21 +218,31 @@ class SwarmAveraging:
     # -- state agreement --------------------------------------------------------------------------
 
     def announce_state(self, round_: int, state_hash: str, ttl: float) -> None:
+        """Store a hotkey-signed ``{round, hash}`` under the run's state key (one entry per hotkey)."""
         from hivemind.utils.timed_storage import get_dht_time
 
-        self.dht.store(
-            f"{self.run_id}.state.{round_}",
-            subkey=self.peer_id,
-            value=state_hash,
-            expiration_time=get_dht_time() + ttl,
+        from peer.dht_records import sign_announcement
+
+        key = dht_key(self.run_id, "state")
+        subkey, value = sign_announcement(
+            self.keypair,
+            key=key,
+            run_id=self.run_id,
+            round_=round_,
+            peer_id=self.peer_id,
+            value={"hash": state_hash},
         )
+        self.dht.store(key, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl)
 
     def announced_states(self, round_: int) -> dict[str, str]:
-        """peer id → announced hash of θ_round."""
-        found = self.dht.get(f"{self.run_id}.state.{round_}", latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return {}
-        return {str(k): v.value for k, v in found.value.items() if isinstance(v.value, str)}
+        """peer id → announced hash of θ_round (signatures verified; forged entries never count)."""
+        from peer.dht_records import read_announcements
+
+        key = dht_key(self.run_id, "state")
+        found = self.dht.get(key, latest=True)
+        entries = found.value if found is not None and isinstance(found.value, dict) else None
+        announcements = read_announcements(entries, key=key, run_id=self.run_id, round_=round_)
+        return {a.peer_id: str(a.value.get("hash")) for a in announcements.values()}
 
     def majority_state(self, round_: int) -> tuple[str | None, int, int]:
         """(most announced hash, its count, total announcements) for θ_round."""

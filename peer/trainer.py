@@ -134,6 +134,7 @@ class Trainer:
         tracker: Tracker,
         progress: Progress | None = None,
         identity: dict | None = None,
+        publisher=None,
     ):
         self.cfg = cfg
         self.keypair = keypair
@@ -143,6 +144,7 @@ class Trainer:
         self.tracker = tracker
         self.progress = progress or Progress(self.hotkey[:8], enabled=False)
         self.identity = identity or {}
+        self.publisher = publisher
         run = cfg.run
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -163,6 +165,7 @@ class Trainer:
         self.swarm = SwarmAveraging(
             dht,
             run_id=cfg.run_id,
+            keypair=keypair,
             shapes=[s.shape for s in self.state.snapshot],
             compression=cfg.compression,
             state_provider=self._provide_state,

@@ -76,27 +76,7 @@ def load_hotkey(cfg: WalletConfig) -> Keypair:
             f"hotkey file {cfg.hotkey_path} not found: create it with `btcli wallet new_hotkey "
             f"--wallet.name {cfg.name} --wallet.hotkey {cfg.hotkey}` or pass --wallet.create"
         )
-    try:
-        data = json.loads(cfg.hotkey_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise WalletError(
-            f"hotkey file {cfg.hotkey_path} is not readable JSON ({e}); encrypted hotkeys are not supported"
-        ) from None
-    try:
-        if data.get("secretSeed"):
-            kp = Keypair.create_from_seed(data["secretSeed"], ss58_format=42, crypto_type=KeypairType.SR25519)
-        elif data.get("privateKey"):
-            kp = Keypair.create_from_private_key(
-                data["privateKey"], ss58_format=42, crypto_type=KeypairType.SR25519
-            )
-        else:
-            raise WalletError(f"hotkey file {cfg.hotkey_path} has neither secretSeed nor privateKey")
-    except ValueError as e:
-        raise WalletError(f"hotkey file {cfg.hotkey_path} holds an invalid key: {e}") from None
-    expected = data.get("ss58Address")
-    if expected and expected != kp.ss58_address:
-        raise WalletError(f"hotkey file {cfg.hotkey_path}: ss58Address does not match its secret key")
-    return kp
+    return _keypair_from_file(cfg.hotkey_path, "hotkey file")
 
 
 def coldkey_address(cfg: WalletConfig) -> str | None:
@@ -110,15 +90,44 @@ def coldkey_address(cfg: WalletConfig) -> str | None:
         raise WalletError(f"{path} is not a valid coldkeypub.txt") from None
 
 
-def load_coldkey(cfg: WalletConfig) -> Keypair:
-    """Load an *unencrypted* coldkey (local runs); encrypted coldkeys need btcli-style unlocking."""
-    wallet = _bt_wallet(cfg)
+def _keypair_from_file(path: Path, what: str) -> Keypair:
     try:
-        ck = wallet.get_coldkey()
-    except Exception as e:  # noqa: BLE001 - bittensor_wallet raises its own error types
-        raise WalletError(f"cannot read coldkey of wallet {cfg.name!r}: {e}") from None
-    return Keypair.create_from_private_key(
-        "0x" + bytes(ck.private_key).hex() if not isinstance(ck.private_key, str) else ck.private_key,
-        ss58_format=42,
-        crypto_type=KeypairType.SR25519,
-    )
+        raw = path.read_bytes()
+    except OSError as e:
+        raise WalletError(f"cannot read {what} {path}: {e}") from None
+    if raw.startswith((b"$NACL", b"$BT")):
+        raise WalletError(
+            f"{what} {path} is encrypted: unlock it with btcli, or use an unencrypted local wallet"
+        )
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError:
+        raise WalletError(f"{what} {path} is not readable JSON") from None
+    try:
+        if data.get("secretSeed"):
+            kp = Keypair.create_from_seed(data["secretSeed"], ss58_format=42, crypto_type=KeypairType.SR25519)
+        elif data.get("privateKey"):
+            kp = Keypair.create_from_private_key(
+                data["privateKey"], ss58_format=42, crypto_type=KeypairType.SR25519
+            )
+        else:
+            raise WalletError(f"{what} {path} has neither secretSeed nor privateKey")
+    except ValueError as e:
+        raise WalletError(f"{what} {path} holds an invalid key: {e}") from None
+    expected = data.get("ss58Address")
+    if expected and expected != kp.ss58_address:
+        raise WalletError(f"{what} {path}: ss58Address does not match its secret key")
+    return kp
+
+
+def load_coldkey(cfg: WalletConfig) -> Keypair:
+    """The wallet's *unencrypted* coldkey (local runs and test chains); encrypted ones need btcli."""
+    path = cfg.root / cfg.name / "coldkey"
+    if not path.exists():
+        if cfg.create:
+            create_wallet(cfg)
+        else:
+            raise WalletError(
+                f"coldkey {path} not found: create the wallet with btcli or pass --wallet.create"
+            )
+    return _keypair_from_file(path, "coldkey")

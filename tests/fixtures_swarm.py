@@ -169,7 +169,9 @@ def join_args(
     run_id: str,
     initial_peers: list[str],
     extra: list[str] = (),
+    chain: list[str] | None = None,
 ) -> list[str]:
+    """``peer join`` on 127.0.0.1; ``chain`` = chain flags (e.g. ``--ledger.path …``), None = ``--no-chain``."""
     return [
         sys.executable,
         "-m",
@@ -185,6 +187,8 @@ def join_args(
         str(data_dir),
         "--host-maddrs",
         "/ip4/127.0.0.1/tcp/0",
+        "--publisher.listen",
+        "/ip4/127.0.0.1/tcp/0",
         "--wallet.path",
         str(wallet_path),
         "--wallet.name",
@@ -192,6 +196,7 @@ def join_args(
         "--wallet.create",
         "--threads",
         "1",
+        *(chain if chain is not None else ["--no-chain"]),
         "--initial-peers",
         *initial_peers,
         *extra,
