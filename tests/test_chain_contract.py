@@ -25,6 +25,7 @@ from peer.chain import (
     SubnetNotFound,
     WeightsError,
     commit_hash,
+    ensure_commitment,
 )
 from tests.fixtures_chain import TAO, TEMPO
 
@@ -98,6 +99,9 @@ def test_commitments(env):
     assert c.commitments(env.netuid)[miner.ss58_address] == data
     with pytest.raises(RateLimited):
         c.set_commitment(env.netuid, miner, b"again")
+    assert ensure_commitment(c, env.netuid, miner, data) is False  # same data: nothing sent
+    with pytest.raises(RateLimited):
+        ensure_commitment(c, env.netuid, miner, b"changed")
     with pytest.raises(NotRegistered):
         c.set_commitment(env.netuid, fresh("u"), b"x")
 

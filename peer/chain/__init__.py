@@ -34,6 +34,7 @@ from peer.chain.base import (
     UnknownNetwork,
     WeightCommit,
     WeightsError,
+    ensure_commitment,
 )
 from peer.chain.clock import ChainClock
 from peer.chain.commit_reveal import commit_hash, make_salt
@@ -70,5 +71,6 @@ __all__ = [
     "chain_config_from_args",
     "commit_hash",
     "connect",
+    "ensure_commitment",
     "make_salt",
 ]

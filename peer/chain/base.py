@@ -300,3 +300,14 @@ def check_weights_shape(uids: Sequence[int], weights: Sequence[int]) -> tuple[li
         if not 0 <= x <= 65535:
             raise WeightsError(f"uid {x} is not a u16")
     return u, w
+
+
+def ensure_commitment(chain: Chain, netuid: int, hotkey: Keypair, data: bytes) -> bool:
+    """Commit ``data`` unless the chain already holds exactly it for this hotkey; True if it sent one.
+
+    A restarted peer re-announcing the same address must not trip the commitment rate limit
+    (100 blocks on the runtime, ``commitment_rate_limit`` on LocalLedger)."""
+    if chain.commitments(netuid).get(hotkey.ss58_address) == bytes(data):
+        return False
+    chain.set_commitment(netuid, hotkey, data)
+    return True

@@ -71,7 +71,9 @@ from peer.chain.yuma import yuma_epoch
 
 LEDGER_SPEC = 1
 ERA_BLOCKS = 256
-"""A signed call is valid for this many blocks after its era block (mortal era)."""
+"""A signed call is valid for this many blocks after its era block (mortal era), and at least
+:data:`ERA_MIN_SECONDS` of wall time on fast ledgers."""
+ERA_MIN_SECONDS = 600.0
 MAX_PENDING_COMMITS = 10
 MAX_COMMITMENT_BYTES = 128
 
@@ -203,6 +205,7 @@ class LocalLedger:
             raise ChainError(f"ledger {self.path} has spec {meta['spec']}, this code reads {LEDGER_SPEC}")
         self.genesis_id: str = meta["genesis_id"]
         self.block_time: float = float(meta["block_time"])
+        self.era_blocks = max(ERA_BLOCKS, math.ceil(ERA_MIN_SECONDS / self.block_time))
 
     # ------------------------------------------------------------------------------ plumbing
     @contextmanager
@@ -272,7 +275,8 @@ class LocalLedger:
             raise BadSignature(f"{xt.call}: signature does not match signer {xt.signer}")
         with self._tx() as db:
             cur = self.block()
-            if not (cur - ERA_BLOCKS <= xt.era <= cur + 1):
+            era = self.era_blocks
+            if not (cur - era <= xt.era <= cur + 1):
                 raise BadSignature(
                     f"{xt.call}: signed at block {xt.era}, head is #{cur}: the call is stale, sign it again"
                 )
@@ -280,7 +284,7 @@ class LocalLedger:
             if db.execute("SELECT 1 FROM seen WHERE xt=?", (h,)).fetchone():
                 raise BadSignature(f"{xt.call}: this signed call was already applied (replay)")
             db.execute("INSERT INTO seen VALUES (?, ?)", (h, xt.era))
-            db.execute("DELETE FROM seen WHERE era < ?", (cur - ERA_BLOCKS - 1,))
+            db.execute("DELETE FROM seen WHERE era < ?", (cur - era - 1,))
             netuid = xt.args.get("netuid")
             if netuid is not None and xt.call != "set_hyperparameters":
                 _epoch(db, cur, netuid)  # an epoch that is due runs before the call, as on chain
