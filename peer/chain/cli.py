@@ -16,17 +16,16 @@ coldkey (Chopsticks / local test chains).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from rich.console import Console
 from rich.table import Table
-from substrateinterface import Keypair, KeypairType
+from substrateinterface import Keypair
 
 from peer.chain.base import RAO_PER_TAO, Chain, ChainError, SubnetParams
 from peer.chain.config import add_chain_args, chain_config_from_args, connect
 from peer.errors import ConfigError, run_cli
-from peer.wallet import WalletConfig, WalletError, coldkey_address, create_wallet, load_hotkey
+from peer.wallet import WalletConfig, coldkey_address, load_coldkey, load_hotkey
 
 
 def _add_wallet_args(p: argparse.ArgumentParser) -> None:
@@ -54,37 +53,7 @@ def _hotkey(args) -> Keypair:
 def _coldkey(args) -> Keypair:
     if args.coldkey_uri:
         return Keypair.create_from_uri(args.coldkey_uri)
-    cfg = _wallet(args)
-    if coldkey_address(cfg) is None:
-        if not cfg.create:
-            raise ConfigError(f"wallet {cfg.name!r} has no coldkey under {cfg.root}: pass --wallet.create")
-        create_wallet(cfg)
-    return _load_coldkey_file(cfg)
-
-
-def _load_coldkey_file(cfg: WalletConfig) -> Keypair:
-    """The wallet's *unencrypted* coldkey (local runs), read like peer.wallet reads hotkeys.
-
-    (``peer.wallet.load_coldkey`` relies on a ``private_key`` attribute that bittensor-wallet 4.1's
-    Keypair does not expose, so the JSON file is read here.)"""
-    path = cfg.root / cfg.name / "coldkey"
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise WalletError(f"cannot read coldkey {path}: {e}") from None
-    if raw.startswith(b"$NACL") or raw.startswith(b"$BT"):
-        raise WalletError(f"coldkey {path} is encrypted: use an unencrypted local wallet or --coldkey.uri")
-    try:
-        data = json.loads(raw)
-        if data.get("secretSeed"):
-            return Keypair.create_from_seed(
-                data["secretSeed"], ss58_format=42, crypto_type=KeypairType.SR25519
-            )
-        return Keypair.create_from_private_key(
-            data["privateKey"], ss58_format=42, crypto_type=KeypairType.SR25519
-        )
-    except (json.JSONDecodeError, KeyError, ValueError, AttributeError) as e:
-        raise WalletError(f"coldkey {path} is not a readable key file: {e}") from None
+    return load_coldkey(_wallet(args))
 
 
 def _tao(x: float) -> int:
