@@ -493,7 +493,11 @@ class FetchClient:
         listing = await self.alist_round(target, round_)
         manifest = listing.contribution if kind == "contribution" else listing.state
         if manifest is None:
-            raise FetchError("missing", f"{target.peer_id[:12]} has no {kind} for round {round_}")
+            have = listing.rounds if kind == "contribution" else listing.state_rounds
+            raise FetchError(
+                "missing",
+                f"{target.peer_id[:12]} has no {kind} for round {round_} (it has rounds {have[-8:] or 'none'})",
+            )
         path = await self.afetch_blob(target, manifest.blob, round_=round_, kind=kind)
         return Fetched(manifest=manifest, path=path, sha256=manifest.blob.sha256, size=manifest.blob.size)
 
