@@ -282,6 +282,8 @@ def run(args) -> int:
         if registration is not None:
             identity.update(uid=registration.uid, netuid=registration.netuid)
         clock = _make_clock(chain, args, run_cfg)
+        if publisher is not None:  # the signed hotkey <-> peer id binding validators check on every fetch
+            publisher.publish_identity(keypair, run_id=args.run_id, round_=clock.current_round())
         tracker = make_tracker(
             tracking,
             run_id=args.run_id,

@@ -393,6 +393,8 @@ class Trainer:
         report = RoundReport(round=r)
         stop_at = self.clock.round_end(r) - train.averaging_reserve_seconds
         report.synced_from_peer = self.sync_state(r)
+        if self.cfg.publish_state and r not in self.outbox.rounds("state"):
+            self.publish_state()  # θ_r: the base validators apply this round's contributions to
         seed = self.clock.seed(r)
         pages = self.assigned_pages(r, seed)
         weight = bh.averaging_input(self.cfg.behaviour, [torch.zeros(1)])[1]
