@@ -12,7 +12,9 @@ rao: on spec 218 root stake is 1:1 TAO and is what validators hold in practice.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -151,13 +153,26 @@ _ADMIN_CALLS = {
 }
 
 
+def _locked(fn):
+    """Serialise calls: one websocket connection, and substrate-interface is not thread-safe."""
+
+    @functools.wraps(fn)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
 class SubstrateChain:
     """A subtensor node at ``url`` (ws:// or wss://). ``timeout`` is the websocket read timeout: a call
-    that waits longer (a block that is never built) fails instead of hanging; raise it on slow links."""
+    that waits longer (a block that is never built) fails instead of hanging; raise it on slow links.
+    Methods may be called from several threads (they are serialised on one connection)."""
 
     def __init__(self, url: str, *, timeout: float = 120.0, block_time: float = 12.0):
         self.url = url
         self.block_time = block_time
+        self._lock = threading.RLock()
         try:
             self.s = SubstrateInterface(url=url, ss58_format=42, ws_options={"timeout": timeout})
             self.s.init_runtime()
@@ -169,6 +184,7 @@ class SubstrateChain:
         except WebSocketException as e:
             raise ChainUnreachable(f"cannot reach the chain at {url}: {e}") from None
 
+    @_locked
     def close(self) -> None:
         self.s.close()
 
@@ -240,6 +256,7 @@ class SubstrateChain:
     def _tx(self, r, call: str) -> TxResult:
         return TxResult(call=call, block=self.s.get_block_number(r.block_hash))
 
+    @_locked
     def sudo(self, fn: str, params: dict, sudo_key: Keypair, module: str = "AdminUtils") -> TxResult:
         """``Sudo.sudo(module.fn(params))``; checks the inner result in ``Sudo.Sudid``."""
         inner = self.s.compose_call(call_module=module, call_function=fn, call_params=params)
@@ -259,9 +276,11 @@ class SubstrateChain:
         return self._tx(r, f"{module}.{fn}")
 
     # ------------------------------------------------------------------------------ blocks
+    @_locked
     def block(self) -> int:
         return int(self.s.rpc_request("chain_getHeader", [])["result"]["number"], 16)
 
+    @_locked
     def block_hash(self, n: int) -> str:
         h = self.s.get_block_hash(n) if n >= 0 else None
         if h is None:
@@ -273,6 +292,7 @@ class SubstrateChain:
         if not self._q("SubtensorModule", "NetworksAdded", [netuid], block_hash):
             raise SubnetNotFound(f"subnet {netuid} does not exist on {self.url} (check --netuid)")
 
+    @_locked
     def hyperparameters(self, netuid: int) -> Hyperparameters:
         self._require_subnet(netuid)
         items = [
@@ -294,6 +314,7 @@ class SubstrateChain:
         out["commitment_rate_limit"] = int(self.s.get_constant("Commitments", "RateLimit").value)
         return Hyperparameters(**out)
 
+    @_locked
     def create_subnet(
         self,
         owner: Keypair,
@@ -321,6 +342,7 @@ class SubstrateChain:
             self.set_hyperparameters(netuid, sudo_key, **changes)
         return netuid
 
+    @_locked
     def set_hyperparameters(self, netuid: int, admin: Keypair, **changes) -> TxResult | None:
         """Set parameters through ``Sudo.sudo(AdminUtils.sudo_set_*)`` signed by the sudo key."""
         last = None
@@ -334,9 +356,11 @@ class SubstrateChain:
         return last
 
     # ------------------------------------------------------------------------------ balances/stake
+    @_locked
     def balance(self, address: str) -> int:
         return int(self._q("System", "Account", [address])["data"]["free"])
 
+    @_locked
     def add_stake(self, netuid: int, hotkey: str, coldkey: Keypair, amount: int) -> TxResult:
         r = self._submit(
             "SubtensorModule",
@@ -347,10 +371,12 @@ class SubstrateChain:
         return self._tx(r, "add_stake")
 
     # ------------------------------------------------------------------------------ registration
+    @_locked
     def uid_of(self, netuid: int, hotkey: str) -> int | None:
         uid = self._q("SubtensorModule", "Uids", [netuid, hotkey])
         return None if uid is None else int(uid)
 
+    @_locked
     def register(
         self, netuid: int, hotkey: Keypair, coldkey: Keypair | None = None, *, burn: bool = False
     ) -> Registration:
@@ -380,6 +406,7 @@ class SubstrateChain:
         )
 
     # ------------------------------------------------------------------------------ commitments
+    @_locked
     def set_commitment(self, netuid: int, hotkey: Keypair, data: bytes) -> TxResult:
         data = bytes(data)
         if len(data) > MAX_COMMITMENT_BYTES:
@@ -407,6 +434,7 @@ class SubstrateChain:
             return bytes.fromhex(raw[2:]) if raw.startswith("0x") else raw.encode()
         return bytes(raw)
 
+    @_locked
     def commitments(self, netuid: int) -> dict[str, bytes]:
         out = {}
         for k, v in self.s.query_map("Commitments", "CommitmentOf", [netuid], page_size=1000):
@@ -416,6 +444,7 @@ class SubstrateChain:
         return out
 
     # ------------------------------------------------------------------------------ weights
+    @_locked
     def set_weights(
         self, netuid: int, hotkey: Keypair, uids: Sequence[int], weights: Sequence[int], version_key: int
     ) -> TxResult:
@@ -423,6 +452,7 @@ class SubstrateChain:
         params = {"netuid": netuid, "dests": u, "weights": w, "version_key": int(version_key)}
         return self._tx(self._submit("SubtensorModule", "set_weights", params, hotkey), "set_weights")
 
+    @_locked
     def commit_weights(
         self,
         netuid: int,
@@ -440,6 +470,7 @@ class SubstrateChain:
                 return c
         raise ExtrinsicFailed("commit_weights succeeded but the commit is not in WeightCommits")
 
+    @_locked
     def reveal_weights(
         self,
         netuid: int,
@@ -454,6 +485,7 @@ class SubstrateChain:
         params["version_key"] = int(version_key)
         return self._tx(self._submit("SubtensorModule", "reveal_weights", params, hotkey), "reveal_weights")
 
+    @_locked
     def pending_commits(self, netuid: int, hotkey: str) -> list[WeightCommit]:
         rows = self._q("SubtensorModule", "WeightCommits", [netuid, hotkey]) or []
         return [
@@ -461,6 +493,7 @@ class SubstrateChain:
             for h, b, f, x in rows
         ]
 
+    @_locked
     def weights(self, netuid: int) -> dict[int, list[tuple[int, int]]]:
         out = {}
         for k, v in self.s.query_map("SubtensorModule", "Weights", [netuid], page_size=1000):
@@ -483,6 +516,7 @@ class SubstrateChain:
             None if out.get("0x" + k.hex()) is None else bytes.fromhex(out["0x" + k.hex()][2:]) for k in keys
         ]
 
+    @_locked
     def metagraph(self, netuid: int) -> Metagraph:
         """All neurons at the head, read in two batched storage queries with hand-built keys.
 
@@ -535,17 +569,20 @@ class SubstrateChain:
         return Metagraph(netuid=netuid, block=block, neurons=neurons)
 
     # ------------------------------------------------------------------------------ dev (Chopsticks)
+    @_locked
     def advance(self, n: int) -> int:
         """Chopsticks only: build ``n`` empty blocks now (``dev_newBlock``); returns the head."""
         if n > 0:
             self.s.rpc_request("dev_newBlock", [{"count": int(n)}])
         return self.block()
 
+    @_locked
     def snapshot(self) -> tuple[str, int]:
         """Chopsticks only: (head hash, head number) to roll back to with :meth:`rollback`."""
         h = self.s.get_chain_head()
         return h, self.s.get_block_number(h)
 
+    @_locked
     def rollback(self, snap: tuple[str, int]) -> None:
         """Chopsticks only: ``dev_setHead`` back to a snapshot; checks the head number afterwards."""
         self.s.rpc_request("dev_setHead", [snap[0]])
