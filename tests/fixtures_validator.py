@@ -1,0 +1,126 @@
+"""A small, real world for validator tests: prepared data, a debug model, and real Δs of each behaviour.
+
+Δs are made the way peers make them (``peer.diloco.DilocoState``: inner AdamW steps, Δ = θ_r − θ_local,
+norm-clipped) on the debug model, for two rounds: round 0 from the initial weights (four honest peers,
+averaged and applied with the outer Nesterov step), then round 1 with every behaviour. Built once per
+test session (``world()`` is cached) in ~10 s on a 2-core CPU.
+
+Import the fixture in a test module: ``from tests.fixtures_validator import validator_world  # noqa: F401``.
+"""
+
+from __future__ import annotations
+
+import functools
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer.config import load_run_config
+from peer.data import PageStore, assign_pages, eval_pages, prepare_data
+from peer.diloco import DilocoState
+from peer.model import build_model, lm_loss
+from peer.outbox import encode_delta
+
+INNER_STEPS = 40
+HONEST = ["hk-honest-a", "hk-honest-b", "hk-honest-c"]
+
+
+def _hotkey(name: str) -> str:
+    """A real sr25519 ss58 address derived from a name (deterministic)."""
+    from substrateinterface import Keypair, KeypairType
+
+    return Keypair.create_from_uri(f"//{name}", crypto_type=KeypairType.SR25519).ss58_address
+
+
+@dataclass
+class World:
+    run: object
+    store: PageStore
+    data_dir: Path
+    seeds: dict[int, bytes]
+    bases: dict[int, dict[str, torch.Tensor]]
+    """round → θ_r (name → fp32 tensor)."""
+    hotkeys: dict[str, str]
+    """behaviour name → ss58 hotkey."""
+    deltas: dict[int, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
+    """round → behaviour name → Δ."""
+    pages: dict[int, dict[str, list[int]]] = field(default_factory=dict)
+    """round → behaviour name → pages it trained on."""
+
+    def blob(self, round_: int, name: str) -> bytes:
+        return encode_delta(self.deltas[round_][name])
+
+
+def train_delta(
+    run, store: PageStore, base: dict[str, torch.Tensor], pages: list[int], steps: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """Δ of ``steps`` inner steps on ``pages`` from ``base``, exactly as a peer computes it."""
+    model = build_model(run)
+    state = DilocoState(model, run.train)
+    state.load_state_tensors(
+        [base[n] for n in state.names] + [torch.zeros_like(base[n]) for n in state.names]
+    )
+    state.begin_round()
+    batches = store.batches(pages, run.train.batch_size)
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    model.train()
+    for i in range(steps):
+        state.inner_step(lm_loss(model, batches[order[i % len(order)]]))
+    return dict(zip(state.names, state.pseudo_gradient(), strict=True))
+
+
+@functools.lru_cache(maxsize=1)
+def world() -> World:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    run = load_run_config("debug")
+    data_dir = Path(tempfile.mkdtemp(prefix="gradswarm-validator-data-"))
+    prepare_data(run.data, data_dir)
+    store = PageStore(data_dir, run.data)
+    k = run.data.pages_per_round
+    names = [*HONEST, "free-rider", "copycat", "random-data", "nan", "scaled", "sign-flip", "stale", "dup"]
+    hotkeys = {n: _hotkey(n) for n in names}
+    model = build_model(run)
+    base0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    seeds = {r: f"seed-{r}".encode() for r in range(2)}
+    w = World(run=run, store=store, data_dir=data_dir, seeds=seeds, bases={0: base0}, hotkeys=hotkeys)
+
+    # round 0: the honest peers and the (then honest) stale peer train; the swarm averages
+    w.deltas[0], w.pages[0] = {}, {}
+    for i, n in enumerate([*HONEST, "stale"]):
+        pages = assign_pages(hotkeys[n], 0, seeds[0], store.train_pages, k)
+        w.pages[0][n] = pages
+        w.deltas[0][n] = train_delta(run, store, base0, pages, INNER_STEPS, seed=i)
+    avg = {t: sum(d[t] for d in w.deltas[0].values()) / len(w.deltas[0]) for t in base0}
+    mu, lr = run.train.outer_momentum, run.train.outer_lr
+    w.bases[1] = {t: base0[t] - lr * (avg[t] + mu * avg[t]) for t in base0}  # Nesterov from zero momentum
+
+    # round 1: every behaviour
+    base1, d1, p1 = w.bases[1], {}, {}
+    for i, n in enumerate(HONEST):
+        p1[n] = assign_pages(hotkeys[n], 1, seeds[1], store.train_pages, k)
+        d1[n] = train_delta(run, store, base1, p1[n], INNER_STEPS, seed=10 + i)
+    own = set(assign_pages(hotkeys["random-data"], 1, seeds[1], store.train_pages, k))
+    others = [p for p in store.train_pages if p not in own]
+    p1["random-data"] = eval_pages(1, seeds[1], others, k, purpose="random-data")
+    d1["random-data"] = train_delta(run, store, base1, p1["random-data"], INNER_STEPS, seed=20)
+    a = d1[HONEST[0]]
+    d1["free-rider"] = {t: torch.zeros_like(v) for t, v in a.items()}
+    d1["copycat"] = {t: sum(d1[n][t] for n in HONEST) / len(HONEST) for t in a}  # the swarm's average
+    d1["dup"] = {t: v.clone() for t, v in a.items()}  # a verbatim copy of honest-a's Δ
+    d1["nan"] = {t: torch.full_like(v, float("nan")) for t, v in a.items()}
+    # scaled and sign-flip: a real trained Δ of another peer's kind, misused (saves two trainings)
+    d1["scaled"] = {t: 100 * v for t, v in d1[HONEST[2]].items()}
+    d1["sign-flip"] = {t: -v for t, v in d1[HONEST[1]].items()}
+    d1["stale"] = w.deltas[0]["stale"]
+    for n in ("free-rider", "copycat", "dup", "nan", "scaled", "sign-flip", "stale"):
+        p1[n] = assign_pages(hotkeys[n], 1, seeds[1], store.train_pages, k)
+    w.deltas[1], w.pages[1] = d1, p1
+    return w
+
+
+@pytest.fixture(scope="session")
+def validator_world() -> World:
+    return world()

@@ -1,0 +1,95 @@
+"""validator.evaluation on real Δs of the debug model (see tests/fixtures_validator.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures_validator import HONEST, validator_world  # noqa: F401
+from validator.evaluation import Candidate, EvalConfig, Evaluator
+from validator.scoring import ScoringConfig, score_round
+
+DISHONEST = ["free-rider", "copycat", "random-data", "nan", "scaled", "sign-flip", "stale", "dup"]
+
+
+@pytest.fixture(scope="module")
+def round1(validator_world):  # noqa: F811
+    w = validator_world
+    ev = Evaluator(EvalConfig(), w.run, w.store)
+    r0 = [
+        Candidate(uid=10 + i, hotkey=w.hotkeys[n], delta_blob=w.blob(0, n)) for i, n in enumerate(w.deltas[0])
+    ]
+    _, sk0 = ev.evaluate_round(0, w.seeds[0], w.bases[0], r0)
+    earlier = {(0, uid, hk): s for (uid, hk), s in sk0.items()}
+    names = list(w.deltas[1])
+    cands = [
+        Candidate(uid=i, hotkey=w.hotkeys[n], delta_blob=w.blob(1, n), claimed_pages=w.pages[1][n])
+        for i, n in enumerate(names)
+    ]
+    rm, sketches = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands, earlier)
+    return ev, names, cands, earlier, rm, sketches
+
+
+def test_honest_work_beats_every_dishonest_behaviour(round1):
+    _, names, _, _, rm, _ = round1
+    # pages_match off: the assignment test alone must catch random-data (a liar would not declare its pages)
+    scores = {
+        n: s for n, s in zip(names, score_round(rm, ScoringConfig(require_pages_match=False)), strict=True)
+    }
+    explained = {n: (round(s.score, 4), s.reason) for n, s in scores.items()}
+    for n in HONEST:
+        assert scores[n].score > 0, explained
+    for n in DISHONEST:
+        assert scores[n].score == 0, explained
+    assert "NaN" in scores["nan"].reason
+    assert "norm" in scores["scaled"].reason
+    assert "held-out" in scores["sign-flip"].reason
+    assert "empty" in scores["free-rider"].reason
+    assert "round 0" in scores["stale"].reason
+    assert "copy of uid 0" in scores["dup"].reason
+    assert "assigned pages" in scores["copycat"].reason
+    assert "assigned pages" in scores["random-data"].reason
+    # with the manifest check on, random-data's own declaration already disqualifies it
+    strict = dict(zip(names, score_round(rm, ScoringConfig()), strict=True))
+    assert "not its assignment" in strict["random-data"].reason
+
+
+def test_measurements_are_reproducible_and_the_base_is_restored(round1, validator_world):  # noqa: F811
+    ev, _, cands, earlier, rm, _ = round1
+    w = validator_world
+    from peer.model import hash_tensors
+
+    assert hash_tensors((n, p) for n, p in ev.params.items()) == rm.base_state_hash  # base restored exactly
+    other = Evaluator(EvalConfig(), w.run, w.store)  # a second validator, on part of the round
+    rm_a, _ = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands[:5], earlier)
+    rm_b, _ = other.evaluate_round(1, w.seeds[1], w.bases[1], cands[:5], earlier)
+    a, b = rm_a.to_json(), rm_b.to_json()
+    for p in a["peers"] + b["peers"]:
+        p.pop("seconds")
+    a.pop("base_seconds"), b.pop("base_seconds")
+    assert a == b
+
+
+def test_every_peer_gets_the_same_pages_and_the_base_losses_are_shared(round1):
+    _, names, _, _, rm, _ = round1
+    assert len(rm.heldout_page_ids) == EvalConfig().heldout_pages
+    ok = [p for p in rm.peers if p.status == "ok" and p.delta_norm]
+    assert all(len(p.assigned_page_ids) == EvalConfig().assigned_pages for p in ok)
+    honest = [p for p, n in zip(rm.peers, names, strict=True) if n in HONEST]
+    assert all(len(p.cross_gains) == EvalConfig().cross_peers for p in honest)
+    assert all(not (set(p.control_page_ids) & set(p.assigned_page_ids)) for p in ok)
+
+
+def test_malformed_and_missing_contributions(validator_world):  # noqa: F811
+    w = validator_world
+    ev = Evaluator(
+        EvalConfig(cross_peers=0, heldout_pages=2, assigned_pages=2, control_pages=2), w.run, w.store
+    )
+    cands = [
+        Candidate(uid=0, hotkey=w.hotkeys[HONEST[0]], delta_blob=b"not safetensors"),
+        Candidate(uid=1, hotkey=w.hotkeys[HONEST[1]], rejected="manifest signed by another hotkey"),
+        Candidate(uid=2, hotkey=w.hotkeys[HONEST[2]]),
+    ]
+    rm, sketches = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands)
+    assert [p.status for p in rm.peers] == ["malformed", "rejected", "rejected"]
+    assert rm.peers[1].reason == "manifest signed by another hotkey"
+    assert sketches == {}

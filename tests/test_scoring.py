@@ -1,0 +1,211 @@
+"""Table tests of validator.scoring with hand-computed values (pure functions, no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from validator.evaluation import PeerMeasurement, RoundMeasurements
+from validator.scoring import (
+    BurnPolicy,
+    EmaEntry,
+    EmaState,
+    PeerScore,
+    ScoringConfig,
+    normalize_weights,
+    quantile,
+    score_round,
+    update_ema,
+)
+
+BASE = 5.0
+
+
+def peer(
+    uid,
+    *,
+    heldout=None,
+    before=None,
+    after=None,
+    cross=(),
+    norm=1.0,
+    status="ok",
+    similar=(),
+    pages_match=True,
+    ctrl_before=None,
+    ctrl_after=None,
+):
+    return PeerMeasurement(
+        uid=uid,
+        hotkey=f"hk{uid}",
+        status=status,
+        reason="" if status == "ok" else "because",
+        delta_norm=norm,
+        heldout_loss=heldout,
+        assigned_loss_before=before,
+        assigned_loss_after=after,
+        control_loss_before=ctrl_before,
+        control_loss_after=ctrl_after,
+        pages_match=pages_match,
+        cross_gains=[{"uid": u, "hotkey": f"hk{u}", "gain": g} for u, g in cross],
+        similar=list(similar),
+    )
+
+
+def rm(peers, round_=3):
+    return RoundMeasurements(
+        round=round_,
+        seed_hex="00",
+        base_state_hash="0" * 64,
+        delta_scale=0.5,
+        heldout_page_ids=[1],
+        heldout_loss_base=BASE,
+        control_page_ids=[2],
+        peers=peers,
+    )
+
+
+def table():
+    # u0: hg 0.2, ag 0.5, cross: u1 0.1 (hg 0.1) -> 0.2, u2 0.15 (hg 0.2) -> 0.15; generic 0.175; spec 0.325
+    # u1: hg 0.1, ag 0.2, cross: u0 0.2 (hg 0.2) -> 0.1, u2 0.1 (hg 0.2) -> 0.05;   generic 0.075; spec 0.125
+    # u2: hg 0.2, ag 0.1, cross: u0 0.1 -> 0.1, u1 0.05 (hg 0.1) -> 0.1;             generic 0.1;   spec 0.0
+    # reference = 0.75-quantile of [0, 0.125, 0.325] = 0.225
+    return [
+        peer(0, heldout=4.8, before=5.0, after=4.5, cross=[(1, 0.1), (2, 0.15)]),
+        peer(1, heldout=4.9, before=6.0, after=5.8, cross=[(0, 0.2), (2, 0.1)]),
+        peer(2, heldout=4.8, before=4.0, after=3.9, cross=[(0, 0.1), (1, 0.05)]),
+        peer(3, status="non_finite", norm=float("inf")),
+        peer(4, status="rejected", norm=None),
+        peer(5, heldout=4.0, before=5.0, after=4.0, norm=100.0),
+        peer(6, heldout=BASE, before=5.0, after=5.0, norm=0.0),
+        peer(7, heldout=5.3, before=5.0, after=5.2),
+        peer(8, heldout=4.8, before=5.0, after=4.6, pages_match=False),
+    ]
+
+
+def by_uid(scores: list[PeerScore]) -> dict[int, PeerScore]:
+    return {s.uid: s for s in scores}
+
+
+def test_round_scores_hand_computed():
+    s = by_uid(score_round(rm(table()), ScoringConfig()))
+    assert s[0].terms["heldout_gain"] == pytest.approx(0.2)
+    assert s[0].terms["generic_gain"] == pytest.approx(0.175)
+    assert s[0].terms["specificity"] == pytest.approx(0.325)
+    assert s[0].terms["assignment_reference"] == pytest.approx(0.225)
+    assert s[0].terms["assignment_factor"] == pytest.approx(1.0)
+    assert s[0].score == pytest.approx(0.2) and s[0].reason == "scored"
+    assert s[1].terms["specificity"] == pytest.approx(0.125)
+    assert s[1].terms["assignment_factor"] == pytest.approx(0.125 / 0.225)
+    assert s[1].score == pytest.approx(0.1 * 0.125 / 0.225)
+    assert s[2].terms["specificity"] == pytest.approx(0.0, abs=1e-12)
+    assert s[2].score == 0 and "not trained on its assigned pages" in s[2].reason
+    assert s[3].score == 0 and "NaN" in s[3].reason
+    assert s[4].score == 0 and s[4].reason.startswith("not evaluated")
+    assert s[5].score == 0 and "norm 100.0×" in s[5].reason  # median of [1, 1, 1, 100, 1, 1] = 1
+    assert s[6].score == 0 and "empty" in s[6].reason
+    assert s[7].score == 0 and "does not lower the held-out loss" in s[7].reason
+    assert s[8].score == 0 and "not its assignment" in s[8].reason
+    # every score carries its terms
+    for sc in s.values():
+        assert {"heldout_gain", "specificity", "delta_norm", "score"} <= set(sc.terms)
+
+
+def test_control_pages_are_the_fallback_without_cross_references():
+    p = peer(0, heldout=4.9, before=5.0, after=4.7, ctrl_before=5.0, ctrl_after=4.9)  # ag 0.3, cg 0.1
+    s = score_round(rm([p]), ScoringConfig())[0]
+    assert s.terms["generic_gain"] == pytest.approx(0.1)
+    assert s.terms["specificity"] == pytest.approx(0.2)
+    assert s.terms["assignment_reference"] == pytest.approx(0.2)
+    assert s.score == pytest.approx(0.1)
+
+
+def test_copies_within_a_round_earn_nothing_for_the_less_specific_one():
+    ps = table()[:3]
+    ps[0].similar.append({"round": 3, "uid": 9, "hotkey": "hk9", "cosine": 0.999})
+    copy = peer(
+        9,
+        heldout=4.8,
+        before=5.0,
+        after=4.9,
+        cross=[(1, 0.1), (2, 0.1)],
+        similar=[{"round": 3, "uid": 0, "hotkey": "hk0", "cosine": 0.999}],
+    )
+    s = by_uid(score_round(rm([*ps, copy]), ScoringConfig()))
+    assert s[9].score == 0 and "copy of uid 0" in s[9].reason
+    assert s[0].score > 0
+
+
+def test_repeat_of_an_earlier_round_earns_nothing():
+    ps = table()[:3]
+    ps[1].similar.append({"round": 1, "uid": 4, "hotkey": "hk4", "cosine": 0.97})
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert s[1].score == 0 and "from round 1" in s[1].reason
+    ps[1].similar[-1]["cosine"] = 0.9  # below duplicate_cosine: not a copy
+    assert by_uid(score_round(rm(ps), ScoringConfig()))[1].score > 0
+
+
+def test_quantile_matches_numpy_linear():
+    assert quantile([0.0, 0.125, 0.325], 0.75) == pytest.approx(0.225)
+    assert quantile([3.0], 0.3) == 3.0
+    assert quantile([1.0, 2.0, 3.0, 4.0], 0.5) == pytest.approx(2.5)
+
+
+def test_ema_hand_computed():
+    state = EmaState(
+        last_round=2,
+        entries={
+            0: EmaEntry(hotkey="hk0", value=0.4, rounds=2),
+            1: EmaEntry(hotkey="old", value=1.0, rounds=5),
+            5: EmaEntry(hotkey="hk5", value=0.7, rounds=1),
+        },
+    )
+    scores = [
+        PeerScore(uid=0, hotkey="hk0", score=0.2, reason="scored"),
+        PeerScore(uid=1, hotkey="hk1", score=0.1, reason="scored"),
+    ]
+    new = update_ema(state, 3, scores, {0: "hk0", 1: "hk1", 2: "hk2"}, alpha=0.5)
+    assert new.last_round == 3
+    assert new.entries[0].value == pytest.approx(0.3) and new.entries[0].rounds == 3
+    assert new.entries[1].value == pytest.approx(0.05) and new.entries[1].rounds == 1  # new hotkey: reset
+    assert new.entries[2].value == 0.0  # sent nothing
+    assert 5 not in new.entries  # deregistered
+    assert update_ema(new, 3, scores, {0: "hk0"}, alpha=0.5) is new  # a round is applied once
+    assert EmaState.from_json(new.to_json()) == new
+
+
+def test_weights_normalisation_and_burn():
+    w = normalize_weights({0: 0.3, 1: 0.1, 2: 0.0}, BurnPolicy())
+    assert (w.uids, w.weights) == ([0, 1], [65535, 21845])
+    assert w.shares[0] == pytest.approx(0.75)
+    w = normalize_weights({0: 0.3, 1: 0.1, 2: 0.0}, BurnPolicy(uid=9, fraction=0.2))
+    assert (w.uids, w.weights) == ([0, 1, 9], [65535, 21845, 21845])
+    assert sum(w.shares.values()) == pytest.approx(1.0)
+    w = normalize_weights({0: 0.0, 1: -1.0}, BurnPolicy())
+    assert w.empty and "no weights" in w.note
+    w = normalize_weights({0: 0.0}, BurnPolicy(uid=0))
+    assert (w.uids, w.weights) == ([0], [65535])
+
+
+def test_bad_configs_are_refused():
+    from peer.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        BurnPolicy(fraction=0.1)
+    with pytest.raises(ConfigError):
+        ScoringConfig(ema_alpha=0)
+
+
+def test_a_disqualified_copy_cannot_knock_out_the_original():
+    ps = table()[:3]
+    ps[0].similar.append({"round": 3, "uid": 9, "hotkey": "hk9", "cosine": 1.0})
+    scaled_copy = peer(
+        9,
+        heldout=50.0,
+        before=50.0,
+        after=1.0,
+        norm=100.0,
+        similar=[{"round": 3, "uid": 0, "hotkey": "hk0", "cosine": 1.0}],
+    )
+    s = by_uid(score_round(rm([*ps, scaled_copy]), ScoringConfig()))
+    assert s[9].score == 0 and "norm" in s[9].reason
+    assert s[0].score == pytest.approx(0.2)

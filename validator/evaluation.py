@@ -1,0 +1,495 @@
+"""Measure every peer's contribution of one round: what its Δ does to the loss, and whether it is its own.
+
+For round ``r`` with base state θ_r and seed ``s`` every validator derives the same pages:
+
+* held-out pages ``eval_pages(r, s, heldout_pages, k, "heldout")`` — the loss the swarm is paid to remove;
+* control pages ``eval_pages(r, s, train_pages, k, "control")`` — training pages nobody was told to use
+  (a peer's own assigned pages are dropped from its control set);
+* per peer, ``k`` of its assigned pages ``eval_pages(r, s, assign_pages(hotkey, r, s, ...), k,
+  "assigned/<hotkey>")``.
+
+Did a peer train on *its* pages? Page sets differ in how much any generic improvement helps them, so
+comparing a peer's gain on its assigned pages with its gain on other pages is noisy. Instead the same
+pages are used twice: each plausible peer (finite, sane norm, lowers held-out loss) is also evaluated on
+the assigned pages of ``cross_peers`` other plausible peers (a ring in a seeded order), so every
+plausible peer's assigned pages carry the gains of several Δs that were *not* trained on them
+(``cross_gains``). Its own gain minus their median is its specificity (see :mod:`validator.scoring`).
+
+For each peer the validator applies θ_r − α·Δ in place (α = ``delta_scale``), computes per-page losses on
+held-out + its assigned + control pages in one batched pass, and restores θ_r by copying the saved base
+back (never by adding Δ again: that would drift in floating point). Base losses of every page are
+computed once per round and shared by all peers, so the cost per peer is the forward passes of its
+own "after" pages plus its assigned "before" pages.
+
+Measurements, not verdicts: the numbers go to :mod:`validator.scoring`, which turns them into a score.
+Besides losses we measure the Δ's L2 norm, whether it is finite, and a *sketch* (a fixed strided subset
+of its coordinates) whose cosine similarity with other peers' sketches (this round and earlier rounds)
+reveals copies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from peer.config import RunConfig
+from peer.data import PageStore, assign_pages, eval_pages
+from peer.errors import CheckpointError, ConfigError
+from peer.model import build_model, hash_tensors
+from peer.outbox import decode_delta
+
+SKETCH_PURPOSE = "sketch"
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """How much a validator measures per round. Every validator of a subnet should use the same values,
+    otherwise their scores differ (the pages they look at are derived from these counts)."""
+
+    heldout_pages: int = 16
+    """Held-out pages evaluated per round (shared by all peers). More pages = less noise in the held-out
+    gain, linearly more forward passes per peer. Raise it if peers' scores jump from round to round."""
+    assigned_pages: int = 8
+    """Pages of a peer's own assignment evaluated before and after its Δ. If honest peers sometimes fail the
+    assignment test (``assignment_factor`` near 0 in the explanation), raise it together with control_pages."""
+    control_pages: int = 8
+    """Unassigned training pages evaluated per round (base losses shared by all peers)."""
+    delta_scale: float = 0.3
+    """α in θ_r − α·Δ: how far along a peer's Δ the losses are measured. 1.0 applies the whole Δ (the
+    peer's local weights); local steps often overfit their few pages, so at 1.0 honest Δs can *raise*
+    held-out loss although their average lowers it. A smaller α measures the useful direction (the swarm
+    applies each Δ as a fraction of the average). Lower it if honest peers show negative held-out gains."""
+    batch_size: int = 32
+    """Samples per forward pass. Raise for throughput on a GPU; lower if the validator runs out of memory."""
+    sketch_size: int = 65536
+    """Coordinates of each Δ kept for similarity checks (and stored per round for later rounds)."""
+    cross_peers: int = 3
+    """Other peers' Δs evaluated on each plausible peer's assigned pages (the paired control of the
+    assignment test). Costs cross_peers × assigned_pages forward passes per peer. Raise it if the
+    specificity of honest peers is noisy; with 1-2 a single bad reference peer can tilt it."""
+    plausible_norm_ratio: float = 5.0
+    """Δs above this × the round's median norm are not used as cross references (scoring decides
+    separately whether they earn anything)."""
+    similarity_record: float = 0.8
+    """Pairs of Δs with cosine similarity at least this are recorded as measurements (scoring decides)."""
+    device: str = "cpu"
+    """Where the model runs: ``cpu`` or ``cuda[:i]``."""
+
+    def __post_init__(self) -> None:
+        if self.cross_peers < 0:
+            raise ConfigError(f"eval.cross_peers must be >= 0, got {self.cross_peers}")
+        for name in ("heldout_pages", "assigned_pages", "control_pages", "batch_size", "sketch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.delta_scale <= 1:
+            raise ConfigError(f"eval.delta_scale must be in (0, 1], got {self.delta_scale}")
+        if not 0 < self.similarity_record <= 1:
+            raise ConfigError(f"eval.similarity_record must be in (0, 1], got {self.similarity_record}")
+
+
+@dataclass(kw_only=True)
+class Candidate:
+    """One peer's input to a round's evaluation (what fetch and verification produced)."""
+
+    uid: int
+    hotkey: str
+    delta_blob: bytes | None = None
+    """The 8-bit safetensors Δ as published (None when there is nothing to evaluate)."""
+    rejected: str | None = None
+    """Why this peer is not evaluated (missing, bad signature, wrong base, ...); None if it is."""
+    claimed_pages: list[int] | None = None
+    """Pages its manifest says it trained on (compared with the assignment; not used for evaluation)."""
+    blob_sha256: str | None = None
+
+
+@dataclass(kw_only=True)
+class PeerMeasurement:
+    """Everything measured for one peer in one round (JSON-able; the score's raw material)."""
+
+    uid: int
+    hotkey: str
+    status: str
+    """``ok`` (evaluated), ``rejected`` (see reason), ``non_finite`` (NaN/inf in Δ) or ``malformed``."""
+    reason: str = ""
+    blob_sha256: str | None = None
+    pages_match: bool | None = None
+    """The manifest's pages are (a subset of) the validator's own assignment for this hotkey."""
+    delta_norm: float | None = None
+    heldout_loss: float | None = None
+    """Mean held-out loss of θ_r − α·Δ."""
+    assigned_loss_before: float | None = None
+    assigned_loss_after: float | None = None
+    control_loss_before: float | None = None
+    control_loss_after: float | None = None
+    assigned_page_ids: list[int] = field(default_factory=list)
+    control_page_ids: list[int] = field(default_factory=list)
+    cross_gains: list[dict] = field(default_factory=list)
+    """Gains of other peers' Δs on this peer's assigned pages: ``{"uid", "hotkey", "gain"}``."""
+    plausible: bool = False
+    """Finite, sane norm and lowers held-out loss: used as a cross reference for other peers."""
+    similar: list[dict] = field(default_factory=list)
+    """Recorded similarities: ``{"round": r, "uid": u, "hotkey": h, "cosine": c}`` with c ≥ similarity_record."""
+    seconds: float = 0.0
+    """Wall time this peer cost (decode, apply, forward passes, restore)."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> PeerMeasurement:
+        return cls(**d)
+
+
+@dataclass(kw_only=True)
+class RoundMeasurements:
+    round: int
+    seed_hex: str
+    base_state_hash: str
+    delta_scale: float
+    heldout_page_ids: list[int]
+    heldout_loss_base: float
+    control_page_ids: list[int]
+    peers: list[PeerMeasurement]
+    base_seconds: float = 0.0
+    """Time of the shared base-model forward passes."""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["peers"] = [p.to_json() for p in self.peers]
+        return d
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> RoundMeasurements:
+        d = dict(d)
+        d["peers"] = [PeerMeasurement.from_json(p) for p in d["peers"]]
+        return cls(**d)
+
+
+# -----------------------------------------------------------------------------------------------------
+
+
+def sketch_indices(shapes: Sequence[tuple[str, int]], size: int) -> dict[str, tuple[int, int]]:
+    """For each tensor (name, numel) in order: (offset, stride) of a global strided subset of ~``size`` coords."""
+    total = sum(n for _, n in shapes)
+    stride = max(1, math.ceil(total / size))
+    out, pos = {}, 0
+    for name, n in shapes:
+        offset = (-pos) % stride
+        out[name] = (offset, stride)
+        pos += n
+    return out
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = float(a.norm()), float(b.norm())
+    if na == 0 or nb == 0 or not math.isfinite(na) or not math.isfinite(nb):
+        return 0.0
+    return float(torch.dot(a.double(), b.double()) / (na * nb))
+
+
+class Evaluator:
+    """Holds one model and the round's base; evaluates any number of Δs against it.
+
+    Build once per validator (the model is reused across rounds).
+    """
+
+    def __init__(self, cfg: EvalConfig, run: RunConfig, store: PageStore):
+        self.cfg = cfg
+        self.run = run
+        self.store = store
+        self.device = torch.device(cfg.device)
+        self.model = build_model(run, self.device)
+        self.model.eval()
+        self.params = dict(self.model.named_parameters())
+        self.base: dict[str, torch.Tensor] = {}
+        self.base_hash: str | None = None
+        shapes = [(n, p.numel()) for n, p in self.params.items()]
+        self.sketch_plan = sketch_indices(shapes, cfg.sketch_size)
+
+    # ---- base state
+    def load_base(self, state: Mapping[str, torch.Tensor]) -> str:
+        """Load θ_r into the model (checks names and shapes); returns its state hash."""
+        missing = set(self.params) - set(state)
+        extra = set(state) - set(self.params)
+        if missing or extra:
+            raise CheckpointError(
+                f"base state does not match model config {self.run.name!r}: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(extra)[:3]}"
+            )
+        with torch.no_grad():
+            for name, p in self.params.items():
+                t = state[name]
+                if tuple(t.shape) != tuple(p.shape):
+                    raise CheckpointError(
+                        f"base state tensor {name} has shape {tuple(t.shape)}, model wants {tuple(p.shape)}"
+                    )
+                p.copy_(t.to(p.dtype))
+        self.base = {n: p.detach().clone() for n, p in self.params.items()}
+        self.base_hash = hash_tensors((n, p) for n, p in self.params.items())
+        return self.base_hash
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(self.base[n])
+
+    # ---- losses
+    @torch.inference_mode()
+    def page_losses(self, pages: Sequence[int]) -> list[float]:
+        """Mean next-token loss of each page under the model's current parameters (one batched pass)."""
+        if not pages:
+            return []
+        spp = self.store.cfg.samples_per_page
+        data = self.store.samples(pages)
+        per_sample = []
+        bs = self.cfg.batch_size
+        for i in range(0, len(data), bs):
+            batch = data[i : i + bs].to(self.device)
+            logits = self.model(input_ids=batch[:, :-1]).logits
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="none"
+            )
+            per_sample.append(loss.view(batch.shape[0], -1).mean(dim=1).double().cpu())
+        samples = torch.cat(per_sample)
+        return [float(x) for x in samples.view(len(pages), spp).mean(dim=1)]
+
+    # ---- pages
+    def heldout_page_ids(self, round_: int, seed: bytes) -> list[int]:
+        return eval_pages(round_, seed, self.store.heldout_pages, self.cfg.heldout_pages, "heldout")
+
+    def control_page_ids(self, round_: int, seed: bytes) -> list[int]:
+        return eval_pages(round_, seed, self.store.train_pages, self.cfg.control_pages, "control")
+
+    def assignment(self, hotkey: str, round_: int, seed: bytes) -> list[int]:
+        return assign_pages(hotkey, round_, seed, self.store.train_pages, self.run.data.pages_per_round)
+
+    def assigned_page_ids(self, hotkey: str, round_: int, seed: bytes) -> list[int]:
+        return eval_pages(
+            round_, seed, self.assignment(hotkey, round_, seed), self.cfg.assigned_pages, f"assigned/{hotkey}"
+        )
+
+    # ---- Δ handling
+    def decode(self, blob: bytes) -> dict[str, torch.Tensor]:
+        delta = decode_delta(blob)
+        if set(delta) != set(self.params):
+            raise CheckpointError(
+                f"Δ names {len(delta)} tensors that do not match the model's {len(self.params)}"
+            )
+        for n, t in delta.items():
+            if tuple(t.shape) != tuple(self.params[n].shape):
+                raise CheckpointError(
+                    f"Δ tensor {n} has shape {tuple(t.shape)}, model wants {tuple(self.params[n].shape)}"
+                )
+        return delta
+
+    def sketch(self, delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        parts = []
+        for name in self.params:
+            offset, stride = self.sketch_plan[name]
+            parts.append(delta[name].reshape(-1)[offset::stride].float())
+        return torch.cat(parts)
+
+    # ---- the round
+    def evaluate_round(
+        self,
+        round_: int,
+        seed: bytes,
+        base_state: Mapping[str, torch.Tensor],
+        candidates: Sequence[Candidate],
+        earlier_sketches: Mapping[tuple[int, int, str], torch.Tensor] | None = None,
+    ) -> tuple[RoundMeasurements, dict[tuple[int, str], torch.Tensor]]:
+        """Measure every candidate. Returns the measurements and this round's sketches ``(uid, hotkey) → sketch``.
+
+        ``earlier_sketches`` maps ``(round, uid, hotkey)`` of earlier rounds to their sketches; a Δ that
+        repeats one of them (stale, or copied from an earlier round) shows up in ``similar``.
+        """
+        t0 = time.perf_counter()
+        base_hash = self.load_base(base_state)
+        heldout = self.heldout_page_ids(round_, seed)
+        control = self.control_page_ids(round_, seed)
+        assigned: dict[int, list[int]] = {}
+        for c in candidates:
+            if c.rejected is None and c.delta_blob is not None:
+                assigned[c.uid] = self.assigned_page_ids(c.hotkey, round_, seed)
+        # one batched pass over every page whose base loss anyone needs
+        wanted = list(dict.fromkeys(heldout + control + [p for ps in assigned.values() for p in ps]))
+        base_loss = dict(zip(wanted, self.page_losses(wanted), strict=True))
+        heldout_base = _mean([base_loss[p] for p in heldout])
+        base_seconds = time.perf_counter() - t0
+
+        # phase 1: each peer on held-out + its own assigned + control pages
+        peers: list[PeerMeasurement] = []
+        sketches: dict[tuple[int, str], torch.Tensor] = {}
+        for c in candidates:
+            peers.append(
+                self._measure(
+                    c,
+                    round_,
+                    seed,
+                    heldout,
+                    control,
+                    assigned.get(c.uid, []),
+                    base_loss,
+                    heldout_base,
+                    sketches,
+                )
+            )
+        # phase 2: plausible peers on each other's assigned pages (paired control of the assignment test)
+        self._cross(round_, seed, candidates, peers, assigned, base_loss, heldout_base)
+        self._similarities(round_, peers, sketches, earlier_sketches or {})
+        rm = RoundMeasurements(
+            round=round_,
+            seed_hex=seed.hex(),
+            base_state_hash=base_hash,
+            delta_scale=self.cfg.delta_scale,
+            heldout_page_ids=heldout,
+            heldout_loss_base=heldout_base,
+            control_page_ids=control,
+            peers=peers,
+            base_seconds=base_seconds,
+        )
+        return rm, sketches
+
+    def _apply(self, delta: Mapping[str, torch.Tensor]) -> None:
+        alpha = self.cfg.delta_scale
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.sub_(delta[n].to(device=p.device, dtype=p.dtype), alpha=alpha)
+
+    def _measure(
+        self,
+        c: Candidate,
+        round_: int,
+        seed: bytes,
+        heldout: list[int],
+        control: list[int],
+        assigned: list[int],
+        base_loss: dict[int, float],
+        heldout_base: float,
+        sketches: dict[tuple[int, str], torch.Tensor],
+    ) -> PeerMeasurement:
+        t0 = time.perf_counter()
+        m = PeerMeasurement(uid=c.uid, hotkey=c.hotkey, status="ok", blob_sha256=c.blob_sha256)
+        if c.claimed_pages is not None:
+            m.pages_match = set(c.claimed_pages) <= set(self.assignment(c.hotkey, round_, seed))
+        if c.rejected is not None or c.delta_blob is None:
+            m.status, m.reason = "rejected", c.rejected or "no contribution"
+            return m
+        try:
+            delta = self.decode(c.delta_blob)
+        except CheckpointError as e:
+            m.status, m.reason = "malformed", str(e)
+            return m
+        norm_sq = sum(float(t.double().pow(2).sum()) for t in delta.values())
+        m.delta_norm = math.sqrt(norm_sq) if math.isfinite(norm_sq) else float("inf")
+        if not math.isfinite(norm_sq):
+            m.status, m.reason = "non_finite", "Δ holds NaN or infinite values"
+            m.seconds = time.perf_counter() - t0
+            return m
+        sketches[(c.uid, c.hotkey)] = self.sketch(delta)
+        own = set(self.assignment(c.hotkey, round_, seed))
+        ctrl = [p for p in control if p not in own]
+        m.assigned_page_ids, m.control_page_ids = assigned, ctrl
+        m.assigned_loss_before = _mean([base_loss[p] for p in assigned])
+        m.control_loss_before = _mean([base_loss[p] for p in ctrl])
+        if norm_sq == 0:  # θ_r − 0 = θ_r: the base losses are the answer, no forward pass needed
+            m.heldout_loss, m.assigned_loss_after, m.control_loss_after = (
+                heldout_base,
+                m.assigned_loss_before,
+                m.control_loss_before,
+            )
+            m.seconds = time.perf_counter() - t0
+            return m
+        self._apply(delta)
+        try:
+            after = self.page_losses(heldout + assigned + ctrl)
+        finally:
+            self._restore()
+        h, a = len(heldout), len(assigned)
+        m.heldout_loss = _mean(after[:h])
+        m.assigned_loss_after = _mean(after[h : h + a])
+        m.control_loss_after = _mean(after[h + a :])
+        m.seconds = time.perf_counter() - t0
+        return m
+
+    def _cross(
+        self,
+        round_: int,
+        seed: bytes,
+        candidates: Sequence[Candidate],
+        peers: list[PeerMeasurement],
+        assigned: dict[int, list[int]],
+        base_loss: dict[int, float],
+        heldout_base: float,
+    ) -> None:
+        norms = [p.delta_norm for p in peers if p.status == "ok" and p.delta_norm]
+        med = sorted(norms)[len(norms) // 2] if len(norms) >= 3 else None
+        for p in peers:
+            p.plausible = (
+                p.status == "ok"
+                and bool(p.delta_norm)
+                and p.heldout_loss is not None
+                and p.heldout_loss < heldout_base
+                and (med is None or p.delta_norm <= self.cfg.plausible_norm_ratio * med)
+            )
+        base_by_uid = {c.uid: c for c in candidates}
+        ring = sorted((p for p in peers if p.plausible), key=lambda p: _h(round_, seed, p.hotkey))
+        m = min(self.cfg.cross_peers, len(ring) - 1)
+        if m <= 0:
+            return
+        for pos, p in enumerate(ring):
+            t0 = time.perf_counter()
+            targets = [ring[(pos + i) % len(ring)] for i in range(1, m + 1)]
+            pages = [pg for t in targets for pg in assigned[t.uid]]
+            self._apply(self.decode(base_by_uid[p.uid].delta_blob))
+            try:
+                after = self.page_losses(pages)
+            finally:
+                self._restore()
+            i = 0
+            for t in targets:
+                k = len(assigned[t.uid])
+                gain = _mean([base_loss[pg] for pg in assigned[t.uid]]) - _mean(after[i : i + k])
+                t.cross_gains.append({"uid": p.uid, "hotkey": p.hotkey, "gain": gain})
+                i += k
+            p.seconds += time.perf_counter() - t0
+
+    def _similarities(
+        self,
+        round_: int,
+        peers: list[PeerMeasurement],
+        sketches: Mapping[tuple[int, str], torch.Tensor],
+        earlier: Mapping[tuple[int, int, str], torch.Tensor],
+    ) -> None:
+        keys = list(sketches)
+        by_key = {(p.uid, p.hotkey): p for p in peers}
+        thr = self.cfg.similarity_record
+        for i, ki in enumerate(keys):
+            for kj in keys[i + 1 :]:
+                cos = cosine(sketches[ki], sketches[kj])
+                if cos >= thr:
+                    by_key[ki].similar.append({"round": round_, "uid": kj[0], "hotkey": kj[1], "cosine": cos})
+                    by_key[kj].similar.append({"round": round_, "uid": ki[0], "hotkey": ki[1], "cosine": cos})
+            for (r, uid, hk), sk in sorted(earlier.items()):
+                if r >= round_ or sk.shape != sketches[ki].shape:
+                    continue
+                cos = cosine(sketches[ki], sk)
+                if cos >= thr:
+                    by_key[ki].similar.append({"round": r, "uid": uid, "hotkey": hk, "cosine": cos})
+
+
+def _h(*parts: object) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\x1f")
+    return h.digest()
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return float(sum(xs) / len(xs)) if xs else None

@@ -1,0 +1,364 @@
+"""Pure scoring: a round's measurements → round scores → EMA → u16 weights, every term explained.
+
+Nothing here reads a clock, a file or the network: the same measurements give the same scores on every
+machine, which is what makes ``validator replay`` and a second validator agree.
+
+Round score of a peer (``explain`` keeps every term)::
+
+    heldout_gain      = heldout_loss_base − heldout_loss(θ_r − α·Δ)          nats/token, > min_heldout_gain
+    assigned_gain     = loss before − after on k of its assigned pages
+    generic_gain      = median over other eligible peers j of gain_j(its pages) × heldout_gain / heldout_gain_j
+                        (what a Δ of its general strength that was *not* trained on these pages achieves
+                        there, from ``cross_gains``); without any, its own gain on unassigned control pages
+    specificity       = assigned_gain − generic_gain                          it learned *its* pages
+    reference         = max(min_assignment_reference, q-quantile of the eligible peers' specificity)
+    assignment_factor = clamp(specificity / reference, 0, 1)                  0 below min_assignment_factor
+    score             = heldout_gain × assignment_factor
+
+and 0, with the reason, when any gate fails (checked in this order): not evaluated (missing, rejected,
+malformed), NaN/inf, manifest pages not its assignment, empty Δ, norm above ``max_norm_ratio`` × the
+round's median, a near-copy (cosine ≥ ``duplicate_cosine``) of an earlier round's Δ, no held-out gain,
+a near-copy of another peer's Δ this round that shows more specificity on its *own* pages (the
+original learned its pages; a copier did not — so "the later one earns nothing" without trusting
+timestamps), too little specificity.
+
+EMA: ``ema ← β·score + (1 − β)·ema`` for every uid of the metagraph each round (a peer that sent nothing
+scores 0); a uid whose hotkey changed starts again from 0; a round is applied at most once.
+
+Weights: the EMA values normalised to shares, with an explicit burn policy (a fixed share to a burn uid,
+and all of it when nobody earned anything; without a burn uid such a round sets no weights), then
+max-upscaled to u16 as the runtime stores them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from peer.errors import ConfigError
+from validator.evaluation import PeerMeasurement, RoundMeasurements
+
+U16_MAX = 65535
+
+
+@dataclass(kw_only=True)
+class BurnPolicy:
+    """Where weight goes that no peer earned. Explicit: nothing is burned unless configured."""
+
+    uid: int | None = None
+    """uid that receives burned weight (on Bittensor subnets, usually the owner's uid 0). None: no burn."""
+    fraction: float = 0.0
+    """Share of every weight vector given to ``uid`` (0 = burn only when nobody earned anything)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fraction <= 1:
+            raise ConfigError(f"burn fraction must be in [0, 1], got {self.fraction}")
+        if self.fraction > 0 and self.uid is None:
+            raise ConfigError("a burn fraction needs a burn uid (--burn.uid)")
+        if self.uid is not None and not 0 <= self.uid <= U16_MAX:
+            raise ConfigError(f"burn uid must be a u16, got {self.uid}")
+
+
+@dataclass(kw_only=True)
+class ScoringConfig:
+    """How measurements become scores. Validators of one subnet should agree on these."""
+
+    max_norm_ratio: float = 5.0
+    """A Δ whose L2 norm exceeds this × the round's median norm scores 0 (scaled/poisoned updates)."""
+    min_peers_for_norm: int = 3
+    """The norm test needs at least this many finite Δs in the round (with fewer the median means little;
+    an absurd Δ still fails the held-out gain)."""
+    duplicate_cosine: float = 0.95
+    """Cosine similarity at or above which two Δs count as copies. Honest peers' Δs share a direction
+    (cosine ~0.4-0.7 measured on the debug model); raise it if honest peers are flagged as copies."""
+    min_heldout_gain: float = 0.0
+    """Held-out gain (nats/token) a Δ must exceed to score anything."""
+    reference_quantile: float = 0.75
+    """Quantile of the eligible peers' specificity used as the full-credit reference. Higher = stricter."""
+    min_assignment_reference: float = 0.01
+    """Floor of that reference (nats), so a round where nobody trained on its pages pays nobody for it."""
+    min_assignment_factor: float = 0.3
+    """Assignment factors below this count as 0 (noise of a peer that did not train on its pages).
+    Lower it if honest peers early in a run show small but real specificity and score 0."""
+    require_pages_match: bool = True
+    """A manifest whose pages are not the validator's assignment for that hotkey scores 0."""
+    ema_alpha: float = 0.3
+    """Weight of the newest round in the EMA. Higher reacts faster to a peer's change (and to noise)."""
+    burn: BurnPolicy = field(default_factory=BurnPolicy)
+
+    def __post_init__(self) -> None:
+        if self.max_norm_ratio <= 1:
+            raise ConfigError("scoring.max_norm_ratio must be > 1")
+        if not 0 < self.duplicate_cosine <= 1:
+            raise ConfigError("scoring.duplicate_cosine must be in (0, 1]")
+        if not 0 <= self.reference_quantile <= 1:
+            raise ConfigError("scoring.reference_quantile must be in [0, 1]")
+        if self.min_assignment_reference <= 0:
+            raise ConfigError("scoring.min_assignment_reference must be > 0")
+        if not 0 <= self.min_assignment_factor <= 1:
+            raise ConfigError("scoring.min_assignment_factor must be in [0, 1]")
+        if not 0 < self.ema_alpha <= 1:
+            raise ConfigError("scoring.ema_alpha must be in (0, 1]")
+
+
+@dataclass(kw_only=True)
+class PeerScore:
+    uid: int
+    hotkey: str
+    score: float
+    reason: str
+    """``scored`` or why the score is 0."""
+    terms: dict = field(default_factory=dict)
+    """Every measurement and intermediate term that went into ``score``."""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def quantile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default), pure Python."""
+    if not xs:
+        raise ValueError("quantile of an empty sequence")
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def median(xs: Sequence[float]) -> float:
+    return quantile(xs, 0.5)
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+# ------------------------------------------------------------------------------------------- a round
+
+
+def score_round(m: RoundMeasurements, cfg: ScoringConfig) -> list[PeerScore]:
+    """Round scores of every measured peer, in the order of ``m.peers``."""
+    terms: dict[tuple[int, str], dict] = {}
+    for p in m.peers:
+        heldout_gain = _diff(m.heldout_loss_base, p.heldout_loss)
+        assigned_gain = _diff(p.assigned_loss_before, p.assigned_loss_after)
+        control_gain = _diff(p.control_loss_before, p.control_loss_after)
+        terms[(p.uid, p.hotkey)] = {
+            "status": p.status,
+            "delta_norm": p.delta_norm,
+            "pages_match": p.pages_match,
+            "heldout_loss_base": m.heldout_loss_base,
+            "heldout_loss": p.heldout_loss,
+            "heldout_gain": heldout_gain,
+            "assigned_loss_before": p.assigned_loss_before,
+            "assigned_loss_after": p.assigned_loss_after,
+            "assigned_gain": assigned_gain,
+            "control_loss_before": p.control_loss_before,
+            "control_loss_after": p.control_loss_after,
+            "control_gain": control_gain,
+            "cross_gains": list(p.cross_gains),
+            "delta_scale": m.delta_scale,
+        }
+    finite_norms = [p.delta_norm for p in m.peers if p.status == "ok" and p.delta_norm]
+    med = median(finite_norms) if len(finite_norms) >= cfg.min_peers_for_norm else None
+
+    reasons: dict[tuple[int, str], str | None] = {}
+    # gates that need no other peer
+    for p in m.peers:
+        t = terms[(p.uid, p.hotkey)]
+        t["median_norm"] = med
+        t["norm_ratio"] = (p.delta_norm / med) if med and p.delta_norm is not None else None
+        reasons[(p.uid, p.hotkey)] = _solo_gate(p, t, cfg, m.round)
+    # specificity: own gain on its pages minus what the other eligible peers' Δs achieve there
+    eligible_keys = {k for k, r in reasons.items() if r is None}
+    for p in m.peers:
+        t = terms[(p.uid, p.hotkey)]
+        # each reference's gain on these pages, rescaled to this peer's general strength (held-out gain)
+        cross = (
+            [
+                c["gain"] / terms[(c["uid"], c["hotkey"])]["heldout_gain"] * t["heldout_gain"]
+                for c in p.cross_gains
+                if (c["uid"], c["hotkey"]) in eligible_keys
+            ]
+            if (p.uid, p.hotkey) in eligible_keys
+            else []
+        )
+        if cross:
+            t["generic_gain"] = median(cross)
+            t["generic_basis"] = (
+                f"median of {len(cross)} other peers' gains on its pages, × its held-out gain / theirs"
+            )
+        else:
+            t["generic_gain"], t["generic_basis"] = t["control_gain"], "its own gain on control pages"
+        t["specificity"] = _diff(t["assigned_gain"], t["generic_gain"])
+    # copies within the round: among near-duplicates only the most specific one keeps its score
+    for p in m.peers:
+        key = (p.uid, p.hotkey)
+        if reasons[key] is not None:
+            continue
+        mine = terms[key]["specificity"]
+        for s in p.similar:
+            if s["round"] != m.round or s["cosine"] < cfg.duplicate_cosine:
+                continue
+            if (s["uid"], s["hotkey"]) not in eligible_keys:
+                continue  # only a peer that passed its own gates can be "the original" (else 100×copy would win)
+            other = terms[(s["uid"], s["hotkey"])]
+            theirs = other["specificity"]
+            if theirs is not None and (
+                mine is None or theirs > mine or (theirs == mine and s["uid"] < p.uid)
+            ):
+                reasons[key] = (
+                    f"copy of uid {s['uid']}'s Δ (cosine {s['cosine']:.3f}), which fits its own pages better"
+                )
+                terms[key]["duplicate_of"] = {"uid": s["uid"], "round": s["round"], "cosine": s["cosine"]}
+                break
+    eligible = [terms[k]["specificity"] for k, r in reasons.items() if r is None]
+    reference = (
+        max(cfg.min_assignment_reference, quantile(eligible, cfg.reference_quantile)) if eligible else None
+    )
+
+    out = []
+    for p in m.peers:
+        key = (p.uid, p.hotkey)
+        t = terms[key]
+        t["assignment_reference"] = reference
+        reason = reasons[key]
+        score = 0.0
+        if reason is None:
+            factor = min(1.0, max(0.0, t["specificity"] / reference))
+            t["assignment_factor"] = factor
+            if factor < cfg.min_assignment_factor:
+                reason = (
+                    f"not trained on its assigned pages (specificity {t['specificity']:+.4f} vs reference "
+                    f"{reference:.4f}: factor {factor:.2f} < {cfg.min_assignment_factor})"
+                )
+            else:
+                score = t["heldout_gain"] * factor
+                reason = "scored"
+        t["score"] = score
+        out.append(PeerScore(uid=p.uid, hotkey=p.hotkey, score=score, reason=reason, terms=t))
+    return out
+
+
+def _solo_gate(p: PeerMeasurement, t: dict, cfg: ScoringConfig, round_: int) -> str | None:
+    """Why ``p`` scores 0 on its own measurements alone, or None."""
+    if p.status != "ok":
+        return {
+            "rejected": f"not evaluated: {p.reason}",
+            "malformed": f"malformed Δ: {p.reason}",
+            "non_finite": "Δ holds NaN or infinite values",
+        }.get(p.status, f"{p.status}: {p.reason}")
+    if cfg.require_pages_match and p.pages_match is False:
+        return "its manifest names pages that are not its assignment"
+    if not p.delta_norm:
+        return "empty Δ (all zeros): no work"
+    if t["norm_ratio"] is not None and t["norm_ratio"] > cfg.max_norm_ratio:
+        return f"Δ norm {t['norm_ratio']:.1f}× the round's median (limit {cfg.max_norm_ratio}×)"
+    for s in p.similar:
+        if s["round"] < round_ and s["cosine"] >= cfg.duplicate_cosine:
+            t["duplicate_of"] = {"uid": s["uid"], "round": s["round"], "cosine": s["cosine"]}
+            return f"repeats the Δ of uid {s['uid']} from round {s['round']} (cosine {s['cosine']:.3f})"
+    if t["heldout_gain"] is None or t["heldout_gain"] <= cfg.min_heldout_gain:
+        return f"does not lower the held-out loss (gain {t['heldout_gain']:+.4f} nats)"
+    return None
+
+
+# ------------------------------------------------------------------------------------------- EMA
+
+
+@dataclass(kw_only=True)
+class EmaEntry:
+    hotkey: str
+    value: float
+    rounds: int = 0
+    """Rounds this hotkey has been scored on this uid."""
+
+
+@dataclass(kw_only=True)
+class EmaState:
+    last_round: int | None = None
+    entries: dict[int, EmaEntry] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "last_round": self.last_round,
+            "entries": {str(u): asdict(e) for u, e in sorted(self.entries.items())},
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> EmaState:
+        return cls(
+            last_round=d["last_round"], entries={int(u): EmaEntry(**e) for u, e in d["entries"].items()}
+        )
+
+
+def update_ema(
+    state: EmaState, round_: int, scores: Sequence[PeerScore], uids: Mapping[int, str], alpha: float
+) -> EmaState:
+    """The EMA after round ``round_``: every uid of the metagraph (``uid → hotkey``) moves towards its score
+    (0 when it has none). A round at or before ``state.last_round`` is not applied again."""
+    if state.last_round is not None and round_ <= state.last_round:
+        return state
+    by_uid = {s.uid: s for s in scores}
+    entries: dict[int, EmaEntry] = {}
+    for uid, hotkey in sorted(uids.items()):
+        prev = state.entries.get(uid)
+        old = prev.value if prev is not None and prev.hotkey == hotkey else 0.0
+        rounds = prev.rounds if prev is not None and prev.hotkey == hotkey else 0
+        s = by_uid.get(uid)
+        score = s.score if s is not None and s.hotkey == hotkey else 0.0
+        entries[uid] = EmaEntry(hotkey=hotkey, value=alpha * score + (1 - alpha) * old, rounds=rounds + 1)
+    return EmaState(last_round=round_, entries=entries)
+
+
+# ------------------------------------------------------------------------------------------- weights
+
+
+@dataclass(kw_only=True)
+class WeightVector:
+    uids: list[int]
+    weights: list[int]
+    """u16, max-upscaled (the largest is 65535), as the runtime stores them."""
+    shares: dict[int, float]
+    """Normalised share of each uid (sums to 1), before u16 conversion."""
+    note: str
+
+    @property
+    def empty(self) -> bool:
+        return not self.uids
+
+
+def normalize_weights(values: Mapping[int, float], burn: BurnPolicy) -> WeightVector:
+    """Shares proportional to ``values`` (uid → EMA), burn policy applied, then u16 max-upscaled.
+
+    Peers with a value ≤ 0 get no weight. When nobody has a positive value the whole vector goes to the
+    burn uid, or — without one — the vector is empty and no weights should be set.
+    """
+    positive = {u: v for u, v in values.items() if v > 0 and math.isfinite(v)}
+    total = sum(positive.values())
+    shares: dict[int, float] = {}
+    if total <= 0:
+        if burn.uid is None:
+            return WeightVector(
+                uids=[], weights=[], shares={}, note="nobody earned anything and no burn uid: no weights"
+            )
+        shares = {burn.uid: 1.0}
+        note = f"nobody earned anything: all weight burned to uid {burn.uid}"
+    else:
+        keep = 1.0 - burn.fraction if burn.uid is not None else 1.0
+        for u, v in positive.items():
+            shares[u] = shares.get(u, 0.0) + keep * v / total
+        if burn.uid is not None and burn.fraction > 0:
+            shares[burn.uid] = shares.get(burn.uid, 0.0) + burn.fraction
+            note = f"{len(positive)} uids earned; {burn.fraction:.0%} burned to uid {burn.uid}"
+        else:
+            note = f"{len(positive)} uids earned"
+    top = max(shares.values())
+    uids = sorted(shares)
+    weights = [round(shares[u] / top * U16_MAX) for u in uids]
+    return WeightVector(uids=uids, weights=weights, shares=shares, note=note)
