@@ -94,22 +94,20 @@ def test_concurrent_writers_from_several_processes(tmp_path):
 def test_signed_calls_are_verified(ledger):
     alice, hk, mallory = kp("//Alice"), kp("//hk"), kp("//Mallory")
     ledger.create_subnet(alice)
-    xt = ledger.sign("register", {"netuid": 1, "coldkey": alice.ss58_address}, hk)
+    xt = ledger.sign("register", {"netuid": 1}, hk)
     ledger.submit(xt)
     with pytest.raises(BadSignature, match="replay"):
         ledger.submit(xt)
     forged = dataclasses.replace(
-        ledger.sign("register", {"netuid": 1, "coldkey": alice.ss58_address}, mallory),
+        ledger.sign("register", {"netuid": 1}, mallory),
         signer=kp("//Bob").ss58_address,
     )
     with pytest.raises(BadSignature, match="does not match"):
         ledger.submit(forged)
-    other = sign_call("00" * 16, ledger.block(), "register", {"netuid": 1, "coldkey": "x"}, mallory)
+    other = sign_call("00" * 16, ledger.block(), "register", {"netuid": 1}, mallory)
     with pytest.raises(BadSignature):  # signed for another ledger
         ledger.submit(other)
-    stale = sign_call(
-        ledger.genesis_id, 0, "register", {"netuid": 1, "coldkey": mallory.ss58_address}, mallory
-    )
+    stale = sign_call(ledger.genesis_id, 0, "register", {"netuid": 1}, mallory)
     ledger.advance(300)
     with pytest.raises(BadSignature, match="stale"):
         ledger.submit(stale)

@@ -7,8 +7,9 @@ same on a real chain (the contract suite runs both):
   are deterministic: ``blake2b-256(genesis_id || block)``. :meth:`LocalLedger.advance` moves genesis
   back (like Chopsticks' ``dev_newBlock``) for tests and demos; every process sees it.
 * **Extrinsics are signed.** Every write is a :class:`SignedCall` (call name, JSON args, signer ss58,
-  era block, random nonce) signed with sr25519 by the hotkey (register, set_commitment, weights) or the
-  coldkey (burned_register, add_stake, create_subnet). The ledger verifies the signature, that the
+  era block, random nonce) signed with sr25519 by the hotkey (register: the hotkey owns itself;
+  set_commitment, weights) or the coldkey (burned_register: the coldkey owns the hotkey and pays any
+  burn; add_stake, create_subnet). The ledger verifies the signature, that the
   era is recent (:data:`ERA_BLOCKS`) and that the call was not seen before (replay protection).
 * **Concurrency**: each write is one ``BEGIN IMMEDIATE`` transaction with a busy timeout, so peers and
   validators in different processes can write at once; readers never block (WAL).
@@ -356,16 +357,15 @@ class LocalLedger:
         hp = self.hyperparameters(netuid)
         uid = self.uid_of(netuid, hotkey.ss58_address)
         if uid is None:
-            if hp.burn > 0:
-                if not burn or coldkey is None:
-                    raise BurnRequired(
-                        f"registering on subnet {netuid} burns {hp.burn / 1e9:g} TAO from the coldkey: "
-                        "pass the coldkey and the explicit burn flag (--register.burn) to pay it"
-                    )
+            if hp.burn > 0 and (not burn or coldkey is None):
+                raise BurnRequired(
+                    f"registering on subnet {netuid} burns {hp.burn / 1e9:g} TAO from the coldkey: "
+                    "pass the coldkey and the explicit burn flag (--register.burn) to pay it"
+                )
+            if coldkey is not None:  # the coldkey signs: it owns the hotkey and pays any burn
                 self._call("burned_register", {"netuid": netuid, "hotkey": hotkey.ss58_address}, coldkey)
-            else:
-                ck = coldkey.ss58_address if coldkey else hotkey.ss58_address
-                self._call("register", {"netuid": netuid, "coldkey": ck}, hotkey)
+            else:  # the hotkey signs for itself and is its own owner
+                self._call("register", {"netuid": netuid}, hotkey)
             new = True
         else:
             new = False
@@ -610,7 +610,7 @@ def _h_register(ledger: LocalLedger, db, cur: int, signer: str, args: dict) -> N
         raise BurnRequired(
             f"subnet {args['netuid']} charges a burn: use burned_register (signed by the coldkey)"
         )
-    _append_neuron(db, cur, args["netuid"], signer, args["coldkey"], hp)
+    _append_neuron(db, cur, args["netuid"], signer, signer, hp)
 
 
 def _debit(db, address: str, amount: int, what: str) -> None:
@@ -625,7 +625,8 @@ def _debit(db, address: str, amount: int, what: str) -> None:
 
 def _h_burned_register(ledger: LocalLedger, db, cur: int, signer: str, args: dict) -> None:
     _, hp = _subnet(db, args["netuid"])
-    _debit(db, signer, hp.burn, f"registration on subnet {args['netuid']}")
+    if hp.burn > 0:
+        _debit(db, signer, hp.burn, f"registration on subnet {args['netuid']}")
     _append_neuron(db, cur, args["netuid"], args["hotkey"], signer, hp)
 
 
