@@ -124,6 +124,12 @@ def register(sub) -> None:
     )
     g.add_argument("--round-seconds", type=float, default=None, help="override train.round_seconds")
     g.add_argument("--max-inner-steps", type=int, default=None, help="override train.max_inner_steps (H)")
+    g.add_argument(
+        "--averaging-reserve",
+        type=float,
+        default=None,
+        help="override train.averaging_reserve_seconds (time left for averaging each round)",
+    )
     g.add_argument("--batch-size", type=int, default=None, help="override train.batch_size")
     g.add_argument("--max-rounds", type=int, default=None, help="stop after N rounds")
     g.add_argument("--max-seconds", type=float, default=None, help="stop after N seconds")
@@ -196,6 +202,7 @@ def run(args) -> int:
     run_cfg = load_run_config(args.config)
     train = override(
         run_cfg.train,
+        averaging_reserve_seconds=args.averaging_reserve,
         round_seconds=args.round_seconds,
         max_inner_steps=args.max_inner_steps,
         batch_size=args.batch_size,

@@ -80,6 +80,7 @@ def start_dht(
             host_maddrs=host_maddrs,
             announce_maddrs=announce_maddrs or None,
             identity_path=identity_path,
+            check_if_identity_free=False,  # our key file is per peer home; the check costs ~5 s
             record_validators=list(record_validators),
             start=True,
             await_ready=True,

@@ -50,6 +50,22 @@ from peer.tracking import Tracker
 log = logging.getLogger("gradswarm.trainer")
 
 
+def peak_rss_mb() -> float:
+    """Peak RSS of this process plus the current RSS of its children (the averager), MiB."""
+    import resource
+
+    import psutil
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = 0.0
+    for child in psutil.Process().children(recursive=False):
+        try:
+            children += child.memory_info().rss / 2**20
+        except psutil.Error:
+            pass
+    return own + children
+
+
 @dataclass(kw_only=True)
 class TrainerConfig:
     """How one peer runs (what it agrees on with the swarm is in ``run``)."""
@@ -118,6 +134,8 @@ class RoundReport:
     state_hash: str = ""
     heldout_loss: float | None = None
     synced_from_peer: bool = False
+    peak_rss_mb: float = 0.0
+    """Peak resident memory of this process plus its averager child, MiB."""
     extra: dict = field(default_factory=dict)
 
 
@@ -422,6 +440,7 @@ class Trainer:
         self.outbox.prune()
         self.swarm.announce_state(self.round, self.state_hash(), ttl=4 * train.round_seconds + 60)
         self._rounds_done += 1
+        report.peak_rss_mb = peak_rss_mb()
         self._record(report)
         return report
 
