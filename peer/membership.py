@@ -14,6 +14,7 @@ import logging
 from substrateinterface import Keypair
 
 from peer.chain.base import Chain, RateLimited, Registration
+from peer.chain.base import ensure_commitment as chain_ensure_commitment
 from peer.errors import ConfigError
 from peer.records import Commitment
 
@@ -45,21 +46,14 @@ def commit_address(addrs: list[str], announce: str | None, *, local: bool) -> st
 
 
 def ensure_commitment(chain: Chain, netuid: int, hotkey: Keypair, commitment: Commitment) -> bool:
-    """Commit ``commitment`` unless it is already on chain. Returns True if a new commitment was set."""
-    data = commitment.to_bytes()
-    current = chain.commitments(netuid).get(hotkey.ss58_address)
-    if current is not None:
-        try:
-            if Commitment.from_bytes(current) == commitment:
-                return False
-        except ValueError:
-            pass  # an unreadable old commitment: replace it
+    """Commit ``commitment`` unless the chain already holds it. Returns True if a new commitment was set."""
     try:
-        chain.set_commitment(netuid, hotkey, data)
+        sent = chain_ensure_commitment(chain, netuid, hotkey, commitment.to_bytes())
     except RateLimited as e:
         raise ConfigError(
             f"cannot update the on-chain address yet ({e}); validators will not reach this peer until then — "
             "restart with the same --publisher.listen port to keep the committed address valid"
         ) from None
-    log.info("committed publisher address %s", commitment.multiaddr)
-    return True
+    if sent:
+        log.info("committed publisher address %s", commitment.multiaddr)
+    return sent
