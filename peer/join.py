@@ -120,6 +120,13 @@ def register(sub) -> None:
         help="diloco: average pseudo-gradients once per round; sync: hivemind Optimizer, per-step gradients",
     )
     g.add_argument(
+        "--sync.target-batch",
+        dest="sync_target_batch",
+        type=int,
+        default=None,
+        help="sync mode: samples the swarm accumulates per optimizer step (default 64 x batch size)",
+    )
+    g.add_argument(
         "--compression", choices=["8bit", "fp16", "none"], default="8bit", help="all-reduce wire compression"
     )
     g.add_argument("--round-seconds", type=float, default=None, help="override train.round_seconds")
@@ -309,7 +316,14 @@ def run(args) -> int:
         if args.averaging == "sync":
             from peer.sync import run_sync
 
-            run_sync(cfg, keypair=keypair, dht=dht, tracker=tracker, clock=clock)
+            run_sync(
+                cfg,
+                keypair=keypair,
+                dht=dht,
+                tracker=tracker,
+                clock=clock,
+                target_batch_size=args.sync_target_batch,
+            )
             return 0
         trainer = Trainer(
             cfg,

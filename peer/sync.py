@@ -7,7 +7,7 @@ communicates once per round instead.
 
 Per wall-clock round the peer still publishes a contribution for validators: its own accumulated
 gradient as a pseudo-gradient Δ = lr · Σ g (what its data alone would have moved the model by), with
-the usual signed manifest. Tune ``target_batch_size`` (``--sync.target-batch``) from the symptom:
+the usual signed manifest. Tune ``target_batch_size`` (``--sync.target-batch``, default 64 × batch size) from the symptom:
 steps that wait long for matchmaking → raise it; loss that improves slowly per sample → lower it.
 """
 
@@ -54,7 +54,7 @@ def run_sync(
             ps, lr=run.train.inner_lr, weight_decay=run.train.inner_weight_decay
         ),
         batch_size_per_step=batch,
-        target_batch_size=target_batch_size or 4 * batch,
+        target_batch_size=target_batch_size or 64 * batch,
         matchmaking_time=cfg.matchmaking_seconds,
         averaging_timeout=run.train.averaging_timeout,
         grad_compression=make_compression(cfg.compression),

@@ -51,7 +51,7 @@ log = logging.getLogger("gradswarm.trainer")
 
 
 def peak_rss_mb() -> float:
-    """Peak RSS of this process plus the current RSS of its children (the averager), MiB."""
+    """Peak RSS of this process plus the unique memory (USS) of its children (the averager), MiB."""
     import resource
 
     import psutil
@@ -60,7 +60,7 @@ def peak_rss_mb() -> float:
     children = 0.0
     for child in psutil.Process().children(recursive=False):
         try:
-            children += child.memory_info().rss / 2**20
+            children += child.memory_full_info().uss / 2**20  # unique: the fork shares pages
         except psutil.Error:
             pass
     return own + children
