@@ -1,0 +1,778 @@
+"""A whole local subnet in one command: ledger, wallets, bootstrap DHT, peers and validators.
+
+    python -m launch.local_subnet --config launch/demo.yaml
+    python -m launch.local_subnet --config launch/demo.yaml --peers 2 --behaviours free-rider,copycat \\
+        --validators 1 --rounds 6 --run-dir runs/my-scenario
+
+What it does, in order (everything real, every process separate, all on 127.0.0.1):
+
+1. a run folder (``runs/<name>-<time>`` or ``--run-dir``) holding the ledger, the wallets, every
+   process's home and log, ``summary.json`` and ``report.png``;
+2. the model config's data prepared once (tokenizer + pages) so peers do not race on it;
+3. a LocalLedger subnet (SQLite file, short block time), one unencrypted wallet per participant,
+   validators registered and staked (funded by the ledger's dev faucet);
+4. a bootstrap DHT (``peer bootstrap``), N ``peer join`` processes (each with its publisher) and M
+   ``validator run`` processes;
+5. live progress (one row per process; plain lines when stdout is not a terminal) until the validators
+   scored ``rounds`` rounds (or, without validators, the peers trained them), then a clean shutdown, the
+   table of peers and the report files. Ctrl-C stops everything the same way and keeps a partial summary.
+
+``peers`` counts the honest peers; each entry of ``behaviours`` adds one more peer with that fault
+injection (``peer join --behaviour``), a tool to study the incentive mechanism (see peer/behaviour.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import get_type_hints
+
+import yaml
+
+from launch.procs import Child, _proc_table, stop_all
+from launch.report import (
+    History,
+    Row,
+    build_summary,
+    compact_validator_record,
+    normalised_weights,
+    plain_peer_table,
+    read_json,
+    render_peer_table,
+    update_peer_row,
+    write_report_png,
+)
+from peer.errors import ConfigError, UserError, run_cli
+from peer.outbox import atomic_write_json
+
+REPO = Path(__file__).resolve().parent.parent
+BEHAVIOURS = ("honest", "free-rider", "copycat", "random-data", "nan", "scaled", "sign-flip", "stale")
+WANDB_MODES = ("online", "offline", "disabled")
+RAO_PER_TAO = 10**9
+
+
+@dataclass(kw_only=True)
+class LaunchConfig:
+    """One local subnet run. Loaded from YAML (``launch/demo.yaml``); command-line flags override it."""
+
+    name: str = "local"
+    """Run name: the run folder is ``runs/<name>-<YYYYmmdd-HHMMSS>`` unless ``run_dir`` is given."""
+    run_dir: str | None = None
+    """Run folder (must not exist or be empty). Holds ledger, wallets, homes, logs and the report."""
+    model_config: str = "debug"
+    """Model config name (model_configs/<name>.yaml) or YAML path, passed to every peer and validator.
+    Only ``debug`` trains fast enough on a CPU for a demo."""
+    data_dir: str | None = None
+    """Prepared data folder shared by all processes (default: .cache/data/<model config>)."""
+    peers: int = 3
+    """Honest peers."""
+    behaviours: list[str] = field(default_factory=list)
+    """One extra peer per entry, with that behaviour (free-rider, copycat, random-data, nan, scaled,
+    sign-flip, stale): fault injection to watch the validators pay honest work only."""
+    validators: int = 1
+    """Validators (``validator run``), each registered and staked. 0 = a training swarm without rewards."""
+    rounds: int = 8
+    """Rounds the validators score before the run ends (without validators: rounds the peers train).
+    Run time ≈ start-up (~1 min on 2 cores) + rounds × round_blocks × block_time (+ a round of lag)."""
+    block_time: float = 0.5
+    """Ledger seconds per block. Rounds and epochs are counted in blocks."""
+    round_blocks: int = 16
+    """Blocks per training round (round length = round_blocks × block_time). If peers report few inner
+    steps or validators fall behind (rows lag a round), raise it."""
+    tempo: int = 10
+    """Subnet tempo: an epoch (incentive from weights) runs every tempo + 1 blocks."""
+    validator_stake_tao: float = 1000.0
+    """Stake given to each validator's hotkey (dev faucet), so it holds a validator permit."""
+    peer_threads: int = 1
+    """torch CPU threads per peer. On a small box keep peers × threads ≤ cores."""
+    validator_threads: int = 1
+    """torch CPU threads per validator."""
+    wandb_mode: str = "disabled"
+    """online | offline | disabled, passed to every process (offline runs land in each home)."""
+    peer_args: list[str] = field(default_factory=list)
+    """Extra flags for every ``peer join`` (e.g. ``[--compression, fp16]``)."""
+    validator_args: list[str] = field(default_factory=list)
+    """Extra flags for every ``validator run``."""
+    timeout_s: float | None = None
+    """Stop the run (as if interrupted) after this many seconds. Default: generous, from rounds."""
+    grace_s: float = 20.0
+    """Seconds children get to exit after SIGTERM before SIGKILL. Raise it if the summary lists kills."""
+    startup_timeout_s: float = 120.0
+    """How long the bootstrap DHT may take to come up."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", self.name):
+            raise ConfigError(f"name {self.name!r}: use 1-40 letters, digits, '_' or '-'")
+        for key in ("peers", "validators"):
+            if not 0 <= getattr(self, key) <= 64:
+                raise ConfigError(f"{key} = {getattr(self, key)}: use 0..64")
+        if self.peers + len(self.behaviours) < 1:
+            raise ConfigError("a subnet needs at least one peer (peers + behaviours ≥ 1)")
+        bad = [b for b in self.behaviours if b not in BEHAVIOURS]
+        if bad:
+            raise ConfigError(f"unknown behaviour(s) {bad}: choose from {', '.join(BEHAVIOURS)}")
+        if self.rounds < 1:
+            raise ConfigError(f"rounds = {self.rounds}: must be ≥ 1")
+        if self.block_time <= 0 or self.round_blocks < 1 or self.tempo < 1:
+            raise ConfigError("block_time must be > 0, round_blocks ≥ 1, tempo ≥ 1")
+        if self.round_blocks * self.block_time < 3:
+            raise ConfigError(
+                f"a round of {self.round_blocks} × {self.block_time}s is too short to train and average: "
+                "make round_blocks × block_time ≥ 3 s"
+            )
+        if self.wandb_mode not in WANDB_MODES:
+            raise ConfigError(f"wandb_mode {self.wandb_mode!r}: choose from {', '.join(WANDB_MODES)}")
+        if self.peer_threads < 1 or self.validator_threads < 1:
+            raise ConfigError("peer_threads and validator_threads must be ≥ 1")
+        if self.validator_stake_tao <= 0 or self.grace_s <= 0 or self.startup_timeout_s <= 0:
+            raise ConfigError("validator_stake_tao, grace_s and startup_timeout_s must be > 0")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ConfigError("timeout_s must be > 0")
+
+    @property
+    def round_seconds(self) -> float:
+        return self.round_blocks * self.block_time
+
+    @property
+    def effective_timeout(self) -> float:
+        """Default: start-up allowance + 3 × the rounds' nominal length."""
+        if self.timeout_s is not None:
+            return self.timeout_s
+        return 300.0 + 3 * (self.rounds + 2) * self.round_seconds
+
+    @property
+    def peer_behaviours(self) -> list[str]:
+        return ["honest"] * self.peers + list(self.behaviours)
+
+
+def load_launch_config(path: Path | None, overrides: dict) -> LaunchConfig:
+    """The YAML file's values (unknown keys are errors), then the non-None ``overrides``."""
+    raw: dict = {}
+    if path is not None:
+        if not path.exists():
+            raise ConfigError(f"launch config {path} not found (the default is launch/demo.yaml)")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of launch settings")
+        raw.update(loaded)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(LaunchConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path or 'launch config'}: unknown key(s) {unknown}; known: {sorted(known)}")
+    hints = get_type_hints(LaunchConfig)
+    for key, value in raw.items():
+        hint = hints[key]
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            raw[key] = float(value)
+        if key in ("behaviours", "peer_args", "validator_args") and not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if hint is int and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    return LaunchConfig(**raw)
+
+
+# ------------------------------------------------------------------------------------ participants
+@dataclass(kw_only=True)
+class Participant:
+    name: str
+    role: str
+    behaviour: str
+    home: Path
+    hotkey: str = ""
+    child: Child | None = None
+    row: Row | None = None
+
+
+def child_env(cfg: LaunchConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "WANDB_MODE": cfg.wandb_mode,
+            "WANDB_SILENT": "true",
+            "HIVEMIND_LOGLEVEL": "WARNING",
+        }
+    )
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def validator_available() -> bool:
+    """Whether this checkout has ``validator run`` (validator/cli.py)."""
+    return importlib.util.find_spec("validator.cli") is not None
+
+
+class LocalSubnet:
+    """Sets up and runs one local subnet. ``run()`` returns the process exit code."""
+
+    def __init__(self, cfg: LaunchConfig, *, run_dir: Path, console=None):
+        from rich.console import Console
+
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.run_id = re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:64] or "local"
+        self.console = console or Console()
+        self.tty = self.console.is_terminal
+        self.data_dir = (
+            Path(cfg.data_dir) if cfg.data_dir else REPO / ".cache" / "data" / Path(cfg.model_config).stem
+        )
+        self.ledger_path = run_dir / "ledger.sqlite"
+        self.wallets = run_dir / "wallets"
+        self.env = child_env(cfg)
+        self.ledger = None
+        self.netuid: int | None = None
+        self.participants: list[Participant] = []
+        self.bootstrap: Participant | None = None
+        self.history = History()
+        self.crashed: list[dict] = []
+        self.peer_rounds: dict[str, list[dict]] = {}
+        self.started = time.time()
+        self.status = "starting"
+        self.block = 0
+        self._last_round_seen: dict[str, int] = {}
+        self._stop_reason: str | None = None
+
+    # -------------------------------------------------------------------------------- set-up
+    def log(self, message: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        if self.tty:
+            self.console.log(message)
+        else:
+            print(f"{stamp} {message}", flush=True)
+
+    def prepare(self) -> None:
+        from substrateinterface import Keypair  # noqa: F401 - fail early if the venv is incomplete
+
+        from peer.chain.base import SubnetParams
+        from peer.chain.local import LocalLedger
+        from peer.config import load_run_config
+        from peer.data import prepare_data
+        from peer.wallet import WalletConfig, create_wallet, load_coldkey
+
+        if self.cfg.validators and not validator_available():
+            raise ConfigError(
+                "`validator run` is not available in this checkout (validator/cli.py is missing), so no "
+                "rewards can be computed: run with --validators 0 for a training-only swarm"
+            )
+        run_cfg = load_run_config(self.cfg.model_config)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "logs").mkdir(exist_ok=True)
+        t = time.time()
+        prepare_data(run_cfg.data, self.data_dir)
+        self.log(f"data ready in {self.data_dir} ({time.time() - t:.1f}s)")
+
+        self.ledger = LocalLedger(self.ledger_path, block_time=self.cfg.block_time)
+        owner_cfg = WalletConfig(name="owner", hotkey="default", path=str(self.wallets), create=True)
+        create_wallet(owner_cfg)
+        owner = load_coldkey(owner_cfg)
+        self.netuid = self.ledger.create_subnet(owner, SubnetParams(burn=0, tempo=self.cfg.tempo))
+        self.log(f"ledger {self.ledger_path}: subnet {self.netuid}, block time {self.cfg.block_time}s")
+
+        for i, behaviour in enumerate(self.cfg.peer_behaviours):
+            name = f"peer-{i}"
+            self.participants.append(
+                Participant(name=name, role="peer", behaviour=behaviour, home=self.run_dir / "peers" / name)
+            )
+        for i in range(self.cfg.validators):
+            name = f"validator-{i}"
+            self.participants.append(
+                Participant(
+                    name=name, role="validator", behaviour="", home=self.run_dir / "validators" / name
+                )
+            )
+        stake = int(self.cfg.validator_stake_tao * RAO_PER_TAO)
+        for p in self.participants:
+            wcfg = WalletConfig(name=p.name, hotkey="default", path=str(self.wallets), create=True)
+            hot = create_wallet(wcfg)
+            p.hotkey = hot.ss58_address
+            p.row = Row(name=p.name, role=p.role, hotkey=p.hotkey, behaviour=p.behaviour or "-")
+            if p.role == "validator":
+                cold = load_coldkey(wcfg)
+                reg = self.ledger.register(self.netuid, hot, cold)
+                self.ledger.fund(cold.ss58_address, stake)
+                self.ledger.add_stake(self.netuid, hot.ss58_address, cold, stake)
+                p.row.uid = reg.uid
+                p.row.stake_tao = self.cfg.validator_stake_tao
+        staked = f" (staked {self.cfg.validator_stake_tao:g} TAO each)" if self.cfg.validators else ""
+        self.log(
+            f"wallets in {self.wallets}: {sum(p.role == 'peer' for p in self.participants)} peers, "
+            f"{self.cfg.validators} validators{staked}"
+        )
+
+    # -------------------------------------------------------------------------------- processes
+    def _child(self, name: str, role: str, args: list[str]) -> Child:
+        return Child(
+            name=name,
+            role=role,
+            args=args,
+            log_path=self.run_dir / "logs" / f"{name}.log",
+            env=self.env,
+            cwd=REPO,
+        )
+
+    def start_bootstrap(self) -> str:
+        ready = self.run_dir / "bootstrap.ready.json"
+        boot = Participant(name="bootstrap", role="bootstrap", behaviour="", home=self.run_dir)
+        boot.row = Row(name="bootstrap", role="bootstrap", behaviour="-")
+        boot.child = self._child(
+            "bootstrap",
+            "bootstrap",
+            [
+                sys.executable, "-m", "peer.cli", "bootstrap",
+                "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--ready-file", str(ready),
+            ],
+        )  # fmt: skip
+        self.bootstrap = boot
+        boot.child.start()
+        deadline = time.time() + self.cfg.startup_timeout_s
+        while True:
+            info = read_json(ready)
+            if info is not None:
+                boot.row.state = "running"
+                self.log(f"bootstrap DHT up: {info['maddrs'][0]}")
+                return info["maddrs"][0]
+            if boot.child.poll() is not None or time.time() > deadline:
+                raise LaunchFailed(
+                    f"the bootstrap DHT did not start (exit {boot.child.exit_code}); "
+                    f"log {boot.child.log_path}:\n{boot.child.tail()}"
+                )
+            time.sleep(0.2)
+
+    def peer_args(self, p: Participant, bootstrap: str) -> list[str]:
+        args = [
+            sys.executable, "-m", "peer.cli", "join",
+            "--config", self.cfg.model_config, "--run-id", self.run_id,
+            "--home", str(p.home), "--data-dir", str(self.data_dir),
+            "--host-maddrs", "/ip4/127.0.0.1/tcp/0", "--publisher.listen", "/ip4/127.0.0.1/tcp/0",
+            "--wallet.path", str(self.wallets), "--wallet.name", p.name, "--wallet.hotkey", "default",
+            "--threads", str(self.cfg.peer_threads),
+            "--initial-peers", bootstrap,
+            "--ledger.path", str(self.ledger_path), "--netuid", str(self.netuid),
+            "--round-blocks", str(self.cfg.round_blocks), "--round-seconds", str(self.cfg.round_seconds),
+            "--behaviour", p.behaviour, "--wandb.mode", self.cfg.wandb_mode,
+        ]  # fmt: skip
+        if self.cfg.validators == 0:
+            args += ["--max-rounds", str(self.cfg.rounds)]
+        return args + list(self.cfg.peer_args)
+
+    def validator_args(self, p: Participant) -> list[str]:
+        args = [
+            sys.executable, "-m", "validator.cli", "run",
+            "--config", self.cfg.model_config, "--run-id", self.run_id,
+            "--state-dir", str(p.home), "--data-dir", str(self.data_dir),
+            "--wallet.path", str(self.wallets), "--wallet.name", p.name, "--wallet.hotkey", "default",
+            "--ledger.path", str(self.ledger_path), "--netuid", str(self.netuid),
+            "--round-blocks", str(self.cfg.round_blocks),
+            "--max-rounds", str(self.cfg.rounds), "--threads", str(self.cfg.validator_threads),
+            "--wandb.mode", self.cfg.wandb_mode,
+        ]  # fmt: skip
+        return args + list(self.cfg.validator_args)
+
+    def start_participants(self, bootstrap: str) -> None:
+        for p in self.participants:
+            args = self.peer_args(p, bootstrap) if p.role == "peer" else self.validator_args(p)
+            p.child = self._child(p.name, p.role, args)
+            p.child.start()
+        self.log(
+            f"started {len(self.participants)} processes; logs in {self.run_dir / 'logs'} "
+            f"(round = {self.cfg.round_blocks} blocks = {self.cfg.round_seconds:g}s)"
+        )
+
+    @property
+    def children(self) -> list[Child]:
+        everyone = ([self.bootstrap] if self.bootstrap else []) + self.participants
+        return [p.child for p in everyone if p.child is not None]
+
+    # -------------------------------------------------------------------------------- monitoring
+    def current_round(self) -> int:
+        return self.block // self.cfg.round_blocks
+
+    def refresh(self) -> None:
+        """Read every status file and the ledger; note finished rounds, weight changes and crashes."""
+        assert self.ledger is not None and self.netuid is not None
+        table = _proc_table()
+        for c in self.children:
+            c.remember_descendants(table)
+        meta = self.ledger.metagraph(self.netuid)
+        self.block = meta.block
+        by_hotkey = meta.by_hotkey()
+        validator_uids = [
+            by_hotkey[p.hotkey].uid
+            for p in self.participants
+            if p.role == "validator" and p.hotkey in by_hotkey
+        ]
+        shares = normalised_weights(self.ledger.weights(self.netuid), validator_uids)
+        for p in self.participants:
+            row = p.row
+            assert row is not None and p.child is not None
+            if p.role == "peer":
+                self.peer_rounds[p.name] = update_peer_row(row, p.home)
+            else:
+                self._update_validator_row(p)
+            nr = by_hotkey.get(p.hotkey)
+            if nr is not None:
+                row.uid = nr.uid
+                row.incentive = nr.incentive if p.role == "peer" else nr.dividends
+                row.stake_tao = nr.stake_tao
+                if p.role == "peer":
+                    row.weight = shares.get(nr.uid, 0.0 if shares else None)
+            self._note_exit(p)
+            if row.round is not None and self._last_round_seen.get(p.name) != row.round:
+                self._last_round_seen[p.name] = row.round
+                if not self.tty:
+                    self.log(self._round_line(row))
+        if self.bootstrap is not None:
+            self._note_exit(self.bootstrap)
+        names = {p.hotkey: p.name for p in self.participants if p.role == "peer"}
+        if shares:
+            by_name = {names[nr.hotkey]: shares.get(nr.uid, 0.0) for nr in meta.neurons if nr.hotkey in names}
+            if self.history.record_weights(self.current_round(), by_name) and not self.tty:
+                self.log(
+                    f"round {self.current_round()} weights: "
+                    + " · ".join(f"{n} {w:.3f}" for n, w in sorted(by_name.items()))
+                )
+
+    def _update_validator_row(self, p: Participant) -> None:
+        """A validator's progress from its round records (``<state dir>/rounds/<r>/record.json``)."""
+        row = p.row
+        assert row is not None
+        recs = self.history.validator_rounds.setdefault(p.name, [])
+        seen = {r["round"] for r in recs}
+        base = p.home / "rounds"
+        if base.is_dir():
+            new = sorted(int(d.name) for d in base.iterdir() if d.name.isdigit() and int(d.name) not in seen)
+            for r in new:
+                rec = read_json(base / str(r) / "record.json")
+                if rec is not None:
+                    recs.append(compact_validator_record(rec))
+            recs.sort(key=lambda x: x["round"])
+        if recs:
+            last = recs[-1]
+            row.rounds = len(recs)
+            row.round = last["round"]
+            row.heldout_loss = last["heldout_loss_base"]
+        scores = self._validator_scores()
+        for q in self.participants:
+            if q.role == "peer" and q.hotkey in scores and q.row is not None:
+                q.row.score = scores[q.hotkey]
+
+    def _validator_scores(self) -> dict[str, float]:
+        """hotkey -> score of the latest scored round, averaged over validators."""
+        acc: dict[str, list[float]] = {}
+        for recs in self.history.validator_rounds.values():
+            if recs:
+                for hk, s in recs[-1]["scores"].items():
+                    acc.setdefault(hk, []).append(s)
+        return {hk: sum(v) / len(v) for hk, v in acc.items()}
+
+    def _round_line(self, row: Row) -> str:
+        def f(x, spec):
+            return "-" if x is None else format(x, spec)
+
+        if row.role == "peer":
+            return (
+                f"{row.name} ({row.behaviour}) round {row.round}: loss {f(row.loss, '.3f')} · held-out "
+                f"{f(row.heldout_loss, '.3f')} · {f(row.tok_s, ',.0f')} tok/s · {row.rounds} rounds"
+            )
+        return f"{row.name} scored round {row.round} (held-out loss of the base {f(row.heldout_loss, '.3f')})"
+
+    def _note_exit(self, p: Participant) -> None:
+        c, row = p.child, p.row
+        if c is None or row is None:
+            return
+        code = c.poll()
+        if code is None:
+            if row.state == "starting" and (
+                row.round is not None or row.uid is not None and p.role == "peer"
+            ):
+                row.state = "running"
+            return
+        if row.state in ("done", "stopped") or row.state.startswith("crashed"):
+            return
+        if c.stopping:
+            row.state = "stopped"
+        elif code == 0:
+            row.state = "done"
+            self.log(f"{p.name} finished")
+        else:
+            row.state = f"crashed (exit {code})"
+            tail = c.tail()
+            self.crashed.append({"name": p.name, "exit_code": code, "log": str(c.log_path), "tail": tail})
+            self.log(f"[{p.name}] exited with code {code}; last lines of {c.log_path}:\n{tail}")
+
+    def done_reason(self) -> str | None:
+        """Why the run should end now, or None to go on."""
+        if (
+            self.bootstrap is not None
+            and self.bootstrap.child is not None
+            and self.bootstrap.child.poll() is not None
+        ):
+            return "the bootstrap DHT exited"
+        peers = [p for p in self.participants if p.role == "peer"]
+        vals = [p for p in self.participants if p.role == "validator"]
+        if all(p.child is not None and p.child.poll() is not None for p in peers):
+            return "every peer exited" if vals else "the peers trained every round"
+        if vals and all(p.child is not None and p.child.poll() is not None for p in vals):
+            if any(p.child is not None and p.child.exit_code == 0 for p in vals):
+                return "the validators scored every round"
+            return "every validator exited"
+        if time.time() - self.started > self.cfg.effective_timeout:
+            return f"timeout after {self.cfg.effective_timeout:.0f}s (timeout_s)"
+        return None
+
+    def live_table(self):
+        from rich.table import Table
+
+        t = Table(
+            title=f"{self.run_id} · block {self.block} · round {self.current_round()} · "
+            f"{time.time() - self.started:.0f}s",
+            expand=False,
+        )
+        for col in (
+            "process",
+            "role",
+            "hotkey",
+            "behaviour",
+            "state",
+            "round",
+            "loss",
+            "tok/s",
+            "score",
+            "weight",
+        ):
+            t.add_column(
+                col, justify="right" if col in ("round", "loss", "tok/s", "score", "weight") else "left"
+            )
+
+        def f(x, spec):
+            return "-" if x is None else format(x, spec)
+
+        everyone = ([self.bootstrap] if self.bootstrap else []) + self.participants
+        for p in everyone:
+            r = p.row
+            if r is None:
+                continue
+            style = (
+                "red" if r.state.startswith("crashed") else ("dim" if r.state in ("done", "stopped") else "")
+            )
+            t.add_row(
+                r.name,
+                r.role,
+                (r.hotkey[:8] + "…") if r.hotkey else "-",
+                r.behaviour,
+                r.state,
+                f(r.round, "d"),
+                f(r.loss if r.role == "peer" else r.heldout_loss, ".3f"),
+                f(r.tok_s, ",.0f"),
+                f(r.score, ".4f"),
+                f(r.weight, ".3f"),
+                style=style,
+            )
+        return t
+
+    # -------------------------------------------------------------------------------- report
+    def summary(self) -> dict:
+        rows = [
+            p.row
+            for p in ([self.bootstrap] if self.bootstrap else []) + self.participants
+            if p.row is not None
+        ]
+        for p in ([self.bootstrap] if self.bootstrap else []) + self.participants:
+            if p.row is not None and p.child is not None:
+                p.row.log = str(p.child.log_path)
+        meta = {
+            "run_id": self.run_id,
+            "run_dir": str(self.run_dir),
+            "status": self.status,
+            "stop_reason": self._stop_reason,
+            "started": self.started,
+            "duration_s": round(time.time() - self.started, 1),
+            "netuid": self.netuid,
+            "ledger": str(self.ledger_path),
+            "block": self.block,
+            "round": self.current_round(),
+            "config": dataclasses.asdict(self.cfg),
+            "killed": [c.name for c in self.children if c.killed],
+        }
+        return build_summary(
+            meta=meta, rows=rows, peer_rounds=self.peer_rounds, history=self.history, crashed=self.crashed
+        )
+
+    def write_summary(self) -> dict:
+        summary = self.summary()
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    # -------------------------------------------------------------------------------- main loop
+    def run(self) -> int:
+        interrupted = False
+        live = None
+        try:
+            self.prepare()
+            bootstrap = self.start_bootstrap()
+            self.start_participants(bootstrap)
+            self.status = "running"
+            if self.tty:
+                from rich.live import Live
+
+                live = Live(self.live_table(), console=self.console, refresh_per_second=2, transient=False)
+                live.start()
+            last_summary = 0.0
+            while True:
+                self.refresh()
+                if live is not None:
+                    live.update(self.live_table())
+                if time.time() - last_summary > 10:
+                    self.write_summary()
+                    last_summary = time.time()
+                reason = self.done_reason()
+                if reason is not None:
+                    self._stop_reason = reason
+                    break
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            interrupted = True
+            self._stop_reason = "interrupted (Ctrl-C / SIGTERM)"
+        finally:
+            if live is not None:
+                live.stop()
+            if self.children:
+                self.log(f"stopping {sum(c.running for c in self.children)} processes ({self._stop_reason})…")
+                with _signals_ignored():
+                    stop_all(self.children, self.cfg.grace_s)
+            leftovers = sorted(pid for c in self.children for pid in c.leftovers())
+            if leftovers:
+                self.log(f"[red]processes still alive after SIGKILL: {leftovers}")
+        return self.finish(interrupted)
+
+    def finish(self, interrupted: bool) -> int:
+        if self.ledger is None or self.netuid is None:
+            return 130 if interrupted else 1
+        try:
+            self.refresh()
+        except UserError as e:
+            self.log(f"could not read the ledger for the final table: {e}")
+        timed_out = (self._stop_reason or "").startswith("timeout")
+        if interrupted or timed_out:
+            self.status = "interrupted" if interrupted else "timed out"
+        elif self.crashed:
+            self.status = "finished with crashes"
+        else:
+            self.status = "completed"
+        summary = self.write_summary()
+        png = self.run_dir / "report.png"
+        write_report_png(summary, png)
+        if self.tty:
+            self.console.print(render_peer_table(summary))
+        else:
+            print(plain_peer_table(summary), flush=True)
+        held = summary["heldout_loss"]
+        if len(held) >= 2:
+            self.log(
+                f"held-out loss {held[0]['heldout_loss']:.3f} (round {held[0]['round']}) → "
+                f"{held[-1]['heldout_loss']:.3f} (round {held[-1]['round']})"
+            )
+        self.log(f"{self.status} in {summary['duration_s']:.0f}s: {self.run_dir / 'summary.json'}, {png}")
+        for c in self.crashed:
+            self.log(f"crashed: {c['name']} (exit {c['exit_code']}), log {c['log']}")
+        if interrupted:
+            return 130
+        return 1 if (self.crashed or timed_out) else 0
+
+
+class LaunchFailed(UserError):
+    """A part of the subnet could not start."""
+
+
+class _signals_ignored:
+    """Ignore SIGINT/SIGTERM while children are being stopped, so a second Ctrl-C can't orphan them."""
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        return False
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# ------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m launch.local_subnet",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=REPO / "launch" / "demo.yaml",
+        help="launch YAML (default launch/demo.yaml)",
+    )
+    p.add_argument("--peers", type=int, default=None, help="honest peers")
+    p.add_argument(
+        "--behaviours",
+        default=None,
+        help=f"comma-separated extra peers' behaviours ({', '.join(BEHAVIOURS[1:])}); '' = none",
+    )
+    p.add_argument("--validators", type=int, default=None, help="validators (0 = training only)")
+    p.add_argument("--rounds", type=int, default=None, help="rounds to score (or train, without validators)")
+    p.add_argument("--model-config", default=None, help="model config name or YAML path (debug on a CPU)")
+    p.add_argument("--round-blocks", type=int, default=None, help="blocks per round")
+    p.add_argument("--block-time", type=float, default=None, help="ledger seconds per block")
+    p.add_argument("--wandb-mode", choices=WANDB_MODES, default=None, help="W&B mode for every process")
+    p.add_argument("--run-dir", default=None, help="run folder (default runs/<name>-<time>)")
+    p.add_argument(
+        "--data-dir", default=None, help="prepared data folder (default .cache/data/<model config>)"
+    )
+    p.add_argument("--timeout", type=float, default=None, dest="timeout_s", help="stop after N seconds")
+    return p
+
+
+def resolve_run_dir(cfg: LaunchConfig) -> Path:
+    if cfg.run_dir:
+        run_dir = Path(cfg.run_dir)
+    else:
+        run_dir = REPO / "runs" / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(
+            f"run folder {run_dir} exists and is not empty: pass another --run-dir or delete it"
+        )
+    return run_dir.resolve()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def go() -> int:
+        overrides = {k: v for k, v in vars(args).items() if k != "config"}
+        if args.behaviours is not None:
+            overrides["behaviours"] = [b.strip() for b in args.behaviours.split(",") if b.strip()]
+        cfg = load_launch_config(args.config, overrides)
+        run_dir = resolve_run_dir(cfg)
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+        signal.signal(signal.SIGINT, _raise_interrupt)
+        return LocalSubnet(cfg, run_dir=run_dir).run()
+
+    return run_cli(go, "launch.local_subnet")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
