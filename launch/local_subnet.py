@@ -400,7 +400,7 @@ class LocalSubnet:
     def current_round(self) -> int:
         return self.block // self.cfg.round_blocks
 
-    def refresh(self) -> None:
+    def refresh(self, *, record_weights: bool = True) -> None:
         """Read every status file and the ledger; note finished rounds, weight changes and crashes."""
         assert self.ledger is not None and self.netuid is not None
         table = _proc_table()
@@ -437,7 +437,7 @@ class LocalSubnet:
         if self.bootstrap is not None:
             self._note_exit(self.bootstrap)
         names = {p.hotkey: p.name for p in self.participants if p.role == "peer"}
-        if shares:
+        if shares and record_weights:
             by_name = {names[nr.hotkey]: shares.get(nr.uid, 0.0) for nr in meta.neurons if nr.hotkey in names}
             if self.history.record_weights(self.current_round(), by_name) and not self.tty:
                 self.log(
@@ -662,7 +662,7 @@ class LocalSubnet:
         if self.ledger is None or self.netuid is None:
             return 130 if interrupted else 1
         try:
-            self.refresh()
+            self.refresh(record_weights=False)  # the processes are gone: weights no longer change
         except UserError as e:
             self.log(f"could not read the ledger for the final table: {e}")
         timed_out = (self._stop_reason or "").startswith("timeout")

@@ -160,7 +160,8 @@ class History:
 
 
 def heldout_by_round(peer_rounds: Mapping[str, list[dict]]) -> list[dict]:
-    """Per chain round: the median held-out loss over peers (all hold the same averaged model) + each."""
+    """Per chain round r: the held-out loss of the model *after* round r (θ_{r+1}), median over peers
+    (all hold the same averaged model), and each peer's value."""
     by_round: dict[int, dict[str, float]] = {}
     for name, recs in peer_rounds.items():
         for rec in recs:
@@ -263,22 +264,22 @@ def write_report_png(summary: Mapping, path: Path) -> None:
     held = summary.get("heldout_loss") or []
     if held:
         ax_loss.plot(
-            [h["round"] for h in held],
+            [h["round"] + 1 for h in held],
             [h["heldout_loss"] for h in held],
             marker="o",
-            label="after round (peers)",
+            label="peers (fixed held-out pages)",
         )
     for name, recs in sorted((summary.get("validator_rounds") or {}).items()):
         pts = [(r["round"], r["heldout_loss_base"]) for r in recs if r.get("heldout_loss_base") is not None]
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax_loss.plot(xs, ys, "s--", markersize=4, label=f"base θ_r ({name})")
+            ax_loss.plot(xs, ys, "s--", markersize=4, label=f"{name} (round's held-out pages)")
     if held or any(summary.get("validator_rounds", {}).values()):
         ax_loss.legend(fontsize=8)
     else:
         ax_loss.text(0.5, 0.5, "no round finished", ha="center", va="center", transform=ax_loss.transAxes)
-    ax_loss.set_title("held-out loss of the shared model")
-    ax_loss.set_xlabel("chain round")
+    ax_loss.set_title("held-out loss of the shared model θ_r")
+    ax_loss.set_xlabel("round r (θ_r = the model at its start)")
     ax_loss.set_ylabel("loss (nats/token)")
     ax_loss.grid(alpha=0.3)
 
