@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from peer.chain.local import LocalLedger
 from peer.config import load_run_config
 from peer.data import PageStore, assign_pages, eval_pages, prepare_data
 from peer.diloco import DilocoState
@@ -25,14 +26,19 @@ from peer.model import build_model, lm_loss
 from peer.outbox import encode_delta
 
 INNER_STEPS = 40
+ROUND_BLOCKS = 10
 HONEST = ["hk-honest-a", "hk-honest-b", "hk-honest-c"]
 
 
-def _hotkey(name: str) -> str:
-    """A real sr25519 ss58 address derived from a name (deterministic)."""
+def keypair(name: str):
+    """A real sr25519 hotkey derived from a name (deterministic)."""
     from substrateinterface import Keypair, KeypairType
 
-    return Keypair.create_from_uri(f"//{name}", crypto_type=KeypairType.SR25519).ss58_address
+    return Keypair.create_from_uri(f"//{name}", crypto_type=KeypairType.SR25519)
+
+
+def _hotkey(name: str) -> str:
+    return keypair(name).ss58_address
 
 
 @dataclass
@@ -44,7 +50,10 @@ class World:
     bases: dict[int, dict[str, torch.Tensor]]
     """round → θ_r (name → fp32 tensor)."""
     hotkeys: dict[str, str]
-    """behaviour name → ss58 hotkey."""
+    """behaviour name → ss58 hotkey (``keypair(name)`` is its key)."""
+    ledger_path: Path
+    """A LocalLedger (block time 10,000 s: its head stays at block 15) whose block hashes are the seeds
+    of rounds 0 and 1 (``ROUND_BLOCKS`` blocks per round)."""
     deltas: dict[int, dict[str, dict[str, torch.Tensor]]] = field(default_factory=dict)
     """round → behaviour name → Δ."""
     pages: dict[int, dict[str, list[int]]] = field(default_factory=dict)
@@ -84,8 +93,21 @@ def world() -> World:
     hotkeys = {n: _hotkey(n) for n in names}
     model = build_model(run)
     base0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    seeds = {r: f"seed-{r}".encode() for r in range(2)}
-    w = World(run=run, store=store, data_dir=data_dir, seeds=seeds, bases={0: base0}, hotkeys=hotkeys)
+    # the seeds are the chain's: hashes of the rounds' first blocks on a LocalLedger whose head stands still
+    ledger_path = data_dir.parent / f"{data_dir.name}-ledger.sqlite"
+    ledger = LocalLedger(ledger_path, block_time=10_000.0)
+    ledger.advance(ROUND_BLOCKS + ROUND_BLOCKS // 2)
+    seeds = {r: bytes.fromhex(ledger.block_hash(r * ROUND_BLOCKS).removeprefix("0x")) for r in range(2)}
+    ledger.close()
+    w = World(
+        run=run,
+        store=store,
+        data_dir=data_dir,
+        seeds=seeds,
+        bases={0: base0},
+        hotkeys=hotkeys,
+        ledger_path=ledger_path,
+    )
 
     # round 0: the honest peers and the (then honest) stale peer train; the swarm averages
     w.deltas[0], w.pages[0] = {}, {}

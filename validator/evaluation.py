@@ -59,7 +59,7 @@ class EvalConfig:
     assignment test (``assignment_factor`` near 0 in the explanation), raise it together with control_pages."""
     control_pages: int = 8
     """Unassigned training pages evaluated per round (base losses shared by all peers)."""
-    delta_scale: float = 0.3
+    delta_scale: float = 0.5
     """α in θ_r − α·Δ: how far along a peer's Δ the losses are measured. 1.0 applies the whole Δ (the
     peer's local weights); local steps often overfit their few pages, so at 1.0 honest Δs can *raise*
     held-out loss although their average lowers it. A smaller α measures the useful direction (the swarm

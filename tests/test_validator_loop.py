@@ -1,0 +1,194 @@
+"""`validator run` end to end on a LocalLedger against real publishers (no trainer needed).
+
+Each peer's outbox holds θ_1 and its real round-1 Δ from tests/fixtures_validator.py with hotkey-signed
+manifests; a real py-libp2p publisher process serves it and its address is committed on the ledger.
+Two validators (separate processes: the CLI) fetch, verify, evaluate, score and set weights; their scores
+agree, the weights land on the ledger, and `validator replay` reproduces what was logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from substrateinterface import Keypair
+
+from peer.chain import SubnetParams
+from peer.chain.local import LocalLedger
+from peer.outbox import Outbox, encode_state, sha256_hex
+from peer.records import BlobRef, ContributionManifest, StateManifest
+from tests.fixtures_validator import ROUND_BLOCKS, keypair, validator_world  # noqa: F401
+
+REPO = Path(__file__).resolve().parent.parent
+SERVED = ["hk-honest-a", "hk-honest-b", "hk-honest-c", "copycat", "random-data", "nan"]
+TAO = 10**9
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return env
+
+
+def write_outbox(w, name: str, outbox: Path, run_id: str, peer_id: str) -> None:
+    from peer.model import hash_tensors
+    from peer.outbox import encode_delta
+
+    kp = keypair(name)
+    base = w.bases[1]
+    base_hash = hash_tensors(base.items())
+    state_blob = encode_state(base)
+    box = Outbox(outbox)
+    sm = StateManifest(
+        run_id=run_id,
+        round=1,
+        hotkey=kp.ss58_address,
+        peer_id=peer_id,
+        state_hash=base_hash,
+        model_config_name=w.run.name,
+        blob=BlobRef(name="state.safetensors", sha256=sha256_hex(state_blob), size=len(state_blob)),
+    )
+    box.write_state(1, state_blob, json.loads(sm.signed(kp).model_dump_json()))
+    blob = encode_delta(w.deltas[1][name])
+    cm = ContributionManifest(
+        run_id=run_id,
+        round=1,
+        hotkey=kp.ss58_address,
+        peer_id=peer_id,
+        base_state_hash=base_hash,
+        data_fingerprint=w.store.fingerprint,
+        model_config_name=w.run.name,
+        pages=w.pages[1][name],
+        samples=320,
+        tokens=20480,
+        inner_steps=40,
+        loss_before=None,
+        loss_after=None,
+        blob=BlobRef(name="contribution.safetensors", sha256=sha256_hex(blob), size=len(blob)),
+        behaviour=name,
+    )
+    box.write_contribution(1, blob, json.loads(cm.signed(kp).model_dump_json()))
+
+
+def make_validator_wallet(
+    path: Path, name: str, ledger: LocalLedger, netuid: int, coldkey: Keypair
+) -> Keypair:
+    from peer.wallet import WalletConfig, create_wallet
+
+    kp = create_wallet(WalletConfig(name=name, hotkey="default", path=str(path), create=True))
+    ledger.register(netuid, kp, coldkey)
+    ledger.add_stake(netuid, kp.ss58_address, coldkey, 100 * TAO)
+    return kp
+
+
+def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "validator.cli", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_two_validators_score_served_contributions_and_replay_agrees(validator_world, tmp_path):  # noqa: F811
+    from peer.identity import load_or_create_identity
+    from peer.membership import ensure_commitment
+    from peer.publisher import start_publisher
+
+    w = validator_world
+    run_id = f"vloop-{uuid.uuid4().hex[:8]}"
+    ledger = LocalLedger(w.ledger_path)
+    owner, coldkey = Keypair.create_from_uri("//Alice"), Keypair.create_from_uri("//Bob")
+    ledger.fund(coldkey.ss58_address, 10_000 * TAO)
+    netuid = ledger.create_subnet(owner, SubnetParams(burn=0, weights_rate_limit=0))
+    uids = {}
+    for name in [*SERVED, "free-rider"]:
+        uids[name] = ledger.register(netuid, keypair(name), coldkey).uid
+    validators = {
+        v: make_validator_wallet(tmp_path / "wallets", v, ledger, netuid, coldkey) for v in ("va", "vb")
+    }
+    ledger.advance(2 * ROUND_BLOCKS + 5 - ledger.block())  # round 2 is running: round 1 has ended
+    handles = []
+    try:
+        for name in SERVED:
+            home = tmp_path / "peers" / name
+            home.mkdir(parents=True)
+            peer_id = load_or_create_identity(home / "identity.key")
+            write_outbox(w, name, home / "outbox", run_id, peer_id)
+            h = start_publisher(home / "outbox", home / "identity.key")
+            handles.append(h)
+            h.publish_identity(keypair(name), run_id=run_id, round_=1)
+            ensure_commitment(ledger, netuid, keypair(name), h.commitment())
+        results = {}
+        for v in validators:
+            state = tmp_path / f"state-{v}"
+            proc = run_cli(
+                [
+                    "run",
+                    "--config",
+                    "debug",
+                    "--data-dir",
+                    str(w.data_dir),
+                    "--run-id",
+                    run_id,
+                    "--state-dir",
+                    str(state),
+                    "--ledger.path",
+                    str(w.ledger_path),
+                    "--netuid",
+                    str(netuid),
+                    "--round-blocks",
+                    str(ROUND_BLOCKS),
+                    "--max-rounds",
+                    "1",
+                    "--publish-grace",
+                    "0",
+                    "--wallet.name",
+                    v,
+                    "--wallet.path",
+                    str(tmp_path / "wallets"),
+                    "--device",
+                    "cpu",
+                ]
+            )
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "round 1:" in proc.stdout
+            results[v] = json.loads((state / "rounds" / "1" / "record.json").read_text())
+    finally:
+        for h in handles:
+            h.stop()
+
+    rec = results["va"]
+    scores = {s["hotkey"]: s for s in rec["scores"]}
+    by_name = {n: scores[keypair(n).ss58_address] for n in [*SERVED, "free-rider"]}
+    explained = {n: (round(s["score"], 4), s["reason"]) for n, s in by_name.items()}
+    for n in ("hk-honest-a", "hk-honest-b", "hk-honest-c"):
+        assert by_name[n]["score"] > 0, explained
+    for n in ("copycat", "random-data", "nan", "free-rider"):
+        assert by_name[n]["score"] == 0, explained
+    assert "no publisher commitment" in by_name["free-rider"]["reason"]
+    # both validators: the same score for every peer (each also lists the other validator, with 0)
+    other = {s["uid"]: s["score"] for s in results["vb"]["scores"]}
+    for n in [*SERVED, "free-rider"]:
+        assert other[uids[n]] == pytest.approx(by_name[n]["score"], rel=1e-6, abs=1e-9)
+    # the weights are on the ledger: honest uids only
+    va_uid = ledger.uid_of(netuid, validators["va"].ss58_address)
+    on_chain = dict(ledger.weights(netuid)[va_uid])
+    for n in ("hk-honest-a", "hk-honest-b", "hk-honest-c"):
+        assert on_chain[uids[n]] > 0
+    assert all(on_chain.get(uids[n], 0) == 0 for n in ("copycat", "random-data", "nan", "free-rider"))
+    ledger.close()
+    # anyone holding the state dir can replay the round
+    rp = run_cli(
+        ["replay", "--round", "1", "--state-dir", str(tmp_path / "state-va"), "--data-dir", str(w.data_dir)]
+    )
+    assert rp.returncode == 0, rp.stdout[-3000:] + rp.stderr[-2000:]
+    assert "matches what the validator logged" in rp.stdout
+    assert "specificity" in rp.stdout

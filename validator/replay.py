@@ -1,0 +1,123 @@
+"""``validator replay --round R``: recompute a recorded round from its stored artifacts and seed.
+
+Anyone holding a validator's state dir (its ``rounds/<R>/record.json``, the sketches of the rounds it
+compared with, and the blobs it fetched) and the swarm's data can check that validator: the base state
+and every Δ are loaded by content hash, the pages are derived again from the seed, the evaluation and
+the pure scoring run again with the recorded configs, and the result is compared with what was logged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peer.config import load_run_config
+from peer.data import PageStore, prepare_data
+from peer.outbox import decode_state
+from validator.evaluation import Candidate, EvalConfig, Evaluator
+from validator.scoring import BurnPolicy, EmaState, ScoringConfig, normalize_weights, score_round, update_ema
+from validator.store import ReplayError, RoundRecord, ValidatorStore
+
+REL_TOL = 1e-4
+ABS_TOL = 1e-6
+
+
+@dataclass(kw_only=True)
+class ReplayResult:
+    logged: RoundRecord
+    replayed: RoundRecord
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def configs_from_record(rec: RoundRecord, device: str | None = None) -> tuple[EvalConfig, ScoringConfig]:
+    ev = dict(rec.eval_config)
+    if device is not None:
+        ev["device"] = device
+    sc = dict(rec.scoring_config)
+    sc["burn"] = BurnPolicy(**sc["burn"])
+    return EvalConfig(**ev), ScoringConfig(**sc)
+
+
+def replay_round(
+    store: ValidatorStore,
+    round_: int,
+    data_dir: Path,
+    *,
+    device: str | None = None,
+    corpus_dir: Path | None = None,
+    evaluator: Evaluator | None = None,
+) -> ReplayResult:
+    rec = store.load_round(round_)
+    run = load_run_config(rec.config_name)
+    eval_cfg, scoring_cfg = configs_from_record(rec, device)
+    prepare_data(run.data, data_dir, corpus_dir)
+    pages = PageStore(data_dir, run.data)
+    base = decode_state(store.read_blob(rec.base_sha256))
+    candidates = []
+    for c in rec.candidates:
+        cand = Candidate(
+            uid=c.uid,
+            hotkey=c.hotkey,
+            rejected=c.rejected,
+            blob_sha256=c.blob_sha256,
+            claimed_pages=list(c.manifest["pages"]) if c.manifest else None,
+        )
+        if c.rejected is None and c.blob_sha256:
+            cand.delta_blob = store.read_blob(c.blob_sha256)
+        candidates.append(cand)
+    earlier = {}
+    for r in rec.sketch_rounds:
+        got = store.load_sketches(r)
+        if not got:
+            raise ReplayError(f"round {round_} compared Δs with round {r}, whose sketches are gone (pruned?)")
+        earlier.update(got)
+    ev = evaluator or Evaluator(eval_cfg, run, pages)
+    ev.cfg = eval_cfg
+    rm, _ = ev.evaluate_round(rec.round, bytes.fromhex(rec.seed_hex), base, candidates, earlier)
+    scores = score_round(rm, scoring_cfg)
+    ema_before = EmaState.from_json(rec.ema_before)
+    uids = {int(u): e["hotkey"] for u, e in rec.ema_after["entries"].items()}
+    ema_after = update_ema(ema_before, rec.round, scores, uids, scoring_cfg.ema_alpha)
+    weights = normalize_weights({u: e.value for u, e in ema_after.entries.items()}, scoring_cfg.burn)
+    replayed = RoundRecord(**{**rec.__dict__})
+    replayed.measurements = rm.to_json()
+    replayed.scores = [s.to_json() for s in scores]
+    replayed.ema_after = ema_after.to_json()
+    replayed.weights = {**rec.weights, "uids": weights.uids, "weights": weights.weights}
+    return ReplayResult(logged=rec, replayed=replayed, mismatches=compare(rec, replayed))
+
+
+def _close(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, float) or isinstance(b, float):
+        if math.isnan(a) and math.isnan(b):
+            return True
+        return math.isclose(a, b, rel_tol=REL_TOL, abs_tol=ABS_TOL)
+    return a == b
+
+
+def compare(logged: RoundRecord, replayed: RoundRecord) -> list[str]:
+    """Differences between a logged round and its replay (floats within REL_TOL/ABS_TOL)."""
+    out = []
+    a = {s["uid"]: s for s in logged.scores}
+    b = {s["uid"]: s for s in replayed.scores}
+    if set(a) != set(b):
+        out.append(f"uids differ: logged {sorted(a)}, replayed {sorted(b)}")
+    for uid in sorted(set(a) & set(b)):
+        if not _close(a[uid]["score"], b[uid]["score"]):
+            out.append(f"uid {uid}: score logged {a[uid]['score']:.6g}, replayed {b[uid]['score']:.6g}")
+        if a[uid]["reason"] != b[uid]["reason"] and not (a[uid]["score"] > 0 and b[uid]["score"] > 0):
+            out.append(f"uid {uid}: reason logged {a[uid]['reason']!r}, replayed {b[uid]['reason']!r}")
+    if not _close(logged.measurements["heldout_loss_base"], replayed.measurements["heldout_loss_base"]):
+        out.append("base held-out loss differs")
+    lw = dict(zip(logged.weights.get("uids", []), logged.weights.get("weights", []), strict=True))
+    rw = dict(zip(replayed.weights.get("uids", []), replayed.weights.get("weights", []), strict=True))
+    if set(lw) != set(rw) or any(abs(lw[u] - rw[u]) > 1 for u in lw):
+        out.append(f"weights differ: logged {lw}, replayed {rw}")
+    return out

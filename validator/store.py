@@ -1,0 +1,197 @@
+"""The validator's state directory: everything needed to resume, and to replay any kept round.
+
+Layout (``--state-dir``, by default ``~/.gradswarm/<run id>/validator-<wallet>-<hotkey>``)::
+
+    ema.json                         EMA of every uid (scoring.EmaState), written after each round
+    weights_queue.json               weights not yet on chain, and intervals done (validator.weights)
+    blobs/<sha256>.safetensors       fetched base states and contributions, content-addressed
+    rounds/<r>/record.json           the round: seed, base, every candidate's signed manifest or why it
+                                     was rejected, configs, measurements, scores, EMA, weights
+    rounds/<r>/sketches.safetensors  the round's Δ sketches (copy detection in later rounds)
+
+Every file is written to a temp name and renamed. Old rounds (and blobs no kept round references) are
+pruned after ``keep_rounds``. Nothing is pickled: JSON and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load, save
+
+from peer.errors import CheckpointError, UserError
+from peer.outbox import atomic_write_bytes, atomic_write_json
+from validator.scoring import EmaState
+
+RECORD_FORMAT = 1
+
+
+class ReplayError(UserError):
+    """A round cannot be replayed: not recorded here, or its artifacts were pruned."""
+
+
+@dataclass(kw_only=True)
+class CandidateRecord:
+    uid: int
+    hotkey: str
+    blob_sha256: str | None = None
+    manifest: dict | None = None
+    """The signed ContributionManifest as fetched (verifiable by anyone)."""
+    rejected: str | None = None
+
+
+@dataclass(kw_only=True)
+class RoundRecord:
+    format: int = RECORD_FORMAT
+    run_id: str
+    config_name: str
+    netuid: int | None
+    round: int
+    seed_hex: str
+    base_sha256: str
+    base_state_hash: str
+    base_sources: list[str] = field(default_factory=list)
+    """Hotkeys whose signed state manifests named this θ_r."""
+    candidates: list[CandidateRecord] = field(default_factory=list)
+    sketch_rounds: list[int] = field(default_factory=list)
+    """Earlier rounds whose sketches were compared with this round's Δs."""
+    eval_config: dict = field(default_factory=dict)
+    scoring_config: dict = field(default_factory=dict)
+    measurements: dict = field(default_factory=dict)
+    scores: list[dict] = field(default_factory=list)
+    ema_before: dict = field(default_factory=dict)
+    ema_after: dict = field(default_factory=dict)
+    weights: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> RoundRecord:
+        d = dict(d)
+        if d.get("format") != RECORD_FORMAT:
+            raise ReplayError(f"round record format {d.get('format')!r} is not {RECORD_FORMAT}")
+        d["candidates"] = [CandidateRecord(**c) for c in d["candidates"]]
+        return cls(**d)
+
+
+class ValidatorStore:
+    def __init__(self, root: Path, keep_rounds: int = 16):
+        self.root = Path(root)
+        self.keep_rounds = keep_rounds
+        self.blobs = self.root / "blobs"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs.mkdir(exist_ok=True)
+
+    # ---- EMA
+    def load_ema(self) -> EmaState:
+        path = self.root / "ema.json"
+        if not path.exists():
+            return EmaState()
+        try:
+            return EmaState.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{path} is unreadable ({e}); move it away to start the EMA from zero"
+            ) from None
+
+    def save_ema(self, ema: EmaState) -> None:
+        atomic_write_json(self.root / "ema.json", ema.to_json())
+
+    # ---- blobs
+    def blob_path(self, sha256: str) -> Path:
+        return self.blobs / f"{sha256}.safetensors"
+
+    def put_blob(self, sha256: str, data: bytes) -> Path:
+        path = self.blob_path(sha256)
+        if not path.exists():
+            atomic_write_bytes(path, data)
+        return path
+
+    def read_blob(self, sha256: str) -> bytes:
+        path = self.blob_path(sha256)
+        if not path.exists():
+            raise ReplayError(f"blob {sha256[:12]}… is not in {self.blobs} (pruned?)")
+        return path.read_bytes()
+
+    # ---- rounds
+    def round_dir(self, round_: int) -> Path:
+        return self.root / "rounds" / str(round_)
+
+    def rounds(self) -> list[int]:
+        base = self.root / "rounds"
+        if not base.is_dir():
+            return []
+        return sorted(
+            int(p.name) for p in base.iterdir() if p.name.isdigit() and (p / "record.json").exists()
+        )
+
+    def save_round(self, rec: RoundRecord, sketches: dict[tuple[int, str], torch.Tensor]) -> None:
+        d = self.round_dir(rec.round)
+        tensors = {f"{uid}:{hk}": t.contiguous() for (uid, hk), t in sketches.items()}
+        atomic_write_bytes(d / "sketches.safetensors", save(tensors) if tensors else save({}))
+        atomic_write_json(d / "record.json", rec.to_json())  # last: a visible record means complete files
+
+    def load_round(self, round_: int) -> RoundRecord:
+        path = self.round_dir(round_) / "record.json"
+        if not path.exists():
+            have = self.rounds()
+            raise ReplayError(
+                f"round {round_} is not recorded in {self.root} (recorded: "
+                f"{f'{have[0]}..{have[-1]}' if have else 'none'})"
+            )
+        try:
+            return RoundRecord.from_json(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError) as e:
+            raise ReplayError(f"{path} is unreadable: {e}") from None
+
+    def load_sketches(self, round_: int) -> dict[tuple[int, int, str], torch.Tensor]:
+        path = self.round_dir(round_) / "sketches.safetensors"
+        if not path.exists():
+            return {}
+        try:
+            raw = load(path.read_bytes())
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is corrupt ({e}); delete that round folder") from None
+        out = {}
+        for key, t in raw.items():
+            uid, _, hk = key.partition(":")
+            out[(round_, int(uid), hk)] = t
+        return out
+
+    def earlier_sketches(
+        self, round_: int, lookback: int
+    ) -> tuple[list[int], dict[tuple[int, int, str], torch.Tensor]]:
+        rounds = [r for r in self.rounds() if round_ - lookback <= r < round_]
+        out: dict[tuple[int, int, str], torch.Tensor] = {}
+        for r in rounds:
+            out.update(self.load_sketches(r))
+        return rounds, out
+
+    def prune(self) -> None:
+        rounds = self.rounds()
+        for r in rounds[: -self.keep_rounds]:
+            shutil.rmtree(self.round_dir(r), ignore_errors=True)
+        keep: set[str] = set()
+        for r in self.rounds():
+            rec = self.load_round(r)
+            keep.add(rec.base_sha256)
+            keep.update(c.blob_sha256 for c in rec.candidates if c.blob_sha256)
+        for path in self.blobs.glob("*.safetensors"):
+            if path.stem not in keep and _older_than(path, 3600):
+                path.unlink(missing_ok=True)
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    import time
+
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except FileNotFoundError:
+        return False
