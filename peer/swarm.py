@@ -161,18 +161,30 @@ class SwarmAveraging:
     def peer_id(self) -> str:
         return self.dht.peer_id.to_base58()
 
-    def schedule(self, round_: int, start_at: float, gather: dict, weight: float = 1.0) -> None:
-        """Begin matchmaking for ``round_`` now; the all-reduce itself starts at ``start_at`` (unix time)."""
+    def schedule(
+        self, round_: int, start_at: float, gather: dict, weight: float = 1.0, give_up_at: float | None = None
+    ) -> None:
+        """Begin matchmaking for ``round_`` now; the all-reduce itself starts at ``start_at`` (unix time).
+
+        A peer that has found no group by ``give_up_at`` (default: ``start_at`` + matchmaking time)
+        averages alone, so a lone peer does not eat into the next round.
+        """
         from hivemind.utils.timed_storage import get_dht_time
 
         self.averager.set_group_bits(format(round_ % (1 << 24), "024b"))
-        scheduled = get_dht_time() + max(0.0, start_at - time.time())
+        now = time.time()
+        scheduled = get_dht_time() + max(0.0, start_at - now)
+        grace = (
+            self.matchmaking_seconds
+            if give_up_at is None
+            else max(0.2, min(self.matchmaking_seconds, give_up_at - start_at))
+        )
         self._round = round_
         self._pending = self.averager.step(
             gather=gather,
             weight=weight,
             scheduled_time=scheduled,
-            timeout=max(scheduled - get_dht_time(), 0) + self.matchmaking_seconds,
+            timeout=max(scheduled - get_dht_time(), 0) + grace,
             require_trigger=True,
             wait=False,
         )
@@ -233,7 +245,10 @@ class SwarmAveraging:
             peer_id=self.peer_id,
             value={"hash": state_hash},
         )
-        self.dht.store(key, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl)
+        # fire and forget: a lost announcement only delays agreement by a round
+        self.dht.store(
+            key, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl, return_future=True
+        )
 
     def announced_states(self, round_: int) -> dict[str, str]:
         """peer id → announced hash of θ_round (signatures verified; forged entries never count)."""
@@ -245,13 +260,9 @@ class SwarmAveraging:
         announcements = read_announcements(entries, key=key, run_id=self.run_id, round_=round_)
         return {a.peer_id: str(a.value.get("hash")) for a in announcements.values()}
 
-    def majority_state(self, round_: int) -> tuple[str | None, int, int]:
-        """(most announced hash, its count, total announcements) for θ_round."""
-        states = self.announced_states(round_)
-        if not states:
-            return None, 0, 0
-        (best, count), *_ = collections.Counter(states.values()).most_common(1)
-        return best, count, len(states)
+    def majority_state(self, round_: int) -> str | None:
+        """The hash of θ_round the swarm agrees on (see :func:`choose_state`), or None if nobody announced."""
+        return choose_state(self.announced_states(round_))
 
     def download_state(self, want_hash: str, tries: int = 3) -> tuple[dict, list[torch.Tensor]] | None:
         """Load θ and outer momentum from a peer; accept only a state whose metadata hash is ``want_hash``."""
@@ -267,6 +278,15 @@ class SwarmAveraging:
 
     def shutdown(self) -> None:
         self.averager.shutdown()
+
+
+def choose_state(states: dict[str, str]) -> str | None:
+    """The state hash to hold, from ``peer id → announced hash``: the most announced one; ties go to
+    the smallest hash, so every peer picks the same. None when nothing was announced. Pure."""
+    if not states:
+        return None
+    counts = collections.Counter(states.values())
+    return min(counts, key=lambda h: (-counts[h], h))
 
 
 def make_compression(name: str):

@@ -259,17 +259,12 @@ class Trainer:
     def sync_state(self, r: int) -> bool:
         """Make sure we hold θ_r agreed by the swarm. Returns True if the state was downloaded."""
         swarm = self.swarm
+        best = swarm.majority_state(r)
         if self.round != r:
             deadline = time.time() + self.cfg.join_wait_seconds
-            best, _, _ = swarm.majority_state(r)
-            while best is None and time.time() < deadline and swarm.majority_state(r - 1)[0] is not None:
+            while best is None and time.time() < deadline and swarm.majority_state(r - 1) is not None:
                 time.sleep(0.25)  # the swarm is still averaging round r-1: wait for θ_r's announcements
-                best, _, _ = swarm.majority_state(r)
-        else:
-            best, count, total = swarm.majority_state(r)
-            mine = sum(1 for h in swarm.announced_states(r).values() if h == self.state_hash())
-            if best is not None and (count < mine or (count == mine and self.state_hash() <= best)):
-                best = None  # we are in the majority (ties: the smaller hash wins)
+                best = swarm.majority_state(r)
         downloaded = False
         if best is not None and best != self.state_hash():
             loaded = swarm.download_state(best)
@@ -421,6 +416,7 @@ class Trainer:
             start_at=stop_at,
             gather={"round": r, "base": self.state_hash(), "hotkey": self.hotkey},
             weight=weight,
+            give_up_at=self.clock.round_end(r) - 0.1,
         )
         self.train_inner(r, pages, stop_at, report)
         delta = self.state.pseudo_gradient()

@@ -1,0 +1,66 @@
+"""Pure pieces of a round: state agreement, behaviours, the DiLoCo outer step."""
+
+from __future__ import annotations
+
+import torch
+
+from peer import behaviour as bh
+from peer.behaviour import Behaviour
+from peer.config import load_run_config
+from peer.diloco import DilocoState
+from peer.model import build_model, lm_loss
+from peer.swarm import choose_state
+
+
+def test_choose_state_majority_and_deterministic_ties():
+    assert choose_state({}) is None
+    assert choose_state({"a": "h1", "b": "h1", "c": "h2"}) == "h1"
+    assert choose_state({"a": "h2", "b": "h1"}) == "h1"  # tie: the smaller hash, the same on every peer
+    assert choose_state({"a": "h9"}) == "h9"
+
+
+def test_behaviours_change_only_what_they_say():
+    d = [torch.ones(3), torch.full((2,), 2.0)]
+    assert bh.averaging_input(Behaviour.HONEST, d) == (d, 1.0)
+    zeros, w = bh.averaging_input(Behaviour.FREE_RIDER, d)
+    assert w == 0.0 and all((z == 0).all() for z in zeros)
+    assert bh.published_delta(Behaviour.COPYCAT, d, None) is None  # publishes the average after averaging
+    assert all(torch.isnan(t).all() for t in bh.published_delta(Behaviour.NAN, d, None))
+    assert torch.equal(bh.published_delta(Behaviour.SCALED, d, None)[0], d[0] * 100)
+    assert torch.equal(bh.published_delta(Behaviour.SIGN_FLIP, d, None)[1], -d[1])
+    old = [torch.zeros(3), torch.zeros(2)]
+    assert bh.published_delta(Behaviour.STALE, d, old) is old
+    assert bh.trains(Behaviour.HONEST, 5) and not bh.trains(Behaviour.FREE_RIDER, 0)
+    assert [bh.trains(Behaviour.STALE, i) for i in range(4)] == [True, False, False, True]
+
+
+def test_outer_step_is_deterministic_nesterov():
+    cfg = load_run_config("debug")
+    a, b = DilocoState(build_model(cfg), cfg.train), DilocoState(build_model(cfg), cfg.train)
+    assert a.state_hash() == b.state_hash()
+    batch = torch.randint(0, cfg.data.vocab_size, (4, cfg.data.seq_len + 1))
+    for s in (a, b):
+        s.begin_round()
+        s.inner_step(lm_loss(s.model, batch))
+    delta = a.pseudo_gradient()
+    assert any(float(d.abs().sum()) > 0 for d in delta)
+    before = [t.clone() for t in a.snapshot]
+    a.outer_step(delta)
+    b.outer_step([d.clone() for d in delta])
+    assert a.state_hash() == b.state_hash()  # same inputs, bit-identical θ_{r+1}
+    lr, mu = cfg.train.outer_lr, cfg.train.outer_momentum
+    expected = before[0] - lr * (delta[0] + mu * delta[0])  # first step: m = g, update = g + μ·m
+    assert torch.allclose(a.snapshot[0], expected, atol=1e-6)
+    # the live parameters follow the snapshot
+    assert torch.equal(next(a.model.parameters()).detach(), a.snapshot[0])
+
+
+def test_pseudo_gradient_norm_is_clipped():
+    cfg = load_run_config("debug")
+    s = DilocoState(build_model(cfg), cfg.train)
+    with torch.no_grad():
+        for p in s.params:
+            p.add_(1.0)
+    delta = s.pseudo_gradient()
+    norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta))
+    assert abs(float(norm) - cfg.train.max_delta_norm) < 1e-3
