@@ -249,7 +249,7 @@ class LocalSubnet:
     def log(self, message: str) -> None:
         stamp = time.strftime("%H:%M:%S")
         if self.tty:
-            self.console.log(message)
+            self.console.print(f"[dim]{stamp}[/] {message}", highlight=False)
         else:
             print(f"{stamp} {message}", flush=True)
 
@@ -309,7 +309,7 @@ class LocalSubnet:
         staked = f" (staked {self.cfg.validator_stake_tao:g} TAO each)" if self.cfg.validators else ""
         self.log(
             f"wallets in {self.wallets}: {sum(p.role == 'peer' for p in self.participants)} peers, "
-            f"{self.cfg.validators} validators{staked}"
+            f"{self.cfg.validators} validator(s){staked}"
         )
 
     # -------------------------------------------------------------------------------- processes
@@ -508,10 +508,11 @@ class LocalSubnet:
             row.state = "done"
             self.log(f"{p.name} finished")
         else:
-            row.state = f"crashed (exit {code})"
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            row.state = f"crashed ({how})"
             tail = c.tail()
             self.crashed.append({"name": p.name, "exit_code": code, "log": str(c.log_path), "tail": tail})
-            self.log(f"[{p.name}] exited with code {code}; last lines of {c.log_path}:\n{tail}")
+            self.log(f"{p.name} crashed ({how}); last lines of {c.log_path}:\n{tail}")
 
     def done_reason(self) -> str | None:
         """Why the run should end now, or None to go on."""
