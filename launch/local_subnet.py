@@ -747,6 +747,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def config_from_args(args: argparse.Namespace) -> LaunchConfig:
+    """The launch config file named by ``--config`` with the other flags applied on top."""
+    overrides = {k: v for k, v in vars(args).items() if k != "config"}
+    if args.behaviours is not None:
+        overrides["behaviours"] = [b.strip() for b in args.behaviours.split(",") if b.strip()]
+    return load_launch_config(args.config, overrides)
+
+
 def resolve_run_dir(cfg: LaunchConfig) -> Path:
     if cfg.run_dir:
         run_dir = Path(cfg.run_dir)
@@ -763,10 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def go() -> int:
-        overrides = {k: v for k, v in vars(args).items() if k != "config"}
-        if args.behaviours is not None:
-            overrides["behaviours"] = [b.strip() for b in args.behaviours.split(",") if b.strip()]
-        cfg = load_launch_config(args.config, overrides)
+        cfg = config_from_args(args)
         run_dir = resolve_run_dir(cfg)
         signal.signal(signal.SIGTERM, _raise_interrupt)
         signal.signal(signal.SIGINT, _raise_interrupt)

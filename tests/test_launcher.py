@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.local_subnet import load_launch_config
+from launch.local_subnet import build_parser, config_from_args, load_launch_config
 from launch.procs import alive, descendants
 from launch.report import (
     History,
@@ -144,6 +145,18 @@ def test_tiny_subnet_end_to_end(launcher_factory, debug_data, tmp_path):
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
     for name in ("bootstrap", "peer-0", "peer-1", "peer-2", "validator-0"):
         assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0
+
+    # the README's replay command works on the run's records: anyone can re-check a round
+    scored = summary["validator_rounds"]["validator-0"][-1]["round"]
+    replay = subprocess.run(
+        [
+            sys.executable, "-m", "validator.cli", "replay", "--round", str(scored),
+            "--state-dir", str(run_dir / "validators" / "validator-0"), "--data-dir", str(debug_data),
+        ],
+        capture_output=True, text=True, timeout=120, cwd=REPO, env=peer_env(),
+    )  # fmt: skip
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert "matches what the validator logged" in replay.stdout
 
     # every process the launcher ever started (peers, p2pd daemons, publishers, validator) is gone
     assert len(launcher.seen) >= 5 + 3  # 5 children + at least a p2pd per peer
@@ -271,3 +284,32 @@ def test_summary_table_and_png_from_a_synthetic_run(tmp_path):
     write_report_png(summary, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes().startswith(PNG_MAGIC)
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def _readme_sections(*titles: str) -> str:
+    text = (REPO / "README.md").read_text()
+    parts = text.split("\n## ")
+    found = [p for p in parts if p.startswith(titles)]
+    assert len(found) == len(titles), f"README sections {titles} not found"
+    return "\n".join(found)
+
+
+def test_readme_launch_commands_are_valid_configs():
+    """Docs don't rot: every launcher command in the README's quickstart/scenario sections parses into a
+    valid config (the same code path as a real run, up to starting processes), and `make demo` runs the
+    command the README says it runs."""
+    text = _readme_sections("Quickstart: a local subnet in one command", "Run a scenario")
+    commands = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("make demo"):
+            line = line.split("# = ", 1)[1]
+        if "-m launch.local_subnet" in line:
+            commands.append(shlex.split(line.split(" # ")[0]))
+    assert len(commands) >= 4
+    for argv in commands:
+        assert argv[:3] == [".venv/bin/python", "-m", "launch.local_subnet"], argv
+        cfg = config_from_args(build_parser().parse_args(argv[3:]))
+        assert cfg.peers + len(cfg.behaviours) >= 1
+    assert "-m launch.local_subnet --config launch/demo.yaml" in (REPO / "Makefile").read_text()
+    assert (REPO / "launch" / "demo-report.png").read_bytes().startswith(PNG_MAGIC)
