@@ -26,6 +26,7 @@ def peer(
     heldout=None,
     before=None,
     after=None,
+    own=(),
     cross=(),
     norm=1.0,
     status="ok",
@@ -33,53 +34,45 @@ def peer(
     pages_match=True,
     ctrl_before=None,
     ctrl_after=None,
+    ctrl=(),
 ):
+    """``own``: per-page gains on its assigned pages; ``cross``: (uid, [per-page gains of uid's Δ on them])."""
     return PeerMeasurement(
-        uid=uid,
-        hotkey=f"hk{uid}",
-        status=status,
-        reason="" if status == "ok" else "because",
-        delta_norm=norm,
-        heldout_loss=heldout,
-        assigned_loss_before=before,
-        assigned_loss_after=after,
-        control_loss_before=ctrl_before,
-        control_loss_after=ctrl_after,
-        pages_match=pages_match,
-        cross_gains=[{"uid": u, "hotkey": f"hk{u}", "gain": g} for u, g in cross],
+        uid=uid, hotkey=f"hk{uid}", status=status, reason="" if status == "ok" else "because", delta_norm=norm,
+        heldout_loss=heldout, assigned_loss_before=before, assigned_loss_after=after,
+        control_loss_before=ctrl_before, control_loss_after=ctrl_after, pages_match=pages_match,
+        assigned_page_gains=list(own), control_page_gains=list(ctrl),
+        cross_gains=[{"uid": u, "hotkey": f"hk{u}", "gain": sum(g) / len(g), "page_gains": list(g)} for u, g in cross],
         similar=list(similar),
-    )
+    )  # fmt: skip
 
 
 def rm(peers, round_=3):
-    return RoundMeasurements(
-        round=round_,
-        seed_hex="00",
-        base_state_hash="0" * 64,
-        delta_scale=0.5,
-        heldout_page_ids=[1],
-        heldout_loss_base=BASE,
-        control_page_ids=[2],
-        peers=peers,
-    )
+    return RoundMeasurements(round=round_, seed_hex="00", base_state_hash="0" * 64, delta_scale=0.5,
+                             heldout_page_ids=[1], heldout_loss_base=BASE, control_page_ids=[2], peers=peers)  # fmt: skip
 
 
 def table():
-    # u0: hg 0.2, ag 0.5, cross: u1 0.1 (hg 0.1) -> 0.2, u2 0.15 (hg 0.2) -> 0.15; generic 0.175; spec 0.325
-    # u1: hg 0.1, ag 0.2, cross: u0 0.2 (hg 0.2) -> 0.1, u2 0.1 (hg 0.2) -> 0.05;   generic 0.075; spec 0.125
-    # u2: hg 0.2, ag 0.1, cross: u0 0.1 -> 0.1, u1 0.05 (hg 0.1) -> 0.1;             generic 0.1;   spec 0.0
+    # Two assigned pages each. Cross gains are rescaled by (own held-out gain / theirs), then per page the
+    # median (of two = mean) is the generic gain; d = own − generic per page; specificity = mean(d),
+    # t = mean / (sd / √2).
+    # u0: hg 0.2, own [0.6, 0.4]; u1 (hg 0.1) [0.1, 0.1]×2 = [0.2, 0.2]; u2 (hg 0.2) [0.2, 0.1]
+    #     generic [0.2, 0.15]; d [0.4, 0.25]; spec 0.325; sd 0.106066; t = 0.325 / 0.075 = 4.3333
+    # u1: hg 0.1, own [0.25, 0.15]; u0 [0.2, 0.2]×0.5 = [0.1, 0.1]; u2 [0.1, 0.1]×0.5 = [0.05, 0.05]
+    #     generic [0.075, 0.075]; d [0.175, 0.075]; spec 0.125; sd 0.070711; t = 0.125 / 0.05 = 2.5
+    # u2: hg 0.2, own [0.1, 0.1]; u0 [0.1, 0.1]; u1 [0.05, 0.05]×2 = [0.1, 0.1]; d [0, 0]; spec 0; t 0
     # reference = 0.75-quantile of [0, 0.125, 0.325] = 0.225
     return [
-        peer(0, heldout=4.8, before=5.0, after=4.5, cross=[(1, 0.1), (2, 0.15)]),
-        peer(1, heldout=4.9, before=6.0, after=5.8, cross=[(0, 0.2), (2, 0.1)]),
-        peer(2, heldout=4.8, before=4.0, after=3.9, cross=[(0, 0.1), (1, 0.05)]),
+        peer(0, heldout=4.8, before=5.0, after=4.5, own=[0.6, 0.4], cross=[(1, [0.1, 0.1]), (2, [0.2, 0.1])]),
+        peer(1, heldout=4.9, before=6.0, after=5.8, own=[0.25, 0.15], cross=[(0, [0.2, 0.2]), (2, [0.1, 0.1])]),
+        peer(2, heldout=4.8, before=4.0, after=3.9, own=[0.1, 0.1], cross=[(0, [0.1, 0.1]), (1, [0.05, 0.05])]),
         peer(3, status="non_finite", norm=float("inf")),
         peer(4, status="rejected", norm=None),
         peer(5, heldout=4.0, before=5.0, after=4.0, norm=100.0),
         peer(6, heldout=BASE, before=5.0, after=5.0, norm=0.0),
         peer(7, heldout=5.3, before=5.0, after=5.2),
         peer(8, heldout=4.8, before=5.0, after=4.6, pages_match=False),
-    ]
+    ]  # fmt: skip
 
 
 def by_uid(scores: list[PeerScore]) -> dict[int, PeerScore]:
@@ -91,14 +84,17 @@ def test_round_scores_hand_computed():
     assert s[0].terms["heldout_gain"] == pytest.approx(0.2)
     assert s[0].terms["generic_gain"] == pytest.approx(0.175)
     assert s[0].terms["specificity"] == pytest.approx(0.325)
+    assert s[0].terms["specificity_t"] == pytest.approx(0.325 / 0.075)
     assert s[0].terms["assignment_reference"] == pytest.approx(0.225)
     assert s[0].terms["assignment_factor"] == pytest.approx(1.0)
     assert s[0].score == pytest.approx(0.2) and s[0].reason == "scored"
     assert s[1].terms["specificity"] == pytest.approx(0.125)
+    assert s[1].terms["specificity_t"] == pytest.approx(2.5)
     assert s[1].terms["assignment_factor"] == pytest.approx(0.125 / 0.225)
     assert s[1].score == pytest.approx(0.1 * 0.125 / 0.225)
     assert s[2].terms["specificity"] == pytest.approx(0.0, abs=1e-12)
-    assert s[2].score == 0 and "not trained on its assigned pages" in s[2].reason
+    assert s[2].terms["specificity_t"] == 0.0
+    assert s[2].score == 0 and "not shown to have trained on its assigned pages" in s[2].reason
     assert s[3].score == 0 and "NaN" in s[3].reason
     assert s[4].score == 0 and s[4].reason.startswith("not evaluated")
     assert s[5].score == 0 and "norm 100.0×" in s[5].reason  # median of [1, 1, 1, 100, 1, 1] = 1
@@ -111,10 +107,13 @@ def test_round_scores_hand_computed():
 
 
 def test_control_pages_are_the_fallback_without_cross_references():
-    p = peer(0, heldout=4.9, before=5.0, after=4.7, ctrl_before=5.0, ctrl_after=4.9)  # ag 0.3, cg 0.1
+    # ag 0.3 (pages [0.35, 0.25]), cg 0.1 (pages [0.1, 0.1]); Welch t = 0.2 / sqrt(0.005 / 2) = 4
+    p = peer(0, heldout=4.9, before=5.0, after=4.7, ctrl_before=5.0, ctrl_after=4.9, own=[0.35, 0.25],
+             ctrl=[0.1, 0.1])  # fmt: skip
     s = score_round(rm([p]), ScoringConfig())[0]
     assert s.terms["generic_gain"] == pytest.approx(0.1)
     assert s.terms["specificity"] == pytest.approx(0.2)
+    assert s.terms["specificity_t"] == pytest.approx(4.0)
     assert s.terms["assignment_reference"] == pytest.approx(0.2)
     assert s.score == pytest.approx(0.1)
 
@@ -127,7 +126,8 @@ def test_copies_within_a_round_earn_nothing_for_the_less_specific_one():
         heldout=4.8,
         before=5.0,
         after=4.9,
-        cross=[(1, 0.1), (2, 0.1)],
+        own=[0.1, 0.1],
+        cross=[(1, [0.1, 0.1]), (2, [0.1, 0.1])],
         similar=[{"round": 3, "uid": 0, "hotkey": "hk0", "cosine": 0.999}],
     )
     s = by_uid(score_round(rm([*ps, copy]), ScoringConfig()))

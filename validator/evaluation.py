@@ -128,8 +128,12 @@ class PeerMeasurement:
     control_loss_after: float | None = None
     assigned_page_ids: list[int] = field(default_factory=list)
     control_page_ids: list[int] = field(default_factory=list)
+    assigned_page_gains: list[float] = field(default_factory=list)
+    """Per assigned page: loss before − after (same order as ``assigned_page_ids``)."""
+    control_page_gains: list[float] = field(default_factory=list)
+    """Per control page: loss before − after (same order as ``control_page_ids``)."""
     cross_gains: list[dict] = field(default_factory=list)
-    """Gains of other peers' Δs on this peer's assigned pages: ``{"uid", "hotkey", "gain"}``."""
+    """Gains of other peers' Δs on this peer's assigned pages: ``{"uid", "hotkey", "gain", "page_gains"}``."""
     plausible: bool = False
     """Finite, sane norm and lowers held-out loss: used as a cross reference for other peers."""
     similar: list[dict] = field(default_factory=list)
@@ -403,6 +407,7 @@ class Evaluator:
                 m.assigned_loss_before,
                 m.control_loss_before,
             )
+            m.assigned_page_gains, m.control_page_gains = [0.0] * len(assigned), [0.0] * len(ctrl)
             m.seconds = time.perf_counter() - t0
             return m
         self._apply(delta)
@@ -414,6 +419,8 @@ class Evaluator:
         m.heldout_loss = _mean(after[:h])
         m.assigned_loss_after = _mean(after[h : h + a])
         m.control_loss_after = _mean(after[h + a :])
+        m.assigned_page_gains = [base_loss[pg] - x for pg, x in zip(assigned, after[h : h + a], strict=True)]
+        m.control_page_gains = [base_loss[pg] - x for pg, x in zip(ctrl, after[h + a :], strict=True)]
         m.seconds = time.perf_counter() - t0
         return m
 
@@ -454,8 +461,12 @@ class Evaluator:
             i = 0
             for t in targets:
                 k = len(assigned[t.uid])
-                gain = _mean([base_loss[pg] for pg in assigned[t.uid]]) - _mean(after[i : i + k])
-                t.cross_gains.append({"uid": p.uid, "hotkey": p.hotkey, "gain": gain})
+                page_gains = [
+                    base_loss[pg] - x for pg, x in zip(assigned[t.uid], after[i : i + k], strict=True)
+                ]
+                t.cross_gains.append(
+                    {"uid": p.uid, "hotkey": p.hotkey, "gain": _mean(page_gains), "page_gains": page_gains}
+                )
                 i += k
             p.seconds += time.perf_counter() - t0
 

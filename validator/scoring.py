@@ -11,6 +11,8 @@ Round score of a peer (``explain`` keeps every term)::
                         (what a Δ of its general strength that was *not* trained on these pages achieves
                         there, from ``cross_gains``); without any, its own gain on unassigned control pages
     specificity       = assigned_gain − generic_gain                          it learned *its* pages
+                        (computed per assigned page; its one-sample t statistic must reach
+                        ``min_specificity_t``: gains on nearly every assigned page, not noise)
     reference         = max(min_assignment_reference, q-quantile of the eligible peers' specificity)
     assignment_factor = clamp(specificity / reference, 0, 1)                  0 below min_assignment_factor
     score             = heldout_gain × assignment_factor
@@ -40,6 +42,7 @@ from peer.errors import ConfigError
 from validator.evaluation import PeerMeasurement, RoundMeasurements
 
 U16_MAX = 65535
+T_CAP = 1000.0
 
 
 @dataclass(kw_only=True)
@@ -78,6 +81,11 @@ class ScoringConfig:
     """Quantile of the eligible peers' specificity used as the full-credit reference. Higher = stricter."""
     min_assignment_reference: float = 0.01
     """Floor of that reference (nats), so a round where nobody trained on its pages pays nobody for it."""
+    min_specificity_t: float = 2.0
+    """The assignment test must be significant: the per-page specificities (own gain − generic gain on
+    each assigned page) need a t statistic of at least this. A peer that trained on its pages gains on
+    nearly every one of them; noise does not. Lower it (or raise eval.assigned_pages) if honest peers fail
+    with "not shown to have trained"; raise it if non-training peers slip through early in a run."""
     min_assignment_factor: float = 0.3
     """Assignment factors below this count as 0 (noise of a peer that did not train on its pages).
     Lower it if honest peers early in a run show small but real specificity and score 0."""
@@ -177,25 +185,7 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig) -> list[PeerScore]:
     # specificity: own gain on its pages minus what the other eligible peers' Δs achieve there
     eligible_keys = {k for k, r in reasons.items() if r is None}
     for p in m.peers:
-        t = terms[(p.uid, p.hotkey)]
-        # each reference's gain on these pages, rescaled to this peer's general strength (held-out gain)
-        cross = (
-            [
-                c["gain"] / terms[(c["uid"], c["hotkey"])]["heldout_gain"] * t["heldout_gain"]
-                for c in p.cross_gains
-                if (c["uid"], c["hotkey"]) in eligible_keys
-            ]
-            if (p.uid, p.hotkey) in eligible_keys
-            else []
-        )
-        if cross:
-            t["generic_gain"] = median(cross)
-            t["generic_basis"] = (
-                f"median of {len(cross)} other peers' gains on its pages, × its held-out gain / theirs"
-            )
-        else:
-            t["generic_gain"], t["generic_basis"] = t["control_gain"], "its own gain on control pages"
-        t["specificity"] = _diff(t["assigned_gain"], t["generic_gain"])
+        _specificity(p, terms, eligible_keys)
     # copies within the round: among near-duplicates only the most specific one keeps its score
     for p in m.peers:
         key = (p.uid, p.hotkey)
@@ -232,7 +222,13 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig) -> list[PeerScore]:
         if reason is None:
             factor = min(1.0, max(0.0, t["specificity"] / reference))
             t["assignment_factor"] = factor
-            if factor < cfg.min_assignment_factor:
+            st = t["specificity_t"]
+            if st is not None and st < cfg.min_specificity_t:
+                reason = (
+                    f"not shown to have trained on its assigned pages (specificity {t['specificity']:+.4f} over "
+                    f"{t['specificity_pages']} pages, t = {st:.2f} < {cfg.min_specificity_t})"
+                )
+            elif factor < cfg.min_assignment_factor:
                 reason = (
                     f"not trained on its assigned pages (specificity {t['specificity']:+.4f} vs reference "
                     f"{reference:.4f}: factor {factor:.2f} < {cfg.min_assignment_factor})"
@@ -243,6 +239,73 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig) -> list[PeerScore]:
         t["score"] = score
         out.append(PeerScore(uid=p.uid, hotkey=p.hotkey, score=score, reason=reason, terms=t))
     return out
+
+
+def _t_one(xs: Sequence[float]) -> float | None:
+    """One-sample t statistic of mean(xs) > 0 (None with fewer than 2 values; capped at ±T_CAP)."""
+    if len(xs) < 2:
+        return None
+    mean = sum(xs) / len(xs)
+    if abs(mean) <= 1e-12:  # rounding noise, not a signal
+        return 0.0
+    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+    if var == 0:
+        return T_CAP if mean > 0 else (-T_CAP if mean < 0 else 0.0)
+    return max(-T_CAP, min(T_CAP, mean / math.sqrt(var / len(xs))))
+
+
+def _t_welch(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Welch's t statistic of mean(a) > mean(b) (None with fewer than 2 values on a side)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    if abs(ma - mb) <= 1e-12:
+        return 0.0
+    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1)
+    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1)
+    se = math.sqrt(va / len(a) + vb / len(b))
+    if se == 0:
+        return T_CAP if ma > mb else (-T_CAP if ma < mb else 0.0)
+    return max(-T_CAP, min(T_CAP, (ma - mb) / se))
+
+
+def _specificity(p: PeerMeasurement, terms: dict, eligible_keys: set) -> None:
+    """Fill generic_gain, specificity, specificity_t and their basis into ``p``'s terms.
+
+    With cross references (eligible peers' Δs evaluated on p's assigned pages): per page i,
+    generic_i = median_j(gain_j(page i) × heldout_gain / heldout_gain_j), d_i = own gain_i − generic_i,
+    specificity = mean(d), t = one-sample t of d. Otherwise: own gains on assigned vs control pages
+    (difference of means, Welch's t).
+    """
+    t = terms[(p.uid, p.hotkey)]
+    own = list(p.assigned_page_gains)
+    refs = []
+    if (p.uid, p.hotkey) in eligible_keys:
+        for c in p.cross_gains:
+            key = (c["uid"], c["hotkey"])
+            if key in eligible_keys:
+                scale = t["heldout_gain"] / terms[key]["heldout_gain"]
+                refs.append((c["gain"] * scale, [g * scale for g in c.get("page_gains", [])]))
+    if refs:
+        t["generic_basis"] = (
+            f"median of {len(refs)} other peers' gains on its pages, × its held-out gain / theirs"
+        )
+        if own and all(len(pg) == len(own) for _, pg in refs):
+            d = [g - median([pg[i] for _, pg in refs]) for i, g in enumerate(own)]
+            t["generic_gain"] = t["assigned_gain"] - sum(d) / len(d)
+            t["specificity"], t["specificity_t"], t["specificity_pages"] = sum(d) / len(d), _t_one(d), len(d)
+            return
+        t["generic_gain"] = median([g for g, _ in refs])
+        t["specificity"], t["specificity_t"], t["specificity_pages"] = (
+            _diff(t["assigned_gain"], t["generic_gain"]),
+            None,
+            len(own),
+        )
+        return
+    t["generic_gain"], t["generic_basis"] = t["control_gain"], "its own gain on control pages"
+    t["specificity"] = _diff(t["assigned_gain"], t["generic_gain"])
+    t["specificity_t"] = _t_welch(own, list(p.control_page_gains))
+    t["specificity_pages"] = len(own)
 
 
 def _solo_gate(p: PeerMeasurement, t: dict, cfg: ScoringConfig, round_: int) -> str | None:
