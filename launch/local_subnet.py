@@ -246,10 +246,12 @@ class LocalSubnet:
         self._stop_reason: str | None = None
 
     # -------------------------------------------------------------------------------- set-up
-    def log(self, message: str) -> None:
+    def log(self, message: str, style: str = "") -> None:
         stamp = time.strftime("%H:%M:%S")
-        if self.tty:
-            self.console.print(f"[dim]{stamp}[/] {message}", highlight=False)
+        if self.tty:  # Text, not markup: log tails may contain [brackets]
+            from rich.text import Text
+
+            self.console.print(Text.assemble((stamp, "dim"), " ", (message, style)), highlight=False)
         else:
             print(f"{stamp} {message}", flush=True)
 
@@ -262,11 +264,6 @@ class LocalSubnet:
         from peer.data import prepare_data
         from peer.wallet import WalletConfig, create_wallet, load_coldkey
 
-        if self.cfg.validators and not validator_available():
-            raise ConfigError(
-                "`validator run` is not available in this checkout (validator/cli.py is missing), so no "
-                "rewards can be computed: run with --validators 0 for a training-only swarm"
-            )
         run_cfg = load_run_config(self.cfg.model_config)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
@@ -308,7 +305,7 @@ class LocalSubnet:
                 p.row.stake_tao = self.cfg.validator_stake_tao
         staked = f" (staked {self.cfg.validator_stake_tao:g} TAO each)" if self.cfg.validators else ""
         self.log(
-            f"wallets in {self.wallets}: {sum(p.role == 'peer' for p in self.participants)} peers, "
+            f"wallets in {self.wallets}: {sum(p.role == 'peer' for p in self.participants)} peer(s), "
             f"{self.cfg.validators} validator(s){staked}"
         )
 
@@ -323,7 +320,8 @@ class LocalSubnet:
             cwd=REPO,
         )
 
-    def start_bootstrap(self) -> str:
+    def launch_bootstrap(self) -> None:
+        (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
         ready = self.run_dir / "bootstrap.ready.json"
         boot = Participant(name="bootstrap", role="bootstrap", behaviour="", home=self.run_dir)
         boot.row = Row(name="bootstrap", role="bootstrap", behaviour="-")
@@ -337,7 +335,13 @@ class LocalSubnet:
         )  # fmt: skip
         self.bootstrap = boot
         boot.child.start()
-        deadline = time.time() + self.cfg.startup_timeout_s
+
+    def wait_for_bootstrap(self) -> str:
+        """The bootstrap's multiaddr once it is listening; LaunchFailed (with its log) if it never is."""
+        boot = self.bootstrap
+        assert boot is not None and boot.child is not None and boot.row is not None
+        ready = self.run_dir / "bootstrap.ready.json"
+        deadline = boot.child.started + self.cfg.startup_timeout_s
         while True:
             info = read_json(ready)
             if info is not None:
@@ -387,7 +391,7 @@ class LocalSubnet:
             p.child = self._child(p.name, p.role, args)
             p.child.start()
         self.log(
-            f"started {len(self.participants)} processes; logs in {self.run_dir / 'logs'} "
+            f"started {len(self.participants)} process(es); logs in {self.run_dir / 'logs'} "
             f"(round = {self.cfg.round_blocks} blocks = {self.cfg.round_seconds:g}s)"
         )
 
@@ -512,7 +516,7 @@ class LocalSubnet:
             row.state = f"crashed ({how})"
             tail = c.tail()
             self.crashed.append({"name": p.name, "exit_code": code, "log": str(c.log_path), "tail": tail})
-            self.log(f"{p.name} crashed ({how}); last lines of {c.log_path}:\n{tail}")
+            self.log(f"{p.name} crashed ({how}); last lines of {c.log_path}:\n{tail}", style="red")
 
     def done_reason(self) -> str | None:
         """Why the run should end now, or None to go on."""
@@ -621,9 +625,15 @@ class LocalSubnet:
     def run(self) -> int:
         interrupted = False
         live = None
+        if self.cfg.validators and not validator_available():
+            raise ConfigError(
+                "`validator run` is not available in this checkout (validator/cli.py is missing), so no "
+                "rewards can be computed: run with --validators 0 for a training-only swarm"
+            )
         try:
+            self.launch_bootstrap()  # its start-up (imports, DHT) overlaps with the set-up below
             self.prepare()
-            bootstrap = self.start_bootstrap()
+            bootstrap = self.wait_for_bootstrap()
             self.start_participants(bootstrap)
             self.status = "running"
             if self.tty:
@@ -651,12 +661,14 @@ class LocalSubnet:
             if live is not None:
                 live.stop()
             if self.children:
-                self.log(f"stopping {sum(c.running for c in self.children)} processes ({self._stop_reason})…")
+                self.log(
+                    f"stopping {sum(c.running for c in self.children)} process(es) ({self._stop_reason})…"
+                )
                 with _signals_ignored():
                     stop_all(self.children, self.cfg.grace_s)
             leftovers = sorted(pid for c in self.children for pid in c.leftovers())
             if leftovers:
-                self.log(f"[red]processes still alive after SIGKILL: {leftovers}")
+                self.log(f"processes still alive after SIGKILL: {leftovers}", style="red")
         return self.finish(interrupted)
 
     def finish(self, interrupted: bool) -> int:

@@ -131,7 +131,7 @@ def test_tiny_subnet_end_to_end(launcher_factory, debug_data, tmp_path):
     rider = next(p for p in peers.values() if p["behaviour"] == "free-rider")
     assert len(honest) == 2
     for p in honest:
-        assert p["uid"] is not None and p["rounds"] >= 2 and p["tokens"] > 0
+        assert p["uid"] is not None and p["rounds"] >= 1 and p["tokens"] > 0
         assert p["weight"] > rider["weight"], summary["peers"]
         assert p["incentive"] >= rider["incentive"]
     assert rider["tokens"] == 0 and rider["weight"] < 0.05
