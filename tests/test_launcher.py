@@ -313,3 +313,23 @@ def test_readme_launch_commands_are_valid_configs():
         assert cfg.peers + len(cfg.behaviours) >= 1
     assert "-m launch.local_subnet --config launch/demo.yaml" in (REPO / "Makefile").read_text()
     assert (REPO / "launch" / "demo-report.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.slow
+def test_a_crashing_child_is_reported_with_its_log_tail(launcher_factory, debug_data, tmp_path):
+    cfg = tmp_path / "crash.yaml"
+    cfg.write_text("name: crash\npeers: 1\nvalidators: 0\nrounds: 2\npeer_args: [--no-such-flag]\n")
+    run_dir = tmp_path / "run"
+    launcher = launcher_factory(
+        ["--config", str(cfg), "--run-dir", str(run_dir), "--data-dir", str(debug_data)],
+        tmp_path / "launcher.log",
+    )
+    assert launcher.wait(timeout=120) == 1
+    out = launcher.output()
+    assert "peer-0 crashed (exit 2)" in out and "--no-such-flag" in out, out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "finished with crashes"
+    (crash,) = summary["crashed"]
+    assert crash["name"] == "peer-0" and crash["exit_code"] == 2 and "--no-such-flag" in crash["tail"]
+    assert summary["peers"][0]["state"] == "crashed (exit 2)"
+    assert _wait_gone(launcher.seen, timeout=5) == set()
