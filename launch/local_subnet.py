@@ -727,36 +727,52 @@ def _raise_interrupt(signum, frame):
 
 
 # ------------------------------------------------------------------------------------ CLI
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a wrong flag as one line and exit code 2, no usage dump."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m launch.local_subnet",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
+    add = p.add_argument
+    add(
         "--config",
         type=Path,
         default=REPO / "launch" / "demo.yaml",
-        help="launch YAML (default launch/demo.yaml)",
+        metavar="FILE",
+        help="launch YAML (default launch/demo.yaml); the flags below override it",
     )
-    p.add_argument("--peers", type=int, default=None, help="honest peers")
-    p.add_argument(
+    add("--peers", type=int, default=None, metavar="N", help="honest peers")
+    add(
         "--behaviours",
         default=None,
-        help=f"comma-separated extra peers' behaviours ({', '.join(BEHAVIOURS[1:])}); '' = none",
+        metavar="LIST",
+        help=f"comma-separated behaviours of extra peers ({', '.join(BEHAVIOURS[1:])}); '' = none",
     )
-    p.add_argument("--validators", type=int, default=None, help="validators (0 = training only)")
-    p.add_argument("--rounds", type=int, default=None, help="rounds to score (or train, without validators)")
-    p.add_argument("--model-config", default=None, help="model config name or YAML path (debug on a CPU)")
-    p.add_argument("--round-blocks", type=int, default=None, help="blocks per round")
-    p.add_argument("--block-time", type=float, default=None, help="ledger seconds per block")
-    p.add_argument("--wandb-mode", choices=WANDB_MODES, default=None, help="W&B mode for every process")
-    p.add_argument("--run-dir", default=None, help="run folder (default runs/<name>-<time>)")
-    p.add_argument(
-        "--data-dir", default=None, help="prepared data folder (default .cache/data/<model config>)"
+    add("--validators", type=int, default=None, metavar="M", help="validators (0 = a training-only swarm)")
+    add(
+        "--rounds",
+        type=int,
+        default=None,
+        metavar="R",
+        help="rounds the validators score (without: peers train)",
     )
-    p.add_argument("--timeout", type=float, default=None, dest="timeout_s", help="stop after N seconds")
-    return p
+    add(
+        "--model-config", default=None, metavar="NAME", help="model config name or YAML path (debug on a CPU)"
+    )
+    add("--round-blocks", type=int, default=None, metavar="K", help="ledger blocks per round")
+    add("--block-time", type=float, default=None, metavar="S", help="ledger seconds per block")
+    add("--wandb-mode", choices=WANDB_MODES, default=None, help="W&B mode for every process")
+    add("--run-dir", default=None, metavar="DIR", help="run folder (default runs/<name>-<time>)")
+    add("--data-dir", default=None, metavar="DIR", help="prepared data (default .cache/data/<model config>)")
+    add("--timeout", type=float, default=None, dest="timeout_s", metavar="S", help="stop after S seconds")
+    return p  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:
