@@ -31,7 +31,7 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         pass  # not Linux / no glibc: process groups still stop the children with the launcher
 
 
-def _proc_table() -> dict[int, tuple[int, int]]:
+def proc_table() -> dict[int, tuple[int, int]]:
     """pid -> (ppid, pgid) of every process on this machine (Linux /proc)."""
     table: dict[int, tuple[int, int]] = {}
     for entry in os.scandir("/proc"):
@@ -50,7 +50,7 @@ def _proc_table() -> dict[int, tuple[int, int]]:
 
 def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> set[int]:
     """Live (non-zombie) descendants of ``pid``."""
-    table = table if table is not None else _proc_table()
+    table = table if table is not None else proc_table()
     children: dict[int, list[int]] = {}
     for p, (pp, _) in table.items():
         children.setdefault(pp, []).append(p)
@@ -66,12 +66,12 @@ def descendants(pid: int, table: dict[int, tuple[int, int]] | None = None) -> se
 
 def alive(pids: set[int] | list[int]) -> set[int]:
     """Which of ``pids`` are still running (zombies count as gone)."""
-    table = _proc_table()
+    table = proc_table()
     return {p for p in pids if p in table}
 
 
 def group_members(pgid: int) -> set[int]:
-    return {p for p, (_, g) in _proc_table().items() if g == pgid}
+    return {p for p, (_, g) in proc_table().items() if g == pgid}
 
 
 @dataclass(kw_only=True)
@@ -159,7 +159,7 @@ class Child:
 
 def stop_all(children: list[Child], grace: float) -> None:
     """SIGTERM every child's group, wait up to ``grace`` s, SIGKILL what is left (groups and strays)."""
-    table = _proc_table()
+    table = proc_table()
     for c in children:
         c.remember_descendants(table)
     for c in children:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from launch.local_subnet import build_parser, config_from_args, load_launch_config
+from launch.config import load_launch_config
+from launch.local_subnet import build_parser, config_from_args
 from launch.procs import alive, descendants
 from launch.report import (
     History,
