@@ -48,6 +48,7 @@ from launch.report import (
     update_peer_row,
     write_report_png,
 )
+from peer.chain.base import ChainError
 from peer.errors import ConfigError, UserError, run_cli
 from peer.outbox import atomic_write_json
 
@@ -125,15 +126,13 @@ class LocalSubnet:
             print(f"{stamp} {message}", flush=True)
 
     def prepare(self) -> None:
-        from substrateinterface import Keypair  # noqa: F401 - fail early if the venv is incomplete
-
         from peer.chain.base import SubnetParams
         from peer.chain.local import LocalLedger
         from peer.config import load_run_config
         from peer.data import prepare_data
         from peer.wallet import WalletConfig, create_wallet, load_coldkey
 
-        run_cfg = load_run_config(self.cfg.model_config)
+        run_cfg = load_run_config(self.cfg.model_config)  # checked in run() already: cannot fail here
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "logs").mkdir(exist_ok=True)
         t = time.time()
@@ -383,7 +382,12 @@ class LocalSubnet:
             row.state = "done"
             self.log(f"{p.name} finished")
         else:
-            how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            how = f"exit {code}"
+            if code < 0:
+                try:
+                    how = f"signal {signal.Signals(-code).name}"
+                except ValueError:
+                    how = f"signal {-code}"
             row.state = f"crashed ({how})"
             tail = c.tail()
             self.crashed.append({"name": p.name, "exit_code": code, "log": str(c.log_path), "tail": tail})
@@ -496,6 +500,9 @@ class LocalSubnet:
     def run(self) -> int:
         interrupted = False
         live = None
+        from peer.config import load_run_config
+
+        load_run_config(self.cfg.model_config)  # a wrong model config fails before anything starts
         if self.cfg.validators and not validator_available():
             raise ConfigError(
                 "`validator run` is not available in this checkout (validator/cli.py is missing), so no "
@@ -513,8 +520,15 @@ class LocalSubnet:
                 live = Live(self.live_table(), console=self.console, refresh_per_second=2, transient=False)
                 live.start()
             last_summary = 0.0
+            ledger_trouble = 0
             while True:
-                self.refresh()
+                try:
+                    self.refresh()
+                    ledger_trouble = 0
+                except ChainError as e:  # e.g. the ledger file busy for longer than its busy timeout
+                    ledger_trouble += 1
+                    if ledger_trouble == 1:
+                        self.log(f"cannot read the ledger ({e}); retrying", style="yellow")
                 if live is not None:
                     live.update(self.live_table())
                 if time.time() - last_summary > 10:

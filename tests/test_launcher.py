@@ -334,3 +334,18 @@ def test_a_crashing_child_is_reported_with_its_log_tail(launcher_factory, debug_
     assert crash["name"] == "peer-0" and crash["exit_code"] == 2 and "--no-such-flag" in crash["tail"]
     assert summary["peers"][0]["state"] == "crashed (exit 2)"
     assert _wait_gone(launcher.seen, timeout=5) == set()
+
+
+def test_cli_refuses_an_unknown_model_config_before_starting_anything(tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run(
+        [sys.executable, "-m", "launch.local_subnet", "--model-config", "nope", "--run-dir", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        env=peer_env(),
+    )
+    assert out.returncode == 2
+    assert "model config 'nope' not found" in out.stderr and "Traceback" not in out.stderr
+    assert not run_dir.exists()
