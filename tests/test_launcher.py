@@ -113,7 +113,7 @@ def test_tiny_subnet_end_to_end(launcher_factory, debug_data, tmp_path):
     run_dir = tmp_path / "run"
     launcher = launcher_factory(
         [
-            "--peers", "2", "--behaviours", "free-rider", "--validators", "1", "--rounds", "2",
+            "--peers", "2", "--behaviours", "free-rider", "--validators", "1", "--rounds", "3",
             "--round-blocks", "12", "--run-dir", str(run_dir), "--data-dir", str(debug_data),
             "--wandb-mode", "disabled", "--timeout", "400",
         ],
@@ -136,7 +136,7 @@ def test_tiny_subnet_end_to_end(launcher_factory, debug_data, tmp_path):
         assert p["weight"] > rider["weight"], summary["peers"]
         assert p["incentive"] >= rider["incentive"]
     assert rider["tokens"] == 0 and rider["weight"] < 0.05
-    assert len(summary["validator_rounds"]["validator-0"]) == 2
+    assert len(summary["validator_rounds"]["validator-0"]) == 3
     assert summary["heldout_loss"] and summary["weights"]
     # the table the user sees names every peer
     for name in peers:
