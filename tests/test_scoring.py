@@ -86,8 +86,8 @@ def test_round_scores_hand_computed():
     assert s[0].terms["specificity"] == pytest.approx(0.325)
     assert s[0].terms["specificity_t"] == pytest.approx(0.325 / 0.075)
     assert s[0].terms["assignment_reference"] == pytest.approx(0.225)
-    assert s[0].terms["assignment_factor"] == pytest.approx(1.0)
-    assert s[0].score == pytest.approx(0.2) and s[0].reason == "scored"
+    assert s[0].terms["assignment_factor"] == pytest.approx(0.325 / 0.225)  # above 1, below the cap of 2
+    assert s[0].score == pytest.approx(0.2 * 0.325 / 0.225) and s[0].reason == "scored"
     assert s[1].terms["specificity"] == pytest.approx(0.125)
     assert s[1].terms["specificity_t"] == pytest.approx(2.5)
     assert s[1].terms["assignment_factor"] == pytest.approx(0.125 / 0.225)
@@ -115,7 +115,12 @@ def test_control_pages_are_the_fallback_without_cross_references():
     assert s.terms["specificity"] == pytest.approx(0.2)
     assert s.terms["specificity_t"] == pytest.approx(4.0)
     assert s.terms["assignment_reference"] == pytest.approx(0.2)
-    assert s.score == pytest.approx(0.1)
+    assert s.score == pytest.approx(0.1)  # factor 0.2 / 0.2 = 1
+
+
+def test_assignment_factor_is_capped():
+    s = by_uid(score_round(rm(table()), ScoringConfig(max_assignment_factor=1.0)))
+    assert s[0].terms["assignment_factor"] == 1.0 and s[0].score == pytest.approx(0.2)
 
 
 def test_copies_within_a_round_earn_nothing_for_the_less_specific_one():
@@ -208,4 +213,4 @@ def test_a_disqualified_copy_cannot_knock_out_the_original():
     )
     s = by_uid(score_round(rm([*ps, scaled_copy]), ScoringConfig()))
     assert s[9].score == 0 and "norm" in s[9].reason
-    assert s[0].score == pytest.approx(0.2)
+    assert s[0].score == pytest.approx(0.2 * 0.325 / 0.225)

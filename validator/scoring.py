@@ -14,7 +14,7 @@ Round score of a peer (``explain`` keeps every term)::
                         (computed per assigned page; its one-sample t statistic must reach
                         ``min_specificity_t``: gains on nearly every assigned page, not noise)
     reference         = max(min_assignment_reference, q-quantile of the eligible peers' specificity)
-    assignment_factor = clamp(specificity / reference, 0, 1)                  0 below min_assignment_factor
+    assignment_factor = clamp(specificity / reference, 0, max_assignment_factor)  0 below min_assignment_factor
     score             = heldout_gain × assignment_factor
 
 and 0, with the reason, when any gate fails (checked in this order): not evaluated (missing, rejected,
@@ -86,6 +86,10 @@ class ScoringConfig:
     each assigned page) need a t statistic of at least this. A peer that trained on its pages gains on
     nearly every one of them; noise does not. Lower it (or raise eval.assigned_pages) if honest peers fail
     with "not shown to have trained"; raise it if non-training peers slip through early in a run."""
+    max_assignment_factor: float = 2.0
+    """Cap of the assignment factor. Above 1 a peer that learned its own pages better than the reference
+    earns more for the same held-out gain (with norm-clipped Δs, more inner steps and cleaner data show up
+    here, not in the held-out gain). 1.0 pays the held-out gain alone once the assignment is proven."""
     min_assignment_factor: float = 0.3
     """Assignment factors below this count as 0 (noise of a peer that did not train on its pages).
     Lower it if honest peers early in a run show small but real specificity and score 0."""
@@ -104,8 +108,8 @@ class ScoringConfig:
             raise ConfigError("scoring.reference_quantile must be in [0, 1]")
         if self.min_assignment_reference <= 0:
             raise ConfigError("scoring.min_assignment_reference must be > 0")
-        if not 0 <= self.min_assignment_factor <= 1:
-            raise ConfigError("scoring.min_assignment_factor must be in [0, 1]")
+        if not 0 <= self.min_assignment_factor <= 1 <= self.max_assignment_factor:
+            raise ConfigError("scoring: need 0 <= min_assignment_factor <= 1 <= max_assignment_factor")
         if not 0 < self.ema_alpha <= 1:
             raise ConfigError("scoring.ema_alpha must be in (0, 1]")
 
@@ -220,7 +224,7 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig) -> list[PeerScore]:
         reason = reasons[key]
         score = 0.0
         if reason is None:
-            factor = min(1.0, max(0.0, t["specificity"] / reference))
+            factor = min(cfg.max_assignment_factor, max(0.0, t["specificity"] / reference))
             t["assignment_factor"] = factor
             st = t["specificity_t"]
             if st is not None and st < cfg.min_specificity_t:
