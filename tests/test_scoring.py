@@ -214,3 +214,13 @@ def test_a_disqualified_copy_cannot_knock_out_the_original():
     s = by_uid(score_round(rm([*ps, scaled_copy]), ScoringConfig()))
     assert s[9].score == 0 and "norm" in s[9].reason
     assert s[0].score == pytest.approx(0.2 * 0.325 / 0.225)
+
+
+def test_a_validator_that_falls_behind_audits_an_unpredictable_round():
+    from validator.loop import pick_round
+
+    assert pick_round(None, 5, 4, b"s") == 5  # just started: the newest
+    assert pick_round(4, 5, 4, b"s") == 5  # keeping up: the newest
+    picks = {pick_round(2, 9, 4, bytes([i])) for i in range(64)}
+    assert picks == {6, 7, 8, 9}  # behind: any of the last 4 ended rounds, chosen by the seed
+    assert pick_round(7, 9, 4, b"s") in (8, 9)  # never one already evaluated

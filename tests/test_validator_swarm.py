@@ -2,8 +2,9 @@
 `validator run` processes on a LocalLedger, started by the local-subnet launcher.
 
 Checks what the validators are responsible for: every honest peer ends with a higher weight *on the
-ledger* than every cheating one, whose weights are (near) zero ("stale" is honest every third round by
-its definition and earns in those rounds: it only has to stay below the best honest peer), both
+ledger* than every cheating one, whose weights are (near) zero ("stale" trains honestly every third
+round by its definition and earns in those rounds; with a validator slowed down by 11 processes on 2
+cores, the audited rounds can be its honest ones, so its weight is not asserted), both
 validators give the same scores for a round they both scored, and `validator replay` reproduces a
 logged round.
 (Whether the *swarm's* held-out loss falls with sign-flip/scaled peers in the all-reduce is the
@@ -68,7 +69,6 @@ def test_validators_pay_honest_peers_only(launcher_proc, debug_data, tmp_path):
         assert all(h["weight"] > d["weight"] for d in cheats), table
     for d in cheats:
         assert d["weight"] < 0.05, table
-    assert stale["weight"] < max(h["weight"] for h in honest), table
     assert sum(h["weight"] for h in honest) + stale["weight"] > 0.9, table
 
     # two validators, one round they both scored: the same score for every peer

@@ -18,6 +18,7 @@ Each step is a plain function of explicit inputs; :func:`run_round` strings them
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -67,6 +68,11 @@ class LoopConfig:
     """Stop after evaluating this many rounds (None: run until interrupted)."""
     max_seconds: float | None = None
     """Stop after this many seconds."""
+    audit_window: int = 4
+    """When the validator falls behind (a round takes longer to evaluate than to train), it evaluates one
+    of the last ``audit_window`` ended rounds, chosen by the chain's block hash, instead of always the
+    newest — so peers cannot predict which rounds are audited. Peers keep 6 rounds in their outbox: keep it
+    below that."""
     poll_s: float = 0.25
     """Seconds between checks of the chain head while waiting for a round to end."""
 
@@ -75,6 +81,8 @@ class LoopConfig:
 
         if self.round_blocks < 1:
             raise ConfigError("--round-blocks must be >= 1")
+        if self.audit_window < 1:
+            raise ConfigError("audit_window must be >= 1")
         if self.publish_grace_s < 0 or self.poll_s <= 0:
             raise ConfigError("publish grace must be >= 0 and poll interval > 0")
 
@@ -367,12 +375,17 @@ def run(v: Validator) -> int:
             log.warning("chain unreachable (%s); retrying", e)
             time.sleep(max(v.cfg.poll_s, 1.0))
             continue
-        target = current - 1
-        if target < 0 or (last is not None and target <= last):
+        newest = current - 1
+        if newest < 0 or (last is not None and newest <= last):
             v.setter.process()  # retries and reveals between rounds
             time.sleep(v.cfg.poll_s)
             continue
         time.sleep(v.cfg.publish_grace_s)
+        try:
+            target = pick_round(last, newest, v.cfg.audit_window, v.clock.seed(newest))
+        except ChainError as e:
+            log.warning("cannot read round %d's seed (%s); retrying", newest, e)
+            continue
         try:
             rec = run_round(v, target)
             done += 1
@@ -383,6 +396,19 @@ def run(v: Validator) -> int:
             log.warning("round %d: chain trouble (%s); skipping the round", target, e)
         last = target
     return done
+
+
+def pick_round(last: int | None, newest: int, window: int, seed: bytes) -> int:
+    """The ended round to evaluate next: ``newest`` when the validator keeps up; when it fell behind, one of
+    the unevaluated rounds of the last ``window`` picked by ``seed`` (the newest round's block hash, unknown
+    before that round ended), so a peer cannot learn which rounds get audited and cheat only in the others."""
+    if last is None:  # just started: the newest round (older ones may predate the peers we see now)
+        return newest
+    first = max(newest - window + 1, last + 1)
+    if first >= newest:
+        return newest
+    choices = list(range(first, newest + 1))
+    return choices[int.from_bytes(hashlib.blake2b(seed, digest_size=8).digest(), "little") % len(choices)]
 
 
 def summary_line(rec: RoundRecord) -> str:
