@@ -20,7 +20,7 @@ from peer.chain.config import add_chain_args, chain_config_from_args, connect
 from peer.config import available_configs, load_run_config, override
 from peer.errors import ConfigError
 from peer.membership import commit_address, ensure_commitment, ensure_registered
-from peer.swarm import parse_maddrs
+from peer.swarm import check_initial_peers, parse_maddrs
 from peer.tracking import add_tracking_args, make_tracker, tracking_config_from_args
 from peer.wallet import DEFAULT_WALLET_PATH, WalletConfig, load_coldkey, load_hotkey
 
@@ -220,7 +220,7 @@ def run(args) -> int:
         raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     optimizer = args.optimizer or ("adamw8bit" if device.startswith("cuda") else "adamw")
     behaviour = Behaviour(args.behaviour)
-    parse_maddrs(args.initial_peers, "--initial-peers")  # bad addresses fail before anything starts
+    check_initial_peers(args.initial_peers)  # bad addresses fail before anything starts
     parse_maddrs(args.host_maddrs, "--host-maddrs")
     parse_maddrs(args.announce_maddrs, "--announce-maddrs")
     chain_cfg = None if args.no_chain else chain_config_from_args(args)

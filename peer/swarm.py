@@ -28,6 +28,17 @@ class BadMultiaddr(UserError):
     pass
 
 
+def check_initial_peers(values: Sequence[str]) -> list[str]:
+    """Validate ``--initial-peers``: multiaddrs that end in the peer id (``…/p2p/<peer id>``)."""
+    peers = parse_maddrs(values, "--initial-peers")
+    for maddr in peers:
+        if "/p2p/" not in maddr:
+            raise BadMultiaddr(
+                f"--initial-peers {maddr!r} lacks the peer id: append /p2p/<peer id> (printed by the bootstrap peer)"
+            )
+    return peers
+
+
 def parse_maddrs(values: Sequence[str], what: str) -> list[str]:
     from multiaddr import Multiaddr
 
@@ -66,14 +77,9 @@ def start_dht(
 ):
     import hivemind
 
-    initial_peers = parse_maddrs(initial_peers, "--initial-peers")
+    initial_peers = check_initial_peers(initial_peers)
     host_maddrs = parse_maddrs(host_maddrs, "--host-maddrs")
     announce_maddrs = parse_maddrs(announce_maddrs, "--announce-maddrs")
-    for maddr in initial_peers:
-        if "/p2p/" not in maddr:
-            raise BadMultiaddr(
-                f"--initial-peers {maddr!r} lacks the peer id: append /p2p/<peer id> (printed by the bootstrap peer)"
-            )
     try:
         return hivemind.DHT(
             initial_peers=initial_peers,

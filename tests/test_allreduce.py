@@ -45,9 +45,9 @@ def _run(dhts, tensors, runner_cls, weights=(1.0, 1.0, 1.0)):
         for t, d in zip(tensors, dhts, strict=True)
     ]
     try:
-        controls = [a.step(wait=False, timeout=15, weight=w) for a, w in zip(averagers, weights, strict=True)]
+        controls = [a.step(wait=False, timeout=60, weight=w) for a, w in zip(averagers, weights, strict=True)]
         for c in controls:
-            assert c.result(timeout=30) is not None
+            assert c.result(timeout=120) is not None
         results = []
         for a in averagers:
             with a.get_tensors() as ts:

@@ -37,7 +37,7 @@ def wallet(tmp_path):
 
     path = tmp_path / "wallets"
     create_wallet(WalletConfig(name="w", hotkey="h", path=str(path)))
-    return ["--wallet.path", str(path), "--wallet.name", "w", "--wallet.hotkey", "h"]
+    return ["--wallet.path", str(path), "--wallet.name", "w", "--wallet.hotkey", "h", "--no-chain"]
 
 
 def test_help_reads_well():
@@ -143,3 +143,26 @@ def test_corrupt_checkpoint_is_reported_and_left_alone(tmp_path, wallet, debug_d
     )
     assert_user_error(proc, "corrupt", "delete")
     assert ckpt.read_bytes() == before  # nothing overwritten
+
+
+def test_missing_subnet_on_the_local_ledger(tmp_path, wallet):
+    flags = [f for f in wallet if f != "--no-chain"]
+    proc = run_peer(
+        "join",
+        "--ledger.path",
+        str(tmp_path / "ledger.sqlite"),
+        "--netuid",
+        "3",
+        "--home",
+        str(tmp_path / "h"),
+        "--host-maddrs",
+        "/ip4/127.0.0.1/tcp/0",
+        *flags,
+    )
+    assert_user_error(proc, "subnet 3 does not exist", "peer chain create-subnet")
+
+
+def test_behaviour_refused_on_a_real_network(wallet):
+    flags = [f for f in wallet if f != "--no-chain"]
+    proc = run_peer("join", "--behaviour", "free-rider", "--subtensor.network", "finney", *flags)
+    assert_user_error(proc, "refused on a real network")
