@@ -8,7 +8,11 @@ dequantized values. :class:`ConsensusAllReduceRunner` therefore
 
 * returns the **averaged part itself** (compressed once by its owner), not a delta;
 * makes the owner apply ``dequantize(quantize(average))`` of its own part — the very bytes it sends;
-* drops non-finite incoming parts (a NaN sender is averaged in with weight 0, never poisons the mean);
+* drops non-finite incoming parts (a NaN sender is averaged in with weight 0, never poisons the mean)
+  and clips outsized ones (``clip_ratio`` × our own part's norm, and ``max_part_norm``);
+* zeroes a returned average no honest group could produce (non-finite, or longer than
+  ``max_part_norm``: honest peers clip their whole pseudo-gradient to it), so a lying part owner
+  cannot blow up the model — every honest receiver makes the same decision and stays identical;
 * counts payload bytes sent and received (shared-memory counters readable from the trainer);
 * fails loudly if any part could not be averaged (a reducer died), instead of silently keeping the
   local values for that part the way hivemind does — the caller then decides what a failed round means.
@@ -66,10 +70,18 @@ class ByteCounters:
 class ConsensusAllReduceRunner(AllReduceRunner):
     """See the module docstring. Same wire protocol as hivemind's runner (peers must all use this one)."""
 
-    def __init__(self, *args, counters: ByteCounters | None = None, clip_ratio: float | None = 4.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        counters: ByteCounters | None = None,
+        clip_ratio: float | None = 4.0,
+        max_part_norm: float | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.counters = counters or ByteCounters()
         self.clip_ratio = clip_ratio
+        self.max_part_norm = max_part_norm
         container = self.tensor_part_container
         container.return_deltas = (
             False  # a failed reducer's parts then fall back to local values (and we raise)
@@ -109,6 +121,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 )
                 info = self._own_part_infos[part_index]
                 result = await loop.run_in_executor(None, self._roundtrip, averaged_part, info)
+                result = self._check_average(result)
                 self.tensor_part_container.register_processed_part(peer_index, part_index, result)
             return
         try:
@@ -130,8 +143,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
                 self.counters.add(received=msg.ByteSize())
-                if not torch.isfinite(averaged).all():
-                    raise AllreduceException(f"{peer_id} returned a non-finite average")
+                averaged = self._check_average(averaged)
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
                 part_index += 1
             if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
@@ -150,6 +162,21 @@ class ConsensusAllReduceRunner(AllReduceRunner):
             self.counters.add(sent=msg.ByteSize())
             yield msg
 
+    def _check_average(self, averaged: torch.Tensor) -> torch.Tensor:
+        """An averaged part nobody honest could have produced becomes zeros (no update for that slice).
+
+        Every honest peer clips its whole pseudo-gradient to ``max_part_norm``, so no slice of an honest
+        average can be longer. The test depends only on the bytes received and the shared config, so all
+        honest receivers of the same part decide the same way and stay bit-identical; only the part's
+        (lying) owner ends up with another state, which the next round's state agreement corrects.
+        """
+        if not bool(torch.isfinite(averaged).all()) or (
+            self.max_part_norm is not None and float(averaged.norm()) > self.max_part_norm * (1 + 1e-6)
+        ):
+            self.counters.add(rejected=1)
+            return torch.zeros_like(averaged)
+        return averaged
+
     def _screen(self, part: torch.Tensor, weight: float, part_index: int) -> tuple[torch.Tensor, float]:
         """Robust aggregation of an incoming part: drop non-finite parts, clip outsized ones.
 
@@ -166,6 +193,11 @@ class ConsensusAllReduceRunner(AllReduceRunner):
             if math.isfinite(own_norm) and norm > bound:  # no reference if our own part is unusable
                 self.counters.add(rejected=1)
                 part = part * (bound / norm)
+        if self.max_part_norm is not None:
+            norm = float(part.norm())
+            if norm > self.max_part_norm:
+                self.counters.add(rejected=1)
+                part = part * (self.max_part_norm / norm)
         return part, weight
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
@@ -212,22 +244,26 @@ class ConsensusAverager(DecentralizedAverager):
     download with :meth:`load_state_from_peers` — the swarm's shared state, not the averaged buffers.
     """
 
+    runner_class: type[ConsensusAllReduceRunner] = ConsensusAllReduceRunner
+
     def __init__(
         self,
         averaged_tensors: Sequence[torch.Tensor],
         *,
         state_provider=None,
         clip_ratio: float | None = 4.0,
+        max_part_norm: float | None = None,
         **kwargs,
     ):
         self.counters = ByteCounters()
         self._state_provider = state_provider
         self.clip_ratio = clip_ratio
+        self.max_part_norm = max_part_norm
         super().__init__(averaged_tensors, **kwargs)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
-        runner = ConsensusAllReduceRunner(
+        runner = self.runner_class(
             p2p=self._p2p,
             servicer_type=type(self),
             prefix=self.prefix,
@@ -236,6 +272,7 @@ class ConsensusAverager(DecentralizedAverager):
             ordered_peer_ids=group_info.peer_ids,
             counters=self.counters,
             clip_ratio=self.clip_ratio,
+            max_part_norm=self.max_part_norm,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"

@@ -130,6 +130,7 @@ class SwarmAveraging:
         matchmaking_seconds: float,
         allreduce_timeout: float,
         clip_ratio: float | None = 4.0,
+        max_part_norm: float | None = None,
         target_group_size: int | None = None,
     ):
         import bitsandbytes  # noqa: F401  (must be imported before the averager for blockwise 8-bit)
@@ -148,6 +149,7 @@ class SwarmAveraging:
             state_compression=make_compression("none"),
             state_provider=state_provider,
             clip_ratio=clip_ratio,
+            max_part_norm=max_part_norm,
             min_group_size=2,
             target_group_size=target_group_size,
             min_matchmaking_time=matchmaking_seconds,

@@ -15,6 +15,7 @@ applying a partial average; the next ``sync_state`` reconciles with the majority
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -189,6 +190,7 @@ class Trainer:
             state_provider=self._provide_state,
             matchmaking_seconds=cfg.matchmaking_seconds,
             allreduce_timeout=run.train.averaging_timeout,
+            max_part_norm=run.train.max_delta_norm,
         )
         self.peer_id = self.swarm.peer_id
         log.info(
@@ -297,7 +299,12 @@ class Trainer:
 
     def train_inner(self, r: int, pages: list[int], stop_at: float, report: RoundReport) -> None:
         train = self.cfg.run.train
-        batches = self.store.batches(pages, train.batch_size)
+        samples = self.store.samples(pages)
+        # shuffle across all assigned pages (seeded by round and hotkey): a short round still sees all of them
+        key = hashlib.blake2b(self.clock.seed(r) + self.hotkey.encode(), digest_size=8).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+        samples = samples[torch.randperm(len(samples), generator=gen)]
+        batches = [samples[i : i + train.batch_size] for i in range(0, len(samples), train.batch_size)]
         probe = batches[0].to(self.cfg.device)
         self.state.begin_round()
         report.loss_before = evaluate_loss(self.model, [probe], self.cfg.device)

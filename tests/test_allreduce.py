@@ -28,11 +28,12 @@ def dhts():
             node.shutdown()
 
 
-def _run(dhts, tensors, runner_cls, weights=(1.0, 1.0, 1.0)):
+def _run(dhts, tensors, runner_cls, weights=(1.0, 1.0, 1.0), classes=None, **kwargs):
     from peer.allreduce import ConsensusAverager
 
+    classes = classes or [runner_cls] * len(tensors)
     averagers = [
-        runner_cls(
+        cls(
             t,
             dht=d,
             prefix="t",
@@ -41,8 +42,9 @@ def _run(dhts, tensors, runner_cls, weights=(1.0, 1.0, 1.0)):
             min_matchmaking_time=1.0,
             request_timeout=0.5,
             part_size_bytes=2**14,
+            **kwargs,
         )
-        for t, d in zip(tensors, dhts, strict=True)
+        for cls, t, d in zip(classes, tensors, dhts, strict=True)
     ]
     try:
         controls = [a.step(wait=False, timeout=60, weight=w) for a, w in zip(averagers, weights, strict=True)]
@@ -52,7 +54,9 @@ def _run(dhts, tensors, runner_cls, weights=(1.0, 1.0, 1.0)):
         for a in averagers:
             with a.get_tensors() as ts:
                 results.append([t.clone() for t in ts])
-        counters = [a.counters.snapshot() for a in averagers] if runner_cls is ConsensusAverager else []
+        counters = (
+            [a.counters.snapshot() for a in averagers] if issubclass(runner_cls, ConsensusAverager) else []
+        )
         return results, counters
     finally:
         for a in averagers:
@@ -118,3 +122,36 @@ def test_outsized_contributions_are_clipped(dhts):
     honest_scale = float((results[0][0].abs() < 10).float().mean())
     assert honest_scale > 0.5
     assert sum(c[2] for c in counters) >= 2
+
+
+def test_lying_part_owner_cannot_blow_up_honest_peers(dhts):
+    """A part owner that returns a x1000 'average': honest receivers zero that part and stay identical."""
+    from peer.allreduce import ConsensusAllReduceRunner, ConsensusAverager
+
+    class LyingRunner(ConsensusAllReduceRunner):
+        def _screen(self, part, weight, part_index):
+            return part * 1000, weight  # poison every average it owns
+
+        def _check_average(self, averaged):
+            return averaged
+
+    # same class name: hivemind namespaces its RPC handlers by the servicer's class name
+    LyingAverager = type("ConsensusAverager", (ConsensusAverager,), {"runner_class": LyingRunner})
+
+    inputs = _inputs(4)
+    bound = 1.5 * max(float(torch.cat([t.reshape(-1) for t in ts]).norm()) for ts in inputs)
+    results, counters = _run(
+        dhts,
+        inputs,
+        ConsensusAverager,
+        classes=[ConsensusAverager, ConsensusAverager, LyingAverager],
+        max_part_norm=bound,
+    )
+    honest = results[:2]
+    assert hash_tensors((str(i), t) for i, t in enumerate(honest[0])) == hash_tensors(
+        (str(i), t) for i, t in enumerate(honest[1])
+    )
+    total = torch.cat([t.reshape(-1) for t in honest[0]])
+    assert float(total.norm()) <= bound  # nothing outsized got through
+    assert (total == 0).any()  # the liar's parts were zeroed
+    assert counters[0][2] > 0 and counters[1][2] > 0
