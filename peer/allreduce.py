@@ -18,7 +18,7 @@ dequantized values. :class:`ConsensusAllReduceRunner` therefore
   local values for that part the way hivemind does — the caller then decides what a failed round means.
 
 :class:`ConsensusAverager` is a ``DecentralizedAverager`` that uses this runner and *copies* results
-into its tensors (instead of adding deltas).
+into its tensors (instead of adding deltas), all at once after the all-reduce succeeded.
 """
 
 from __future__ import annotations
@@ -278,10 +278,13 @@ class ConsensusAverager(DecentralizedAverager):
         assert group_id in self._running_groups, f"group {group_id} was not registered"
         self._running_groups[group_id].set_result(runner)
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
-            async for tensor, result in azip(as_aiter(*tensors), runner):
+            # all or nothing: results are copied in only after the whole all-reduce succeeded, so a failed
+            # attempt never leaves half-averaged buffers behind for hivemind's retry with another group
+            results = [result async for _, result in azip(as_aiter(*tensors), runner)]
+            for tensor, result in zip(tensors, results, strict=True):
                 tensor.copy_(result)
-                self.last_updated = get_dht_time()
-                self._state_updated.set()
+            self.last_updated = get_dht_time()
+            self._state_updated.set()
         else:
             async for _ in runner:
                 raise ValueError("aux peers should not receive averaged tensors")
