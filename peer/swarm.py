@@ -163,7 +163,6 @@ class SwarmAveraging:
         self.matchmaking_seconds = matchmaking_seconds
         self.allreduce_timeout = allreduce_timeout
         self._pending = None
-        self._round = None
 
     @property
     def peer_id(self) -> str:
@@ -187,7 +186,6 @@ class SwarmAveraging:
             if give_up_at is None
             else max(0.2, min(self.matchmaking_seconds, give_up_at - start_at))
         )
-        self._round = round_
         self._pending = self.averager.step(
             gather=gather,
             weight=weight,
@@ -215,7 +213,7 @@ class SwarmAveraging:
         except AllreduceException as e:
             error = str(e)
             status = "alone" if "could not find a group" in error else "failed"
-        except (TimeoutError, Exception) as e:  # noqa: BLE001 - any all-reduce failure fails only this round
+        except Exception as e:  # noqa: BLE001 - any all-reduce failure fails only this round
             control.cancel()
             error, status = f"{type(e).__name__}: {e}", "failed"
         sent1, recv1, _ = self.averager.counters.snapshot()

@@ -22,7 +22,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -137,7 +137,6 @@ class RoundReport:
     synced_from_peer: bool = False
     peak_rss_mb: float = 0.0
     """Peak resident memory of this process plus its averager child, MiB."""
-    extra: dict = field(default_factory=dict)
 
 
 class Trainer:
@@ -284,8 +283,7 @@ class Trainer:
                     raise CheckpointError("downloaded state does not match its announced hash")
                 self.progress.event(f"round {r}: loaded the swarm's state {best[:10]} from a peer")
         with self.state_lock:
-            self.round = r
-            self._invalidate_hash()
+            self.round = r  # the hash depends on θ only: no need to recompute it here
         swarm.announce_state(r, self.state_hash(), ttl=4 * self.cfg.run.train.round_seconds + 60)
         return downloaded
 
