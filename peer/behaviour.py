@@ -15,7 +15,8 @@ random-data    Δ trained on pages *not* assigned to it                that Δ, 
 nan            a NaN Δ                                                nothing
 scaled         100 × its Δ                                            100 × Δ (clipped by reducers)
 sign-flip      −Δ                                                     −Δ
-stale          the Δ of its last trained round, trains every 3rd     nothing (weight 0)
+stale          nothing in its first round (it trains then), after    nothing (weight 0)
+               that the same old Δ every round (trains no more)
 =============  ======================================================  =============================
 """
 
@@ -46,7 +47,7 @@ def trains(b: Behaviour, round_index: int) -> bool:
     if b in (Behaviour.FREE_RIDER, Behaviour.COPYCAT):
         return False
     if b is Behaviour.STALE:
-        return round_index % 3 == 0
+        return round_index == 0
     return True
 
 
@@ -62,11 +63,17 @@ def averaging_input(b: Behaviour, delta: list[torch.Tensor]) -> tuple[list[torch
 
 
 def published_delta(
-    b: Behaviour, delta: list[torch.Tensor], last_trained: list[torch.Tensor] | None
+    b: Behaviour, delta: list[torch.Tensor], last_trained: list[torch.Tensor] | None, round_index: int
 ) -> list[torch.Tensor] | None:
-    """The Δ the peer publishes *before* averaging (None: copycat publishes after averaging)."""
+    """The Δ the peer publishes *before* averaging (None: nothing; a copycat publishes after averaging).
+
+    A stale peer replays: it keeps the Δ of its one trained round unpublished, then publishes it in every
+    later round as if it were that round's work (stale base, another round's pages, and from the second
+    replay on a repeat of its own earlier Δ)."""
     if b is Behaviour.COPYCAT:
         return None
+    if b is Behaviour.STALE:
+        return last_trained if round_index > 0 else None
     if b is Behaviour.FREE_RIDER:
         return [torch.zeros_like(d) for d in delta]
     if b is Behaviour.NAN:
@@ -75,6 +82,4 @@ def published_delta(
         return [d * 100 for d in delta]
     if b is Behaviour.SIGN_FLIP:
         return [-d for d in delta]
-    if b is Behaviour.STALE and last_trained is not None:
-        return last_trained
     return delta

@@ -128,7 +128,14 @@ class TrainConfig:
     averaging_timeout: float = 30.0
     """Seconds a peer waits for the all-reduce to finish before giving up on the round."""
     max_delta_norm: float = 10.0
-    """Pseudo-gradients with a larger L2 norm are scaled down to this norm before averaging."""
+    """Upper bound on the L2 norm of one round's pseudo-gradient Δ. A peer scales its own Δ down to it;
+    receivers in the all-reduce clip incoming parts to it and zero any averaged part longer than it.
+    Two forces set it. Too low, it clips honest work: more inner steps stop adding anything to the swarm
+    (and validators cannot tell 40 steps of work from 80); symptom: ``delta_clipped: true`` in most
+    lines of ``rounds.jsonl``. Too high, a lying part owner can return its slice of the average up to
+    this norm (many times an honest slice); symptom: held-out loss jumps up in rounds with a bad peer in
+    the group. Δ grows with inner steps H, ``inner_lr`` and √(parameters): set it 1.5–3× the
+    ``delta_norm`` honest peers report at the round length you run."""
     seed: int = 0
     """Seed of the model's initial weights; every peer in a swarm must use the same."""
 

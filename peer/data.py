@@ -332,6 +332,17 @@ class PageStore:
         return Tokenizer.from_file(str(self.data_dir / "tokenizer.json"))
 
 
+def round_batches(samples: torch.Tensor, batch_size: int, key: bytes) -> list[torch.Tensor]:
+    """A round's training batches: the samples of all assigned pages in a seeded random order, cut into
+    batches (a peer cycles through them). Shuffling across pages means that a short round still touches
+    every assigned page, which is what the validators' assignment test looks for. ``key`` seeds the
+    order (the trainer uses the round seed and the hotkey)."""
+    digest = hashlib.blake2b(key, digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    samples = samples[torch.randperm(len(samples), generator=gen)]
+    return [samples[i : i + batch_size] for i in range(0, len(samples), batch_size)]
+
+
 def _main() -> int:
     parser = argparse.ArgumentParser(prog="python -m peer.data", description="Corpus and data-dir tools.")
     sub = parser.add_subparsers(dest="cmd", required=True)

@@ -53,6 +53,8 @@ class DilocoState:
         self.momentum = [torch.zeros_like(s) for s in self.snapshot]
         self.inner = make_inner_optimizer(optimizer, self.params, cfg)
         self.local_steps = 0
+        self.last_delta_norm: float | None = None
+        """Norm of the last :meth:`pseudo_gradient` before the ``max_delta_norm`` bound."""
 
     # -- the shared state -------------------------------------------------------------------------
 
@@ -116,11 +118,15 @@ class DilocoState:
 
     @torch.no_grad()
     def pseudo_gradient(self) -> list[torch.Tensor]:
-        """Δ = θ_r − θ_local (CPU fp32), with its L2 norm clipped to ``max_delta_norm``."""
+        """Δ = θ_r − θ_local (CPU fp32), with its L2 norm clipped to ``max_delta_norm``.
+
+        The norm before clipping is kept in :attr:`last_delta_norm` (the trainer reports it per round, so
+        an operator can see whether the bound bites honest work)."""
         delta = [
             s - p.detach().to("cpu", torch.float32) for s, p in zip(self.snapshot, self.params, strict=True)
         ]
         norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta)).item()
+        self.last_delta_norm = norm
         if norm > self.cfg.max_delta_norm:
             scale = self.cfg.max_delta_norm / norm
             delta = [d * scale for d in delta]

@@ -15,7 +15,6 @@ applying a partial average; the next ``sync_state`` reconciles with the majority
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from peer import behaviour as bh
 from peer.behaviour import Behaviour
 from peer.clock import RoundClock
 from peer.config import RunConfig
-from peer.data import PageStore, assign_pages, eval_pages, prepare_data
+from peer.data import PageStore, assign_pages, eval_pages, prepare_data, round_batches
 from peer.diloco import DilocoState, optimizer_state_bytes
 from peer.errors import CheckpointError, ConfigError
 from peer.model import build_model, count_parameters, evaluate_loss, lm_loss
@@ -134,6 +133,10 @@ class RoundReport:
     bytes_received: int = 0
     state_hash: str = ""
     heldout_loss: float | None = None
+    delta_norm: float | None = None
+    """L2 norm of this round's Δ before the ``max_delta_norm`` bound."""
+    delta_clipped: bool = False
+    """The bound scaled Δ down (if this holds in most rounds, raise ``train.max_delta_norm``)."""
     synced_from_peer: bool = False
     peak_rss_mb: float = 0.0
     """Peak resident memory of this process plus its averager child, MiB."""
@@ -297,12 +300,9 @@ class Trainer:
 
     def train_inner(self, r: int, pages: list[int], stop_at: float, report: RoundReport) -> None:
         train = self.cfg.run.train
-        samples = self.store.samples(pages)
-        # shuffle across all assigned pages (seeded by round and hotkey): a short round still sees all of them
-        key = hashlib.blake2b(self.clock.seed(r) + self.hotkey.encode(), digest_size=8).digest()
-        gen = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
-        samples = samples[torch.randperm(len(samples), generator=gen)]
-        batches = [samples[i : i + train.batch_size] for i in range(0, len(samples), train.batch_size)]
+        batches = round_batches(
+            self.store.samples(pages), train.batch_size, self.clock.seed(r) + self.hotkey.encode()
+        )
         probe = batches[0].to(self.cfg.device)
         self.state.begin_round()
         report.loss_before = evaluate_loss(self.model, [probe], self.cfg.device)
@@ -425,9 +425,11 @@ class Trainer:
         )
         self.train_inner(r, pages, stop_at, report)
         delta = self.state.pseudo_gradient()
+        report.delta_norm = self.state.last_delta_norm
+        report.delta_clipped = report.delta_norm > train.max_delta_norm
         if bh.trains(self.cfg.behaviour, self._rounds_done):
             self._last_trained_delta = delta
-        published = bh.published_delta(self.cfg.behaviour, delta, self._last_trained_delta)
+        published = bh.published_delta(self.cfg.behaviour, delta, self._last_trained_delta, self._rounds_done)
         if published is not None:
             self.publish_delta(r, published, pages, report)
         averaged = self.average(r, delta, report)
@@ -457,6 +459,8 @@ class Trainer:
             "train/loss_before": rep.loss_before,
             "train/loss_after": rep.loss_after,
             "heldout_loss": rep.heldout_loss,
+            "delta_norm": rep.delta_norm,
+            "delta_clipped": rep.delta_clipped,
             "peers_in_group": rep.group_size,
             "averaging/seconds": rep.averaging_seconds,
             "averaging/bytes_sent": rep.bytes_sent,

@@ -11,7 +11,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-pytest_plugins = [p for p in ("tests.fixtures_chain", "tests.fixtures_swarm") if (REPO / (p.replace(".", "/") + ".py")).exists()]
+pytest_plugins = [
+    p
+    for p in ("tests.fixtures_chain", "tests.fixtures_swarm")
+    if (REPO / (p.replace(".", "/") + ".py")).exists()
+]
 
 
 def pytest_collection_modifyitems(config, items):

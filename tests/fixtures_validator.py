@@ -20,7 +20,7 @@ import torch
 
 from peer.chain.local import LocalLedger
 from peer.config import load_run_config
-from peer.data import PageStore, assign_pages, eval_pages, prepare_data
+from peer.data import PageStore, assign_pages, eval_pages, prepare_data, round_batches
 from peer.diloco import DilocoState
 from peer.model import build_model, lm_loss
 from peer.outbox import encode_delta
@@ -73,11 +73,10 @@ def train_delta(
         [base[n] for n in state.names] + [torch.zeros_like(base[n]) for n in state.names]
     )
     state.begin_round()
-    batches = store.batches(pages, run.train.batch_size)
-    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = round_batches(store.samples(pages), run.train.batch_size, f"fixture-{seed}".encode())
     model.train()
     for i in range(steps):
-        state.inner_step(lm_loss(model, batches[order[i % len(order)]]))
+        state.inner_step(lm_loss(model, batches[i % len(batches)]))
     return dict(zip(state.names, state.pseudo_gradient(), strict=True))
 
 
@@ -109,7 +108,8 @@ def world() -> World:
         ledger_path=ledger_path,
     )
 
-    # round 0: the honest peers and the (then honest) stale peer train; the swarm averages
+    # round 0: the honest peers and the stale peer train; the swarm averages. The stale peer's Δ of round 0
+    # stands for its first replay (published in an earlier round); round 1 is a later replay of it
     w.deltas[0], w.pages[0] = {}, {}
     for i, n in enumerate([*HONEST, "stale"]):
         pages = assign_pages(hotkeys[n], 0, seeds[0], store.train_pages, k)

@@ -24,14 +24,19 @@ def test_behaviours_change_only_what_they_say():
     assert bh.averaging_input(Behaviour.HONEST, d) == (d, 1.0)
     zeros, w = bh.averaging_input(Behaviour.FREE_RIDER, d)
     assert w == 0.0 and all((z == 0).all() for z in zeros)
-    assert bh.published_delta(Behaviour.COPYCAT, d, None) is None  # publishes the average after averaging
-    assert all(torch.isnan(t).all() for t in bh.published_delta(Behaviour.NAN, d, None))
-    assert torch.equal(bh.published_delta(Behaviour.SCALED, d, None)[0], d[0] * 100)
-    assert torch.equal(bh.published_delta(Behaviour.SIGN_FLIP, d, None)[1], -d[1])
+    assert bh.published_delta(Behaviour.HONEST, d, None, 3) is d
+    assert bh.published_delta(Behaviour.COPYCAT, d, None, 1) is None  # publishes the average after averaging
+    assert all(torch.isnan(t).all() for t in bh.published_delta(Behaviour.NAN, d, None, 1))
+    assert torch.equal(bh.published_delta(Behaviour.SCALED, d, None, 1)[0], d[0] * 100)
+    assert torch.equal(bh.published_delta(Behaviour.SIGN_FLIP, d, None, 1)[1], -d[1])
+    # stale: trains in its first round and keeps that Δ to itself, then replays it in every later round
     old = [torch.zeros(3), torch.zeros(2)]
-    assert bh.published_delta(Behaviour.STALE, d, old) is old
+    assert bh.published_delta(Behaviour.STALE, d, d, 0) is None
+    assert bh.published_delta(Behaviour.STALE, d, old, 1) is old
+    assert bh.published_delta(Behaviour.STALE, d, old, 5) is old
+    assert bh.averaging_input(Behaviour.STALE, d)[1] == 0.0
     assert bh.trains(Behaviour.HONEST, 5) and not bh.trains(Behaviour.FREE_RIDER, 0)
-    assert [bh.trains(Behaviour.STALE, i) for i in range(4)] == [True, False, False, True]
+    assert [bh.trains(Behaviour.STALE, i) for i in range(4)] == [True, False, False, False]
 
 
 def test_outer_step_is_deterministic_nesterov():

@@ -42,7 +42,9 @@ def test_peer_logs_offline_run_in_swarm_group(procs, debug_data, tmp_path):
     assert rows[-1]["tokens_per_s"] > 0
 
     # restart with the same home: resumes from its checkpoint instead of the initial weights
-    again = procs.start("solo-again", args[: args.index("--max-rounds")] + ["--max-rounds", "1"], env=peer_env())
+    again = procs.start(
+        "solo-again", args[: args.index("--max-rounds")] + ["--max-rounds", "1"], env=peer_env()
+    )
     assert again.wait(timeout=120) == 0, again.log()[-3000:]
     assert "resumed from checkpoint" in again.log()
     from tests.fixtures_swarm import read_rounds

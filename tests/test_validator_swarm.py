@@ -2,13 +2,9 @@
 `validator run` processes on a LocalLedger, started by the local-subnet launcher.
 
 Checks what the validators are responsible for: every honest peer ends with a higher weight *on the
-ledger* than every cheating one, whose weights are (near) zero ("stale" trains honestly every third
-round by its definition and earns in those rounds; with a validator slowed down by 11 processes on 2
-cores, the audited rounds can be its honest ones, so its weight is not asserted), both
-validators give the same scores for a round they both scored, and `validator replay` reproduces a
-logged round.
-(Whether the *swarm's* held-out loss falls with sign-flip/scaled peers in the all-reduce is the
-trainer's robustness, not the validator's: it is reported, not asserted, here.)
+ledger* than every cheating one, whose weights are (near) zero; the swarm's held-out loss falls although
+sign-flip and ×100 peers feed the all-reduce; both validators give the same scores for a round they
+both scored, and `validator replay` reproduces a logged round.
 """
 
 from __future__ import annotations
@@ -61,15 +57,16 @@ def test_validators_pay_honest_peers_only(launcher_proc, debug_data, tmp_path):
     dishonest = [p for p in peers if p["behaviour"] != "honest"]
     assert sorted(p["behaviour"] for p in dishonest) == sorted(DISHONEST)
     table = {p["name"]: (p["behaviour"], round(p["weight"], 3)) for p in peers}
-    # "stale" trains honestly every third round (peer/behaviour.py) and publishes a fresh Δ then: in those
-    # rounds it earns like an honest peer (and a validator that falls behind evaluates every third round)
-    cheats = [d for d in dishonest if d["behaviour"] != "stale"]
-    stale = next(d for d in dishonest if d["behaviour"] == "stale")
     for h in honest:  # weights as read back from the ledger
-        assert all(h["weight"] > d["weight"] for d in cheats), table
-    for d in cheats:
+        assert all(h["weight"] > d["weight"] for d in dishonest), table
+    for d in dishonest:
         assert d["weight"] < 0.05, table
-    assert sum(h["weight"] for h in honest) + stale["weight"] > 0.9, table
+    assert sum(h["weight"] for h in honest) > 0.9, table
+    # the base model got better although sign-flip and ×100 peers fed the all-reduce: held-out loss after
+    # the last round below that after the first, and well below a random model's ln(vocab) ≈ 7.6
+    held = [h["heldout_loss"] for h in summary["heldout_loss"]]
+    print("weights on the ledger:", table, "held-out loss by round:", [round(x, 3) for x in held])
+    assert len(held) >= 2 and held[-1] < held[0] and held[-1] < 7.0, summary["heldout_loss"]
 
     # two validators, one round they both scored: the same score for every peer
     recs = {}
