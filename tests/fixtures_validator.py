@@ -11,6 +11,8 @@ Import the fixture in a test module: ``from tests.fixtures_validator import vali
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,9 @@ from peer.outbox import encode_delta
 
 INNER_STEPS = 40
 ROUND_BLOCKS = 10
+GENESIS_ID = hashlib.blake2b(
+    os.environ.get("GRADSWARM_FIXTURE_GENESIS", "validator-fixture-1").encode(), digest_size=16
+).hexdigest()
 HONEST = ["hk-honest-a", "hk-honest-b", "hk-honest-c"]
 
 
@@ -94,7 +99,8 @@ def world() -> World:
     base0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     # the seeds are the chain's: hashes of the rounds' first blocks on a LocalLedger whose head stands still
     ledger_path = data_dir.parent / f"{data_dir.name}-ledger.sqlite"
-    ledger = LocalLedger(ledger_path, block_time=10_000.0)
+    # a fixed genesis: the same seeds, pages and Δs in every run (the benchmark measures the spread over seeds)
+    ledger = LocalLedger(ledger_path, block_time=10_000.0, genesis_id=GENESIS_ID)
     ledger.advance(ROUND_BLOCKS + ROUND_BLOCKS // 2)
     seeds = {r: bytes.fromhex(ledger.block_hash(r * ROUND_BLOCKS).removeprefix("0x")) for r in range(2)}
     ledger.close()

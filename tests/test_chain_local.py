@@ -15,7 +15,7 @@ import pytest
 from substrateinterface import Keypair
 
 from peer.chain import ChainConfig, ChainUnreachable, RegistrationError, SubnetParams, UnknownNetwork, connect
-from peer.chain.base import BadSignature, PermissionDenied
+from peer.chain.base import BadSignature, ChainError, PermissionDenied
 from peer.chain.local import LocalLedger, SignedCall, sign_call
 from peer.chain.yuma import stake_weighted_median, yuma_epoch
 from peer.errors import ConfigError
@@ -256,3 +256,17 @@ def test_cli_local_flow(tmp_path):
     assert r.returncode == 2 and "subnet 9 does not exist" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("metagraph", "--subtensor.network", "nowhere", cwd=tmp_path)
     assert r.returncode == 2 and "not a known network" in r.stderr
+
+
+def test_fixed_genesis_gives_a_reproducible_chain(tmp_path):
+    gid = "00112233445566778899aabbccddeeff"
+    a = LocalLedger(tmp_path / "a.sqlite", genesis_id=gid)
+    b = LocalLedger(tmp_path / "b.sqlite", genesis_id=gid)
+    c = LocalLedger(tmp_path / "c.sqlite")
+    try:
+        assert a.block_hash(0) == b.block_hash(0) != c.block_hash(0)
+    finally:
+        for ledger in (a, b, c):
+            ledger.close()
+    with pytest.raises(ChainError, match="32 lowercase hex"):
+        LocalLedger(tmp_path / "d.sqlite", genesis_id="not-hex")

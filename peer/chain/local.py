@@ -32,6 +32,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -174,9 +175,18 @@ class LocalLedger:
     raise it if "database is locked" errors appear under many concurrent writers.
     """
 
-    def __init__(self, path: str | os.PathLike, *, block_time: float = 1.0, busy_timeout: float = 30.0):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        block_time: float = 1.0,
+        busy_timeout: float = 30.0,
+        genesis_id: str | None = None,
+    ):
         if block_time <= 0:
             raise ChainError(f"ledger block time must be > 0 seconds, got {block_time}")
+        if genesis_id is not None and not re.fullmatch(r"[0-9a-f]{32}", genesis_id):
+            raise ChainError(f"ledger genesis id must be 32 lowercase hex digits, got {genesis_id!r}")
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,7 +207,8 @@ class LocalLedger:
             if not meta:
                 meta = {
                     "spec": str(LEDGER_SPEC),
-                    "genesis_id": secrets.token_hex(16),
+                    # a fixed id gives a reproducible chain (same block hashes, so the same round seeds)
+                    "genesis_id": genesis_id or secrets.token_hex(16),
                     "genesis_time": repr(time.time()),
                     "block_time": repr(float(block_time)),
                 }
