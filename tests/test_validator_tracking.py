@@ -55,3 +55,21 @@ def test_offline_wandb_run_without_login(tmp_path, monkeypatch):
     row = next(r for r in got["history"] if "heldout_loss_base" in r)
     assert row["heldout_loss_base"] == 5.0 and row["peer/0/weight"] == 65535
     assert row["peers/_type"] == "table-file" and row["peers/nrows"] == 9  # the per-peer table
+
+
+def test_store_tells_an_empty_sketch_round_from_a_pruned_one(tmp_path):
+    import torch
+
+    from validator.store import ValidatorStore
+
+    store = ValidatorStore(tmp_path)
+    rec = record()
+    store.save_round(rec, {})  # a round in which no Δ was evaluated: an empty but present sketch file
+    rec2 = record()
+    rec2.round = rec.round + 1
+    store.save_round(rec2, {(3, "hk"): torch.ones(4)})
+    assert store.has_sketches(rec.round) and store.load_sketches(rec.round) == {}
+    assert set(store.load_sketches(rec2.round)) == {(rec2.round, 3, "hk")}
+    rounds, earlier = store.earlier_sketches(rec2.round + 1, lookback=3)
+    assert rounds == [rec.round, rec2.round] and list(earlier) == [(rec2.round, 3, "hk")]
+    assert not store.has_sketches(rec.round + 5)

@@ -72,10 +72,9 @@ def replay_round(
         candidates.append(cand)
     earlier = {}
     for r in rec.sketch_rounds:
-        got = store.load_sketches(r)
-        if not got:
+        if not store.has_sketches(r):  # an empty file is fine: that round had no Δ to compare with
             raise ReplayError(f"round {round_} compared Δs with round {r}, whose sketches are gone (pruned?)")
-        earlier.update(got)
+        earlier.update(store.load_sketches(r))
     ev = evaluator or Evaluator(eval_cfg, run, pages)
     ev.cfg = eval_cfg
     rm, _ = ev.evaluate_round(rec.round, bytes.fromhex(rec.seed_hex), base, candidates, earlier)

@@ -151,6 +151,10 @@ class ValidatorStore:
         except (ValueError, TypeError, KeyError) as e:
             raise ReplayError(f"{path} is unreadable: {e}") from None
 
+    def has_sketches(self, round_: int) -> bool:
+        """The round's sketch file exists (it may hold no sketch: a round where no Δ was evaluated)."""
+        return (self.round_dir(round_) / "sketches.safetensors").exists()
+
     def load_sketches(self, round_: int) -> dict[tuple[int, int, str], torch.Tensor]:
         path = self.round_dir(round_) / "sketches.safetensors"
         if not path.exists():
