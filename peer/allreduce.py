@@ -9,7 +9,9 @@ dequantized values. :class:`ConsensusAllReduceRunner` therefore
 * returns the **averaged part itself** (compressed once by its owner), not a delta;
 * makes the owner apply ``dequantize(quantize(average))`` of its own part — the very bytes it sends;
 * drops non-finite incoming parts (a NaN sender is averaged in with weight 0, never poisons the mean)
-  and clips outsized ones (``clip_ratio`` × our own part's norm, and ``max_part_norm``);
+  and clips outsized ones (``clip_ratio`` × our own part's norm, and ``max_part_norm``), then — with
+  every sender's part in hand — clips each to ``median_clip`` × the median norm of the senders' parts
+  (:class:`RobustPartReducer`), so one peer cannot steer the average of the parts we own;
 * zeroes a returned average no honest group could produce (non-finite, or longer than
   ``max_part_norm``: honest peers clip their whole pseudo-gradient to it), so a lying part owner
   cannot blow up the model — every honest receiver makes the same decision and stays identical;
@@ -32,7 +34,7 @@ from collections.abc import AsyncIterator, Sequence
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
-from hivemind.averaging.partition import BannedException
+from hivemind.averaging.partition import BannedException, TensorPartReducer
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
@@ -67,6 +69,79 @@ class ByteCounters:
         return int(self._sent.value), int(self._received.value), int(self._rejected_parts.value)
 
 
+class RobustPartReducer(TensorPartReducer):
+    """hivemind's reducer, but it keeps every sender's part and averages them only once all arrived.
+
+    Before averaging, each part is clipped to ``median_clip`` × the median L2 norm of the parts with
+    positive weight (a ×100 or otherwise outsized contribution ends up at most ``median_clip`` times a
+    typical one, even when our own part is small or unusable). The sum runs in sender order, so the
+    result does not depend on arrival order. With ``median_clip=None`` it is a plain weighted mean.
+    """
+
+    def __init__(self, part_shapes, num_senders: int, *, median_clip: float | None, counters=None):
+        self.median_clip = median_clip
+        self.counters = counters
+        self._inputs: dict[int, tuple[torch.Tensor, float]] = {}
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self):
+        self._inputs = {}
+        super().reset_accumulators()
+
+    async def accumulate_part(
+        self, sender_index: int, part_index: int, tensor_part: torch.Tensor, weight: float = 1.0
+    ) -> torch.Tensor:
+        # hivemind's accumulate_part, storing the part instead of adding it to a running sum
+        assert 0 <= sender_index < self.num_senders, "invalid sender index"
+        assert 0 <= part_index < self.num_parts, "invalid part index"
+        self.num_parts_received[sender_index] += 1
+        while part_index > self.current_part_index:
+            await asyncio.wait(
+                {self.current_part_future, asyncio.create_task(self.finished.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if self.finished.is_set():
+                raise AllreduceException(
+                    f"attempted to aggregate part in a finalized {self.__class__.__name__}"
+                )
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        assert part_index == self.current_part_index
+        current_part_future = self.current_part_future
+        if part_index < self.sender_failed_after[sender_index]:
+            self._inputs[sender_index] = (tensor_part, weight)
+            self.current_part_accumulated_from += 1
+            self.check_current_part_finished()
+        return await current_part_future
+
+    def check_current_part_finished(self):
+        assert self.current_part_accumulated_from <= self.num_current_senders
+        if self.current_part_accumulated_from == self.num_current_senders:
+            self.current_part_future.set_result(self._robust_mean())
+            self.reset_accumulators()
+
+    def _robust_mean(self) -> torch.Tensor:
+        inputs = [self._inputs[i] for i in sorted(self._inputs)]
+        acc = torch.zeros(self.part_shapes[self.current_part_index])
+        norms = sorted(float(t.norm()) for t, w in inputs if w > 0)
+        bound = None
+        if self.median_clip is not None and norms:
+            mid = len(norms) // 2
+            median = norms[mid] if len(norms) % 2 else (norms[mid - 1] + norms[mid]) / 2
+            bound = self.median_clip * median
+        denominator = 0.0
+        for t, w in inputs:
+            if bound is not None and w > 0:
+                n = float(t.norm())
+                if n > bound:
+                    t = t * (bound / n)
+                    if self.counters is not None:
+                        self.counters.add(rejected=1)
+            acc.add_(t, alpha=w)
+            denominator += w
+        return acc.div_(denominator) if denominator > 0 else acc
+
+
 class ConsensusAllReduceRunner(AllReduceRunner):
     """See the module docstring. Same wire protocol as hivemind's runner (peers must all use this one)."""
 
@@ -76,12 +151,19 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         counters: ByteCounters | None = None,
         clip_ratio: float | None = 4.0,
         max_part_norm: float | None = None,
+        median_clip: float | None = 2.0,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.counters = counters or ByteCounters()
         self.clip_ratio = clip_ratio
         self.max_part_norm = max_part_norm
+        self.tensor_part_reducer = RobustPartReducer(
+            self.tensor_part_reducer.part_shapes,
+            self.tensor_part_reducer.num_senders,
+            median_clip=median_clip,
+            counters=self.counters,
+        )
         container = self.tensor_part_container
         container.return_deltas = (
             False  # a failed reducer's parts then fall back to local values (and we raise)
@@ -253,12 +335,14 @@ class ConsensusAverager(DecentralizedAverager):
         state_provider=None,
         clip_ratio: float | None = 4.0,
         max_part_norm: float | None = None,
+        median_clip: float | None = 2.0,
         **kwargs,
     ):
         self.counters = ByteCounters()
         self._state_provider = state_provider
         self.clip_ratio = clip_ratio
         self.max_part_norm = max_part_norm
+        self.median_clip = median_clip
         super().__init__(averaged_tensors, **kwargs)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
@@ -273,6 +357,7 @@ class ConsensusAverager(DecentralizedAverager):
             counters=self.counters,
             clip_ratio=self.clip_ratio,
             max_part_norm=self.max_part_norm,
+            median_clip=self.median_clip,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"
