@@ -191,6 +191,8 @@ def cost_part(run, store, peers, ev, cands, base, seed1, rm) -> dict:
     lists = [base_pages]
     for m in rm.peers:
         lists.append(heldout + m.assigned_page_ids + m.control_page_ids)
+        if m.heldout_loss_opposite is not None:  # the direction test: held-out pages again at θ + αΔ
+            lists.append(heldout)
         for _ in m.cross_gains:  # each cross reference evaluated m's assigned pages once
             lists.append(m.assigned_page_ids)
     model = build_model(run)
@@ -248,7 +250,10 @@ def big_part(config: str, data_dir: Path) -> dict:
     )
     per_page_base = rm.base_seconds / base_pages
     after_pages = [
-        len(rm.heldout_page_ids) + len(m.assigned_page_ids) + len(m.control_page_ids) for m in rm.peers
+        len(rm.heldout_page_ids) * (2 if m.heldout_loss_opposite is not None else 1)  # + the direction test
+        + len(m.assigned_page_ids)
+        + len(m.control_page_ids)
+        for m in rm.peers
     ]
     per_peer_s = [m.seconds for m in rm.peers]
     per_page = sum(per_peer_s) / sum(after_pages)
@@ -263,7 +268,12 @@ def big_part(config: str, data_dir: Path) -> dict:
     )
     plain_per_page = (time.perf_counter() - t0) / after_pages[0]
     d = EvalConfig()
-    pages_default = d.heldout_pages + d.assigned_pages + d.control_pages + d.cross_peers * d.assigned_pages
+    pages_default = (
+        d.heldout_pages * (2 if d.direction_test else 1)
+        + d.assigned_pages
+        + d.control_pages
+        + d.cross_peers * d.assigned_pages
+    )
     per_peer_default = (
         pages_default * per_page + d.assigned_pages * per_page_base
     )  # + its share of the base pass

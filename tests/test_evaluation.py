@@ -38,6 +38,7 @@ def test_honest_work_beats_every_dishonest_behaviour(round1):
     explained = {n: (round(s.score, 4), s.reason) for n, s in scores.items()}
     for n in HONEST:
         assert scores[n].score > 0, explained
+        assert scores[n].terms["direction_margin"] > 0, explained  # θ − αΔ beats θ + αΔ
     for n in DISHONEST:
         assert scores[n].score == 0, explained
     assert "NaN" in scores["nan"].reason

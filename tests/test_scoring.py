@@ -224,3 +224,17 @@ def test_a_validator_that_falls_behind_audits_an_unpredictable_round():
     picks = {pick_round(2, 9, 4, bytes([i])) for i in range(64)}
     assert picks == {6, 7, 8, 9}  # behind: any of the last 4 ended rounds, chosen by the seed
     assert pick_round(7, 9, 4, b"s") in (8, 9)  # never one already evaluated
+
+
+def test_direction_test_pays_only_a_delta_that_beats_its_opposite():
+    # u0 of table(): held-out 4.8 at θ − αΔ. Its opposite θ + αΔ at 4.7 (lower: right after an overshooting
+    # outer step any move helps, and this Δ points the wrong way) → 0; at 4.9 → scored as before.
+    peers = table()
+    peers[0].heldout_loss_opposite = 4.7
+    s = by_uid(score_round(rm(peers), ScoringConfig()))
+    assert s[0].score == 0 and "opposite" in s[0].reason
+    assert s[0].terms["direction_margin"] == pytest.approx(-0.1)
+    peers = table()
+    peers[0].heldout_loss_opposite = 4.9
+    s = by_uid(score_round(rm(peers), ScoringConfig()))
+    assert s[0].reason == "scored" and s[0].terms["direction_margin"] == pytest.approx(0.1)

@@ -20,6 +20,7 @@ Round score of a peer (``explain`` keeps every term)::
 and 0, with the reason, when any gate fails (checked in this order): not evaluated (missing, rejected,
 malformed), NaN/inf, manifest pages not its assignment, empty Δ, norm above ``max_norm_ratio`` × the
 round's median, a near-copy (cosine ≥ ``duplicate_cosine``) of an earlier round's Δ, no held-out gain,
+its opposite (θ_r + α·Δ) lowering the held-out loss as much (the direction test),
 a near-copy of another peer's Δ this round that shows more specificity on its *own* pages (the
 original learned its pages; a copier did not — so "the later one earns nothing" without trusting
 timestamps), too little specificity.
@@ -167,6 +168,8 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig) -> list[PeerScore]:
             "heldout_loss_base": m.heldout_loss_base,
             "heldout_loss": p.heldout_loss,
             "heldout_gain": heldout_gain,
+            "heldout_loss_opposite": p.heldout_loss_opposite,
+            "direction_margin": _diff(p.heldout_loss_opposite, p.heldout_loss),
             "assigned_loss_before": p.assigned_loss_before,
             "assigned_loss_after": p.assigned_loss_after,
             "assigned_gain": assigned_gain,
@@ -332,6 +335,11 @@ def _solo_gate(p: PeerMeasurement, t: dict, cfg: ScoringConfig, round_: int) -> 
             return f"repeats the Δ of uid {s['uid']} from round {s['round']} (cosine {s['cosine']:.3f})"
     if t["heldout_gain"] is None or t["heldout_gain"] <= cfg.min_heldout_gain:
         return f"does not lower the held-out loss (gain {t['heldout_gain']:+.4f} nats)"
+    if t["direction_margin"] is not None and t["direction_margin"] <= 0:
+        return (
+            f"its opposite −Δ lowers the held-out loss as much or more (margin {t['direction_margin']:+.4f} "
+            "nats): the gain is not due to its direction"
+        )
     return None
 
 
