@@ -260,13 +260,10 @@ def big_part(config: str, data_dir: Path) -> dict:
     # the same pages, plain forward + cross-entropy (evaluate_loss), for the cost ratio at this size
     from peer.model import evaluate_loss
 
+    plain_pages = rm.heldout_page_ids + rm.peers[0].assigned_page_ids + rm.peers[0].control_page_ids
     t0 = time.perf_counter()
-    evaluate_loss(
-        ev.model,
-        store.batches(rm.heldout_page_ids + rm.peers[0].assigned_page_ids + rm.peers[0].control_page_ids, 8),
-        "cpu",
-    )
-    plain_per_page = (time.perf_counter() - t0) / after_pages[0]
+    evaluate_loss(ev.model, store.batches(plain_pages, 8), "cpu")
+    plain_per_page = (time.perf_counter() - t0) / len(plain_pages)
     d = EvalConfig()
     pages_default = (
         d.heldout_pages * (2 if d.direction_test else 1)
