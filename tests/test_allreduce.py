@@ -155,3 +155,31 @@ def test_lying_part_owner_cannot_blow_up_honest_peers(dhts):
     assert float(total.norm()) <= bound  # nothing outsized got through
     assert (total == 0).any()  # the liar's parts were zeroed
     assert counters[0][2] > 0 and counters[1][2] > 0
+
+
+def test_robust_reducer_clips_each_part_to_twice_the_median_norm():
+    """The owner's reducer on its own (no network): what it returns for one part from four senders."""
+    import asyncio
+
+    from peer.allreduce import RobustPartReducer
+
+    honest = [torch.tensor([3.0, 4.0]), torch.tensor([0.0, 5.0]), torch.tensor([5.0, 0.0])]  # norms 5
+    scaled = torch.tensor([300.0, 400.0])  # norm 500: clipped to 2 × median (5) = 10 → [6, 8]
+    weights = [1.0, 1.0, 1.0, 1.0]
+
+    async def reduce(parts, weights, median_clip):
+        r = RobustPartReducer([torch.Size([2])], len(parts), median_clip=median_clip)
+        # arrival order must not matter: senders submit in reverse
+        outs = await asyncio.gather(
+            *(r.accumulate_part(i, 0, parts[i], weight=weights[i]) for i in reversed(range(len(parts))))
+        )
+        assert all(torch.equal(o, outs[0]) for o in outs)
+        return outs[0]
+
+    got = asyncio.run(reduce([*honest, scaled], weights, 2.0))
+    assert torch.allclose(got, (sum(honest) + torch.tensor([6.0, 8.0])) / 4)
+    plain = asyncio.run(reduce([*honest, scaled], weights, None))
+    assert torch.allclose(plain, (sum(honest) + scaled) / 4)
+    # a weight-0 sender (free-rider, NaN dropped upstream) neither counts for the median nor the mean
+    got0 = asyncio.run(reduce([*honest, torch.zeros(2)], [1.0, 1.0, 1.0, 0.0], 2.0))
+    assert torch.allclose(got0, sum(honest) / 3)
