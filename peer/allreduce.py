@@ -29,6 +29,7 @@ import asyncio
 import ctypes
 import math
 import multiprocessing as mp
+import statistics
 from collections.abc import AsyncIterator, Sequence
 
 import torch
@@ -122,21 +123,19 @@ class RobustPartReducer(TensorPartReducer):
 
     def _robust_mean(self) -> torch.Tensor:
         inputs = [self._inputs[i] for i in sorted(self._inputs)]
-        acc = torch.zeros(self.part_shapes[self.current_part_index])
-        norms = sorted(float(t.norm()) for t, w in inputs if w > 0)
+        norms = [float(t.norm()) for t, _ in inputs]
         bound = None
-        if self.median_clip is not None and norms:
-            mid = len(norms) // 2
-            median = norms[mid] if len(norms) % 2 else (norms[mid - 1] + norms[mid]) / 2
-            bound = self.median_clip * median
+        if self.median_clip is not None:
+            counted = [n for n, (_, w) in zip(norms, inputs, strict=True) if w > 0]
+            if counted:
+                bound = self.median_clip * statistics.median(counted)
+        acc = torch.zeros(self.part_shapes[self.current_part_index])
         denominator = 0.0
-        for t, w in inputs:
-            if bound is not None and w > 0:
-                n = float(t.norm())
-                if n > bound:
-                    t = t * (bound / n)
-                    if self.counters is not None:
-                        self.counters.add(rejected=1)
+        for (t, w), n in zip(inputs, norms, strict=True):
+            if bound is not None and w > 0 and n > bound:
+                t = t * (bound / n)
+                if self.counters is not None:
+                    self.counters.add(rejected=1)
             acc.add_(t, alpha=w)
             denominator += w
         return acc.div_(denominator) if denominator > 0 else acc

@@ -16,31 +16,15 @@ import sys
 import pytest
 
 from tests.fixtures_swarm import REPO, peer_env
-from tests.test_launcher import Launcher
+from tests.test_launcher import launcher_factory  # noqa: F401  (the fixture: stops every launcher it started)
 
 DISHONEST = ["free-rider", "copycat", "random-data", "nan", "scaled", "sign-flip", "stale"]
 
 
-@pytest.fixture
-def launcher_proc():
-    started: list[Launcher] = []
-
-    def start(args, log):
-        launcher = Launcher(args, log)
-        started.append(launcher)
-        return launcher
-
-    try:
-        yield start
-    finally:
-        for launcher in started:
-            launcher.stop()
-
-
 @pytest.mark.slow
-def test_validators_pay_honest_peers_only(launcher_proc, debug_data, tmp_path):
+def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path):  # noqa: F811
     run_dir = tmp_path / "run"
-    launcher = launcher_proc(
+    launcher = launcher_factory(
         [
             "--peers", "2", "--behaviours", ",".join(DISHONEST), "--validators", "2", "--rounds", "3",
             "--round-blocks", "16", "--run-dir", str(run_dir), "--data-dir", str(debug_data),

@@ -370,6 +370,16 @@ class Evaluator:
         )
         return rm, sketches
 
+    def _losses_at(
+        self, delta: Mapping[str, torch.Tensor], pages: Sequence[int], sign: float = 1.0
+    ) -> list[float]:
+        """Per-page losses of θ_r − sign·α·Δ; θ_r is copied back afterwards, also on error."""
+        self._apply(delta, sign)
+        try:
+            return self.page_losses(pages)
+        finally:
+            self._restore()
+
     def _apply(self, delta: Mapping[str, torch.Tensor], sign: float = 1.0) -> None:
         alpha = sign * self.cfg.delta_scale
         with torch.no_grad():
@@ -421,17 +431,9 @@ class Evaluator:
             m.assigned_page_gains, m.control_page_gains = [0.0] * len(assigned), [0.0] * len(ctrl)
             m.seconds = time.perf_counter() - t0
             return m
-        self._apply(delta)
-        try:
-            after = self.page_losses(heldout + assigned + ctrl)
-        finally:
-            self._restore()
+        after = self._losses_at(delta, heldout + assigned + ctrl)
         if self.cfg.direction_test:
-            self._apply(delta, sign=-1.0)
-            try:
-                m.heldout_loss_opposite = _mean(self.page_losses(heldout))
-            finally:
-                self._restore()
+            m.heldout_loss_opposite = _mean(self._losses_at(delta, heldout, sign=-1.0))
         h, a = len(heldout), len(assigned)
         m.heldout_loss = _mean(after[:h])
         m.assigned_loss_after = _mean(after[h : h + a])
@@ -470,11 +472,7 @@ class Evaluator:
             t0 = time.perf_counter()
             targets = [ring[(pos + i) % len(ring)] for i in range(1, m + 1)]
             pages = [pg for t in targets for pg in assigned[t.uid]]
-            self._apply(self.decode(base_by_uid[p.uid].delta_blob))
-            try:
-                after = self.page_losses(pages)
-            finally:
-                self._restore()
+            after = self._losses_at(self.decode(base_by_uid[p.uid].delta_blob), pages)
             i = 0
             for t in targets:
                 k = len(assigned[t.uid])
