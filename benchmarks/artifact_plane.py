@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/artifact_plane.py [--size-mb 100] [--peers 8] [--peer-mb 12.5] [--repeat 3]
 
 1. One blob of ``--size-mb`` MB (a safetensors file with a signed manifest in a real outbox) fetched
-   with :class:`peer.fetch.FetchClient` from a publisher process: listing, signature checks, streaming,
+   with :class:`peer.net.fetch.FetchClient` from a publisher process: listing, signature checks, streaming,
    sha256, fsync, rename into the cache. Baseline, same run: a plain-TCP server process sending the same
    file in the same 1 MiB length-prefixed frames to a client that does the same hashing + fsync + rename.
    Ratio = publisher MB/s / TCP MB/s (best of ``--repeat``).
@@ -59,9 +59,9 @@ def make_outbox(home: Path, mb: float, seed: int):
     from safetensors.torch import save
     from substrateinterface import Keypair
 
-    from peer.identity import load_or_create_identity
-    from peer.outbox import Outbox
-    from peer.records import BlobRef, ContributionManifest
+    from peer.net.identity import load_or_create_identity
+    from peer.net.outbox import Outbox
+    from peer.net.records import BlobRef, ContributionManifest
 
     key = home / "p2p_identity.key"
     pid = load_or_create_identity(key)
@@ -113,8 +113,8 @@ def main() -> int:
     p.add_argument("--skip-round", action="store_true", help="only the single-blob comparison")
     args = p.parse_args()
 
-    from peer.fetch import FetchClient, FetchConfig, Target
-    from peer.publisher import PublisherConfig, quiet_libp2p, start_publisher
+    from peer.net.fetch import FetchClient, FetchConfig, Target
+    from peer.net.publisher import PublisherConfig, quiet_libp2p, start_publisher
 
     quiet_libp2p()
     work = Path(tempfile.mkdtemp(prefix="gs-bench-"))

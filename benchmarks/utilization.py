@@ -35,8 +35,8 @@ def _baseline(threads: int, seconds: float) -> float:
     import torch
 
     from peer.config import load_run_config
-    from peer.data import PageStore, prepare_data
-    from peer.model import build_model, lm_loss
+    from peer.data.model import build_model, lm_loss
+    from peer.data.pages import PageStore, prepare_data
 
     torch.set_num_threads(threads)
     cfg = load_run_config("debug")
@@ -171,7 +171,7 @@ def main() -> int:
     parser.add_argument("--skip-125m", action="store_true")
     args = parser.parse_args()
     from peer.config import load_run_config
-    from peer.model import build_model, count_parameters
+    from peer.data.model import build_model, count_parameters
 
     params = count_parameters(build_model(load_run_config("debug")))
     results = {"machine": "2-core CPU box", "date": time.strftime("%Y-%m-%d"), "params_debug": params}

@@ -7,7 +7,7 @@ Prints, measured in this run:
 
 1. **cost ratio** (debug config): seconds the validator spends on a round (decode, apply Δ in place,
    batched per-page losses, restore, cross evaluations, similarity, the shared base pass) ÷ seconds of
-   ``peer.model.evaluate_loss`` (forward + cross-entropy) over exactly the same pages with the same batch
+   ``peer.data.model.evaluate_loss`` (forward + cross-entropy) over exactly the same pages with the same batch
    size. Both are run three times, alternating, best of each. Target ≤ 1.5.
 2. **peers scored per round**: round length ÷ seconds per peer, for the debug config (a full round of 10
    peers, measured) and the ≈125M config (a real validator round of 2 peers on real 125M pages with few
@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from peer.config import load_run_config  # noqa: E402
-from peer.data import PageStore, assign_pages, eval_pages, prepare_data, round_batches  # noqa: E402
-from peer.diloco import DilocoState  # noqa: E402
-from peer.model import build_model, lm_loss  # noqa: E402
-from peer.outbox import encode_delta  # noqa: E402
+from peer.data.model import build_model, lm_loss  # noqa: E402
+from peer.data.pages import PageStore, assign_pages, eval_pages, prepare_data, round_batches  # noqa: E402
+from peer.net.outbox import encode_delta  # noqa: E402
+from peer.training.diloco import DilocoState  # noqa: E402
 from validator.evaluation import Candidate, EvalConfig, Evaluator  # noqa: E402
 from validator.scoring import ScoringConfig, score_round  # noqa: E402
 
@@ -91,8 +91,8 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
 
 def plain_forward_seconds(model, store, page_lists: list[list[int]], batch_size: int) -> float:
-    """peer.model.evaluate_loss (forward + cross-entropy, no_grad) over the same pages and batch size."""
-    from peer.model import evaluate_loss
+    """peer.data.model.evaluate_loss (forward + cross-entropy, no_grad) over the same pages and batch size."""
+    from peer.data.model import evaluate_loss
 
     t0 = time.perf_counter()
     for pages in page_lists:
@@ -258,7 +258,7 @@ def big_part(config: str, data_dir: Path) -> dict:
     per_peer_s = [m.seconds for m in rm.peers]
     per_page = sum(per_peer_s) / sum(after_pages)
     # the same pages, plain forward + cross-entropy (evaluate_loss), for the cost ratio at this size
-    from peer.model import evaluate_loss
+    from peer.data.model import evaluate_loss
 
     plain_pages = rm.heldout_page_ids + rm.peers[0].assigned_page_ids + rm.peers[0].control_page_ids
     t0 = time.perf_counter()

@@ -13,12 +13,12 @@ from typing import get_type_hints
 
 import yaml
 
-from peer.behaviour import Behaviour
 from peer.errors import ConfigError
+from peer.training.behaviour import Behaviour
 
 REPO = Path(__file__).resolve().parent.parent
 BEHAVIOURS = tuple(b.value for b in Behaviour)
-"""What ``behaviours`` may hold (``peer join --behaviour``; see peer/behaviour.py)."""
+"""What ``behaviours`` may hold (``peer join --behaviour``; see peer/training/behaviour.py)."""
 WANDB_MODES = ("online", "offline", "disabled")
 
 

@@ -18,7 +18,7 @@ What it does, in order (everything real, every process separate, all on 127.0.0.
    table of peers and the report files. Ctrl-C stops everything the same way and keeps a partial summary.
 
 ``peers`` counts the honest peers; each entry of ``behaviours`` adds one more peer with that fault
-injection (``peer join --behaviour``), a tool to study the incentive mechanism (see peer/behaviour.py).
+injection (``peer join --behaviour``), a tool to study the incentive mechanism (see peer/training/behaviour.py).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from launch.report import (
 )
 from peer.chain.base import ChainError
 from peer.errors import ConfigError, UserError, run_cli
-from peer.outbox import atomic_write_json
+from peer.net.outbox import atomic_write_json
 
 
 # ------------------------------------------------------------------------------------ participants
@@ -128,9 +128,9 @@ class LocalSubnet:
     def prepare(self) -> None:
         from peer.chain.base import SubnetParams
         from peer.chain.local import LocalLedger
+        from peer.chain.wallet import WalletConfig, create_wallet, load_coldkey
         from peer.config import load_run_config
-        from peer.data import prepare_data
-        from peer.wallet import WalletConfig, create_wallet, load_coldkey
+        from peer.data.pages import prepare_data
 
         run_cfg = load_run_config(self.cfg.model_config)  # checked in run() already: cannot fail here
         self.run_dir.mkdir(parents=True, exist_ok=True)

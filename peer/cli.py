@@ -16,8 +16,8 @@ from peer.errors import run_cli
 # modules that add a subcommand: each has register(subparsers)
 SUBCOMMAND_MODULES = [
     "peer.join",
-    "peer.bootstrap",
-    "peer.fetch",
+    "peer.net.bootstrap",
+    "peer.net.fetch",
     "peer.status",
 ]
 

@@ -15,35 +15,16 @@ import signal
 import sys
 from pathlib import Path
 
-from peer.behaviour import Behaviour
 from peer.chain.config import add_chain_args, chain_config_from_args, connect
+from peer.chain.membership import commit_address, ensure_commitment, ensure_registered
+from peer.chain.wallet import add_wallet_args, load_coldkey, load_hotkey, wallet_config_from_args
 from peer.config import available_configs, load_run_config, override
 from peer.errors import ConfigError
-from peer.membership import commit_address, ensure_commitment, ensure_registered
-from peer.swarm import check_initial_peers, parse_maddrs
 from peer.tracking import add_tracking_args, make_tracker, tracking_config_from_args
-from peer.wallet import DEFAULT_WALLET_PATH, WalletConfig, load_coldkey, load_hotkey
+from peer.training.behaviour import Behaviour
+from peer.training.swarm import check_initial_peers, parse_maddrs
 
 log = logging.getLogger("gradswarm.join")
-
-
-def add_wallet_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("wallet (btcli layout: <path>/<name>/hotkeys/<hotkey>)")
-    g.add_argument("--wallet.name", dest="wallet_name", default="default", help="wallet (coldkey) name")
-    g.add_argument("--wallet.hotkey", dest="wallet_hotkey", default="default", help="hotkey name")
-    g.add_argument("--wallet.path", dest="wallet_path", default=DEFAULT_WALLET_PATH, help="wallets folder")
-    g.add_argument(
-        "--wallet.create",
-        dest="wallet_create",
-        action="store_true",
-        help="create the coldkey/hotkey if missing (never done silently)",
-    )
-
-
-def wallet_config_from_args(args) -> WalletConfig:
-    return WalletConfig(
-        name=args.wallet_name, hotkey=args.wallet_hotkey, path=args.wallet_path, create=args.wallet_create
-    )
 
 
 def register(sub) -> None:
@@ -235,10 +216,10 @@ def run(args) -> int:
     tracking = tracking_config_from_args(args)
     home.mkdir(parents=True, exist_ok=True)
 
-    from peer.identity import identity_path, load_or_create_identity
+    from peer.net.identity import identity_path, load_or_create_identity
     from peer.progress import Progress
-    from peer.swarm import start_dht, state_record_validator
-    from peer.trainer import Trainer, TrainerConfig
+    from peer.training.swarm import start_dht, state_record_validator
+    from peer.training.trainer import Trainer, TrainerConfig
 
     cfg = TrainerConfig(
         run=run_cfg,
@@ -285,7 +266,7 @@ def run(args) -> int:
         )
         identity = {"dht_maddrs": maddrs}
         if not args.no_publish:
-            from peer.publisher import start_publisher
+            from peer.net.publisher import start_publisher
 
             publisher = start_publisher(home / "outbox", id_file, args.publisher_listen)
             identity["publisher_maddrs"] = publisher.multiaddrs
@@ -314,7 +295,7 @@ def run(args) -> int:
             default_dir=home,
         )
         if args.averaging == "sync":
-            from peer.sync import run_sync
+            from peer.training.sync import run_sync
 
             run_sync(
                 cfg,
@@ -349,7 +330,7 @@ def run(args) -> int:
 def _make_clock(chain, args, run_cfg):
     """The chain's clock (round = block // round_blocks, seed = block hash) or, without a chain, wall time."""
     if chain is None:
-        from peer.clock import WallClock
+        from peer.training.clock import WallClock
 
         return WallClock(
             run_id=args.run_id, round_seconds=run_cfg.train.round_seconds, genesis=args.round_genesis

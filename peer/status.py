@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from peer.errors import UserError
-from peer.identity import identity_path, load_identity
-from peer.records import Commitment, RecordError
+from peer.net.identity import identity_path, load_identity
+from peer.net.records import Commitment, RecordError
 
 READY_FILE = "publisher.ready.json"
 
@@ -147,7 +147,7 @@ def _r(r: int | None) -> str:
 
 
 def register(subparsers) -> None:
-    from peer.join import add_wallet_args
+    from peer.chain.wallet import add_wallet_args
 
     p = subparsers.add_parser(
         "status",
@@ -171,8 +171,7 @@ def register(subparsers) -> None:
 
 
 def _cmd_status(args) -> int:
-    from peer.join import wallet_config_from_args
-    from peer.wallet import load_hotkey
+    from peer.chain.wallet import load_hotkey, wallet_config_from_args
 
     wallet = wallet_config_from_args(args)
     if wallet.create:

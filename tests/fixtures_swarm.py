@@ -107,7 +107,7 @@ def procs(tmp_path) -> Iterator[ProcessGroup]:
 
 @pytest.fixture(scope="session")
 def corpus_dir() -> Path:
-    from peer.data import fetch_corpus
+    from peer.data.pages import fetch_corpus
 
     path = REPO / ".cache" / "corpus"
     fetch_corpus(path)
@@ -124,7 +124,7 @@ def debug_config():
 @pytest.fixture(scope="session")
 def debug_data(tmp_path_factory, corpus_dir, debug_config) -> Path:
     """A prepared data dir for the debug config, shared by the whole session."""
-    from peer.data import prepare_data
+    from peer.data.pages import prepare_data
 
     path = tmp_path_factory.mktemp("data") / "debug"
     prepare_data(debug_config.data, path, corpus_dir)

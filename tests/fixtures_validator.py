@@ -1,6 +1,6 @@
 """A small, real world for validator tests: prepared data, a debug model, and real Δs of each behaviour.
 
-Δs are made the way peers make them (``peer.diloco.DilocoState``: inner AdamW steps, Δ = θ_r − θ_local,
+Δs are made the way peers make them (``peer.training.diloco.DilocoState``: inner AdamW steps, Δ = θ_r − θ_local,
 norm-clipped) on the debug model, for two rounds: round 0 from the initial weights (four honest peers,
 averaged and applied with the outer Nesterov step), then round 1 with every behaviour. Built once per
 test session (``world()`` is cached) in ~10 s on a 2-core CPU.
@@ -22,10 +22,10 @@ import torch
 
 from peer.chain.local import LocalLedger
 from peer.config import load_run_config
-from peer.data import PageStore, assign_pages, eval_pages, prepare_data, round_batches
-from peer.diloco import DilocoState
-from peer.model import build_model, lm_loss
-from peer.outbox import encode_delta
+from peer.data.model import build_model, lm_loss
+from peer.data.pages import PageStore, assign_pages, eval_pages, prepare_data, round_batches
+from peer.net.outbox import encode_delta
+from peer.training.diloco import DilocoState
 
 INNER_STEPS = 40
 ROUND_BLOCKS = 10

@@ -6,8 +6,8 @@ import bitsandbytes  # noqa: F401  (before the averagers: blockwise 8-bit)
 import pytest
 import torch
 
-from peer.model import hash_tensors
-from peer.swarm import make_compression
+from peer.data.model import hash_tensors
+from peer.training.swarm import make_compression
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def dhts():
 
 
 def _run(dhts, tensors, runner_cls, weights=(1.0, 1.0, 1.0), classes=None, **kwargs):
-    from peer.allreduce import ConsensusAverager
+    from peer.training.allreduce import ConsensusAverager
 
     classes = classes or [runner_cls] * len(tensors)
     averagers = [
@@ -72,7 +72,7 @@ def _inputs(seed=0):
 
 
 def test_consensus_allreduce_is_bit_identical_and_close_to_mean(dhts):
-    from peer.allreduce import ConsensusAverager
+    from peer.training.allreduce import ConsensusAverager
 
     inputs = _inputs()
     results, counters = _run(dhts, [[t.clone() for t in ts] for ts in inputs], ConsensusAverager)
@@ -99,7 +99,7 @@ def test_stock_hivemind_allreduce_diverges_under_8bit(dhts):
 
 
 def test_non_finite_contributions_are_dropped(dhts):
-    from peer.allreduce import ConsensusAverager
+    from peer.training.allreduce import ConsensusAverager
 
     inputs = _inputs(2)
     inputs[1] = [torch.full_like(t, float("nan")) for t in inputs[1]]
@@ -111,7 +111,7 @@ def test_non_finite_contributions_are_dropped(dhts):
 
 
 def test_outsized_contributions_are_clipped(dhts):
-    from peer.allreduce import ConsensusAverager
+    from peer.training.allreduce import ConsensusAverager
 
     inputs = _inputs(3)
     inputs[2] = [t * 1000 for t in inputs[2]]
@@ -126,7 +126,7 @@ def test_outsized_contributions_are_clipped(dhts):
 
 def test_lying_part_owner_cannot_blow_up_honest_peers(dhts):
     """A part owner that returns a x1000 'average': honest receivers zero that part and stay identical."""
-    from peer.allreduce import ConsensusAllReduceRunner, ConsensusAverager
+    from peer.training.allreduce import ConsensusAllReduceRunner, ConsensusAverager
 
     class LyingRunner(ConsensusAllReduceRunner):
         def _screen(self, part, weight, part_index):
@@ -161,7 +161,7 @@ def test_robust_reducer_clips_each_part_to_twice_the_median_norm():
     """The owner's reducer on its own (no network): what it returns for one part from four senders."""
     import asyncio
 
-    from peer.allreduce import RobustPartReducer
+    from peer.training.allreduce import RobustPartReducer
 
     honest = [torch.tensor([3.0, 4.0]), torch.tensor([0.0, 5.0]), torch.tensor([5.0, 0.0])]  # norms 5
     scaled = torch.tensor([300.0, 400.0])  # norm 500: clipped to 2 × median (5) = 10 → [6, 8]

@@ -33,7 +33,7 @@ def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 @pytest.fixture
 def wallet(tmp_path):
-    from peer.wallet import WalletConfig, create_wallet
+    from peer.chain.wallet import WalletConfig, create_wallet
 
     path = tmp_path / "wallets"
     create_wallet(WalletConfig(name="w", hotkey="h", path=str(path)))

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from peer.config import available_configs, load_run_config
+from peer.data.model import build_model, count_parameters, state_hash
 from peer.errors import ConfigError
-from peer.model import build_model, count_parameters, state_hash
 
 
 @pytest.mark.parametrize("name", available_configs())

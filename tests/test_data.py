@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from peer.data import PageStore, assign_pages, eval_pages, parse_hf_spec, prepare_data, split_pages
+from peer.data.pages import PageStore, assign_pages, eval_pages, parse_hf_spec, prepare_data, split_pages
 from peer.errors import DataError
 
 

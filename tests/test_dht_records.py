@@ -21,7 +21,7 @@ def scenario() -> dict:
     from hivemind.utils import get_dht_time
     from substrateinterface import Keypair
 
-    from peer.dht_records import (
+    from peer.net.dht_records import (
         HotkeyRecordValidator,
         dht_key,
         hotkey_subkey,
@@ -29,7 +29,7 @@ def scenario() -> dict:
         sign_announcement,
         validator_rejections,
     )
-    from peer.records import DHTAnnouncement
+    from peer.net.records import DHTAnnouncement
 
     run = "run-dht"
     key, other_key = dht_key(run, "state_hash"), dht_key(run, "progress")

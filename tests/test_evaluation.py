@@ -57,7 +57,7 @@ def test_honest_work_beats_every_dishonest_behaviour(round1):
 def test_measurements_are_reproducible_and_the_base_is_restored(round1, validator_world):  # noqa: F811
     ev, _, cands, earlier, rm, _ = round1
     w = validator_world
-    from peer.model import hash_tensors
+    from peer.data.model import hash_tensors
 
     assert hash_tensors((n, p) for n, p in ev.params.items()) == rm.base_state_hash  # base restored exactly
     other = Evaluator(EvalConfig(), w.run, w.store)  # a second validator, on part of the round

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from peer.identity import (
+from peer.net.identity import (
     IdentityError,
     load_identity,
     load_or_create_identity,
     peer_id_from_bytes,
     peer_id_to_bytes,
 )
-from peer.records import MAX_COMMITMENT_BYTES, Commitment, RecordError
+from peer.net.records import MAX_COMMITMENT_BYTES, Commitment, RecordError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -91,8 +91,8 @@ dht.shutdown(); first.shutdown()
 LIBP2P_SIDE = r"""
 import json, sys, logging, trio, multiaddr
 logging.disable(logging.CRITICAL)
-from peer.identity import libp2p_keypair
-from peer.publisher import make_host
+from peer.net.identity import libp2p_keypair
+from peer.net.publisher import make_host
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.crypto.ed25519 import create_new_key_pair
@@ -150,7 +150,7 @@ def test_peer_status_shows_identity_registration_and_rounds(tmp_path):
     from substrateinterface import Keypair
 
     from peer.chain import ChainConfig, connect
-    from peer.wallet import WalletConfig, create_wallet
+    from peer.chain.wallet import WalletConfig, create_wallet
 
     wallet = WalletConfig(name="w", hotkey="h", path=str(tmp_path / "wallets"))
     hotkey = create_wallet(wallet)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from peer.data import PageStore
-from peer.diloco import make_inner_optimizer, optimizer_state_bytes
-from peer.model import build_model, lm_loss
+from peer.data.model import build_model, lm_loss
+from peer.data.pages import PageStore
+from peer.training.diloco import make_inner_optimizer, optimizer_state_bytes
 
 
 def _train(cfg, store, name: str, device: str, steps: int) -> tuple[list[float], int]:

@@ -12,7 +12,7 @@ from substrateinterface import Keypair
 
 from peer.chain.base import SubnetParams
 from peer.chain.local import LocalLedger
-from peer.records import Commitment
+from peer.net.records import Commitment
 from tests.fixtures_swarm import REPO, join_args, peer_env, read_rounds
 
 

@@ -1,7 +1,7 @@
 """The artifact plane with real processes: publishers serve outboxes, a separate client process fetches.
 
 The pytest process never imports py-libp2p (hivemind may live here): publishers are started with
-``peer.publisher.start_publisher`` (a subprocess) and the client side runs ``python tests/test_publisher.py
+``peer.net.publisher.start_publisher`` (a subprocess) and the client side runs ``python tests/test_publisher.py
 client ARGS_JSON``, which prints one JSON line of results that the tests check.
 """
 
@@ -45,7 +45,7 @@ def _contribution(
     hotkey: str | None = None,
     name="contribution.safetensors",
 ):
-    from peer.records import BlobRef, ContributionManifest
+    from peer.net.records import BlobRef, ContributionManifest
 
     fields = dict(
         run_id=run_id, round=round_, hotkey=hotkey or kp.ss58_address, peer_id=peer_id,
@@ -69,7 +69,7 @@ def _contribution(
 
 
 def _state(kp, peer_id: str, round_: int, blob: bytes):
-    from peer.records import BlobRef, StateManifest
+    from peer.net.records import BlobRef, StateManifest
 
     m = StateManifest(
         run_id=RUN, round=round_, hotkey=kp.ss58_address, peer_id=peer_id, state_hash="2" * 64,
@@ -82,8 +82,8 @@ def build_outbox(home: Path) -> tuple[Path, Path, str, dict]:
     """Alice's outbox with a good round 3 and one forged round per attack. Returns (outbox, key, peer id, rounds)."""
     from substrateinterface import Keypair
 
-    from peer.identity import load_or_create_identity
-    from peer.outbox import Outbox
+    from peer.net.identity import load_or_create_identity
+    from peer.net.outbox import Outbox
 
     key = home / "identity.key"
     pid = load_or_create_identity(key)
@@ -121,8 +121,8 @@ def publishers(tmp_path):
     """Alice's publisher (A) and a second, strictly rate-limited one (B) run by Bob."""
     from substrateinterface import Keypair
 
-    from peer.identity import load_or_create_identity
-    from peer.publisher import PublisherConfig, start_publisher
+    from peer.net.identity import load_or_create_identity
+    from peer.net.publisher import PublisherConfig, start_publisher
 
     outbox, key, _, rounds = build_outbox(tmp_path / "alice")
     bob_key = tmp_path / "bob" / "identity.key"
@@ -222,7 +222,7 @@ def test_fetch_verifies_and_rejects_forgeries(publishers, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "peer.fetch",
+        "peer.net.fetch",
         "--from",
         a.multiaddrs[0],
         "--run-id",
@@ -253,13 +253,13 @@ def test_fetch_verifies_and_rejects_forgeries(publishers, tmp_path):
 
 @pytest.mark.slow
 def test_publisher_exits_when_parent_is_killed(tmp_path):
-    from peer.identity import load_or_create_identity
+    from peer.net.identity import load_or_create_identity
 
     key = tmp_path / "identity.key"
     load_or_create_identity(key)
     (tmp_path / "outbox").mkdir()
     code = (
-        "import sys, time; from pathlib import Path; from peer.publisher import start_publisher; "
+        "import sys, time; from pathlib import Path; from peer.net.publisher import start_publisher; "
         f"h = start_publisher(Path({str(tmp_path / 'outbox')!r}), Path({str(key)!r})); "
         "print(h.process.pid, flush=True); time.sleep(120)"
     )
@@ -297,8 +297,8 @@ def _alive(pid: int) -> bool:
 
 def test_publisher_start_failure_is_one_line(tmp_path):
     from peer.errors import UserError
-    from peer.identity import load_or_create_identity
-    from peer.publisher import start_publisher
+    from peer.net.identity import load_or_create_identity
+    from peer.net.publisher import start_publisher
 
     key = tmp_path / "identity.key"
     load_or_create_identity(key)
@@ -316,9 +316,9 @@ def client_main(args: dict) -> dict:
     from safetensors import safe_open
     from substrateinterface import Keypair
 
-    from peer.artifact_protocol import encode_frame, read_frame, unpack_map
-    from peer.fetch import FetchClient, FetchConfig, FetchError, Target, verify_manifest
-    from peer.records import ContributionManifest
+    from peer.net.artifact_protocol import encode_frame, read_frame, unpack_map
+    from peer.net.fetch import FetchClient, FetchConfig, FetchError, Target, verify_manifest
+    from peer.net.records import ContributionManifest
 
     logging.disable(logging.WARNING)
     alice, bob = Keypair.create_from_uri(ALICE_URI), Keypair.create_from_uri(BOB_URI)
@@ -456,7 +456,7 @@ class EvilPublisher:
         import trio
         from libp2p.crypto.ed25519 import create_new_key_pair
 
-        from peer.artifact_protocol import (
+        from peer.net.artifact_protocol import (
             FetchHeader,
             ListResponse,
             encode_frame,
@@ -464,8 +464,8 @@ class EvilPublisher:
             read_frame,
             unpack_map,
         )
-        from peer.publisher import make_host
-        from peer.records import PeerIdentityRecord
+        from peer.net.publisher import make_host
+        from peer.net.records import PeerIdentityRecord
 
         host = make_host(create_new_key_pair(), [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")])
         self.peer_id = host.get_id().to_base58()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from peer import behaviour as bh
-from peer.behaviour import Behaviour
 from peer.config import load_run_config
-from peer.diloco import DilocoState
-from peer.model import build_model, lm_loss
-from peer.swarm import choose_state
+from peer.data.model import build_model, lm_loss
+from peer.training import behaviour as bh
+from peer.training.behaviour import Behaviour
+from peer.training.diloco import DilocoState
+from peer.training.swarm import choose_state
 
 
 def test_choose_state_majority_and_deterministic_ties():

@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from peer.outbox import CONTRIBUTION, MANIFEST, STATE, decode_delta, decode_state, file_sha256
-from peer.records import ContributionManifest, StateManifest
+from peer.net.outbox import CONTRIBUTION, MANIFEST, STATE, decode_delta, decode_state, file_sha256
+from peer.net.records import ContributionManifest, StateManifest
 from tests.fixtures_swarm import join_args, read_rounds, wait_for
 
 ROUND_SECONDS = 6.0  # debug config

@@ -20,8 +20,8 @@ from substrateinterface import Keypair
 
 from peer.chain import SubnetParams
 from peer.chain.local import LocalLedger
-from peer.outbox import Outbox, encode_state, sha256_hex
-from peer.records import BlobRef, ContributionManifest, StateManifest
+from peer.net.outbox import Outbox, encode_state, sha256_hex
+from peer.net.records import BlobRef, ContributionManifest, StateManifest
 from tests.fixtures_validator import ROUND_BLOCKS, keypair, validator_world  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,8 +35,8 @@ def _env() -> dict[str, str]:
 
 
 def write_outbox(w, name: str, outbox: Path, run_id: str, peer_id: str) -> None:
-    from peer.model import hash_tensors
-    from peer.outbox import encode_delta
+    from peer.data.model import hash_tensors
+    from peer.net.outbox import encode_delta
 
     kp = keypair(name)
     base = w.bases[1]
@@ -77,7 +77,7 @@ def write_outbox(w, name: str, outbox: Path, run_id: str, peer_id: str) -> None:
 def make_validator_wallet(
     path: Path, name: str, ledger: LocalLedger, netuid: int, coldkey: Keypair
 ) -> Keypair:
-    from peer.wallet import WalletConfig, create_wallet
+    from peer.chain.wallet import WalletConfig, create_wallet
 
     kp = create_wallet(WalletConfig(name=name, hotkey="default", path=str(path), create=True))
     ledger.register(netuid, kp, coldkey)
@@ -98,9 +98,9 @@ def run_cli(args: list[str], timeout: float = 300) -> subprocess.CompletedProces
 
 @pytest.mark.slow
 def test_two_validators_score_served_contributions_and_replay_agrees(validator_world, tmp_path):  # noqa: F811
-    from peer.identity import load_or_create_identity
-    from peer.membership import ensure_commitment
-    from peer.publisher import start_publisher
+    from peer.chain.membership import ensure_commitment
+    from peer.net.identity import load_or_create_identity
+    from peer.net.publisher import start_publisher
 
     w = validator_world
     run_id = f"vloop-{uuid.uuid4().hex[:8]}"

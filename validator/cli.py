@@ -25,7 +25,7 @@ def _default_data_dir(config_name: str) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     from peer.chain import add_chain_args
-    from peer.join import add_wallet_args
+    from peer.chain.wallet import add_wallet_args
     from peer.tracking import add_tracking_args
 
     parser = _Parser(
@@ -143,13 +143,12 @@ def cmd_run(args) -> int:
     import torch
 
     from peer.chain import ChainClock, NotRegistered, chain_config_from_args, connect
+    from peer.chain.membership import ensure_registered
+    from peer.chain.wallet import load_coldkey, load_hotkey, wallet_config_from_args
     from peer.config import load_run_config
-    from peer.data import PageStore, prepare_data
-    from peer.fetch import FetchClient, FetchConfig
-    from peer.join import wallet_config_from_args
-    from peer.membership import ensure_registered
+    from peer.data.pages import PageStore, prepare_data
+    from peer.net.fetch import FetchClient, FetchConfig
     from peer.tracking import make_tracker, tracking_config_from_args
-    from peer.wallet import load_coldkey, load_hotkey
     from validator.evaluation import EvalConfig, Evaluator
     from validator.loop import LoopConfig, Validator, run
     from validator.scoring import BurnPolicy, ScoringConfig

@@ -38,10 +38,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from peer.config import RunConfig
-from peer.data import PageStore, assign_pages, eval_pages
+from peer.data.model import build_model, hash_tensors
+from peer.data.pages import PageStore, assign_pages, eval_pages
 from peer.errors import CheckpointError, ConfigError
-from peer.model import build_model, hash_tensors
-from peer.outbox import decode_delta
+from peer.net.outbox import decode_delta
 
 SKETCH_PURPOSE = "sketch"
 

@@ -30,10 +30,10 @@ import torch
 
 from peer.chain.base import Chain, ChainError, ChainUnreachable, Metagraph
 from peer.config import RunConfig
-from peer.data import PageStore
+from peer.data.pages import PageStore
 from peer.errors import CheckpointError
-from peer.outbox import decode_state
-from peer.records import Commitment
+from peer.net.outbox import decode_state
+from peer.net.records import Commitment
 from validator.evaluation import Candidate, EvalConfig, Evaluator, RoundMeasurements
 from validator.scoring import (
     EmaState,
@@ -95,13 +95,13 @@ class PeerTarget:
     uid: int
     hotkey: str
     target: object | None = None
-    """peer.fetch.Target built from the commitment (None if there is none or it is unreadable)."""
+    """peer.net.fetch.Target built from the commitment (None if there is none or it is unreadable)."""
     rejected: str | None = None
 
 
 def sync_metagraph(chain: Chain, netuid: int, own_hotkey: str) -> tuple[Metagraph, list[PeerTarget]]:
     """The metagraph and, for every other uid, where its publisher is (or why we cannot reach it)."""
-    from peer.fetch import Target
+    from peer.net.fetch import Target
 
     mg = chain.metagraph(netuid)
     commitments = chain.commitments(netuid)
@@ -156,7 +156,7 @@ def fetch_round(
     evaluator: Evaluator,
 ) -> RoundInputs:
     """θ_r (majority of signed state manifests, hash-checked) and every peer's verified Δ_r."""
-    from peer.fetch import FetchError
+    from peer.net.fetch import FetchError
 
     t0 = time.perf_counter()
     reachable = [t for t in targets if t.target is not None]

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peer.config import load_run_config
-from peer.data import PageStore, prepare_data
-from peer.outbox import decode_state
+from peer.data.pages import PageStore, prepare_data
+from peer.net.outbox import decode_state
 from validator.evaluation import Candidate, EvalConfig, Evaluator
 from validator.scoring import BurnPolicy, EmaState, ScoringConfig, normalize_weights, score_round, update_ema
 from validator.store import ReplayError, RoundRecord, ValidatorStore

@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from peer.errors import CheckpointError, UserError
-from peer.outbox import atomic_write_bytes, atomic_write_json
+from peer.net.outbox import atomic_write_bytes, atomic_write_json
 from validator.scoring import EmaState
 
 RECORD_FORMAT = 1

@@ -33,7 +33,7 @@ from peer.chain import ChainError, RevealTooEarly, RevealTooLate, commit_hash, m
 from peer.chain.base import Chain
 from peer.chain.commit_reveal import max_upscale
 from peer.errors import ConfigError
-from peer.outbox import atomic_write_json
+from peer.net.outbox import atomic_write_json
 
 log = logging.getLogger("gradswarm.validator.weights")
 

@@ -24,8 +24,8 @@ from substrateinterface import Keypair
 
 from peer.chain.base import RAO_PER_TAO, Chain, ChainError, SubnetParams
 from peer.chain.config import add_chain_args, chain_config_from_args, connect
+from peer.chain.wallet import WalletConfig, coldkey_address, load_coldkey, load_hotkey
 from peer.errors import ConfigError, run_cli
-from peer.wallet import WalletConfig, coldkey_address, load_coldkey, load_hotkey
 
 
 def _add_wallet_args(p: argparse.ArgumentParser) -> None:

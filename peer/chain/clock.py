@@ -1,6 +1,6 @@
 """ChainClock: rounds counted in blocks. round = block // round_blocks; seed = hash of its first block.
 
-Implements :class:`peer.clock.RoundClock` on any :class:`peer.chain.base.Chain`, so every peer and
+Implements :class:`peer.training.clock.RoundClock` on any :class:`peer.chain.base.Chain`, so every peer and
 validator (and anyone replaying) derives the same round number and the same seed from the chain.
 """
 

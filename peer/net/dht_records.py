@@ -4,7 +4,7 @@ hivemind's :class:`~hivemind.dht.crypto.RSASignatureValidator` protects records 
 RSA owner key. This is the same idea with the peer's Bittensor hotkey (sr25519):
 
 * a peer stores ``dht.store(key, value=announcement_json, subkey=hotkey_subkey(hotkey), ...)`` where the
-  value is a :class:`~peer.records.DHTAnnouncement` signed by that hotkey (run id, round, peer id, the
+  value is a :class:`~peer.net.records.DHTAnnouncement` signed by that hotkey (run id, round, peer id, the
   DHT key it belongs to, and the payload);
 * every node running :class:`HotkeyRecordValidator` (pass it in ``hivemind.DHT(record_validators=[...])``)
   refuses to store — and refuses to accept in answers — a record whose subkey is a hotkey marker unless
@@ -32,7 +32,7 @@ from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidat
 from hivemind.utils import MSGPackSerializer
 from substrateinterface import Keypair
 
-from peer.records import DHTAnnouncement, JsonScalar, RecordError
+from peer.net.records import DHTAnnouncement, JsonScalar, RecordError
 
 log = logging.getLogger("gradswarm.dht_records")
 

@@ -14,7 +14,7 @@ import sys
 import threading
 from pathlib import Path
 
-from peer.outbox import atomic_write_json
+from peer.net.outbox import atomic_write_json
 
 
 def register(sub) -> None:
@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from peer.swarm import start_dht
+    from peer.training.swarm import start_dht
 
     dht = start_dht(
         initial_peers=args.initial_peers,

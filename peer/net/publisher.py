@@ -4,11 +4,11 @@ It runs as its own process (py-libp2p and hivemind cannot share one), started by
 :func:`start_publisher` and tied to it: it polls its parent and exits within ``parent_poll_s`` (+ a
 moment) when the parent is gone, SIGKILL included, so no orphan keeps serving. Command line::
 
-    python -m peer.publisher --outbox DIR --identity KEYFILE --listen /ip4/127.0.0.1/tcp/0 \\
+    python -m peer.net.publisher --outbox DIR --identity KEYFILE --listen /ip4/127.0.0.1/tcp/0 \\
         --parent-pid PID --ready-file FILE
 
 Once listening it writes ``{"peer_id", "addrs", "pid", "protocol"}`` to the ready file (temp + rename).
-It speaks :mod:`peer.artifact_protocol` on ``/gradswarm/artifact/1.0.0`` over noise + yamux only (the
+It speaks :mod:`peer.net.artifact_protocol` on ``/gradswarm/artifact/1.0.0`` over noise + yamux only (the
 security and muxer options are given explicitly; py-libp2p's defaults include plaintext).
 
 What it serves is decided by the outbox's manifests: a blob is served only if a parseable manifest in
@@ -36,7 +36,8 @@ from pathlib import Path
 
 from substrateinterface import Keypair
 
-from peer.artifact_protocol import (
+from peer.errors import ConfigError, NetworkError, UserError, run_cli
+from peer.net.artifact_protocol import (
     DEFAULT_CHUNK_BYTES,
     MAX_REQUEST_BYTES,
     PROTOCOL_ID,
@@ -52,9 +53,8 @@ from peer.artifact_protocol import (
     parse_request,
     read_frame,
 )
-from peer.errors import ConfigError, NetworkError, UserError, run_cli
-from peer.identity import load_identity
-from peer.records import Commitment, ContributionManifest, PeerIdentityRecord, RecordError, StateManifest
+from peer.net.identity import load_identity
+from peer.net.records import Commitment, ContributionManifest, PeerIdentityRecord, RecordError, StateManifest
 
 log = logging.getLogger("gradswarm.publisher")
 
@@ -424,7 +424,7 @@ async def serve(
     import multiaddr
     import trio
 
-    from peer.identity import libp2p_keypair
+    from peer.net.identity import libp2p_keypair
 
     keypair = libp2p_keypair(identity)
     try:
@@ -549,10 +549,10 @@ def start_publisher(
     log_file: Path | None = None,
     cfg: PublisherConfig | None = None,
 ) -> PublisherHandle:
-    """Spawn ``python -m peer.publisher`` for ``outbox`` and wait until it listens.
+    """Spawn ``python -m peer.net.publisher`` for ``outbox`` and wait until it listens.
 
     ``parent_pid`` (default: this process) is the process whose death ends the publisher. The identity
-    key must exist (:func:`peer.identity.load_or_create_identity`). Its log goes to ``log_file``
+    key must exist (:func:`peer.net.identity.load_or_create_identity`). Its log goes to ``log_file``
     (default ``<outbox>/../publisher.log``). Raises NetworkError with the log's tail if it fails to start.
     """
     outbox = Path(outbox)
@@ -563,7 +563,7 @@ def start_publisher(
     ready_file.unlink(missing_ok=True)
     cfg = cfg or PublisherConfig()
     cmd = [
-        sys.executable, "-m", "peer.publisher",
+        sys.executable, "-m", "peer.net.publisher",
         "--outbox", str(outbox), "--identity", str(identity_path), "--listen", listen,
         "--parent-pid", str(parent_pid if parent_pid is not None else os.getpid()),
         "--ready-file", str(ready_file),
@@ -573,7 +573,7 @@ def start_publisher(
         "--io-timeout", str(cfg.io_timeout_s), "--parent-poll", str(cfg.parent_poll_s),
     ]  # fmt: skip
     env = dict(os.environ)
-    repo = str(Path(__file__).resolve().parent.parent)
+    repo = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log_fh:
@@ -603,10 +603,12 @@ def start_publisher(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m peer.publisher", description="Serve a peer's outbox over libp2p."
+        prog="python -m peer.net.publisher", description="Serve a peer's outbox over libp2p."
     )
     p.add_argument("--outbox", type=Path, required=True)
-    p.add_argument("--identity", type=Path, required=True, help="libp2p identity key file (peer.identity)")
+    p.add_argument(
+        "--identity", type=Path, required=True, help="libp2p identity key file (peer.net.identity)"
+    )
     p.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     p.add_argument("--ready-file", type=Path, default=None)

@@ -5,7 +5,7 @@ client dials the address + peer id a peer committed on chain; noise authenticate
 during the handshake, so a commitment whose peer id is not the one listening there is refused
 (``peer_id_mismatch``). Then, for a round:
 
-1. the signed :class:`~peer.records.PeerIdentityRecord` must name the hotkey we expect (the one
+1. the signed :class:`~peer.net.records.PeerIdentityRecord` must name the hotkey we expect (the one
    registered for that uid), this run, and the peer id of the connection (``require_identity``);
 2. each manifest must parse strictly, have this run id and round, the expected hotkey, the connection's
    peer id, and a valid sr25519 signature;
@@ -33,7 +33,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from peer.artifact_protocol import (
+from peer.errors import ConfigError, NetworkError
+from peer.net.artifact_protocol import (
     DEFAULT_CHUNK_BYTES,
     MAX_LISTING_BYTES,
     PROTOCOL_ID,
@@ -48,8 +49,7 @@ from peer.artifact_protocol import (
     parse_response,
     read_frame,
 )
-from peer.errors import ConfigError, NetworkError
-from peer.records import (
+from peer.net.records import (
     BlobRef,
     Commitment,
     ContributionManifest,
@@ -287,10 +287,10 @@ class FetchClient:
     async def _main(self) -> None:
         import trio
 
-        from peer.publisher import make_host
+        from peer.net.publisher import make_host
 
         if self.cfg.identity_path is not None:
-            from peer.identity import libp2p_keypair
+            from peer.net.identity import libp2p_keypair
 
             keypair = libp2p_keypair(self.cfg.identity_path)
         else:
@@ -713,7 +713,7 @@ def register(subparsers) -> None:
 
 
 def _cmd_fetch(args) -> int:
-    from peer.publisher import quiet_libp2p
+    from peer.net.publisher import quiet_libp2p
 
     quiet_libp2p()
     source = args.source
@@ -754,7 +754,7 @@ def _cmd_fetch(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m peer.fetch ...`` == ``peer fetch ...``."""
+    """``python -m peer.net.fetch ...`` == ``peer fetch ...``."""
     from peer.cli import _Parser
     from peer.errors import run_cli
 

@@ -18,7 +18,7 @@ Any refusal is an :class:`ErrorResponse` frame ``{"ok": False, "reason": code, "
 Nothing is pickled: msgpack with no extension types, JSON inside, safetensors bytes as payload.
 
 This module imports py-libp2p only inside the stream helpers, so the publisher's parent (the trainer,
-a hivemind process) can import :mod:`peer.publisher` safely.
+a hivemind process) can import :mod:`peer.net.publisher` safely.
 """
 
 from __future__ import annotations

@@ -26,15 +26,11 @@ from pathlib import Path
 
 import torch
 
-from peer import behaviour as bh
-from peer.behaviour import Behaviour
-from peer.clock import RoundClock
 from peer.config import RunConfig
-from peer.data import PageStore, assign_pages, eval_pages, prepare_data, round_batches
-from peer.diloco import DilocoState, optimizer_state_bytes
+from peer.data.model import build_model, count_parameters, evaluate_loss, lm_loss
+from peer.data.pages import PageStore, assign_pages, eval_pages, prepare_data, round_batches
 from peer.errors import CheckpointError, ConfigError
-from peer.model import build_model, count_parameters, evaluate_loss, lm_loss
-from peer.outbox import (
+from peer.net.outbox import (
     Outbox,
     atomic_write_bytes,
     atomic_write_json,
@@ -43,9 +39,13 @@ from peer.outbox import (
     load_checkpoint,
     sha256_hex,
 )
+from peer.net.records import BlobRef, ContributionManifest, StateManifest
 from peer.progress import Progress
-from peer.records import BlobRef, ContributionManifest, StateManifest
 from peer.tracking import Tracker
+from peer.training import behaviour as bh
+from peer.training.behaviour import Behaviour
+from peer.training.clock import RoundClock
+from peer.training.diloco import DilocoState, optimizer_state_bytes
 
 log = logging.getLogger("gradswarm.trainer")
 
@@ -90,7 +90,7 @@ class TrainerConfig:
     max_seconds: float | None = None
     """Stop after this many seconds."""
     behaviour: Behaviour = Behaviour.HONEST
-    """Fault injection (local ledger only): see peer.behaviour."""
+    """Fault injection (local ledger only): see peer.training.behaviour."""
     eval_pages: int = 4
     """Held-out pages evaluated after each round for the loss curve (0 = skip). Costs forward passes."""
     matchmaking_seconds: float = 1.5
@@ -181,7 +181,7 @@ class Trainer:
         self._last_trained_delta: list[torch.Tensor] | None = None
         self._rounds_done = 0
         self._load_checkpoint()
-        from peer.swarm import SwarmAveraging
+        from peer.training.swarm import SwarmAveraging
 
         self.swarm = SwarmAveraging(
             dht,

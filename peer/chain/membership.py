@@ -3,7 +3,7 @@
 * :func:`ensure_registered` gives the hotkey a uid if it has none. On a real chain that burns TAO from
   the coldkey, so it happens only with ``--register.burn``; without it a clear error says what to do.
 * :func:`ensure_commitment` commits the publisher's address + libp2p peer id (compact bytes, see
-  :class:`peer.records.Commitment`) unless the chain already holds exactly that, so restarts do not
+  :class:`peer.net.records.Commitment`) unless the chain already holds exactly that, so restarts do not
   trip the commitment rate limit.
 """
 
@@ -16,7 +16,7 @@ from substrateinterface import Keypair
 from peer.chain.base import Chain, RateLimited, Registration
 from peer.chain.base import ensure_commitment as chain_ensure_commitment
 from peer.errors import ConfigError
-from peer.records import Commitment
+from peer.net.records import Commitment
 
 log = logging.getLogger("gradswarm.membership")
 

@@ -1,7 +1,7 @@
 """DiLoCo state of one peer: the round's start snapshot θ_r, the inner optimizer, the outer step.
 
 A round: snapshot θ_r → H inner AdamW steps on the peer's pages → pseudo-gradient Δ = θ_r − θ_local →
-swarm average of Δ (``peer.allreduce``) → outer Nesterov SGD step θ_{r+1} = θ_r − lr·(g + μ·m).
+swarm average of Δ (``peer.training.allreduce``) → outer Nesterov SGD step θ_{r+1} = θ_r − lr·(g + μ·m).
 The outer step runs on CPU in fp32 from identical inputs, so every peer that averaged in the same
 group computes bit-identical θ_{r+1} (checked by :meth:`state_hash`).
 """
@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 
 from peer.config import TrainConfig
+from peer.data.model import hash_tensors
 from peer.errors import CheckpointError
-from peer.model import hash_tensors
 
 
 def make_inner_optimizer(name: str, params, cfg: TrainConfig) -> torch.optim.Optimizer:

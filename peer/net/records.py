@@ -139,7 +139,7 @@ class DHTAnnouncement(SignedRecord):
     """A value a peer stores in hivemind's DHT under ``key``, signed by its hotkey.
 
     Store it as ``dht.store(key, value=record.model_dump_json(), subkey=hotkey_subkey(hotkey), ...)``;
-    :class:`peer.dht_records.HotkeyRecordValidator` makes every DHT node refuse it unless the signature,
+    :class:`peer.net.dht_records.HotkeyRecordValidator` makes every DHT node refuse it unless the signature,
     the key and the subkey's hotkey all match.
     """
 

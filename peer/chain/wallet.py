@@ -8,6 +8,7 @@ A hotkey is created only when the user asks for it (``--wallet.create``), never 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from dataclasses import dataclass, field
@@ -131,3 +132,23 @@ def load_coldkey(cfg: WalletConfig) -> Keypair:
                 f"coldkey {path} not found: create the wallet with btcli or pass --wallet.create"
             )
     return _keypair_from_file(path, "coldkey")
+
+
+# CLI helpers shared by `peer join`, `peer status`, `peer chain` and `validator run`.
+def add_wallet_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("wallet (btcli layout: <path>/<name>/hotkeys/<hotkey>)")
+    g.add_argument("--wallet.name", dest="wallet_name", default="default", help="wallet (coldkey) name")
+    g.add_argument("--wallet.hotkey", dest="wallet_hotkey", default="default", help="hotkey name")
+    g.add_argument("--wallet.path", dest="wallet_path", default=DEFAULT_WALLET_PATH, help="wallets folder")
+    g.add_argument(
+        "--wallet.create",
+        dest="wallet_create",
+        action="store_true",
+        help="create the coldkey/hotkey if missing (never done silently)",
+    )
+
+
+def wallet_config_from_args(args) -> WalletConfig:
+    return WalletConfig(
+        name=args.wallet_name, hotkey=args.wallet_hotkey, path=args.wallet_path, create=args.wallet_create
+    )

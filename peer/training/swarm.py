@@ -1,7 +1,7 @@
 """The peer's view of the swarm over hivemind: DHT, averager, state-hash announcements, state sync.
 
 * :func:`start_dht` validates multiaddrs and joins the DHT (clear errors for bad or unreachable peers).
-* :class:`SwarmAveraging` owns the :class:`~peer.allreduce.ConsensusAverager` over the round's
+* :class:`SwarmAveraging` owns the :class:`~peer.training.allreduce.ConsensusAverager` over the round's
   pseudo-gradient buffers: matchmaking per round (the round number is part of the group key), 8-bit
   blockwise compression on the wire (bitsandbytes), the all-reduce, byte counters.
 * State agreement: each peer announces ``hash(θ_r)`` under ``<run>.state.<r>``; a peer whose hash
@@ -55,14 +55,14 @@ def parse_maddrs(values: Sequence[str], what: str) -> list[str]:
 
 
 def dht_key(run_id: str, name: str) -> str:
-    from peer.dht_records import dht_key as _key
+    from peer.net.dht_records import dht_key as _key
 
     return _key(run_id, name)
 
 
 def state_record_validator(run_id: str):
     """DHT validator: the run's state key accepts only hotkey-signed announcements."""
-    from peer.dht_records import HotkeyRecordValidator
+    from peer.net.dht_records import HotkeyRecordValidator
 
     return HotkeyRecordValidator(run_id=run_id, protected_keys=[dht_key(run_id, "state")])
 
@@ -135,7 +135,7 @@ class SwarmAveraging:
     ):
         import bitsandbytes  # noqa: F401  (must be imported before the averager for blockwise 8-bit)
 
-        from peer.allreduce import ConsensusAverager
+        from peer.training.allreduce import ConsensusAverager
 
         self.dht = dht
         self.run_id = run_id
@@ -240,7 +240,7 @@ class SwarmAveraging:
         """Store a hotkey-signed ``{round, hash}`` under the run's state key (one entry per hotkey)."""
         from hivemind.utils.timed_storage import get_dht_time
 
-        from peer.dht_records import sign_announcement
+        from peer.net.dht_records import sign_announcement
 
         key = dht_key(self.run_id, "state")
         subkey, value = sign_announcement(
@@ -258,7 +258,7 @@ class SwarmAveraging:
 
     def announced_states(self, round_: int) -> dict[str, str]:
         """peer id → announced hash of θ_round (signatures verified; forged entries never count)."""
-        from peer.dht_records import read_announcements
+        from peer.net.dht_records import read_announcements
 
         key = dht_key(self.run_id, "state")
         found = self.dht.get(key, latest=True)

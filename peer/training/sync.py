@@ -19,13 +19,13 @@ import time
 
 import torch
 
-from peer.clock import RoundClock
-from peer.data import PageStore, assign_pages, prepare_data
-from peer.model import build_model, lm_loss
-from peer.outbox import Outbox, encode_delta, sha256_hex
-from peer.records import BlobRef, ContributionManifest
-from peer.swarm import make_compression
+from peer.data.model import build_model, lm_loss
+from peer.data.pages import PageStore, assign_pages, prepare_data
+from peer.net.outbox import Outbox, encode_delta, sha256_hex
+from peer.net.records import BlobRef, ContributionManifest
 from peer.tracking import Tracker
+from peer.training.clock import RoundClock
+from peer.training.swarm import make_compression
 
 log = logging.getLogger("gradswarm.sync")
 

@@ -1,0 +1,8 @@
+"""Data and model: the corpus, its tokenizer and fixed-size pages, page assignment, and the model.
+
+* :mod:`peer.data.pages` — corpus preparation, :class:`~peer.data.pages.PageStore`, ``assign_pages``,
+  ``eval_pages`` and ``round_batches`` (pure functions every peer and validator share).
+* :mod:`peer.data.model` — the HF Llama built from a typed config with a seeded init.
+
+``python -m peer.data fetch-corpus --dest DIR`` installs the offline corpus.
+"""

@@ -1,0 +1,10 @@
+"""Networking and records: identities, signed records, the DHT's record rules, the artifact plane.
+
+* :mod:`peer.net.identity` — the one libp2p identity key shared by the DHT and the publisher.
+* :mod:`peer.net.records` — hotkey-signed manifests, identity records and on-chain commitments.
+* :mod:`peer.net.dht_records` — signed DHT announcements and the validator every DHT node runs.
+* :mod:`peer.net.outbox` — what a peer publishes each round, written atomically.
+* :mod:`peer.net.artifact_protocol`, :mod:`peer.net.publisher`, :mod:`peer.net.fetch` — serving and
+  fetching the outbox over py-libp2p (never imported together with hivemind).
+* :mod:`peer.net.bootstrap` — a DHT entry point that does not train.
+"""
