@@ -270,3 +270,115 @@ def test_fixed_genesis_gives_a_reproducible_chain(tmp_path):
             ledger.close()
     with pytest.raises(ChainError, match="32 lowercase hex"):
         LocalLedger(tmp_path / "d.sqlite", genesis_id="not-hex")
+
+
+# ------------------------------------------------------------------------------ coldkeys: only to sign
+PASSWORD = "correct horse battery 7!"
+
+
+@pytest.fixture(scope="module")
+def encrypted_wallet(tmp_path_factory) -> Path:
+    """A btcli-layout wallet ``enc`` whose coldkey bittensor-wallet encrypted with a password (btcli's
+    default), with an unencrypted hotkey ``h``. Made once: encrypting costs seconds (argon2)."""
+    import contextlib
+    import io
+
+    from bittensor_wallet import Wallet
+
+    root = tmp_path_factory.mktemp("wallets")
+    w = Wallet(name="enc", hotkey="h", path=str(root))
+    with contextlib.redirect_stdout(io.StringIO()):
+        w.create_new_coldkey(use_password=True, overwrite=False, suppress=True, coldkey_password=PASSWORD)
+        w.create_new_hotkey(use_password=False, overwrite=False, suppress=True)
+    assert (root / "enc" / "coldkey").read_bytes().startswith(b"$NACL")
+    return root
+
+
+def run_peer_chain(
+    *argv: str, cwd: Path, env: dict | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess:
+    """``peer chain …`` through the ``peer`` command line, stdin not a terminal."""
+    return subprocess.run(
+        [sys.executable, "-m", "peer.cli", "chain", *argv],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(cwd), **(env or {})},
+    )
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    return r.stderr
+
+
+@pytest.mark.slow  # argon2 (bittensor-wallet's key derivation): ~4 s per decryption, 4 of them
+def test_encrypted_coldkey_is_read_only_where_it_signs(tmp_path, encrypted_wallet):
+    from bittensor_wallet import Keyfile
+
+    cold_path = encrypted_wallet / "enc" / "coldkey"
+    address = json.loads((encrypted_wallet / "enc" / "coldkeypub.txt").read_text())["ss58Address"]
+    var = Keyfile(str(cold_path)).env_var_name()
+    assert var.startswith("BT_PW_") and var.endswith("_ENC_COLDKEY")
+    f = ["--ledger.path", "led.sqlite"]
+    enc = [*f, "--wallet.path", str(encrypted_wallet), "--wallet.name", "enc", "--wallet.hotkey", "h"]
+    r = run_peer_chain(
+        "create-subnet", *f, "--wallet.path", "w", "--wallet.name", "owner", "--wallet.create", cwd=tmp_path
+    )
+    assert r.returncode == 0 and "netuid=1" in r.stdout, r.stderr
+
+    # the faucet needs the address only: no password, nothing decrypted
+    r = run_peer_chain("fund", *enc, "--tao", "50", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"{address}: 50 TAO", r.stderr
+
+    # what must sign says how to proceed, in one line, and sends nothing
+    for cmd in (["register"], ["stake", "--tao", "5"]):
+        line = one_error_line(run_peer_chain(*cmd, *enc, cwd=tmp_path))
+        assert f"coldkey {cold_path} is encrypted" in line and f"peer chain {cmd[0]}" in line
+        assert var in line and "peer chain password-env --wallet.name enc" in line and "btcli" in line
+    r = run_peer_chain("metagraph", *f, cwd=tmp_path)
+    assert r.returncode == 0 and "0/256 uids" in r.stdout, r.stdout
+
+    # password-env checks the password and prints bittensor-wallet's own variable for it
+    pe = ["password-env", "--wallet.path", str(encrypted_wallet), "--wallet.name", "enc"]
+    r = run_peer_chain(*pe, cwd=tmp_path, stdin=PASSWORD + "\n")
+    assert r.returncode == 0, r.stderr
+    name, value = r.stdout.strip().removeprefix("export ").split("=", 1)
+    value = value.strip("'")
+    assert name == var and value == Keyfile(str(cold_path)).save_password_to_env(PASSWORD)
+
+    # with the variable set, the signing commands work: the encrypted coldkey owns the hotkey and stakes
+    r = run_peer_chain("register", *enc, cwd=tmp_path, env={var: value})
+    assert r.returncode == 0 and f"coldkey={address}" in r.stdout, r.stderr
+    r = run_peer_chain("stake", *enc, "--tao", "5", cwd=tmp_path, env={var: value})
+    assert r.returncode == 0 and "staked 5 TAO" in r.stdout, r.stderr
+    # registered: a second register reads no coldkey (no variable needed)
+    r = run_peer_chain("register", *enc, cwd=tmp_path)
+    assert r.returncode == 0 and "already registered" in r.stdout, r.stderr
+    # a variable holding another password: one line, not a traceback
+    wrong = Keyfile(str(cold_path)).save_password_to_env("not the password")
+    line = one_error_line(run_peer_chain("stake", *enc, "--tao", "5", cwd=tmp_path, env={var: wrong}))
+    assert f"the password in {var} does not decrypt it" in line
+    ledger = LocalLedger(tmp_path / "led.sqlite")
+    try:
+        assert ledger.balance(address) == 45 * TAO  # one stake of 5 went through
+    finally:
+        ledger.close()
+
+
+def test_registered_peer_never_loads_its_coldkey(ledger):
+    from peer.chain.membership import ensure_registered
+
+    ledger.create_subnet(kp("//Owner"))
+    hot, cold = kp("//hot"), kp("//cold")
+
+    def must_not_load():
+        raise AssertionError("the coldkey was loaded for a registered hotkey")
+
+    first = ensure_registered(ledger, 1, hot, lambda: cold, burn=False)
+    assert first.new and first.coldkey == cold.ss58_address
+    again = ensure_registered(ledger, 1, hot, must_not_load, burn=False)
+    assert not again.new and again.uid == first.uid
