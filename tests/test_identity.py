@@ -134,6 +134,33 @@ def test_hostile_commitment_bytes_are_refused_with_a_reason(bad, words):
     assert "\n" not in str(e.value)
 
 
+def test_validator_refuses_a_hostile_commitment_with_a_reason(tmp_path):
+    """Any registered hotkey can commit any bytes: the validator's round must refuse them, not crash."""
+    from substrateinterface import Keypair
+
+    from peer.chain.local import LocalLedger
+    from validator.loop import sync_metagraph
+
+    ledger = LocalLedger(tmp_path / "l.sqlite", block_time=10_000.0)
+    try:
+        ledger.create_subnet(Keypair.create_from_uri("//Owner"))
+        good = Commitment(addr="/ip4/127.0.0.1/tcp/4001", peer_id=RSA_PID)
+        commits = {"//evil": b"\x07garbage", "//old": good.to_binary(), "//new": good.to_bytes()}
+        for uri, data in commits.items():
+            hk = Keypair.create_from_uri(uri)
+            ledger.register(1, hk)
+            ledger.set_commitment(1, hk, data)
+        _, targets = sync_metagraph(ledger, 1, own_hotkey="")
+    finally:
+        ledger.close()
+    by_hotkey = {t.hotkey: t for t in targets}
+    evil = by_hotkey[Keypair.create_from_uri("//evil").ss58_address]
+    assert evil.target is None and "unreadable commitment" in evil.rejected and "0x07" in evil.rejected
+    for uri in ("//old", "//new"):
+        t = by_hotkey[Keypair.create_from_uri(uri).ss58_address]
+        assert t.rejected is None and (t.target.addr, t.target.peer_id) == (good.addr, good.peer_id)
+
+
 def test_too_long_commitment_is_refused_before_the_chain():
     c = Commitment(addr="/dns4/" + "a" * 60 + ".example.org/tcp/4001", peer_id=ED_PID)
     with pytest.raises(RecordError, match="shorter address"):

@@ -23,8 +23,10 @@ SPEC_VERSION = 1
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
-class RecordError(UserError):
-    """A record is malformed, of another spec version, for another run/round, or badly signed."""
+class RecordError(UserError, ValueError):
+    """A record is malformed, of another spec version, for another run/round, or badly signed.
+
+    Also a ``ValueError``: code that refuses bad input with ``except ValueError`` refuses these too."""
 
 
 class SignedRecord(BaseModel):
