@@ -382,3 +382,49 @@ def test_registered_peer_never_loads_its_coldkey(ledger):
     assert first.new and first.coldkey == cold.ss58_address
     again = ensure_registered(ledger, 1, hot, must_not_load, burn=False)
     assert not again.new and again.uid == first.uid
+
+
+def test_peer_rewrites_an_older_binary_commitment_as_text(ledger):
+    from peer.chain.membership import ensure_commitment
+    from peer.net.records import Commitment
+
+    ledger.create_subnet(kp("//Owner"))
+    hot = kp("//peer")
+    ledger.register(1, hot)
+    c = Commitment(addr="/ip4/127.0.0.1/tcp/4001", peer_id="QmbbT4x8dUhBgZBisGwyynSygiJrdATd7uged9B17qT83c")
+    ledger.set_commitment(1, hot, c.to_binary())  # what an earlier release committed
+    # a restart within the rate limit: the binary one names the same address, so the peer starts anyway
+    assert ensure_commitment(ledger, 1, hot, c) is False
+    assert ledger.commitments(1)[hot.ss58_address] == c.to_binary()
+    other = Commitment(addr="/ip4/127.0.0.1/tcp/4002", peer_id=c.peer_id)
+    with pytest.raises(ConfigError, match="cannot update the on-chain address yet"):
+        ensure_commitment(ledger, 1, hot, other)  # a different address cannot wait
+    ledger.advance(ledger.hyperparameters(1).commitment_rate_limit)
+    assert ensure_commitment(ledger, 1, hot, c) is True
+    assert ledger.commitments(1)[hot.ss58_address] == c.multiaddr.encode()
+    assert ensure_commitment(ledger, 1, hot, c) is False  # the same text: nothing sent
+
+
+# ------------------------------------------------------------------------------ the SDK reads our commitments
+@pytest.mark.chain
+def test_sdk_reads_our_commitment_on_the_runtime(substrate_env):
+    """On the real runtime: SubstrateChain stores the text form as one ``Raw<n>`` field, and bittensor SDK
+    8.5.2's ``get_commitment`` decode of the storage value (``substrate.query(...).value`` through
+    substrate-interface, the library that SDK uses) gives the multiaddr back; an older binary commitment
+    is what made it fail (UnicodeDecodeError), and still parses for us."""
+    from peer.net.records import Commitment
+    from tests.test_identity import ED_PID, sdk_get_commitment
+
+    env, miner = substrate_env, substrate_env.miners[1]
+    c = Commitment(addr="/ip4/203.0.113.5/tcp/4001", peer_id=ED_PID)
+    env.chain.set_commitment(env.netuid, miner, c.to_bytes())
+    value = env.chain.s.query("Commitments", "CommitmentOf", [env.netuid, miner.ss58_address]).value
+    assert sdk_get_commitment(value) == c.multiaddr, value
+    assert Commitment.from_bytes(env.chain.commitments(env.netuid)[miner.ss58_address]) == c
+
+    old = substrate_env.miners[0]  # another hotkey: the commitment rate limit is per hotkey
+    env.chain.set_commitment(env.netuid, old, c.to_binary())
+    value = env.chain.s.query("Commitments", "CommitmentOf", [env.netuid, old.ss58_address]).value
+    with pytest.raises(UnicodeDecodeError):
+        sdk_get_commitment(value)
+    assert Commitment.from_bytes(env.chain.commitments(env.netuid)[old.ss58_address]) == c
