@@ -3,7 +3,9 @@ the incentive view against a hand-computed example, config/CLI errors."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -280,9 +282,6 @@ PASSWORD = "correct horse battery 7!"
 def encrypted_wallet(tmp_path_factory) -> Path:
     """A btcli-layout wallet ``enc`` whose coldkey bittensor-wallet encrypted with a password (btcli's
     default), with an unencrypted hotkey ``h``. Made once: encrypting costs seconds (argon2)."""
-    import contextlib
-    import io
-
     from bittensor_wallet import Wallet
 
     root = tmp_path_factory.mktemp("wallets")
@@ -319,6 +318,8 @@ def one_error_line(r: subprocess.CompletedProcess) -> str:
 def test_encrypted_coldkey_is_read_only_where_it_signs(tmp_path, encrypted_wallet):
     from bittensor_wallet import Keyfile
 
+    from peer.chain.wallet import password_env_value
+
     cold_path = encrypted_wallet / "enc" / "coldkey"
     address = json.loads((encrypted_wallet / "enc" / "coldkeypub.txt").read_text())["ss58Address"]
     var = Keyfile(str(cold_path)).env_var_name()
@@ -348,7 +349,11 @@ def test_encrypted_coldkey_is_read_only_where_it_signs(tmp_path, encrypted_walle
     assert r.returncode == 0, r.stderr
     name, value = r.stdout.strip().removeprefix("export ").split("=", 1)
     value = value.strip("'")
-    assert name == var and value == Keyfile(str(cold_path)).save_password_to_env(PASSWORD)
+    assert name == var
+    with contextlib.redirect_stdout(io.StringIO()):  # bittensor-wallet's own encoding, then unset again
+        kf = Keyfile(str(cold_path))
+        assert value == kf.save_password_to_env(PASSWORD)
+        kf.remove_password_from_env()
 
     # with the variable set, the signing commands work: the encrypted coldkey owns the hotkey and stakes
     r = run_peer_chain("register", *enc, cwd=tmp_path, env={var: value})
@@ -359,7 +364,7 @@ def test_encrypted_coldkey_is_read_only_where_it_signs(tmp_path, encrypted_walle
     r = run_peer_chain("register", *enc, cwd=tmp_path)
     assert r.returncode == 0 and "already registered" in r.stdout, r.stderr
     # a variable holding another password: one line, not a traceback
-    wrong = Keyfile(str(cold_path)).save_password_to_env("not the password")
+    wrong = password_env_value(cold_path, "not the password")
     line = one_error_line(run_peer_chain("stake", *enc, "--tao", "5", cwd=tmp_path, env={var: wrong}))
     assert f"the password in {var} does not decrypt it" in line
     ledger = LocalLedger(tmp_path / "led.sqlite")

@@ -141,10 +141,14 @@ def password_env_var(key_path: Path) -> str:
 
 
 def password_env_value(key_path: Path, password: str) -> str:
-    """The value of :func:`password_env_var` for ``password``, as bittensor-wallet encodes it."""
-    from bittensor_wallet import Keyfile
+    """The value of :func:`password_env_var` for ``password``, encoded as bittensor-wallet does
+    (``Keyfile.save_password_to_env``: base64 of the password's bytes XORed with the variable's name;
+    computed here because that method also sets the variable in this process)."""
+    import base64
 
-    return Keyfile(str(key_path)).save_password_to_env(password)
+    key = password_env_var(key_path).encode()
+    xored = bytes(b ^ key[i % len(key)] for i, b in enumerate(password.encode()))
+    return base64.b64encode(xored).decode()
 
 
 def password_export_line(key_path: Path, password: str) -> str:
