@@ -244,7 +244,9 @@ def run(args) -> int:
     try:
         if chain_cfg is not None:
             chain = connect(chain_cfg)
-            coldkey = load_coldkey(wallet) if args.register_burn or chain_cfg.is_local else None
+            # the coldkey is read (and unlocked, if encrypted) only if the hotkey is not registered yet
+            needs_cold = args.register_burn or chain_cfg.is_local
+            coldkey = (lambda: load_coldkey(wallet, "registering the hotkey")) if needs_cold else None
             registration = ensure_registered(
                 chain, chain_cfg.netuid, keypair, coldkey, burn=args.register_burn
             )

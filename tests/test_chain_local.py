@@ -3,7 +3,9 @@ the incentive view against a hand-computed example, config/CLI errors."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import subprocess
 import sys
@@ -270,3 +272,164 @@ def test_fixed_genesis_gives_a_reproducible_chain(tmp_path):
             ledger.close()
     with pytest.raises(ChainError, match="32 lowercase hex"):
         LocalLedger(tmp_path / "d.sqlite", genesis_id="not-hex")
+
+
+# ------------------------------------------------------------------------------ coldkeys: only to sign
+PASSWORD = "correct horse battery 7!"
+
+
+@pytest.fixture(scope="module")
+def encrypted_wallet(tmp_path_factory) -> Path:
+    """A btcli-layout wallet ``enc`` whose coldkey bittensor-wallet encrypted with a password (btcli's
+    default), with an unencrypted hotkey ``h``. Made once: encrypting costs seconds (argon2)."""
+    from bittensor_wallet import Wallet
+
+    root = tmp_path_factory.mktemp("wallets")
+    w = Wallet(name="enc", hotkey="h", path=str(root))
+    with contextlib.redirect_stdout(io.StringIO()):
+        w.create_new_coldkey(use_password=True, overwrite=False, suppress=True, coldkey_password=PASSWORD)
+        w.create_new_hotkey(use_password=False, overwrite=False, suppress=True)
+    assert (root / "enc" / "coldkey").read_bytes().startswith(b"$NACL")
+    return root
+
+
+def run_peer_chain(
+    *argv: str, cwd: Path, env: dict | None = None, stdin: str = ""
+) -> subprocess.CompletedProcess:
+    """``peer chain …`` through the ``peer`` command line, stdin not a terminal."""
+    return subprocess.run(
+        [sys.executable, "-m", "peer.cli", "chain", *argv],
+        cwd=cwd,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HOME": str(cwd), **(env or {})},
+    )
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    return r.stderr
+
+
+@pytest.mark.slow  # argon2 (bittensor-wallet's key derivation): ~4 s per decryption, 4 of them
+def test_encrypted_coldkey_is_read_only_where_it_signs(tmp_path, encrypted_wallet):
+    from bittensor_wallet import Keyfile
+
+    from peer.chain.wallet import password_env_value
+
+    cold_path = encrypted_wallet / "enc" / "coldkey"
+    address = json.loads((encrypted_wallet / "enc" / "coldkeypub.txt").read_text())["ss58Address"]
+    var = Keyfile(str(cold_path)).env_var_name()
+    assert var.startswith("BT_PW_") and var.endswith("_ENC_COLDKEY")
+    f = ["--ledger.path", "led.sqlite"]
+    enc = [*f, "--wallet.path", str(encrypted_wallet), "--wallet.name", "enc", "--wallet.hotkey", "h"]
+    r = run_peer_chain(
+        "create-subnet", *f, "--wallet.path", "w", "--wallet.name", "owner", "--wallet.create", cwd=tmp_path
+    )
+    assert r.returncode == 0 and "netuid=1" in r.stdout, r.stderr
+
+    # the faucet needs the address only: no password, nothing decrypted
+    r = run_peer_chain("fund", *enc, "--tao", "50", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"{address}: 50 TAO", r.stderr
+
+    # what must sign says how to proceed, in one line, and sends nothing
+    for cmd in (["register"], ["stake", "--tao", "5"]):
+        line = one_error_line(run_peer_chain(*cmd, *enc, cwd=tmp_path))
+        assert f"coldkey {cold_path} is encrypted" in line and f"peer chain {cmd[0]}" in line
+        assert var in line and "peer chain password-env --wallet.name enc" in line and "btcli" in line
+    r = run_peer_chain("metagraph", *f, cwd=tmp_path)
+    assert r.returncode == 0 and "0/256 uids" in r.stdout, r.stdout
+
+    # password-env checks the password and prints bittensor-wallet's own variable for it
+    pe = ["password-env", "--wallet.path", str(encrypted_wallet), "--wallet.name", "enc"]
+    r = run_peer_chain(*pe, cwd=tmp_path, stdin=PASSWORD + "\n")
+    assert r.returncode == 0, r.stderr
+    name, value = r.stdout.strip().removeprefix("export ").split("=", 1)
+    value = value.strip("'")
+    assert name == var
+    with contextlib.redirect_stdout(io.StringIO()):  # bittensor-wallet's own encoding, then unset again
+        kf = Keyfile(str(cold_path))
+        assert value == kf.save_password_to_env(PASSWORD)
+        kf.remove_password_from_env()
+
+    # with the variable set, the signing commands work: the encrypted coldkey owns the hotkey and stakes
+    r = run_peer_chain("register", *enc, cwd=tmp_path, env={var: value})
+    assert r.returncode == 0 and f"coldkey={address}" in r.stdout, r.stderr
+    r = run_peer_chain("stake", *enc, "--tao", "5", cwd=tmp_path, env={var: value})
+    assert r.returncode == 0 and "staked 5 TAO" in r.stdout, r.stderr
+    # registered: a second register reads no coldkey (no variable needed)
+    r = run_peer_chain("register", *enc, cwd=tmp_path)
+    assert r.returncode == 0 and "already registered" in r.stdout, r.stderr
+    # a variable holding another password: one line, not a traceback
+    wrong = password_env_value(cold_path, "not the password")
+    line = one_error_line(run_peer_chain("stake", *enc, "--tao", "5", cwd=tmp_path, env={var: wrong}))
+    assert f"the password in {var} does not decrypt it" in line
+    ledger = LocalLedger(tmp_path / "led.sqlite")
+    try:
+        assert ledger.balance(address) == 45 * TAO  # one stake of 5 went through
+    finally:
+        ledger.close()
+
+
+def test_registered_peer_never_loads_its_coldkey(ledger):
+    from peer.chain.membership import ensure_registered
+
+    ledger.create_subnet(kp("//Owner"))
+    hot, cold = kp("//hot"), kp("//cold")
+
+    def must_not_load():
+        raise AssertionError("the coldkey was loaded for a registered hotkey")
+
+    first = ensure_registered(ledger, 1, hot, lambda: cold, burn=False)
+    assert first.new and first.coldkey == cold.ss58_address
+    again = ensure_registered(ledger, 1, hot, must_not_load, burn=False)
+    assert not again.new and again.uid == first.uid
+
+
+def test_peer_rewrites_an_older_binary_commitment_as_text(ledger):
+    from peer.chain.membership import ensure_commitment
+    from peer.net.records import Commitment
+
+    ledger.create_subnet(kp("//Owner"))
+    hot = kp("//peer")
+    ledger.register(1, hot)
+    c = Commitment(addr="/ip4/127.0.0.1/tcp/4001", peer_id="QmbbT4x8dUhBgZBisGwyynSygiJrdATd7uged9B17qT83c")
+    ledger.set_commitment(1, hot, c.to_binary())  # what an earlier release committed
+    # a restart within the rate limit: the binary one names the same address, so the peer starts anyway
+    assert ensure_commitment(ledger, 1, hot, c) is False
+    assert ledger.commitments(1)[hot.ss58_address] == c.to_binary()
+    other = Commitment(addr="/ip4/127.0.0.1/tcp/4002", peer_id=c.peer_id)
+    with pytest.raises(ConfigError, match="cannot update the on-chain address yet"):
+        ensure_commitment(ledger, 1, hot, other)  # a different address cannot wait
+    ledger.advance(ledger.hyperparameters(1).commitment_rate_limit)
+    assert ensure_commitment(ledger, 1, hot, c) is True
+    assert ledger.commitments(1)[hot.ss58_address] == c.multiaddr.encode()
+    assert ensure_commitment(ledger, 1, hot, c) is False  # the same text: nothing sent
+
+
+# ------------------------------------------------------------------------------ the SDK reads our commitments
+@pytest.mark.chain
+def test_sdk_reads_our_commitment_on_the_runtime(substrate_env):
+    """On the real runtime: SubstrateChain stores the text form as one ``Raw<n>`` field, and bittensor SDK
+    8.5.2's ``get_commitment`` decode of the storage value (``substrate.query(...).value`` through
+    substrate-interface, the library that SDK uses) gives the multiaddr back; an older binary commitment
+    is what made it fail (UnicodeDecodeError), and still parses for us."""
+    from peer.net.records import Commitment
+    from tests.test_identity import ED_PID, sdk_get_commitment
+
+    env, miner = substrate_env, substrate_env.miners[1]
+    c = Commitment(addr="/ip4/203.0.113.5/tcp/4001", peer_id=ED_PID)
+    env.chain.set_commitment(env.netuid, miner, c.to_bytes())
+    value = env.chain.s.query("Commitments", "CommitmentOf", [env.netuid, miner.ss58_address]).value
+    assert sdk_get_commitment(value) == c.multiaddr, value
+    assert Commitment.from_bytes(env.chain.commitments(env.netuid)[miner.ss58_address]) == c
+
+    old = substrate_env.miners[0]  # another hotkey: the commitment rate limit is per hotkey
+    env.chain.set_commitment(env.netuid, old, c.to_binary())
+    value = env.chain.s.query("Commitments", "CommitmentOf", [env.netuid, old.ss58_address]).value
+    with pytest.raises(UnicodeDecodeError):
+        sdk_get_commitment(value)
+    assert Commitment.from_bytes(env.chain.commitments(env.netuid)[old.ss58_address]) == c

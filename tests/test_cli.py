@@ -166,3 +166,29 @@ def test_behaviour_refused_on_a_real_network(wallet):
     flags = [f for f in wallet if f != "--no-chain"]
     proc = run_peer("join", "--behaviour", "free-rider", "--subtensor.network", "finney", *flags)
     assert_user_error(proc, "refused on a real network")
+
+
+def test_peer_help_lists_every_subcommand():
+    proc = run_peer("--help")
+    assert proc.returncode == 0
+    for command in ("join", "bootstrap", "fetch", "status", "chain"):
+        assert f"    {command} " in proc.stdout or f"    {command}\n" in proc.stdout, command
+    proc = run_peer("chain", "--help")
+    assert proc.returncode == 0
+    for sub in ("create-subnet", "fund", "register", "stake", "metagraph", "advance", "password-env"):
+        assert sub in proc.stdout
+    assert_user_error(run_peer("chain", "nope"), "invalid choice: 'nope'")
+    assert_user_error(run_peer("chian"), "invalid choice: 'chian'", "'chain'")
+
+
+def test_a_subcommand_imports_only_its_module():
+    """`peer chain …` must not pay for torch/hivemind (seconds) that other subcommands import."""
+    code = (
+        "import sys; from peer.cli import build_parser; p = build_parser('chain'); "
+        "p.parse_args(['chain', 'metagraph']); "
+        "print(sorted(m for m in ('torch', 'hivemind', 'peer.join') if m in sys.modules))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=peer_env(), cwd=REPO
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr

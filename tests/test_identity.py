@@ -1,4 +1,5 @@
-"""One identity key file, the same peer id in hivemind's p2pd and in py-libp2p; compact commitments."""
+"""One identity key file, the same peer id in hivemind's p2pd and in py-libp2p; on-chain commitments that
+the Bittensor SDK can read."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from peer.chain.substrate import commitment_info
 from peer.net.identity import (
     IdentityError,
     load_identity,
@@ -50,20 +52,119 @@ def test_bad_identity_file_is_one_clear_line(tmp_path, content, words):
         load_identity(tmp_path / "missing.key")
 
 
-def test_commitment_is_compact_and_round_trips():
-    pid = "QmbbT4x8dUhBgZBisGwyynSygiJrdATd7uged9B17qT83c"
-    c = Commitment(addr="/ip4/203.0.113.5/tcp/4001", peer_id=pid)
+RSA_PID = "QmbbT4x8dUhBgZBisGwyynSygiJrdATd7uged9B17qT83c"
+ED_PID = "12D3KooWHANHtv8fpBHoaxgY7dxEm1aNV8PFtHZuQCcD1ox8QbuD"
+
+
+def sdk_get_commitment(metadata) -> str:
+    """What bittensor SDK 8.5.2's ``Subtensor.get_commitment`` returns for a ``Commitments.CommitmentOf``
+    storage value (bittensor/core/subtensor.py, v8.5.2, after ``get_metadata``), line for line: the
+    first field, its only value without ``0x``, hex-decoded, then ``.decode()`` (UTF-8)."""
+    try:
+        commitment = metadata["info"]["fields"][0]
+        hex_data = commitment[list(commitment.keys())[0]][2:]
+        return bytes.fromhex(hex_data).decode()
+    except TypeError:
+        return ""
+
+
+def storage_value(data: bytes) -> dict:
+    """The CommitmentOf value the SDK reads back for what SubstrateChain.set_commitment sends (the
+    shape of the SDK's own unit test: ``{"info": {"fields": [{"Raw<n>": "0x…"}]}}``)."""
+    ((field,),) = commitment_info(data)["fields"]
+    return {"deposit": 0, "block": 1, "info": {"fields": [field]}}
+
+
+@pytest.mark.parametrize(
+    "addr, pid",
+    [
+        ("/ip4/203.0.113.5/tcp/4001", RSA_PID),
+        ("/ip6/2001:db8:85a3:1234:5678:8a2e:370:7334/tcp/65535", ED_PID),  # the longest usual form
+        ("/ip4/127.0.0.1/tcp/1", ED_PID),
+    ],
+)
+def test_commitment_is_text_the_sdk_reads(addr, pid):
+    c = Commitment(addr=addr, peer_id=pid)
     raw = c.to_bytes()
-    assert len(raw) <= 64 < MAX_COMMITMENT_BYTES
+    assert raw == c.multiaddr.encode() and len(raw) <= MAX_COMMITMENT_BYTES
     assert Commitment.from_bytes(raw) == c
     assert Commitment.from_multiaddr(c.multiaddr) == c
-    ed = Commitment(
-        addr="/ip6/2001:db8::1/tcp/4001", peer_id="12D3KooWHANHtv8fpBHoaxgY7dxEm1aNV8PFtHZuQCcD1ox8QbuD"
-    )
-    assert Commitment.from_bytes(ed.to_bytes()) == ed
-    for bad in (b"", b"\x02" + raw[1:], b"\x01garbage", raw + b"\x00" * 200):
-        with pytest.raises(RecordError):
-            Commitment.from_bytes(bad)
+    # SubstrateChain writes exactly these bytes as the Raw<n> field; the SDK gets the multiaddr back
+    ((field,),) = commitment_info(raw)["fields"]
+    assert list(field) == [f"Raw{len(raw)}"]
+    assert sdk_get_commitment(storage_value(raw)) == c.multiaddr
+    assert Commitment.from_multiaddr(sdk_get_commitment(storage_value(raw))) == c
+
+
+def test_older_binary_commitments_still_parse():
+    c = Commitment(addr="/ip4/203.0.113.5/tcp/4001", peer_id=RSA_PID)
+    binary = c.to_binary()
+    assert binary[0] == 1 and len(binary) == 46
+    assert Commitment.from_bytes(binary) == c
+    with pytest.raises(UnicodeDecodeError):  # why the text form: the SDK cannot read the binary one
+        sdk_get_commitment(storage_value(binary))
+    ed = Commitment(addr="/ip6/2001:db8::1/tcp/4001", peer_id=ED_PID)
+    assert Commitment.from_bytes(ed.to_binary()) == ed == Commitment.from_bytes(ed.to_bytes())
+
+
+def test_commitment_text_is_canonical():
+    c = Commitment(addr="/ip6/2001:0db8:0:0::1/tcp/4001", peer_id=ED_PID)
+    assert c.to_bytes() == f"/ip6/2001:db8::1/tcp/4001/p2p/{ED_PID}".encode()
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        (b"", "0 bytes"),
+        (b"/" + b"a" * 200, "bytes"),
+        (b"\x02" + f"ip4/1.2.3.4/tcp/1/p2p/{RSA_PID}".encode(), "first byte 0x02"),
+        (b"\x01garbage", "not a multiaddr"),
+        (f"/ip4/1.2.3.4/tcp/1/p2p/{RSA_PID}".encode() + b"\x00" * 10, "not a valid multiaddr"),
+        ("/ip4/1.2.3.4/tcp/1/p2p/Qmé".encode(), "not ASCII"),
+        (b"/ip4/1.2.3.4/tcp/99999/p2p/" + RSA_PID.encode(), "not a valid multiaddr"),
+        (b"/ip4/1.2.3.4/tcp/1/p2p/notbase58!!", "not a valid multiaddr"),
+        (b"/ip4/1.2.3.4/tcp/1", "not of the form"),
+        (b"/p2p/" + RSA_PID.encode(), "not of the form"),
+        (b"/ip4/1.2.3.4/tcp/1/p2p/Qm\n", "not a valid multiaddr"),
+    ],
+)
+def test_hostile_commitment_bytes_are_refused_with_a_reason(bad, words):
+    with pytest.raises(RecordError, match=words) as e:
+        Commitment.from_bytes(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_validator_refuses_a_hostile_commitment_with_a_reason(tmp_path):
+    """Any registered hotkey can commit any bytes: the validator's round must refuse them, not crash."""
+    from substrateinterface import Keypair
+
+    from peer.chain.local import LocalLedger
+    from validator.loop import sync_metagraph
+
+    ledger = LocalLedger(tmp_path / "l.sqlite", block_time=10_000.0)
+    try:
+        ledger.create_subnet(Keypair.create_from_uri("//Owner"))
+        good = Commitment(addr="/ip4/127.0.0.1/tcp/4001", peer_id=RSA_PID)
+        commits = {"//evil": b"\x07garbage", "//old": good.to_binary(), "//new": good.to_bytes()}
+        for uri, data in commits.items():
+            hk = Keypair.create_from_uri(uri)
+            ledger.register(1, hk)
+            ledger.set_commitment(1, hk, data)
+        _, targets = sync_metagraph(ledger, 1, own_hotkey="")
+    finally:
+        ledger.close()
+    by_hotkey = {t.hotkey: t for t in targets}
+    evil = by_hotkey[Keypair.create_from_uri("//evil").ss58_address]
+    assert evil.target is None and "unreadable commitment" in evil.rejected and "0x07" in evil.rejected
+    for uri in ("//old", "//new"):
+        t = by_hotkey[Keypair.create_from_uri(uri).ss58_address]
+        assert t.rejected is None and (t.target.addr, t.target.peer_id) == (good.addr, good.peer_id)
+
+
+def test_too_long_commitment_is_refused_before_the_chain():
+    c = Commitment(addr="/dns4/" + "a" * 60 + ".example.org/tcp/4001", peer_id=ED_PID)
+    with pytest.raises(RecordError, match="shorter address"):
+        c.to_bytes()
     with pytest.raises(RecordError, match="form"):
         Commitment.from_multiaddr("/ip4/1.2.3.4/tcp/1")
 

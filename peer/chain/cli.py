@@ -6,16 +6,23 @@
     peer chain stake --wallet.name alice --wallet.hotkey h0 --tao 100
     peer chain metagraph                                                 # a rich table
     peer chain advance 20                                                # LocalLedger/Chopsticks only
+    eval "$(peer chain password-env --wallet.name alice)"               # unlock an encrypted coldkey
 
-Every command takes the chain flags (``--subtensor.network``, ``--subtensor.chain_endpoint``,
+Every command (but ``password-env``) takes the chain flags (``--subtensor.network``, ``--subtensor.chain_endpoint``,
 ``--netuid``, ``--ledger.path``, ``--ledger.block-time``). On a real chain, ``register`` burns TAO
 only with ``--register.burn``. ``--coldkey.uri //Bob`` signs with a dev key instead of the wallet's
 coldkey (Chopsticks / local test chains).
+
+Only commands that sign with the coldkey read it: ``create-subnet``, ``stake`` and a ``register`` that
+sends a registration. ``fund`` and the rest use its address (``coldkeypub.txt``), so a btcli wallet with
+an encrypted coldkey works for them as it is; where it must sign, the password comes from
+bittensor-wallet's ``BT_PW_…`` variable (``password-env`` prints it) or is typed at a terminal.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 
 from rich.console import Console
@@ -24,8 +31,18 @@ from substrateinterface import Keypair
 
 from peer.chain.base import RAO_PER_TAO, Chain, ChainError, SubnetParams
 from peer.chain.config import add_chain_args, chain_config_from_args, connect
-from peer.chain.wallet import WalletConfig, coldkey_address, load_coldkey, load_hotkey
+from peer.chain.membership import ensure_registered
+from peer.chain.wallet import (
+    WalletConfig,
+    coldkey_address,
+    coldkey_path,
+    load_coldkey,
+    load_hotkey,
+    password_export_line,
+    require_coldkey_address,
+)
 from peer.errors import ConfigError, run_cli
+from peer.net.records import Commitment, RecordError
 
 
 def _add_wallet_args(p: argparse.ArgumentParser) -> None:
@@ -50,10 +67,18 @@ def _hotkey(args) -> Keypair:
     return load_hotkey(_wallet(args))
 
 
-def _coldkey(args) -> Keypair:
+def _coldkey(args, purpose: str) -> Keypair:
+    """The coldkey, to sign ``purpose`` with (``--coldkey.uri`` or the wallet's, unlocked if encrypted)."""
     if args.coldkey_uri:
         return Keypair.create_from_uri(args.coldkey_uri)
-    return load_coldkey(_wallet(args))
+    return load_coldkey(_wallet(args), purpose)
+
+
+def _coldkey_ss58(args) -> str:
+    """The coldkey's address, without reading its secret (``--coldkey.uri`` or ``coldkeypub.txt``)."""
+    if args.coldkey_uri:
+        return Keypair.create_from_uri(args.coldkey_uri).ss58_address
+    return require_coldkey_address(_wallet(args))
 
 
 def _tao(x: float) -> int:
@@ -72,7 +97,7 @@ def _local_only(chain: Chain, what: str):
 
 def cmd_create_subnet(args) -> int:
     chain = connect(chain_config_from_args(args))
-    owner = _coldkey(args)
+    owner = _coldkey(args, "`peer chain create-subnet`")
     params = SubnetParams(
         tempo=args.tempo,
         weights_rate_limit=args.weights_rate_limit,
@@ -91,7 +116,7 @@ def cmd_create_subnet(args) -> int:
 
 def cmd_fund(args) -> int:
     ledger = _local_only(connect(chain_config_from_args(args)), "fund")
-    address = args.address or _coldkey(args).ss58_address
+    address = args.address or _coldkey_ss58(args)
     bal = ledger.fund(address, _tao(args.tao))
     print(f"{address}: {bal / RAO_PER_TAO:g} TAO")
     return 0
@@ -101,10 +126,13 @@ def cmd_register(args) -> int:
     cfg = chain_config_from_args(args)
     chain = connect(cfg)
     hk = _hotkey(args)
-    ck = (
-        _coldkey(args) if (args.register_burn or args.coldkey_uri or coldkey_address(_wallet(args))) else None
-    )
-    reg = chain.register(cfg.netuid, hk, ck, burn=args.register_burn)
+
+    def signer() -> Keypair | None:  # called only if a registration is sent
+        if args.register_burn or args.coldkey_uri or coldkey_address(_wallet(args)):
+            return _coldkey(args, "`peer chain register`")
+        return None  # no coldkey at all: the hotkey registers itself (LocalLedger, no burn)
+
+    reg = ensure_registered(chain, cfg.netuid, hk, signer, burn=args.register_burn)
     state = "registered" if reg.new else "already registered"
     print(f"{state}: netuid={reg.netuid} uid={reg.uid} hotkey={reg.hotkey} coldkey={reg.coldkey}")
     return 0
@@ -115,7 +143,7 @@ def cmd_stake(args) -> int:
     chain = connect(cfg)
     hotkey = args.hotkey or _hotkey(args).ss58_address
     netuid = cfg.netuid if args.stake_netuid is None else args.stake_netuid
-    tx = chain.add_stake(netuid, hotkey, _coldkey(args), _tao(args.tao))
+    tx = chain.add_stake(netuid, hotkey, _coldkey(args, "`peer chain stake`"), _tao(args.tao))
     print(f"staked {args.tao:g} TAO to {hotkey} on netuid {netuid} at block {tx.block}")
     return 0
 
@@ -162,9 +190,31 @@ def cmd_metagraph(args) -> int:
             f"{nr.dividends:.4f}",
             f"{nr.emission / RAO_PER_TAO:,.3f}",
             str(nr.last_update),
-            "" if c is None else c.decode(errors="replace")[:40],
+            _show_commitment(c),
         )
     Console(width=args.width).print(table)
+    return 0
+
+
+def _show_commitment(raw: bytes | None) -> str:
+    """A commitment as the table shows it: the multiaddr (peer id shortened), or what is wrong with it."""
+    if raw is None:
+        return ""
+    try:
+        c = Commitment.from_bytes(raw)
+    except RecordError:
+        return f"(not a multiaddr: {len(raw)} bytes)"
+    return f"{c.addr}/p2p/{c.peer_id[:10]}…"
+
+
+def cmd_password_env(args) -> int:
+    cfg = _wallet(args)
+    path = coldkey_path(cfg) if args.key == "coldkey" else cfg.hotkey_path
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {path}: ")
+    else:  # piped: the first line of stdin
+        password = sys.stdin.readline().removesuffix("\n")
+    print(password_export_line(path, password))
     return 0
 
 
@@ -173,9 +223,10 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("chain", help="local ledger / chain tools: subnet, register, stake, metagraph")
     sub = p.add_subparsers(dest="chain_command", required=True, metavar="CHAIN_COMMAND")
 
-    def add(name: str, func, help_: str) -> argparse.ArgumentParser:
+    def add(name: str, func, help_: str, *, chain: bool = True) -> argparse.ArgumentParser:
         q = sub.add_parser(name, help=help_)
-        add_chain_args(q)
+        if chain:
+            add_chain_args(q)
         _add_wallet_args(q)
         q.set_defaults(func=func)
         return q
@@ -192,7 +243,7 @@ def register(subparsers) -> None:
     q.add_argument(
         "--sudo.uri", dest="sudo_uri", default=None, help="sudo dev key (e.g. //Alice on Chopsticks)"
     )
-    q = add("fund", cmd_fund, "LocalLedger faucet: credit TAO to the wallet coldkey or --address")
+    q = add("fund", cmd_fund, "LocalLedger faucet: credit TAO to the wallet coldkey's address or --address")
     q.add_argument("--tao", type=float, required=True)
     q.add_argument("--address", default=None)
     q = add("register", cmd_register, "register the wallet hotkey on --netuid (idempotent)")
@@ -205,6 +256,13 @@ def register(subparsers) -> None:
     q.add_argument("--width", type=int, default=160)
     q = add("advance", cmd_advance, "dev: build N blocks now (LocalLedger, Chopsticks)")
     q.add_argument("blocks", type=int)
+    q = add(
+        "password-env",
+        cmd_password_env,
+        "print the `export BT_PW_…=…` line that unlocks an encrypted key (bittensor-wallet's variable)",
+        chain=False,
+    )
+    q.add_argument("--key", choices=("coldkey", "hotkey"), default="coldkey", help="which key file")
 
 
 def main(argv: list[str] | None = None) -> int:

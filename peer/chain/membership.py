@@ -2,7 +2,8 @@
 
 * :func:`ensure_registered` gives the hotkey a uid if it has none. On a real chain that burns TAO from
   the coldkey, so it happens only with ``--register.burn``; without it a clear error says what to do.
-* :func:`ensure_commitment` commits the publisher's address + libp2p peer id (compact bytes, see
+  The coldkey is loaded (and, if encrypted, unlocked) only then: a registered hotkey needs no coldkey.
+* :func:`ensure_commitment` commits the publisher's address + libp2p peer id (the multiaddr as text, see
   :class:`peer.net.records.Commitment`) unless the chain already holds exactly that, so restarts do not
   trip the commitment rate limit.
 """
@@ -10,20 +11,31 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from substrateinterface import Keypair
 
 from peer.chain.base import Chain, RateLimited, Registration
-from peer.chain.base import ensure_commitment as chain_ensure_commitment
 from peer.errors import ConfigError
-from peer.net.records import Commitment
+from peer.net.records import Commitment, RecordError
 
 log = logging.getLogger("gradswarm.membership")
 
 
 def ensure_registered(
-    chain: Chain, netuid: int, hotkey: Keypair, coldkey: Keypair | None, *, burn: bool
+    chain: Chain,
+    netuid: int,
+    hotkey: Keypair,
+    coldkey: Keypair | Callable[[], Keypair | None] | None,
+    *,
+    burn: bool,
 ) -> Registration:
+    """Register ``hotkey`` on ``netuid`` if it has no uid. ``coldkey`` may be a loader (called only when
+    a registration is actually sent: an encrypted coldkey is not unlocked for a registered hotkey)."""
+    if callable(coldkey) and chain.uid_of(netuid, hotkey.ss58_address) is None:
+        coldkey = coldkey()
+    elif callable(coldkey):
+        coldkey = None  # already registered: register() only reads the registration back
     reg = chain.register(netuid, hotkey, coldkey, burn=burn)
     if reg.new:
         log.info("registered hotkey %s on subnet %d as uid %d", hotkey.ss58_address, netuid, reg.uid)
@@ -46,14 +58,31 @@ def commit_address(addrs: list[str], announce: str | None, *, local: bool) -> st
 
 
 def ensure_commitment(chain: Chain, netuid: int, hotkey: Keypair, commitment: Commitment) -> bool:
-    """Commit ``commitment`` unless the chain already holds it. Returns True if a new commitment was set."""
+    """Commit ``commitment`` unless the chain already holds it. Returns True if a new commitment was set.
+
+    A commitment of an older release (the binary form) naming the same address is rewritten in the text
+    form; if the rate limit does not allow that yet, the binary one stays (validators read both).
+    """
+    data = commitment.to_bytes()
+    current = chain.commitments(netuid).get(hotkey.ss58_address)
+    if current == data:
+        return False
     try:
-        sent = chain_ensure_commitment(chain, netuid, hotkey, commitment.to_bytes())
+        chain.set_commitment(netuid, hotkey, data)
     except RateLimited as e:
+        if current is not None and _parses_to(current, commitment):
+            log.info("the chain holds this address in the older binary form; rewriting it later (%s)", e)
+            return False
         raise ConfigError(
             f"cannot update the on-chain address yet ({e}); validators will not reach this peer until then — "
             "restart with the same --publisher.listen port to keep the committed address valid"
         ) from None
-    if sent:
-        log.info("committed publisher address %s", commitment.multiaddr)
-    return sent
+    log.info("committed publisher address %s", commitment.multiaddr)
+    return True
+
+
+def _parses_to(raw: bytes, commitment: Commitment) -> bool:
+    try:
+        return Commitment.from_bytes(raw) == commitment
+    except RecordError:
+        return False

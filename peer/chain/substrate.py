@@ -164,6 +164,17 @@ def _locked(fn):
     return wrapper
 
 
+def commitment_info(data: bytes) -> dict:
+    """The ``CommitmentInfo`` argument of ``Commitments.set_commitment`` for ``data``: one ``Raw<n>`` field
+    holding exactly those bytes, as the Bittensor SDK's ``commit``/``publish_metadata`` writes it (the SDK's
+    ``get_commitment`` reads the first field back and decodes its bytes as UTF-8, so ``data`` should be
+    text: :meth:`peer.net.records.Commitment.to_bytes` is)."""
+    data = bytes(data)
+    if len(data) > MAX_COMMITMENT_BYTES:
+        raise ChainError(f"commitment is {len(data)} bytes; at most {MAX_COMMITMENT_BYTES} fit")
+    return {"fields": [[{f"Raw{len(data)}": "0x" + data.hex()}]]}
+
+
 class SubstrateChain:
     """A subtensor node at ``url`` (ws:// or wss://). ``timeout`` is the websocket read timeout: a call
     that waits longer (a block that is never built) fails instead of hanging; raise it on slow links.
@@ -411,8 +422,9 @@ class SubstrateChain:
         data = bytes(data)
         if len(data) > MAX_COMMITMENT_BYTES:
             raise ChainError(f"commitment is {len(data)} bytes; at most {MAX_COMMITMENT_BYTES} fit")
-        info = {"fields": [[{f"Raw{len(data)}": "0x" + data.hex()}]]}
-        r = self._submit("Commitments", "set_commitment", {"netuid": netuid, "info": info}, hotkey)
+        r = self._submit(
+            "Commitments", "set_commitment", {"netuid": netuid, "info": commitment_info(data)}, hotkey
+        )
         return self._tx(r, "set_commitment")
 
     @staticmethod

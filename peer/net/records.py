@@ -11,6 +11,7 @@ signature are rejected with :class:`RecordError` saying why.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,8 +23,10 @@ SPEC_VERSION = 1
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
-class RecordError(UserError):
-    """A record is malformed, of another spec version, for another run/round, or badly signed."""
+class RecordError(UserError, ValueError):
+    """A record is malformed, of another spec version, for another run/round, or badly signed.
+
+    Also a ``ValueError``: code that refuses bad input with ``except ValueError`` refuses these too."""
 
 
 class SignedRecord(BaseModel):
@@ -150,14 +153,28 @@ class DHTAnnouncement(SignedRecord):
 
 COMMITMENT_VERSION = 1
 MAX_COMMITMENT_BYTES = 128
+_MULTIADDR_TEXT = re.compile(r"/[A-Za-z0-9_./:\-]+")  # what the Multiaddr field allows
+
+
+def _canonical_multiaddr(text: str) -> str:
+    """``text`` parsed as a multiaddr and printed back (so the committed text is the canonical one)."""
+    import multiaddr
+
+    try:
+        return str(multiaddr.Multiaddr(text))
+    except (ValueError, multiaddr.exceptions.Error) as e:
+        raise RecordError(f"commitment: {text!r} is not a valid multiaddr ({e})") from None
 
 
 class Commitment(BaseModel):
-    """What a peer commits on chain: its publisher's address and peer id, compactly (<= 128 bytes).
+    """What a peer commits on chain: its publisher's address and peer id (<= 128 bytes).
 
-    Binary form: one version byte, then the multiaddr ``<addr>/p2p/<peer_id>`` in multiaddr binary
-    encoding (46 bytes for IPv4 + an RSA peer id). :meth:`from_bytes` also accepts the text form
-    ``b"/ip4/.../p2p/..."`` (82 bytes at most for IPv4). The chain extrinsic that stores it is signed by the
+    On chain it is the multiaddr as ASCII text, ``/ip4/203.0.113.5/tcp/4001/p2p/<peer id>`` (77 bytes
+    for IPv4 + an RSA peer id, 111 at most for IPv6 + an Ed25519 one), stored as the ``Raw<n>`` field of
+    the Commitments pallet. That is what the Bittensor SDK (``Subtensor.get_commitment`` decodes the
+    field's bytes as UTF-8), explorers and subnet tooling read. :meth:`from_bytes` also accepts the
+    older binary form (version byte 1, then the multiaddr's binary encoding; :meth:`to_binary`) so
+    commitments written by earlier releases still parse. The extrinsic that stores it is signed by the
     hotkey; the full :class:`PeerIdentityRecord` (all addresses, run id) comes from the publisher itself.
     """
 
@@ -170,32 +187,48 @@ class Commitment(BaseModel):
     def multiaddr(self) -> str:
         return f"{self.addr}/p2p/{self.peer_id}"
 
+    def _checked(self, raw: bytes) -> bytes:
+        if len(raw) > MAX_COMMITMENT_BYTES:
+            raise RecordError(
+                f"commitment: {self.multiaddr!r} is {len(raw)} bytes > {MAX_COMMITMENT_BYTES}; announce a "
+                "shorter address (IPv4/IPv6 + tcp, no DNS name)"
+            )
+        return raw
+
     def to_bytes(self) -> bytes:
+        """The on-chain form: the canonical multiaddr text, ASCII (readable by SDK tools)."""
+        return self._checked(_canonical_multiaddr(self.multiaddr).encode("ascii"))
+
+    def to_binary(self) -> bytes:
+        """The older compact form (version byte + binary multiaddr); still parsed, no longer written."""
         import multiaddr
 
         try:
             raw = bytes([COMMITMENT_VERSION]) + multiaddr.Multiaddr(self.multiaddr).to_bytes()
         except (ValueError, multiaddr.exceptions.Error) as e:
             raise RecordError(f"commitment: {self.multiaddr!r} is not a valid multiaddr ({e})") from None
-        if len(raw) > MAX_COMMITMENT_BYTES:
-            raise RecordError(
-                f"commitment: {len(raw)} bytes > {MAX_COMMITMENT_BYTES}; announce a shorter address (IPv4/IPv6 + tcp)"
-            )
-        return raw
+        return self._checked(raw)
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> Commitment:
+        """Parse what a chain holds (hostile bytes): the text form, or the older binary form."""
         import multiaddr
 
         if not raw or len(raw) > MAX_COMMITMENT_BYTES:
             raise RecordError(f"commitment: {len(raw)} bytes (expected 1..{MAX_COMMITMENT_BYTES})")
-        if raw[:1] == b"/":  # the text form, as bytes (what a human or an older peer may commit)
+        if raw[:1] == b"/":  # the text form
             try:
-                return cls.from_multiaddr(raw.decode("ascii"))
+                text = raw.decode("ascii")
             except UnicodeDecodeError:
                 raise RecordError("commitment: text form is not ASCII") from None
+            if not _MULTIADDR_TEXT.fullmatch(text):
+                raise RecordError(f"commitment: {text!r} is not a valid multiaddr (characters)")
+            return cls.from_multiaddr(_canonical_multiaddr(text))
         if raw[0] != COMMITMENT_VERSION:
-            raise RecordError(f"commitment: version {raw[0]} != {COMMITMENT_VERSION} (upgrade gradswarm)")
+            raise RecordError(
+                f"commitment: neither a text multiaddr nor binary version {COMMITMENT_VERSION} "
+                f"(first byte {raw[0]:#04x})"
+            )
         try:
             text = str(multiaddr.Multiaddr(raw[1:]))
         except (ValueError, multiaddr.exceptions.Error) as e:
