@@ -131,3 +131,56 @@ def test_peer_joins_by_netuid_and_a_free_rider_reads_the_validators_reason(procs
     finally:
         pub.stop()
         ledger.close()
+
+
+@pytest.mark.slow
+def test_discovery_finds_live_signed_dht_addresses_on_both_chains(env, procs, tmp_path):
+    """The recipe on the LocalLedger and on the real runtime (Chopsticks): a live DHT is found; a peer whose
+    DHT is dead, and one whose record names a DHT of another peer id, are skipped with the reason."""
+    import time
+
+    from peer.chain.membership import ensure_commitment
+    from peer.net.discovery import discover
+    from peer.net.identity import identity_path, load_or_create_identity
+    from peer.net.publisher import start_publisher
+
+    run_id = f"disc-{uuid.uuid4().hex[:8]}"
+    homes = {n: tmp_path / n for n in ("live", "dead", "redirect")}
+    for h in homes.values():
+        load_or_create_identity(identity_path(h))
+    ready = tmp_path / "dht.ready.json"
+    dht = procs.start(
+        "dht",
+        [
+            sys.executable, "-m", "peer.cli", "bootstrap", "--host-maddrs", "/ip4/127.0.0.1/tcp/0",
+            "--identity", str(identity_path(homes["live"])), "--ready-file", str(ready),
+        ],
+    )  # fmt: skip
+    wait_for(ready.exists, 120, "the live peer's DHT", [dht])
+    live_maddrs = json.loads(ready.read_text())["maddrs"]
+    handles = []
+    try:
+        owners = {"live": env.miners[0], "dead": env.miners[1], "redirect": env.validator}
+        for name, kp in owners.items():
+            pub = start_publisher(homes[name] / "outbox", identity_path(homes[name]))
+            handles.append(pub)
+            dht_addrs = {
+                "live": live_maddrs,
+                "dead": [f"/ip4/127.0.0.1/tcp/1/p2p/{pub.peer_id}"],
+                "redirect": live_maddrs,  # someone else's peer id: not this hotkey's DHT
+            }[name]
+            pub.publish_identity(kp, run_id=run_id, round_=0, dht_addrs=dht_addrs)
+            ensure_commitment(env.chain, env.netuid, kp, pub.commitment())
+        if env.kind == "substrate":
+            env.advance(1)
+        t0 = time.monotonic()
+        res = discover(env.chain, env.netuid, run_id=run_id, timeout_s=10)
+        assert time.monotonic() - t0 < 30
+    finally:
+        for h in handles:
+            h.stop()
+    assert res.initial_peers == live_maddrs, res
+    assert res.live == 1 and res.candidates == 3
+    why = {s["hotkey"]: s["why"] for s in res.skipped}
+    assert why[env.miners[1].ss58_address].startswith("DHT not reachable")
+    assert "names no DHT address" in why[env.validator.ss58_address]
