@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES = [
     "peer.net.fetch",
     "peer.status",
     "peer.chain.cli",
+    "peer.doctor",
 ]
 
 

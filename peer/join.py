@@ -3,7 +3,10 @@
     peer join --config debug --wallet.name alice --wallet.hotkey default \\
               --initial-peers /ip4/1.2.3.4/tcp/31337/p2p/Qm… --run-id my-swarm
 
-The first peer of a swarm runs without ``--initial-peers`` and prints the multiaddrs others join with.
+On a chain, ``--initial-peers`` may be left out: the peer finds live DHT addresses from the registered
+peers' commitments and signed identity records (peer.net.discovery); when none is live it starts the swarm.
+Without a chain (``--no-chain``), the first peer runs without ``--initial-peers`` and prints the
+multiaddrs others join with.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ def register(sub) -> None:
         nargs="*",
         default=[],
         metavar="MADDR",
-        help="multiaddrs of peers already in the swarm (…/p2p/<peer id>); none = start a new swarm",
+        help="multiaddrs of peers already in the swarm (…/p2p/<peer id>); none = find them from the chain "
+        "(registered peers' signed identity records), or start a new swarm if none is live",
     )
     g.add_argument(
         "--host-maddrs",
@@ -250,6 +254,8 @@ def run(args) -> int:
             registration = ensure_registered(
                 chain, chain_cfg.netuid, keypair, coldkey, burn=args.register_burn
             )
+        if chain is not None and not args.initial_peers:
+            args.initial_peers = _discover_initial_peers(chain_cfg, args.run_id, keypair.ss58_address)
         dht = start_dht(
             initial_peers=args.initial_peers,
             host_maddrs=args.host_maddrs,
@@ -280,7 +286,9 @@ def run(args) -> int:
             identity.update(uid=registration.uid, netuid=registration.netuid)
         clock = _make_clock(chain, args, run_cfg)
         if publisher is not None:  # the signed hotkey <-> peer id binding validators check on every fetch
-            publisher.publish_identity(keypair, run_id=args.run_id, round_=clock.current_round())
+            publisher.publish_identity(
+                keypair, run_id=args.run_id, round_=clock.current_round(), dht_addrs=maddrs
+            )
         tracker = make_tracker(
             tracking,
             run_id=args.run_id,
@@ -341,3 +349,23 @@ def _make_clock(chain, args, run_cfg):
 
     round_blocks = args.round_blocks or max(1, round(run_cfg.train.round_seconds / chain.block_time))
     return ChainClock(chain=chain, round_blocks=round_blocks)
+
+
+def _discover_initial_peers(chain_cfg, run_id: str, own_hotkey: str) -> list[str]:
+    """Join by netuid: live DHT addresses from the chain's commitments (peer.net.discovery, run in its own
+    process: it uses py-libp2p). None found = this peer starts the swarm."""
+    from peer.net.discovery import discover_in_subprocess
+
+    found = discover_in_subprocess(chain_cfg, run_id=run_id, exclude_hotkey=own_hotkey)
+    if found.initial_peers:
+        log.info(
+            "found %d live peer(s) of %d on subnet %d from the chain in %.1fs",
+            found.live,
+            found.candidates,
+            chain_cfg.netuid,
+            found.seconds,
+        )
+    else:
+        why = "; ".join(f"{s['hotkey'][:8]}: {s['why']}" for s in found.skipped[:4]) or "no commitments"
+        log.info("no live peer on subnet %d (%s): starting a new swarm", chain_cfg.netuid, why)
+    return found.initial_peers

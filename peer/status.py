@@ -1,8 +1,11 @@
-"""``peer status`` — who this peer is on the network: hotkey, peer id, addresses, registration, rounds.
+"""``peer status`` — who this peer is on the network: hotkey, peer id, addresses, registration, rounds,
+and why it earns what it earns.
 
 Reads only local files (wallet, the peer's home folder: identity key, publisher ready file, outbox) and
-asks the chain read-only questions (uid, commitment). It never creates a key, a ledger or a wallet. A
-chain that cannot be reached is reported as ``unknown (why)``, not as an error.
+asks the chain read-only questions (uid, commitment). When registered, it also fetches every validator's
+newest signed explanation (peer.net.explanations) and shows the line for this hotkey (``--no-reasons``
+skips that). It never creates a key, a ledger or a wallet. A chain that cannot be reached is reported as
+``unknown (why)``, not as an error.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ class PeerStatus:
     """Whether the on-chain commitment names this peer id (None if there is none / chain unknown)."""
     last_contribution_round: int | None = None
     last_state_round: int | None = None
+    reasons: list[dict] = field(default_factory=list)
+    """The newest signed explanation of every validator for this hotkey (peer.doctor.validator_reasons):
+    ``{"validator", "uid", "round", "score", "reason", "line"}`` or ``{"validator", "uid", "error"}``."""
     problems: list[str] = field(default_factory=list)
 
 
@@ -55,8 +61,16 @@ def _rounds(outbox: Path, kind: str) -> list[int]:
     return sorted(int(p.name) for p in base.iterdir() if p.name.isdigit() and (p / "manifest.json").is_file())
 
 
-def collect_status(*, hotkey: str, home: Path, chain_cfg=None) -> PeerStatus:
-    """Gather the status; ``chain_cfg`` is a :class:`peer.chain.ChainConfig` (None: registration unknown)."""
+def collect_status(
+    *,
+    hotkey: str,
+    home: Path,
+    chain_cfg=None,
+    run_id: str | None = None,
+    explain_timeout_s: float | None = 5.0,
+) -> PeerStatus:
+    """Gather the status; ``chain_cfg`` is a :class:`peer.chain.ChainConfig` (None: registration unknown).
+    ``explain_timeout_s``: per-validator dial limit when fetching the newest reasons (None: skip them)."""
     home = Path(home)
     st = PeerStatus(hotkey=hotkey, home=str(home))
     key = identity_path(home)
@@ -81,11 +95,11 @@ def collect_status(*, hotkey: str, home: Path, chain_cfg=None) -> PeerStatus:
     st.last_contribution_round = contrib[-1] if contrib else None
     st.last_state_round = state[-1] if state else None
     if chain_cfg is not None:
-        _chain_status(st, chain_cfg)
+        _chain_status(st, chain_cfg, run_id=run_id, explain_timeout_s=explain_timeout_s)
     return st
 
 
-def _chain_status(st: PeerStatus, chain_cfg) -> None:
+def _chain_status(st: PeerStatus, chain_cfg, *, run_id: str | None, explain_timeout_s: float | None) -> None:
     from peer.chain import ChainError, connect
 
     if chain_cfg.is_local and not Path(chain_cfg.ledger_path).exists():
@@ -104,6 +118,8 @@ def _chain_status(st: PeerStatus, chain_cfg) -> None:
             else f"not registered on subnet {chain_cfg.netuid}"
         )
         raw = chain.commitments(chain_cfg.netuid).get(st.hotkey)
+        if uid is not None and explain_timeout_s is not None:
+            _latest_reasons(st, chain, chain_cfg.netuid, run_id, explain_timeout_s)
     except ChainError as e:
         st.registration = f"unknown ({e})"
         return
@@ -117,6 +133,25 @@ def _chain_status(st: PeerStatus, chain_cfg) -> None:
         except RecordError as e:
             st.commitment = f"unreadable ({e})"
             st.commitment_matches = False
+
+
+def _latest_reasons(st: PeerStatus, chain, netuid: int, run_id: str | None, timeout_s: float) -> None:
+    """Every validator's newest signed explanation for this hotkey (fetched over py-libp2p)."""
+    import tempfile
+
+    from peer.doctor import explaining_validators, validator_reasons
+    from peer.net.fetch import FetchClient, FetchConfig
+    from peer.net.publisher import quiet_libp2p
+
+    if not explaining_validators(chain.metagraph(netuid), st.hotkey):
+        return  # nobody to ask: no libp2p host needed
+    quiet_libp2p()
+    with tempfile.TemporaryDirectory(prefix="gradswarm-status-") as tmp:
+        cfg = FetchConfig(
+            cache_dir=Path(tmp), run_id=run_id, connect_timeout_s=timeout_s, io_timeout_s=timeout_s
+        )
+        with FetchClient(cfg) as client:
+            st.reasons = validator_reasons(chain, netuid, st.hotkey, client, rounds=1, run_id=run_id)
 
 
 def format_status(st: PeerStatus) -> str:
@@ -138,6 +173,8 @@ def format_status(st: PeerStatus) -> str:
         f"commitment    {commit_line}",
         f"published     contribution round {_r(st.last_contribution_round)}, state round {_r(st.last_state_round)}",
     ]
+    for r in st.reasons:
+        lines.append(f"validator {r['uid']:<3} {r.get('line') or r.get('error')}")
     lines += [f"problem       {p}" for p in st.problems]
     return "\n".join(lines)
 
@@ -167,6 +204,9 @@ def register(subparsers) -> None:
 
     add_chain_args(p)
     p.add_argument("--no-chain", action="store_true", help="skip the chain (registration shows 'unknown')")
+    p.add_argument(
+        "--no-reasons", action="store_true", help="do not fetch validators' explanations of your latest score"
+    )
     p.set_defaults(func=_cmd_status)
 
 
@@ -181,6 +221,12 @@ def _cmd_status(args) -> int:
     from peer.chain import chain_config_from_args
 
     chain_cfg = None if args.no_chain else chain_config_from_args(args)
-    st = collect_status(hotkey=hotkey, home=home, chain_cfg=chain_cfg)
+    st = collect_status(
+        hotkey=hotkey,
+        home=home,
+        chain_cfg=chain_cfg,
+        run_id=args.run_id,
+        explain_timeout_s=None if args.no_reasons else 5.0,
+    )
     print(json.dumps(asdict(st)) if args.json else format_status(st))
     return 0

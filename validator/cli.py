@@ -105,6 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share always given to --burn.uid",
     )
+    g = p.add_argument_group("publisher (serves this validator's signed per-round explanations to miners)")
+    g.add_argument(
+        "--publisher.listen",
+        dest="publisher_listen",
+        default="/ip4/0.0.0.0/tcp/0",
+        metavar="MADDR",
+        help="address the publisher listens on (default: all interfaces, a free port)",
+    )
+    g.add_argument(
+        "--publisher.announce",
+        dest="publisher_announce",
+        default=None,
+        metavar="MADDR",
+        help="address committed on chain for miners to dial (needed behind NAT / on 0.0.0.0)",
+    )
+    g.add_argument(
+        "--no-publish",
+        action="store_true",
+        help="do not serve explanations (miners cannot see their reasons)",
+    )
     add_chain_args(p)
     add_wallet_args(p)
     add_tracking_args(p)
@@ -182,6 +202,7 @@ def cmd_run(args) -> int:
     chain = connect(chain_cfg)
     client = None
     tracker = None
+    publisher = None
     try:
         if chain.uid_of(chain_cfg.netuid, keypair.ss58_address) is None:
             if not chain_cfg.is_local:
@@ -200,6 +221,11 @@ def cmd_run(args) -> int:
             max_seconds=args.max_seconds,
         )
         signal.signal(signal.SIGTERM, _terminate)
+        publisher = (
+            None
+            if args.no_publish
+            else _start_explanation_publisher(args, chain, chain_cfg, keypair, state_dir, round_blocks)
+        )
         client = FetchClient(FetchConfig(cache_dir=store.blobs, run_id=args.run_id))
         client.start()
         tracker = make_tracker(
@@ -230,6 +256,7 @@ def cmd_run(args) -> int:
             eval_cfg=eval_cfg,
             scoring_cfg=scoring_cfg,
             weights_cfg=weights_cfg,
+            on_round=None if publisher is None else _explanation_writer(publisher, keypair),
         )
         print(
             f"validator {keypair.ss58_address} on subnet {chain_cfg.netuid}: rounds of {round_blocks} blocks, "
@@ -243,8 +270,42 @@ def cmd_run(args) -> int:
             tracker.finish()
         if client is not None:
             client.close()
+        if publisher is not None:
+            publisher.stop()
         chain.close()
     return 0
+
+
+def _start_explanation_publisher(args, chain, chain_cfg, keypair, state_dir: Path, round_blocks: int):
+    """The validator's publisher: serves its signed explanation records (peer.net.explanations), with its
+    address committed on chain like a peer's, so any miner can fetch why it earned what it earned."""
+    import logging
+
+    from peer.chain.membership import commit_address, ensure_commitment
+    from peer.net.identity import identity_path, load_or_create_identity
+    from peer.net.publisher import start_publisher
+
+    id_file = identity_path(state_dir)
+    load_or_create_identity(id_file)
+    publisher = start_publisher(state_dir / "outbox", id_file, args.publisher_listen)
+    addr = commit_address(publisher.addrs, args.publisher_announce, local=chain_cfg.is_local)
+    try:
+        ensure_commitment(chain, chain_cfg.netuid, keypair, publisher.commitment(addr))
+    except ConfigError as e:  # rate limited: keep validating; miners see explanations once it lands
+        logging.getLogger("gradswarm.validator").warning("explanations not announced yet: %s", e)
+    publisher.publish_identity(keypair, run_id=args.run_id, round_=chain.block() // round_blocks)
+    return publisher
+
+
+def _explanation_writer(publisher, keypair):
+    """on_round hook: sign the round's explanation and put it where the publisher serves it."""
+    from peer.net.explanations import build_explanation, write_explanation
+
+    def write(rec) -> None:
+        record = build_explanation(rec.to_json(), hotkey=keypair.ss58_address, peer_id=publisher.peer_id)
+        write_explanation(publisher.outbox, record.signed(keypair))
+
+    return write
 
 
 def cmd_replay(args) -> int:

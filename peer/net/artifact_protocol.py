@@ -13,6 +13,9 @@ Client -> publisher: one request frame (msgpack map, at most :data:`MAX_REQUEST_
   Answer: a :class:`FetchHeader` frame with the size, then the bytes in frames of at most the chunk size,
   then an empty frame (end). The client hashes as it goes and keeps nothing unless the hash matches.
 * ``{"op": "stats"}`` — the publisher's counters (served/refused, by reason).
+* ``{"op": "explain", "round": r}`` — a validator's signed explanation of round ``r`` (``None``: the
+  newest) as :class:`ExplainResponse`; a publisher without explanations answers ``explanation: None``.
+  Publishers older than this op refuse it as ``bad_request``.
 
 Any refusal is an :class:`ErrorResponse` frame ``{"ok": False, "reason": code, "error": one line}``.
 Nothing is pickled: msgpack with no extension types, JSON inside, safetensors bytes as payload.
@@ -76,7 +79,14 @@ class StatsRequest(_Msg):
     op: Literal["stats"]
 
 
-Request = Annotated[ListRequest | FetchRequest | StatsRequest, Field(discriminator="op")]
+class ExplainRequest(_Msg):
+    """A validator's signed explanation of a round (``round: None``: its newest)."""
+
+    op: Literal["explain"]
+    round: int | None = Field(default=None, ge=0, le=2**40)
+
+
+Request = Annotated[ListRequest | FetchRequest | StatsRequest | ExplainRequest, Field(discriminator="op")]
 _REQUEST = TypeAdapter(Request)
 
 
@@ -93,6 +103,17 @@ class ListResponse(_Msg):
     """Raw ContributionManifest JSON for the asked round."""
     state: str | None = None
     """Raw StateManifest JSON for the asked round."""
+
+
+class ExplainResponse(_Msg):
+    ok: Literal[True] = True
+    peer_id: str
+    identity: str | None = None
+    """The validator's signed PeerIdentityRecord (JSON), if it wrote one."""
+    rounds: list[int] = Field(default_factory=list, max_length=1024)
+    """Rounds it has explanations for."""
+    explanation: str | None = None
+    """Raw ExplanationRecord JSON (peer.net.explanations) for the asked round (or the newest)."""
 
 
 class FetchHeader(_Msg):
@@ -137,7 +158,7 @@ def unpack_map(raw: bytes, *, what: str) -> dict:
     return obj
 
 
-def parse_request(raw: bytes) -> ListRequest | FetchRequest | StatsRequest:
+def parse_request(raw: bytes) -> ListRequest | FetchRequest | StatsRequest | ExplainRequest:
     obj = unpack_map(raw, what="request")
     try:
         return _REQUEST.validate_python(obj)

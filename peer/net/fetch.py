@@ -343,6 +343,12 @@ class FetchClient:
         """Fetch one kind of artifact from many peers concurrently; failures are returned, not raised."""
         return self._call(self._afetch_many, list(targets), round_, kind)
 
+    def explanation(self, target: Target, round_: int | None = None):
+        """``(rounds it explains, record)``: the validator ``target.hotkey``'s signed explanation of
+        ``round_`` (None: its newest), verified (identity, hotkey, run, signature, peer id), or None as
+        record if it serves none. FetchError (``bad_explanation``, ...) otherwise."""
+        return self._call(self._counted, self.aexplanation(target, round_))
+
     def stats(self, addr: str, peer_id: str) -> dict[str, int]:
         """The publisher's own counters (what it served and refused)."""
         return self._call(self._counted, self._astats(Target(addr=addr, peer_id=peer_id, hotkey="")))
@@ -450,6 +456,35 @@ class FetchClient:
         stream, resp = await self._request(target, StatsRequest(op="stats"), StatsResponse, what="stats")
         await _close(stream)
         return dict(resp.counters)
+
+    async def aexplanation(self, target: Target, round_: int | None = None):
+        from peer.net.artifact_protocol import ExplainRequest, ExplainResponse
+        from peer.net.explanations import verify_explanation
+
+        stream, resp = await self._request(
+            target, ExplainRequest(op="explain", round=round_), ExplainResponse, what="explanation"
+        )
+        await _close(stream)
+        if resp.identity is not None:
+            verify_identity(
+                resp.identity, hotkey=target.hotkey, peer_id=target.peer_id, run_id=self.cfg.run_id
+            )
+        elif self.cfg.require_identity:
+            raise FetchError(
+                "no_identity", f"{target.peer_id[:12]} serves no signed identity record for {target.hotkey}"
+            )
+        if resp.explanation is None:
+            return resp.rounds, None
+        try:
+            return resp.rounds, verify_explanation(
+                resp.explanation,
+                hotkey=target.hotkey,
+                peer_id=target.peer_id,
+                run_id=self.cfg.run_id,
+                round_=round_,
+            )
+        except RecordError as e:
+            raise FetchError("bad_explanation", str(e)) from None
 
     async def alist_round(self, target: Target, round_: int | None) -> RoundListing:
         stream, resp = await self._request(

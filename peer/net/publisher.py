@@ -42,6 +42,8 @@ from peer.net.artifact_protocol import (
     MAX_REQUEST_BYTES,
     PROTOCOL_ID,
     ErrorResponse,
+    ExplainRequest,
+    ExplainResponse,
     FetchHeader,
     FetchRequest,
     ListRequest,
@@ -292,6 +294,8 @@ class _Server:
                 await self._list(stream, req)
             elif isinstance(req, FetchRequest):
                 await self._fetch(stream, req, remote)
+            elif isinstance(req, ExplainRequest):
+                await self._explain(stream, req)
             else:
                 await stream.write(pack(StatsResponse(peer_id=self.peer_id, counters=dict(self.counters))))
             await stream.close()
@@ -340,6 +344,24 @@ class _Server:
                 }
             )
         self.counters["served_list"] += 1
+        await stream.write(pack(resp))
+
+    async def _explain(self, stream, req: ExplainRequest) -> None:
+        """A validator's signed explanation record (peer.net.explanations), raw; clients verify it."""
+        from peer.net.explanations import MAX_EXPLANATION_BYTES, explanation_path, explanation_rounds
+
+        rounds = explanation_rounds(self.index.root)
+        round_ = req.round if req.round is not None else (rounds[-1] if rounds else None)
+        raw = None
+        if round_ is not None and round_ in rounds:
+            raw = self.index._read_inside(explanation_path(self.index.root, round_), MAX_EXPLANATION_BYTES)
+        resp = ExplainResponse(
+            peer_id=self.peer_id,
+            identity=self.index.identity(),
+            rounds=rounds[-1024:],
+            explanation=raw.decode("utf-8", "replace") if raw else None,
+        )
+        self.counters["served_explain"] += 1
         await stream.write(pack(resp))
 
     async def _fetch(self, stream, req: FetchRequest, remote: str) -> None:
@@ -511,15 +533,25 @@ class PublisherHandle:
         return Commitment(addr=addr, peer_id=self.peer_id)
 
     def publish_identity(
-        self, keypair: Keypair, *, run_id: str, round_: int, addrs: list[str] | None = None
+        self,
+        keypair: Keypair,
+        *,
+        run_id: str,
+        round_: int,
+        addrs: list[str] | None = None,
+        dht_addrs: list[str] | None = None,
     ) -> PeerIdentityRecord:
-        """Sign the hotkey <-> peer id <-> addresses binding and put it in the outbox for clients."""
+        """Sign the hotkey <-> peer id <-> addresses binding and put it in the outbox for clients.
+
+        ``dht_addrs``: the peer's DHT multiaddrs, for newcomers joining by netuid (peer.net.discovery).
+        """
         record = PeerIdentityRecord(
             run_id=run_id,
             round=round_,
             hotkey=keypair.ss58_address,
             peer_id=self.peer_id,
             addrs=addrs or self.addrs,
+            dht_addrs=list(dht_addrs or [])[:16],
         ).signed(keypair)
         write_identity_record(self.outbox, record)
         return record

@@ -14,7 +14,7 @@ import json
 import re
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_serializer
 from substrateinterface import Keypair, KeypairType
 
 from peer.errors import UserError
@@ -136,6 +136,18 @@ class PeerIdentityRecord(SignedRecord):
     kind: ClassVar[str] = "identity"
     addrs: list[Multiaddr] = Field(min_length=1, max_length=16)
     protocol: Literal["/gradswarm/artifact/1.0.0"] = "/gradswarm/artifact/1.0.0"
+    dht_addrs: list[Multiaddr] = Field(default_factory=list, max_length=16)
+    """The peer's hivemind DHT multiaddrs (``…/p2p/<peer id>``), so a newcomer can join by netuid alone
+    (:mod:`peer.net.discovery`). Optional: left out of the JSON and of the signed payload when empty,
+    so records written before this field existed still parse and verify (and older readers accept
+    records without DHT addresses, e.g. validators')."""
+
+    @model_serializer(mode="wrap")
+    def _omit_empty_dht_addrs(self, handler):
+        data = handler(self)
+        if not data.get("dht_addrs"):
+            data.pop("dht_addrs", None)
+        return data
 
 
 class DHTAnnouncement(SignedRecord):
