@@ -41,6 +41,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "python -m launch.local_subnet": ("help", "trains a subnet for minutes (tests/test_launcher.py runs it)"),
     "peer bootstrap": ("help", "a DHT node that serves until stopped"),
     "peer join": ("help", "trains until stopped; the example registers on finney"),
+    "peer doctor": ("help", "diagnoses a running peer on finney (tests/test_doctor.py runs it on a LocalLedger)"),
+    "python -m peer.net.discovery": ("help", "dials a live subnet's publishers (tests/test_discovery.py runs it)"),
     "peer chain create-subnet": ("run", "the local subnet in five commands"),
     "peer chain fund": ("run", "the local subnet in five commands"),
     "peer chain register": ("run", "the local subnet in five commands"),
