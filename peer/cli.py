@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = [
     "peer.net.bootstrap",
     "peer.net.fetch",
     "peer.status",
+    "peer.data.cli",
 ]
 
 
