@@ -1,7 +1,8 @@
 """A real HTTP file server for sharded data sets in tests and benchmarks (127.0.0.1, own thread).
 
 ``ThreadingHTTPServer`` with ``Range`` support (``http.server`` has none), a log of every request
-(path and range), and fault switches: cut the connection after N bytes of a path once, or serve other
+(path and range), redirects from ``/r/<path>`` to ``/<path>`` (as HF Hub's ``resolve/main`` URLs
+redirect to a CDN), and fault switches: cut the connection after N bytes of a path once, or serve other
 bytes for a path (tampering).
 """
 
@@ -40,6 +41,7 @@ class ShardServer:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):  # quiet
                 pass
@@ -49,6 +51,12 @@ class ShardServer:
                 rng = self.headers.get("Range")
                 with server.log.lock:
                     server.log.requests.append((path, rng))
+                if path.startswith("/r/"):  # like HF Hub's resolve/main/…: a redirect to the file
+                    self.send_response(302)
+                    self.send_header("Location", f"{server.url}{path[2:]}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if path in server.replace:
                     data = server.replace[path]
                 else:
@@ -100,3 +108,11 @@ class ShardServer:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=5)
+
+
+if __name__ == "__main__":  # a server process for benchmarks: prints its URL, serves until killed
+    import sys
+
+    with ShardServer(Path(sys.argv[1])) as srv:
+        print(srv.url, flush=True)
+        threading.Event().wait()

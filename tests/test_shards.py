@@ -246,6 +246,19 @@ def test_server_without_range_support_falls_back_to_whole_shards(tmp_path, datas
     assert store.shards_fetched == 1 and store.pages_fetched == 0
 
 
+def test_redirects_are_followed_with_range(tmp_path, dataset, debug_config):
+    with ShardServer(dataset) as srv:
+        store = ShardedPageStore(
+            f"{srv.url}/r/manifest.json", debug_config.data, tmp_path / "c", policy=FAST, whole_shard_bytes=0
+        )
+        page = store.page(30)
+        shard = "/" + store.manifest.shards[store.manifest.shard_of(30)].name
+        reqs = [(p, r) for p, r in srv.log.requests if p.endswith(shard)]
+    assert [p for p, _ in reqs] == ["/r" + shard, shard] and reqs[0][1] == reqs[1][1] is not None
+    local = ShardedPageStore(str(dataset / "manifest.json"), debug_config.data, tmp_path / "u")
+    assert torch.equal(page, local.page(30))
+
+
 def test_unreachable_or_missing_data_is_one_line(tmp_path, dataset, debug_config):
     with ShardServer(dataset) as srv, pytest.raises(DataError, match="HTTP 404"):
         ShardedPageStore(f"{srv.url}/nope/manifest.json", debug_config.data, tmp_path / "c", policy=FAST)

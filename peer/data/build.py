@@ -176,6 +176,12 @@ def describe_source(cfg: BuildConfig) -> str:
     """A deterministic name of the source for the manifest (a folder is named by its content hash)."""
     if cfg.source.startswith("hf:"):
         parse_hf_spec(cfg.source)
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise DataError(
+                "--source hf:… needs the `datasets` package: pip install 'gradswarm[hf]'"
+            ) from None
         return f"{cfg.source} field={cfg.text_field}"
     folder = Path(cfg.source)
     if not folder.is_dir():
@@ -309,6 +315,7 @@ def build_dataset(cfg: BuildConfig, on_shard: Callable[[ShardEntry], None] | Non
 
     ``on_shard`` is called after each shard and checkpoint are written (tests interrupt the build there).
     """
+    source = describe_source(cfg)  # first: a wrong source fails before any tokenizer work
     tok = load_tokenizer(cfg)
     data = cfg.data
     if tok.vocab_size > data.vocab_size:
@@ -324,7 +331,6 @@ def build_dataset(cfg: BuildConfig, on_shard: Callable[[ShardEntry], None] | Non
     )
     pages_per_shard = min(pages_per_shard, MAX_PAGES_PER_SHARD)
     shard_tokens = pages_per_shard * page_tokens
-    source = describe_source(cfg)
     tokenizer = TokenizerEntry(
         name=tok.name,
         file="tokenizer.json",

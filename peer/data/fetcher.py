@@ -18,8 +18,10 @@ import hashlib
 import http.client
 import os
 import re
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,6 +71,10 @@ class Fetcher:
         self.policy = policy or FetchPolicy()
         self.objects = self.cache_dir / "objects"
         self.tmp = self.cache_dir / "tmp"
+        self._objects = str(self.objects)
+        self._local = threading.local()
+        self._proxies = urllib.request.getproxies()
+        """With a proxy configured, requests go through urllib (a connection each); else kept alive."""
         self.requests = 0
         """HTTP requests sent (a resumed download counts each request)."""
         self.bytes_downloaded = 0
@@ -76,9 +82,10 @@ class Fetcher:
     def path_of(self, sha256: str) -> Path:
         return self.objects / sha256[:2] / sha256
 
-    def cached(self, sha256: str) -> Path | None:
-        path = self.path_of(sha256)
-        return path if path.is_file() else None
+    def cached(self, sha256: str) -> str | None:
+        """Path of a verified object in the cache, or None (a string: this is on every page read)."""
+        path = f"{self._objects}/{sha256[:2]}/{sha256}"
+        return path if os.path.isfile(path) else None
 
     @contextmanager
     def _locked(self, sha256: str):
@@ -96,8 +103,10 @@ class Fetcher:
         headers = {"User-Agent": self.policy.user_agent, "Accept-Encoding": "identity"}
         if start is not None:
             headers["Range"] = f"bytes={start}-{end - 1}"
-        req = urllib.request.Request(url, headers=headers)
         self.requests += 1
+        if not self._proxies:
+            return self._open_kept(url, headers)
+        req = urllib.request.Request(url, headers=headers)
         try:
             return urllib.request.urlopen(req, timeout=self.policy.timeout_s)
         except urllib.error.HTTPError as e:
@@ -111,6 +120,44 @@ class Fetcher:
             raise DataError(f"{url}: HTTP {e.code} {e.reason}; check the --data URL") from None
         except _TRANSIENT as e:
             raise _Retry(str(e) or type(e).__name__) from None
+
+    def _open_kept(self, url: str, headers: dict, hops: int = 0) -> _Response:
+        """GET over a kept-alive connection of this thread (one per host); follows redirects."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise DataError(f"{url}: not an http(s) URL")
+        key = (parts.scheme, parts.netloc)
+        pool = self._local.__dict__.setdefault("conns", {})
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        for fresh in (False, True):
+            conn = None if fresh else pool.pop(key, None)
+            reused = conn is not None
+            if conn is None:
+                cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+                conn = cls(parts.netloc, timeout=self.policy.timeout_s)
+            try:
+                conn.request("GET", target, headers=headers)
+                resp = conn.getresponse()
+                break
+            except _TRANSIENT as e:
+                conn.close()
+                if not reused:  # a kept connection the server closed meanwhile: once more, fresh
+                    raise _Retry(str(e) or type(e).__name__) from None
+        release = _Response(resp, lambda: pool.__setitem__(key, conn), conn.close)
+        if resp.status in (301, 302, 303, 307, 308):
+            location = resp.headers.get("Location")
+            release.close()
+            if not location or hops >= 5:
+                raise DataError(f"{url}: too many or empty redirects")
+            return self._open_kept(urllib.parse.urljoin(url, location), headers, hops + 1)
+        if resp.status >= 400:
+            release.close()
+            if resp.status in (408, 429) or resp.status >= 500:
+                raise _Retry(f"HTTP {resp.status}")
+            if resp.status == 416:
+                raise DataError(f"{url}: the server has fewer bytes than the manifest says (HTTP 416)")
+            raise DataError(f"{url}: HTTP {resp.status} {resp.reason}; check the --data URL")
+        return release
 
     def _with_retries(self, what: str, url: str, attempt_fn):
         delay = self.policy.backoff_s
@@ -234,7 +281,33 @@ class Fetcher:
             raise _Retry(f"connection closed after {size - want} of {size} bytes")
 
     def close(self) -> None:
-        """Nothing to release (urllib opens a connection per request); kept for symmetry."""
+        """Close this thread's kept-alive connections."""
+        for conn in self._local.__dict__.pop("conns", {}).values():
+            conn.close()
+
+
+class _Response:
+    """A response whose connection goes back to the pool when the body was read to its end."""
+
+    def __init__(self, resp: http.client.HTTPResponse, keep, drop):
+        self.resp, self._keep, self._drop = resp, keep, drop
+        self.status, self.headers, self.reason = resp.status, resp.headers, resp.reason
+
+    def read(self, n: int) -> bytes:
+        return self.resp.read(n)
+
+    def close(self) -> None:
+        if self.resp.isclosed() and not self.resp.will_close:
+            self._keep()
+        else:
+            self.resp.close()
+            self._drop()
+
+    def __enter__(self) -> _Response:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _file_sha256(path: Path) -> str:

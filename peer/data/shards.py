@@ -403,6 +403,8 @@ class ShardedPageStore:
         self._lock = threading.Lock()
         self._shard_locks = [threading.Lock() for _ in self.manifest.shards]
         self._indexes: dict[int, bytes] = {}
+        self._locations: dict[str, str] = {}
+        self._checked: set[str] = set()
         self._memory: OrderedDict[int, np.ndarray] = OrderedDict()
         self._memory_used = 0
         self.pages_fetched = 0
@@ -423,20 +425,26 @@ class ShardedPageStore:
         return path.read_bytes()
 
     def _where(self, name: str) -> str:
-        return _resolve(self.base, name)
+        where = self._locations.get(name)
+        if where is None:
+            where = self._locations[name] = _resolve(self.base, name)
+        return where
 
     # -- verified objects -------------------------------------------------------------------------
 
-    def _object(self, name: str, sha256: str, size: int, what: str) -> Path:
+    def _object(self, name: str, sha256: str, size: int, what: str) -> Path | str:
         """A whole file of the data set, verified: the local file itself, or the cached download."""
         where = self._where(name)
         if self.remote:
             path = self.fetcher.fetch(where, sha256=sha256, size=size, what=what)
             return path
-        path = Path(where)
-        if not path.is_file() or path.stat().st_size != size:
-            raise DataError(f"{what} {path} is missing or has the wrong size; the data set is incomplete")
-        return path
+        if where not in self._checked:
+            if not os.path.isfile(where) or os.path.getsize(where) != size:
+                raise DataError(
+                    f"{what} {where} is missing or has the wrong size; the data set is incomplete"
+                )
+            self._checked.add(where)
+        return where
 
     def _index(self, s: int) -> bytes:
         if s in self._indexes:
@@ -444,7 +452,7 @@ class ShardedPageStore:
         entry = self.manifest.shards[s]
         size = entry.num_pages * PAGE_HASH_BYTES
         path = self._object(entry.index, entry.index_sha256, size, f"page index of {entry.name}")
-        data = path.read_bytes()
+        data = Path(path).read_bytes()
         if len(data) != size or hashlib.sha256(data).hexdigest() != entry.index_sha256:
             raise DataError(f"page index {entry.index} of {self.source} does not match the manifest's sha256")
         self._indexes[s] = data
@@ -498,7 +506,7 @@ class ShardedPageStore:
                         with self._shard_locks[s]:
                             shard_path = self.fetcher.cached(entry.sha256) or self._fetch_shard(s)
                 if shard_path is None:
-                    return page_path.read_bytes(), f"cached page {page_path}"
+                    return _pread(page_path, 0, m.page_bytes), f"cached page {page_path}"
             return _pread(shard_path, offset, m.page_bytes), f"shard {entry.name}"
         path = self._object(entry.name, entry.sha256, entry.bytes, f"shard {entry.name}")
         return _pread(path, offset, m.page_bytes), str(path)
@@ -565,7 +573,7 @@ class ShardedPageStore:
 
         t = self.manifest.tokenizer
         path = self._object(t.file, t.sha256, t.bytes, "tokenizer")
-        data = path.read_bytes()
+        data = Path(path).read_bytes()
         if hashlib.sha256(data).hexdigest() != t.sha256:
             raise DataError(f"tokenizer {t.file} of {self.source} does not match the manifest's sha256")
         return Tokenizer.from_str(data.decode())
@@ -574,7 +582,7 @@ class ShardedPageStore:
         self.fetcher.close()
 
 
-def _pread(path: Path, offset: int, size: int) -> bytes:
+def _pread(path: Path | str, offset: int, size: int) -> bytes:
     fd = os.open(path, os.O_RDONLY)
     try:
         data = os.pread(fd, size, offset)
