@@ -218,9 +218,13 @@ def test_tampered_shard_is_refused_and_not_cached(tmp_path, dataset, debug_confi
         # a cached page altered on disk is refused too
         page_obj = paged.fetcher.path_of(paged._page_sha(shard.first_page + 1).hex())
         page_obj.write_bytes(b"\0" * page_obj.stat().st_size)
-        fresh = ShardedPageStore(f"{srv.url}/manifest.json", cfg, tmp_path / "paged", policy=FAST)
+        fresh = ShardedPageStore(
+            f"{srv.url}/manifest.json", cfg, tmp_path / "paged", policy=FAST, whole_shard_bytes=0
+        )
         with pytest.raises(DataError, match="does not match"):
             fresh.page(shard.first_page + 1)
+        assert not page_obj.exists()  # dropped from the cache: the next read fetches it again
+        assert torch.equal(fresh.page(shard.first_page + 1), paged.page(shard.first_page + 1))
 
 
 def test_interrupted_download_resumes_with_range(tmp_path, dataset, debug_config):

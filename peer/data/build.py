@@ -429,7 +429,7 @@ def build_dataset(cfg: BuildConfig, on_shard: Callable[[ShardEntry], None] | Non
     if num_pages < MIN_PAGES:
         raise DataError(
             f"--source {cfg.source} gives only {stream_tokens} tokens, {num_pages} pages of {page_tokens}: "
-            "at least {MIN_PAGES} are needed (training and held-out pages)"
+            f"at least {MIN_PAGES} are needed (training and held-out pages)"
         )
     manifest = Manifest(
         dtype=dtype_name,

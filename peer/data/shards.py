@@ -404,6 +404,7 @@ class ShardedPageStore:
         self._shard_locks = [threading.Lock() for _ in self.manifest.shards]
         self._indexes: dict[int, bytes] = {}
         self._locations: dict[str, str] = {}
+        self._pool: ThreadPoolExecutor | None = None
         self._checked: set[str] = set()
         self._memory: OrderedDict[int, np.ndarray] = OrderedDict()
         self._memory_used = 0
@@ -506,8 +507,8 @@ class ShardedPageStore:
                         with self._shard_locks[s]:
                             shard_path = self.fetcher.cached(entry.sha256) or self._fetch_shard(s)
                 if shard_path is None:
-                    return _pread(page_path, 0, m.page_bytes), f"cached page {page_path}"
-            return _pread(shard_path, offset, m.page_bytes), f"shard {entry.name}"
+                    return _pread(page_path, 0, m.page_bytes), page_path
+            return _pread(shard_path, offset, m.page_bytes), shard_path
         path = self._object(entry.name, entry.sha256, entry.bytes, f"shard {entry.name}")
         return _pread(path, offset, m.page_bytes), str(path)
 
@@ -530,7 +531,12 @@ class ShardedPageStore:
                 self._memory.move_to_end(page_id)
                 return arr
         data, origin = self._read_page_bytes(page_id)
-        arr = self._check_page(page_id, data, origin)
+        try:
+            arr = self._check_page(page_id, data, origin)
+        except DataError:
+            if self.remote:  # a cache object changed on disk: drop it, the next read fetches it again
+                Path(origin).unlink(missing_ok=True)
+            raise
         with self._lock:
             if page_id not in self._memory and arr.nbytes <= self.memory_bytes:
                 self._memory[page_id] = arr
@@ -549,8 +555,9 @@ class ShardedPageStore:
             for p in todo:
                 self._page_array(p)
             return
-        with ThreadPoolExecutor(max_workers=min(self.workers, len(todo))) as pool:
-            list(pool.map(self._page_array, todo))
+        if self._pool is None:  # kept: its threads keep their HTTP connections alive between rounds
+            self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="pages")
+        list(self._pool.map(self._page_array, todo))
 
     def page(self, page_id: int) -> torch.Tensor:
         """Token ids of a page as [samples_per_page, seq_len + 1] int64."""
@@ -579,6 +586,10 @@ class ShardedPageStore:
         return Tokenizer.from_str(data.decode())
 
     def close(self) -> None:
+        """Stop the fetch threads (their kept-alive connections close with them)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         self.fetcher.close()
 
 
