@@ -1,7 +1,7 @@
 """``peer data``: build a sharded token data set, or inspect and prefetch one.
 
-    peer data build --source hf:HuggingFaceFW/fineweb-edu:sample-10BT@train --tokenizer gpt2 \\
-                    --config llama-125m --out /data/fineweb-125m
+    peer data build --source hf:HuggingFaceFW/fineweb-edu:sample-10BT@train \\
+                    --tokenizer TinyLlama/TinyLlama-1.1B-Chat-v1.0 --config llama-125m --out /data/fw-125m
     peer data build --source ./my-texts --out ./my-data          # the debug config's own tokenizer, offline
     peer data info  --data https://host/path/manifest.json       # fingerprint, pages, shards
     peer data fetch --data https://host/path/manifest.json --pages heldout
