@@ -399,3 +399,31 @@ def test_peer_join_trains_on_a_served_data_set(procs, tmp_path, dataset, debug_c
         eval_pages(0, b"heldout-curve", store.heldout_pages, 2)
     )
     assert requested and requested <= _shards_of(store, used)  # only the shards of the pages it used
+
+
+def test_replay_refuses_other_data_than_the_round_used():
+    from validator.replay import _check_same_data
+    from validator.store import CandidateRecord, ReplayError, RoundRecord
+
+    def rec(*cands):
+        return RoundRecord(
+            run_id="r",
+            config_name="debug",
+            netuid=None,
+            round=5,
+            seed_hex="00",
+            base_sha256="0" * 64,
+            base_state_hash="0" * 64,
+            candidates=list(cands),
+        )
+
+    used = CandidateRecord(uid=1, hotkey="a", manifest={"data_fingerprint": "a" * 64})
+    refused = CandidateRecord(
+        uid=2, hotkey="b", manifest={"data_fingerprint": "b" * 64}, rejected="fingerprint"
+    )
+    _check_same_data(rec(used, refused), "a" * 64)
+    _check_same_data(
+        rec(CandidateRecord(uid=3, hotkey="c")), "c" * 64
+    )  # nothing accepted: nothing to compare
+    with pytest.raises(ReplayError, match="pass the validator's --data"):
+        _check_same_data(rec(used, refused), "b" * 64)  # a refused peer's data does not count
