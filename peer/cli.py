@@ -25,6 +25,7 @@ SUBCOMMAND_MODULES = [
     "peer.status",
     "peer.chain.cli",
     "peer.doctor",
+    "peer.data.cli",
 ]
 
 

@@ -55,6 +55,12 @@ def register(sub) -> None:
         default=None,
         help="offline corpus folder (default: $GRADSWARM_CORPUS or .cache/corpus)",
     )
+    g.add_argument(
+        "--data",
+        default=None,
+        help="sharded data set: URL or path of its manifest.json (`peer data build`); fetched lazily into "
+        "<data-dir>/shard-cache (default: the built-in corpus)",
+    )
     g = p.add_argument_group("swarm")
     g.add_argument(
         "--run-id", default="gradswarm", help="swarm name; every peer and validator of a swarm uses the same"
@@ -231,6 +237,7 @@ def run(args) -> int:
         home=home,
         data_dir=data_dir,
         corpus_dir=args.corpus_dir,
+        data=args.data,
         device=device,
         optimizer=optimizer,
         compression=args.compression,

@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="offline corpus folder (default: $GRADSWARM_CORPUS or .cache/corpus)",
     )
+    g.add_argument(
+        "--data",
+        default=None,
+        help="sharded data set: URL or path of its manifest.json, the same as the peers' (default: built-in corpus)",
+    )
     g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g = p.add_argument_group("swarm")
@@ -140,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepared data (default: ~/.cache/gradswarm/data/<config>)",
     )
     r.add_argument("--corpus-dir", type=Path, default=None, help="offline corpus folder")
+    r.add_argument("--data", default=None, help="sharded data set (manifest URL or path) the round used")
     r.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     r.add_argument("--json", action="store_true", help="print the replayed scores as JSON instead of a table")
     r.set_defaults(func=cmd_replay)
@@ -166,7 +172,7 @@ def cmd_run(args) -> int:
     from peer.chain.membership import ensure_registered
     from peer.chain.wallet import load_coldkey, load_hotkey, wallet_config_from_args
     from peer.config import load_run_config
-    from peer.data.pages import PageStore, prepare_data
+    from peer.data.shards import open_page_store
     from peer.net.fetch import FetchClient, FetchConfig
     from peer.tracking import make_tracker, tracking_config_from_args
     from validator.evaluation import EvalConfig, Evaluator
@@ -195,8 +201,7 @@ def cmd_run(args) -> int:
         or Path.home() / ".gradswarm" / args.run_id / f"validator-{wallet.name}-{wallet.hotkey}"
     )
     data_dir = args.data_dir or _default_data_dir(run_cfg.name)
-    prepare_data(run_cfg.data, data_dir, args.corpus_dir)
-    pages = PageStore(data_dir, run_cfg.data)
+    pages = open_page_store(args.data, data_dir, run_cfg.data, args.corpus_dir)
     store = ValidatorStore(state_dir)
 
     chain = connect(chain_cfg)
@@ -320,7 +325,9 @@ def cmd_replay(args) -> int:
     store = ValidatorStore(args.state_dir)
     rec = store.load_round(args.round)
     data_dir = args.data_dir or _default_data_dir(rec.config_name)
-    result = replay_round(store, args.round, data_dir, device=args.device, corpus_dir=args.corpus_dir)
+    result = replay_round(
+        store, args.round, data_dir, device=args.device, corpus_dir=args.corpus_dir, data=args.data
+    )
     if args.json:
         print(
             json.dumps(

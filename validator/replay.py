@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peer.config import load_run_config
-from peer.data.pages import PageStore, prepare_data
+from peer.data.shards import open_page_store
 from peer.net.outbox import decode_state
 from validator.evaluation import Candidate, EvalConfig, Evaluator
 from validator.scoring import BurnPolicy, EmaState, ScoringConfig, normalize_weights, score_round, update_ema
@@ -51,12 +51,13 @@ def replay_round(
     device: str | None = None,
     corpus_dir: Path | None = None,
     evaluator: Evaluator | None = None,
+    data: str | None = None,
 ) -> ReplayResult:
     rec = store.load_round(round_)
     run = load_run_config(rec.config_name)
     eval_cfg, scoring_cfg = configs_from_record(rec, device)
-    prepare_data(run.data, data_dir, corpus_dir)
-    pages = PageStore(data_dir, run.data)
+    pages = open_page_store(data, data_dir, run.data, corpus_dir)
+    _check_same_data(rec, pages.fingerprint)
     base = decode_state(store.read_blob(rec.base_sha256))
     candidates = []
     for c in rec.candidates:
@@ -89,6 +90,17 @@ def replay_round(
     replayed.ema_after = ema_after.to_json()
     replayed.weights = {**rec.weights, "uids": weights.uids, "weights": weights.weights}
     return ReplayResult(logged=rec, replayed=replayed, mismatches=compare(rec, replayed))
+
+
+def _check_same_data(rec: RoundRecord, fingerprint: str) -> None:
+    """Refuse to replay on other data than the round's accepted contributions were trained on."""
+    used = {c.manifest.get("data_fingerprint") for c in rec.candidates if c.manifest and c.rejected is None}
+    used.discard(None)
+    if used and fingerprint not in used:
+        raise ReplayError(
+            f"round {rec.round} was scored on data {sorted(used)[0][:16]}…, this data is {fingerprint[:16]}…: "
+            "pass the validator's --data (or --data-dir)"
+        )
 
 
 def _close(a, b) -> bool:

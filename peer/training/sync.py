@@ -20,7 +20,8 @@ import time
 import torch
 
 from peer.data.model import build_model, lm_loss
-from peer.data.pages import PageStore, assign_pages, prepare_data
+from peer.data.pages import assign_pages
+from peer.data.shards import open_page_store
 from peer.net.outbox import Outbox, encode_delta, sha256_hex
 from peer.net.records import BlobRef, ContributionManifest
 from peer.tracking import Tracker
@@ -40,8 +41,7 @@ def run_sync(
     run = cfg.run
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    prepare_data(run.data, cfg.data_dir, cfg.corpus_dir)
-    store = PageStore(cfg.data_dir, run.data)
+    store = open_page_store(cfg.data, cfg.data_dir, run.data, cfg.corpus_dir)
     model = build_model(run, cfg.device)
     params = [p for _, p in model.named_parameters()]
     names = [n for n, _ in model.named_parameters()]

@@ -28,7 +28,8 @@ import torch
 
 from peer.config import RunConfig
 from peer.data.model import build_model, count_parameters, evaluate_loss, lm_loss
-from peer.data.pages import PageStore, assign_pages, eval_pages, prepare_data, round_batches
+from peer.data.pages import assign_pages, eval_pages, round_batches
+from peer.data.shards import open_page_store
 from peer.errors import CheckpointError, ConfigError
 from peer.net.outbox import (
     Outbox,
@@ -79,6 +80,8 @@ class TrainerConfig:
     """Prepared data (tokenizer + pages); shared by peers on one machine."""
     corpus_dir: Path | None = None
     """Offline corpus folder (default: $GRADSWARM_CORPUS or the repo's .cache/corpus)."""
+    data: str | None = None
+    """Sharded data set (manifest URL or path, ``peer join --data``); None = the built-in corpus."""
     device: str = "cpu"
     """``cpu`` or ``cuda[:i]``."""
     optimizer: str = "adamw"
@@ -169,8 +172,7 @@ class Trainer:
         run = cfg.run
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        prepare_data(run.data, cfg.data_dir, cfg.corpus_dir)
-        self.store = PageStore(cfg.data_dir, run.data)
+        self.store = open_page_store(cfg.data, cfg.data_dir, run.data, cfg.corpus_dir)
         self.model = build_model(run, cfg.device)
         self.state = DilocoState(self.model, run.train, cfg.optimizer)
         self.state_lock = threading.Lock()
