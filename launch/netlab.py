@@ -136,7 +136,15 @@ class LinkShape:
     def tbf_args(self) -> list[str]:
         rate_bytes = self.rate_mbit * 1e6 / 8
         burst = max(int(rate_bytes / 100), 8 * 1514)  # ~10 ms of traffic, at least a few full frames
-        return ["tbf", "rate", f"{self.rate_mbit}mbit", "burst", str(burst), "latency", f"{self.latency_ms}ms"]
+        return [
+            "tbf",
+            "rate",
+            f"{self.rate_mbit}mbit",
+            "burst",
+            str(burst),
+            "latency",
+            f"{self.latency_ms}ms",
+        ]
 
 
 class NetLab:
