@@ -191,7 +191,8 @@ def round_plan(
     Reserve = matchmaking + 1.5× that at the rate + 2 s; rounds are estimates sized from measured steps."""
     wire_s = 2 * (peers - 1) / peers * params * 8 / (rate_mbit * 1e6) if rate_mbit > 0 else 0.5
     reserve = round(3.0 + 1.5 * wire_s + 2.0, 1)
-    return round(inner_steps * step_s * 1.15 + reserve, 1), reserve
+    train_s = max(inner_steps * step_s * 1.15, 3.0)  # a peer must start training ≥ matchmaking before the stop
+    return round(train_s + reserve, 1), reserve
 
 
 def figure(res: SwarmResult, round_s: float, params: int, base: float) -> dict:
