@@ -74,7 +74,7 @@ def single_process_curve(
     from peer.data.pages import PageStore, eval_pages
     from peer.training.diloco import make_inner_optimizer
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    torch.set_num_threads(1)  # what it learns does not depend on threads; 1 is fastest on a shared box
     cfg = load_run_config(config)
     train = cfg.train
     store = PageStore(data_dir(config), cfg.data)
@@ -119,7 +119,11 @@ def main() -> int:
     parser.add_argument("--eval-pages", type=int, default=16)
     parser.add_argument("--peer-args", default="", help="extra `peer join` flags, e.g. overlapped rounds")
     args = parser.parse_args()
+    import signal
+
     from peer.config import load_run_config
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: no stray peers
 
     cfg = load_run_config(args.config)
     round_s = args.round_seconds or cfg.train.round_seconds

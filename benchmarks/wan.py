@@ -191,7 +191,9 @@ def round_plan(
     Reserve = matchmaking + 1.5× that at the rate + 2 s; rounds are estimates sized from measured steps."""
     wire_s = 2 * (peers - 1) / peers * params * 8 / (rate_mbit * 1e6) if rate_mbit > 0 else 0.5
     reserve = round(3.0 + 1.5 * wire_s + 2.0, 1)
-    train_s = max(inner_steps * step_s * 1.15, 3.0)  # a peer must start training ≥ matchmaking before the stop
+    train_s = max(
+        inner_steps * step_s * 1.15, 3.0
+    )  # a peer must start training ≥ matchmaking before the stop
     return round(train_s + reserve, 1), reserve
 
 
@@ -223,6 +225,9 @@ def main() -> int:
     parser.add_argument("--round-seconds", type=float, help="fix the round length instead of sizing it")
     parser.add_argument("--reserve", type=float, help="fix the averaging reserve instead of sizing it")
     parser.add_argument("--baseline-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--baseline-threads", default="1,2", help="thread counts tried for the baseline (the best counts)"
+    )
     parser.add_argument("--mode-args", default="", help="extra `peer join` flags (e.g. overlapped rounds)")
     parser.add_argument("--label", default=None, help="name of the mode in the output (default: the args)")
     args = parser.parse_args()
@@ -253,9 +258,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
         for rep in range(args.repeats):
-            bases = {n: baseline_samples_per_s(args.config, args.baseline_seconds, n) for n in (1, 2)}
+            threads = [int(x) for x in args.baseline_threads.split(",")]
+            bases = {n: baseline_samples_per_s(args.config, args.baseline_seconds, n) for n in threads}
             base = max(bases.values())
-            step_s = cfg.train.batch_size / bases[1]
+            step_s = cfg.train.batch_size / bases[min(threads)]
             print(json.dumps({"repeat": rep, "baseline_samples_per_s_by_threads": bases}), flush=True)
             for rate in rates:
                 round_s, reserve = round_plan(step_s, args.inner_steps, params, 2, rate)
