@@ -17,7 +17,7 @@ in a host with ``ip netns exec <ns> …`` (:meth:`NetLab.wrap`).
 What this cannot emulate: latency, jitter and loss (the kernel here has no ``netem``), NAT and
 firewalls (no iptables/nft). Only bandwidth.
 
-Cleanup: namespace names carry the creating process's pid (``gsw<pid>-…``), so concurrent labs do not
+Cleanup: namespace names carry the creating process's pid (``gsw<pid>-<n>…``), so concurrent labs do not
 collide. Leaving the ``with`` block — normally, on an exception, on KeyboardInterrupt, or on SIGTERM
 (turned into SystemExit while the lab is open) — kills what :meth:`NetLab.spawn` started and deletes
 every namespace (their veths go with them). A lab whose owner was SIGKILLed is removed by the next lab
@@ -41,7 +41,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 PREFIX = "gsw"
-"""Namespace name prefix; names are ``gsw<pid>-hub`` and ``gsw<pid>-h<i>``."""
+"""Namespace name prefix; names are ``gsw<pid>-<n>hub`` and ``gsw<pid>-<n>h<i>`` (n-th lab of the process)."""
 SUBNET = "10.213.0"
 """The lab's /24. Addresses exist only inside the lab's namespaces."""
 _NAME = re.compile(rf"^{PREFIX}(\d+)-[A-Za-z0-9]+$")
@@ -150,6 +150,8 @@ class LinkShape:
 class NetLab:
     """Namespaces, bridge, veths and caps for ``hosts``; a context manager that always cleans up."""
 
+    _count = 0
+
     def __init__(self, hosts: Sequence[str], rate_mbit: Mapping[str, float | None] | float | None = None):
         if len(set(hosts)) != len(hosts) or not hosts:
             raise ValueError("hosts must be distinct names")
@@ -162,9 +164,10 @@ class NetLab:
         if unknown:
             raise ValueError(f"rate for unknown host(s) {sorted(unknown)}")
         self.shapes = {h: LinkShape(rate_mbit=r) for h, r in rate_mbit.items() if r is not None}
-        tag = f"{PREFIX}{os.getpid()}"
-        self.hub = f"{tag}-hub"
-        self.ns = {h: f"{tag}-h{i}" for i, h in enumerate(self.hosts)}
+        NetLab._count += 1  # two labs of one process get different names too
+        tag = f"{PREFIX}{os.getpid()}-{NetLab._count}"
+        self.hub = f"{tag}hub"
+        self.ns = {h: f"{tag}h{i}" for i, h in enumerate(self.hosts)}
         self._addr = {h: f"{SUBNET}.{i + 2}" for i, h in enumerate(self.hosts)}
         self._created: list[str] = []
         self._children: list[subprocess.Popen] = []
