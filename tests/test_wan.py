@@ -114,3 +114,14 @@ def test_three_peers_under_20mbit_stay_bit_identical(lab_ok, procs, debug_data, 
         names = set(lab.ns.values()) | {lab.hub}
     assert not names & set(list_namespaces())
     print(f"3 identical averaged rounds under {RATE_MBIT} Mbit/s after {elapsed:.0f}s of peers running")
+
+
+def test_unavailable_lab_says_why_in_one_line(monkeypatch):
+    import launch.netlab as netlab
+
+    monkeypatch.setattr(netlab.os, "geteuid", lambda: 1000)
+    assert netlab.lab_unavailable() == "the bandwidth lab needs root (ip netns, veth, tc): run as root"
+    monkeypatch.setattr(netlab.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(netlab.shutil, "which", lambda tool: None if tool == "tc" else "/usr/sbin/ip")
+    reason = netlab.lab_unavailable()
+    assert "iproute2" in reason and "tc" in reason and "\n" not in reason
