@@ -198,7 +198,11 @@ def round_plan(
 
 
 def figure(res: SwarmResult, round_s: float, params: int, base: float) -> dict:
+    keys = ("round", "inner_steps", "samples", "train_seconds", "status", "averaging_seconds", "bytes_sent")
+    print(json.dumps({"raw_rounds": [[{k: x[k] for k in keys} for x in r] for r in res.rounds]}), flush=True)
     usable = [r[1:] for r in res.rounds]
+    if min(len(r) for r in usable) == 0:
+        raise RuntimeError("a peer finished fewer than 2 rounds (the first is skipped): raise --rounds")
     fig = diloco_figures(res.rounds, round_s, params)
     fig["utilisation"] = fig["aggregate_samples_per_s"] / base
     avg = [x["averaging_seconds"] for r in usable for x in r if x["status"] == "averaged"]
