@@ -75,5 +75,29 @@ def test_bad_config_is_a_clear_error(tmp_path, text, message):
 
 
 def test_unknown_config_lists_shipped_ones():
-    with pytest.raises(ConfigError, match="shipped: debug"):
+    with pytest.raises(ConfigError, match="shipped: .*debug"):
         load_run_config("nope")
+
+
+def test_benchmark_configs():
+    """bench-5m has the anchors' shape (OpenDiLoCo's small model); small is ~30M parameters."""
+    sizes = {}
+    for name in ("bench-5m", "small"):
+        cfg = load_run_config(name)
+        with torch.device("meta"):
+            sizes[name] = count_parameters(build_model(cfg, "meta"))
+        assert cfg.data.seq_len == 256 and cfg.train.batch_size == 8
+    bench = load_run_config("bench-5m").model
+    assert (
+        bench.hidden_size,
+        bench.num_hidden_layers,
+        bench.num_attention_heads,
+        bench.intermediate_size,
+    ) == (
+        256,
+        4,
+        4,
+        688,
+    )
+    assert 4e6 < sizes["bench-5m"] < 6e6
+    assert 25e6 < sizes["small"] < 35e6
