@@ -152,3 +152,30 @@ def test_centered_clip_bounds_each_step_but_keeps_a_pull():
     assert float((one - inside * 4 / 5 - mean / 5).norm()) <= tau / 5 + 1e-4
     fixed = centered_clip([*honest, far], [1.0] * 5, tau=tau, iters=50)
     assert float((fixed - mean).norm()) > 0.5 * tau / 4  # a bounded but lasting pull
+
+
+def test_poisoning_behaviours():
+    from peer.training import behaviour as bh
+    from peer.training.behaviour import Behaviour
+
+    g = torch.Generator().manual_seed(7)
+    d1 = [torch.randn(50, 4, generator=g), torch.randn(9, generator=g)]
+    d2 = [torch.randn(50, 4, generator=g), torch.randn(9, generator=g)]
+
+    def norm(ts):
+        return float(torch.sqrt(sum((t.double() ** 2).sum() for t in ts)))
+
+    for b, c in [(Behaviour.SIGN_FLIP, -1), (Behaviour.SIGN_FLIP_3, -3), (Behaviour.SIGN_FLIP_10, -10)]:
+        sent, w = bh.averaging_input(b, d1)
+        assert w == 1.0 and all(torch.equal(s, t * c) for s, t in zip(sent, d1, strict=True))
+        assert all(torch.equal(s, t * c) for s, t in zip(bh.published_delta(b, d1, None, 0), d1, strict=True))
+    assert torch.equal(bh.averaging_input(Behaviour.SIGN_FLIP_100, d1)[0][1], d1[1] * -100)
+    noise, _ = bh.averaging_input(Behaviour.NOISE, d1)
+    assert abs(norm(noise) - 10 * norm(d1)) < 1e-3 * norm(d1)
+    assert not torch.equal(noise[0], bh.averaging_input(Behaviour.NOISE, d2)[0][0])  # fresh every round
+    c1, _ = bh.averaging_input(Behaviour.COLLUDE, d1)
+    c2, _ = bh.averaging_input(Behaviour.COLLUDE, d2)
+    assert abs(norm(c1) - 3 * norm(d1)) < 1e-3 * norm(d1)
+    flat1, flat2 = torch.cat([t.reshape(-1) for t in c1]), torch.cat([t.reshape(-1) for t in c2])
+    assert float(torch.nn.functional.cosine_similarity(flat1, flat2, dim=0)) > 0.9999  # one direction
+    assert bh.trains(Behaviour.NOISE, 3) and bh.trains(Behaviour.COLLUDE, 0)
