@@ -43,6 +43,7 @@ import json
 import multiprocessing as mp
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -294,6 +295,97 @@ def allreduce_timing(reps: int, values: int) -> dict:
     return {"values": values, "seconds": times, "ratios": ratios, "rule_seconds_one_part": rule_s}
 
 
+# ------------------------------------------------------------------------------- real swarm part
+
+
+def _read_swarm(run_dir: Path) -> dict:
+    """Per round: status, hash and held-out loss of every peer of a ``launch.local_subnet`` run."""
+    rounds: dict[int, dict[str, dict]] = {}
+    for f in sorted((run_dir / "peers").glob("*/rounds.jsonl")):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rounds.setdefault(r["round"], {})[f.parent.name] = r
+    return rounds
+
+
+def _check_hashes(per_round: dict) -> tuple[int, int, int]:
+    """(rounds checked, rounds where peers that started from the same θ_r and averaged in one group ended
+    with different θ_{r+1}, rounds whose group mixed peers that started from different θ_r).
+
+    A peer's θ_r is its previous round's hash, or the majority's if it downloaded the state this round.
+    Peers that averaged from different θ_r end apart by construction (the same average applied to
+    different states); that is the sync step's business, not the all-reduce's, and is counted apart."""
+    checked = split = mixed = 0
+    previous: dict[str, str] = {}
+    for r in sorted(per_round):
+        peers = per_round[r]
+        majority = max(set(previous.values()), key=list(previous.values()).count) if previous else None
+        averaged = {name: p for name, p in peers.items() if p["status"] == "averaged"}
+        bases = {
+            name: (majority if p["synced_from_peer"] else previous.get(name)) for name, p in averaged.items()
+        }
+        if averaged:
+            checked += 1
+            if len(set(bases.values())) > 1:
+                mixed += 1
+            by_base: dict = {}
+            for name, p in averaged.items():
+                by_base.setdefault(bases[name], set()).add(p["state_hash"])
+            if any(len(h) > 1 for h in by_base.values()):
+                split += 1
+        previous = {name: p["state_hash"] for name, p in peers.items()}
+    return checked, split, mixed
+
+
+def real_swarm(pairs: int, rounds: int, honest: int, attack: str) -> dict:
+    """Real ``peer join`` processes via ``python -m launch.local_subnet --validators 0``: ``honest`` honest
+    peers with and without one ``attack`` peer, alternating, ``pairs`` times. Checks that every peer that
+    averaged in a round holds the same state hash, and compares held-out loss after ``rounds`` rounds
+    (the ``rounds``-th round each run trained; wall-clock rounds, so inner steps vary between runs)."""
+    out = []
+    for k in range(pairs):
+        pair = {}
+        for with_attack in (True, False) if k % 2 == 0 else (False, True):
+            run_dir = Path(tempfile.mkdtemp(prefix="gradswarm-bench-robust-swarm-"))
+            cmd = [
+                sys.executable, "-m", "launch.local_subnet", "--config", str(REPO / "launch" / "demo.yaml"),
+                "--peers", str(honest), "--behaviours", attack if with_attack else "", "--validators", "0",
+                "--rounds", str(rounds), "--run-dir", str(run_dir / "run"),
+            ]  # fmt: skip
+            t0 = time.time()
+            proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60 * rounds + 600)
+            if proc.returncode != 0:
+                raise RuntimeError(f"launcher failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            per_round = _read_swarm(run_dir / "run")
+            checked, split, mixed = _check_hashes(per_round)
+            honest_curve = [
+                peers["peer-0"]["heldout_loss"] for _, peers in sorted(per_round.items()) if "peer-0" in peers
+            ]
+            pair["attack" if with_attack else "clean"] = {
+                "rounds_checked": checked,
+                "rounds_with_different_hashes_in_one_group": split,
+                "rounds_whose_group_mixed_bases": mixed,
+                "curve": honest_curve,
+                "seconds": time.time() - t0,
+                "inner_steps": [r["inner_steps"] for peers in per_round.values() for r in peers.values()],
+            }
+        n = min(len(pair["attack"]["curve"]), len(pair["clean"]["curve"]), rounds)
+        pair["ratio"] = pair["attack"]["curve"][n - 1] / pair["clean"]["curve"][n - 1]
+        pair["at_round_index"] = n
+        print(
+            f"  real swarm pair {k}: {honest} honest + {attack} ÷ {honest} honest after {n} rounds: "
+            f"{pair['attack']['curve'][n - 1]:.4f} / {pair['clean']['curve'][n - 1]:.4f} = {pair['ratio']:.4f}; "
+            f"rounds checked {pair['attack']['rounds_checked']} + {pair['clean']['rounds_checked']}, "
+            f"rounds with split hashes (same base) {pair['attack']['rounds_with_different_hashes_in_one_group']} + "
+            f"{pair['clean']['rounds_with_different_hashes_in_one_group']}, rounds with mixed bases "
+            f"{pair['attack']['rounds_whose_group_mixed_bases']} + {pair['clean']['rounds_whose_group_mixed_bases']}",
+            flush=True,
+        )
+        out.append(pair)
+    return {"pairs": out, "ratios": [p["ratio"] for p in out]}
+
+
 # -------------------------------------------------------------------------------------------- main
 
 
@@ -332,12 +424,20 @@ def main() -> int:
     p.add_argument("--timing-reps", type=int, default=3)
     p.add_argument("--timing-values", type=int, default=8_000_000, help="values all-reduced in the timing")
     p.add_argument("--only-timing", action="store_true")
+    p.add_argument("--real-swarm", type=int, default=0, metavar="PAIRS", help="also run real swarms (pairs)")
+    p.add_argument("--real-rounds", type=int, default=12)
+    p.add_argument("--real-attack", default="sign-flip-10")
+    p.add_argument("--skip-sim", action="store_true")
     p.add_argument("--skip-timing", action="store_true")
     p.add_argument("--out", default=None, help="write all results as JSON here")
     args = p.parse_args()
 
     out: dict = {"args": vars(args)}
-    if not args.only_timing:
+    if args.real_swarm:
+        out["real_swarm"] = real_swarm(args.real_swarm, args.real_rounds, 3, args.real_attack)
+        r = out["real_swarm"]["ratios"]
+        print(f"real swarm ratio worst {max(r):.4f} median {statistics.median(r):.4f} ({len(r)} pairs)")
+    if not args.only_timing and not args.skip_sim:
         data_dir = Path(tempfile.gettempdir()) / "gradswarm-bench-robustness-data"
         prepare_data(load_run_config("debug").data, data_dir)
         honest_counts = [int(x) for x in args.honest.split(",")]

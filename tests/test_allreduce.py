@@ -79,8 +79,11 @@ def test_consensus_allreduce_is_bit_identical_and_close_to_mean(dhts):
     hashes = {hash_tensors((str(i), t) for i, t in enumerate(r)) for r in results}
     assert len(hashes) == 1, "all peers must hold bit-identical averages"
     mean = [torch.stack(ts).mean(0) for ts in zip(*inputs, strict=True)]
-    err = max(float((a - m).abs().max()) for a, m in zip(results[0], mean, strict=True))
-    assert err < 0.05  # 8-bit blockwise quantisation error on N(0, 1/3)-ish means
+    # 8-bit blockwise quantisation error, plus the robust rule's re-weighting: three unrelated random
+    # senders sit at slightly different distances from their centre and get slightly unequal weights
+    # (a few % on the 35-value tensor, well under 1 % on the large ones)
+    for a, m in zip(results[0], mean, strict=True):
+        assert float((a - m).norm() / m.norm()) < (0.2 if m.numel() < 100 else 0.03)
     total_values = sum(t.numel() for t in inputs[0])
     for sent, received, _ in counters:
         floor = 2 * (3 - 1) / 3 * total_values * 4  # fp32 ring all-reduce bytes per peer
@@ -201,3 +204,23 @@ def test_robust_reducer_ignores_a_sign_flipped_part_in_any_arrival_order():
         assert torch.equal(_reduce(parts, [1.0] * 5, rule, order=order), first)  # bit-identical
     mean = torch.stack(honest).mean(0)
     assert float((first - mean).norm()) < 0.02 * float(mean.norm())
+
+
+def test_sign_flipped_sender_is_left_out_and_peers_stay_identical(dhts):
+    """Real averagers, two honest senders and one sending −10 × its Δ: every part's owner (the attacker's
+    own reducer runs honest code) averages with the robust rule, so all three end bit-identical and close
+    to the honest senders' mean, not pulled toward the flipped one."""
+    from peer.training.allreduce import ConsensusAverager
+
+    g = torch.Generator().manual_seed(5)
+    common = [torch.randn(60_000, generator=g), torch.randn(5000, generator=g)]
+    honest = [[c + 0.6 * torch.randn(c.shape, generator=g) for c in common] for _ in range(3)]
+    inputs = [honest[0], honest[1], [-10 * t for t in honest[2]]]
+    results, counters = _run(dhts, [[t.clone() for t in ts] for ts in inputs], ConsensusAverager)
+    hashes = {hash_tensors((str(i), t) for i, t in enumerate(r)) for r in results}
+    assert len(hashes) == 1
+    mean = [(a + b) / 2 for a, b in zip(honest[0], honest[1], strict=True)]
+    got = torch.cat([t.reshape(-1) for t in results[0]])
+    want = torch.cat([t.reshape(-1) for t in mean])
+    assert float((got - want).norm() / want.norm()) < 0.05, float((got - want).norm() / want.norm())
+    assert sum(c[2] for c in counters) >= 2  # the flipped parts were counted as rejected

@@ -397,6 +397,14 @@ class ConsensusAverager(DecentralizedAverager):
             # all or nothing: results are copied in only after the whole all-reduce succeeded, so a failed
             # attempt never leaves half-averaged buffers behind for hivemind's retry with another group
             results = [result async for _, result in azip(as_aiter(*tensors), runner)]
+            # azip stops at the last tensor without resuming the runner, so its own check after the last
+            # result never runs: a reducer that failed mid-way would leave local values in its parts and
+            # the round would count as averaged while this peer's state silently differs
+            container = runner.tensor_part_container
+            if container.failed_size:
+                raise AllreduceException(
+                    f"{container.failed_size} of {container.total_size} values could not be averaged"
+                )
             for tensor, result in zip(tensors, results, strict=True):
                 tensor.copy_(result)
             self.last_updated = get_dht_time()
