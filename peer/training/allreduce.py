@@ -10,8 +10,9 @@ dequantized values. :class:`ConsensusAllReduceRunner` therefore
 * makes the owner apply ``dequantize(quantize(average))`` of its own part — the very bytes it sends;
 * drops non-finite incoming parts (a NaN sender is averaged in with weight 0, never poisons the mean)
   and clips outsized ones (``clip_ratio`` × our own part's norm, and ``max_part_norm``), then — with
-  every sender's part in hand — clips each to ``median_clip`` × the median norm of the senders' parts
-  (:class:`RobustPartReducer`), so one peer cannot steer the average of the parts we own;
+  every sender's part in hand — averages them with a robust rule (:class:`RobustPartReducer`,
+  :mod:`peer.training.robust`: size bounded to 2× the median norm, direction by a Tukey-biweight centre
+  that gives far-off parts weight 0), so one peer cannot steer the average of the parts we own;
 * zeroes a returned average no honest group could produce (non-finite, or longer than
   ``max_part_norm``: honest peers clip their whole pseudo-gradient to it), so a lying part owner
   cannot blow up the model — every honest receiver makes the same decision and stays identical;
@@ -29,7 +30,6 @@ import asyncio
 import ctypes
 import math
 import multiprocessing as mp
-import statistics
 from collections.abc import AsyncIterator, Sequence
 
 import torch
@@ -48,6 +48,8 @@ from hivemind.utils.asyncio import (
     azip,
 )
 from hivemind.utils.timed_storage import get_dht_time
+
+from peer.training.robust import RobustRule, robust_mean
 
 logger = get_logger(__name__)
 
@@ -70,17 +72,62 @@ class ByteCounters:
         return int(self._sent.value), int(self._received.value), int(self._rejected_parts.value)
 
 
+DEFAULT_RULE = RobustRule()
+"""The rule every part owner applies unless told otherwise (peers of one swarm should agree on it)."""
+
+
+def screen_part(
+    part: torch.Tensor,
+    weight: float,
+    own_part: torch.Tensor | None,
+    *,
+    clip_ratio: float | None,
+    max_part_norm: float | None,
+) -> tuple[torch.Tensor, float, int]:
+    """What a part owner does with one incoming part before the reducer sees it: ``(part, weight, rejected)``.
+
+    Non-finite parts are dropped (weight 0); a part longer than ``clip_ratio`` × the norm of our own part
+    (same slice of the same tensors) or than ``max_part_norm`` is scaled down to that bound."""
+    if not bool(torch.isfinite(part).all()):
+        return torch.zeros_like(part), 0.0, 1
+    rejected = 0
+    if clip_ratio is not None and own_part is not None:
+        own_norm = float(own_part.norm())
+        bound = clip_ratio * own_norm + 1e-12
+        norm = float(part.norm())
+        if math.isfinite(own_norm) and norm > bound:  # no reference if our own part is unusable
+            rejected += 1
+            part = part * (bound / norm)
+    if max_part_norm is not None:
+        norm = float(part.norm())
+        if norm > max_part_norm:
+            rejected += 1
+            part = part * (max_part_norm / norm)
+    return part, weight, rejected
+
+
+def check_average(averaged: torch.Tensor, max_part_norm: float | None) -> tuple[torch.Tensor, int]:
+    """A received average nobody honest could have produced becomes zeros: ``(tensor, rejected)``."""
+    if not bool(torch.isfinite(averaged).all()) or (
+        max_part_norm is not None and float(averaged.norm()) > max_part_norm * (1 + 1e-6)
+    ):
+        return torch.zeros_like(averaged), 1
+    return averaged, 0
+
+
 class RobustPartReducer(TensorPartReducer):
     """hivemind's reducer, but it keeps every sender's part and averages them only once all arrived.
 
-    Before averaging, each part is clipped to ``median_clip`` × the median L2 norm of the parts with
-    positive weight (a ×100 or otherwise outsized contribution ends up at most ``median_clip`` times a
-    typical one, even when our own part is small or unusable). The sum runs in sender order, so the
-    result does not depend on arrival order. With ``median_clip=None`` it is a plain weighted mean.
+    The average is :func:`peer.training.robust.robust_mean` under ``rule``: each part scaled down to
+    ``rule.norm_clip`` × the median norm, then the Tukey-biweight centre of the parts (a part farther
+    than ``rule.cutoff`` × the median distance from the centre gets weight 0; nearer ones pull by a
+    bounded amount). Senders are taken in sender order and the iteration count is fixed, so the result
+    does not depend on arrival order. ``rule=None`` (or :data:`peer.training.robust.PLAIN`) is the plain
+    weighted mean.
     """
 
-    def __init__(self, part_shapes, num_senders: int, *, median_clip: float | None, counters=None):
-        self.median_clip = median_clip
+    def __init__(self, part_shapes, num_senders: int, *, rule: RobustRule | None, counters=None):
+        self.rule = rule
         self.counters = counters
         self._inputs: dict[int, tuple[torch.Tensor, float]] = {}
         super().__init__(part_shapes, num_senders)
@@ -123,22 +170,15 @@ class RobustPartReducer(TensorPartReducer):
 
     def _robust_mean(self) -> torch.Tensor:
         inputs = [self._inputs[i] for i in sorted(self._inputs)]
-        norms = [float(t.norm()) for t, _ in inputs]
-        bound = None
-        if self.median_clip is not None:
-            counted = [n for n, (_, w) in zip(norms, inputs, strict=True) if w > 0]
-            if counted:
-                bound = self.median_clip * statistics.median(counted)
-        acc = torch.zeros(self.part_shapes[self.current_part_index])
-        denominator = 0.0
-        for (t, w), n in zip(inputs, norms, strict=True):
-            if bound is not None and w > 0 and n > bound:
-                t = t * (bound / n)
-                if self.counters is not None:
-                    self.counters.add(rejected=1)
-            acc.add_(t, alpha=w)
-            denominator += w
-        return acc.div_(denominator) if denominator > 0 else acc
+        parts = [t for t, _ in inputs]
+        weights = [w for _, w in inputs]
+        if not parts:
+            return torch.zeros(self.part_shapes[self.current_part_index])
+        rule = self.rule if self.rule is not None else RobustRule(norm_clip=None, cutoff=None)
+        averaged, rejected = robust_mean(parts, weights, rule)
+        if rejected and self.counters is not None:
+            self.counters.add(rejected=rejected)
+        return averaged
 
 
 class ConsensusAllReduceRunner(AllReduceRunner):
@@ -150,7 +190,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         counters: ByteCounters | None = None,
         clip_ratio: float | None = 4.0,
         max_part_norm: float | None = None,
-        median_clip: float | None = 2.0,
+        rule: RobustRule | None = DEFAULT_RULE,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -160,7 +200,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         self.tensor_part_reducer = RobustPartReducer(
             self.tensor_part_reducer.part_shapes,
             self.tensor_part_reducer.num_senders,
-            median_clip=median_clip,
+            rule=rule,
             counters=self.counters,
         )
         container = self.tensor_part_container
@@ -251,11 +291,9 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         honest receivers of the same part decide the same way and stay bit-identical; only the part's
         (lying) owner ends up with another state, which the next round's state agreement corrects.
         """
-        if not bool(torch.isfinite(averaged).all()) or (
-            self.max_part_norm is not None and float(averaged.norm()) > self.max_part_norm * (1 + 1e-6)
-        ):
-            self.counters.add(rejected=1)
-            return torch.zeros_like(averaged)
+        averaged, rejected = check_average(averaged, self.max_part_norm)
+        if rejected:
+            self.counters.add(rejected=rejected)
         return averaged
 
     def _screen(self, part: torch.Tensor, weight: float, part_index: int) -> tuple[torch.Tensor, float]:
@@ -264,21 +302,15 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         A part whose L2 norm exceeds ``clip_ratio`` × the norm of our own part (same slice of the same
         tensors) is scaled down to that bound, so one peer's ×100 pseudo-gradient cannot dominate.
         """
-        if not bool(torch.isfinite(part).all()):
-            self.counters.add(rejected=1)
-            return torch.zeros_like(part), 0.0
-        if self.clip_ratio is not None:
-            own_norm = float(self.parts_for_local_averaging[part_index].norm())
-            bound = self.clip_ratio * own_norm + 1e-12
-            norm = float(part.norm())
-            if math.isfinite(own_norm) and norm > bound:  # no reference if our own part is unusable
-                self.counters.add(rejected=1)
-                part = part * (bound / norm)
-        if self.max_part_norm is not None:
-            norm = float(part.norm())
-            if norm > self.max_part_norm:
-                self.counters.add(rejected=1)
-                part = part * (self.max_part_norm / norm)
+        part, weight, rejected = screen_part(
+            part,
+            weight,
+            self.parts_for_local_averaging[part_index],
+            clip_ratio=self.clip_ratio,
+            max_part_norm=self.max_part_norm,
+        )
+        if rejected:
+            self.counters.add(rejected=rejected)
         return part, weight
 
     async def _accumulate_parts_streaming(self, stream, sender_index: int):
@@ -334,14 +366,14 @@ class ConsensusAverager(DecentralizedAverager):
         state_provider=None,
         clip_ratio: float | None = 4.0,
         max_part_norm: float | None = None,
-        median_clip: float | None = 2.0,
+        rule: RobustRule | None = DEFAULT_RULE,
         **kwargs,
     ):
         self.counters = ByteCounters()
         self._state_provider = state_provider
         self.clip_ratio = clip_ratio
         self.max_part_norm = max_part_norm
-        self.median_clip = median_clip
+        self.rule = rule
         super().__init__(averaged_tensors, **kwargs)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
@@ -356,7 +388,7 @@ class ConsensusAverager(DecentralizedAverager):
             counters=self.counters,
             clip_ratio=self.clip_ratio,
             max_part_norm=self.max_part_norm,
-            median_clip=self.median_clip,
+            rule=self.rule,
             **kwargs,
         )
         assert group_id in self._running_groups, f"group {group_id} was not registered"
@@ -365,6 +397,14 @@ class ConsensusAverager(DecentralizedAverager):
             # all or nothing: results are copied in only after the whole all-reduce succeeded, so a failed
             # attempt never leaves half-averaged buffers behind for hivemind's retry with another group
             results = [result async for _, result in azip(as_aiter(*tensors), runner)]
+            # azip stops at the last tensor without resuming the runner, so its own check after the last
+            # result never runs: a reducer that failed mid-way would leave local values in its parts and
+            # the round would count as averaged while this peer's state silently differs
+            container = runner.tensor_part_container
+            if container.failed_size:
+                raise AllreduceException(
+                    f"{container.failed_size} of {container.total_size} values could not be averaged"
+                )
             for tensor, result in zip(tensors, results, strict=True):
                 tensor.copy_(result)
             self.last_updated = get_dht_time()

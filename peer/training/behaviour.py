@@ -15,6 +15,10 @@ random-data    Δ trained on pages *not* assigned to it                that Δ, 
 nan            a NaN Δ                                                nothing
 scaled         100 × its Δ                                            100 × Δ (clipped by reducers)
 sign-flip      −Δ                                                     −Δ
+sign-flip-3    −3 Δ  (also ``sign-flip-10``, ``sign-flip-100``)          −3 Δ  (−10 Δ, −100 Δ)
+noise          Gaussian noise, 10 × its Δ's norm                      that noise
+collude        one fixed seeded direction, 3 × its Δ's norm: every    that vector (colluders with
+               colluder sends the same direction                      equal Δ norms send one vector)
 stale          nothing in its first round (it trains then), after    nothing (weight 0)
                that the same old Δ every round (trains no more)
 =============  ======================================================  =============================
@@ -23,6 +27,7 @@ stale          nothing in its first round (it trains then), after    nothing (we
 from __future__ import annotations
 
 import enum
+import hashlib
 
 import torch
 
@@ -35,11 +40,57 @@ class Behaviour(enum.StrEnum):
     NAN = "nan"
     SCALED = "scaled"
     SIGN_FLIP = "sign-flip"
+    SIGN_FLIP_3 = "sign-flip-3"
+    SIGN_FLIP_10 = "sign-flip-10"
+    SIGN_FLIP_100 = "sign-flip-100"
+    NOISE = "noise"
+    COLLUDE = "collude"
     STALE = "stale"
 
     @property
     def is_honest(self) -> bool:
         return self is Behaviour.HONEST
+
+
+_FACTORS = {
+    Behaviour.SCALED: 100.0,
+    Behaviour.SIGN_FLIP: -1.0,
+    Behaviour.SIGN_FLIP_3: -3.0,
+    Behaviour.SIGN_FLIP_10: -10.0,
+    Behaviour.SIGN_FLIP_100: -100.0,
+}
+NOISE_SCALE = 10.0
+"""``noise`` sends Gaussian noise of this many times its own Δ's norm."""
+COLLUDE_SCALE = 3.0
+"""``collude`` sends the shared direction at this many times its own Δ's norm."""
+
+
+def _norm(delta: list[torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta)))
+
+
+def _gaussian(delta: list[torch.Tensor], seed: int, norm: float) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    noise = [torch.randn(d.shape, generator=g) for d in delta]
+    return [n * (norm / max(_norm(noise), 1e-30)) for n in noise]
+
+
+def poisoned(b: Behaviour, delta: list[torch.Tensor]) -> list[torch.Tensor] | None:
+    """The poisoned Δ an attacking behaviour sends instead of its own (None: not a poisoning behaviour).
+
+    ``noise`` seeds its noise with a hash of its Δ (fresh every round); ``collude`` uses one direction
+    seeded by a constant, so colluders need no channel to agree on it."""
+    if b in _FACTORS:
+        return [d * _FACTORS[b] for d in delta]
+    if b is Behaviour.NOISE:
+        seed = int.from_bytes(
+            hashlib.blake2b(delta[0].detach().contiguous().numpy().tobytes(), digest_size=7).digest(),
+            "little",
+        )
+        return _gaussian(delta, seed, NOISE_SCALE * _norm(delta))
+    if b is Behaviour.COLLUDE:
+        return _gaussian(delta, 424242, COLLUDE_SCALE * _norm(delta))
+    return None
 
 
 def trains(b: Behaviour, round_index: int) -> bool:
@@ -55,10 +106,9 @@ def averaging_input(b: Behaviour, delta: list[torch.Tensor]) -> tuple[list[torch
     """(tensors, weight) this peer feeds into the all-reduce."""
     if b in (Behaviour.FREE_RIDER, Behaviour.COPYCAT, Behaviour.NAN, Behaviour.STALE):
         return [torch.zeros_like(d) for d in delta], 0.0
-    if b is Behaviour.SCALED:
-        return [d * 100 for d in delta], 1.0
-    if b is Behaviour.SIGN_FLIP:
-        return [-d for d in delta], 1.0
+    bad = poisoned(b, delta)
+    if bad is not None:
+        return bad, 1.0
     return delta, 1.0
 
 
@@ -78,8 +128,7 @@ def published_delta(
         return [torch.zeros_like(d) for d in delta]
     if b is Behaviour.NAN:
         return [torch.full_like(d, float("nan")) for d in delta]
-    if b is Behaviour.SCALED:
-        return [d * 100 for d in delta]
-    if b is Behaviour.SIGN_FLIP:
-        return [-d for d in delta]
+    bad = poisoned(b, delta)
+    if bad is not None:
+        return bad
     return delta

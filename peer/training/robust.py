@@ -1,0 +1,203 @@
+"""Robust averaging of one part of the swarm's pseudo-gradient: the rule a part owner applies.
+
+The owner of a part holds every sender's slice of it (``n`` vectors ``x_i`` with sender weights
+``ω_i``) and must return one vector that honest senders' slices determine and that no single sender
+can steer far. Two steps, both pure functions of the *set* of (sender, part): senders are taken in
+sender order, the iteration count is fixed, nothing depends on arrival order or threads.
+
+1. **Bound size** (:func:`clip_to_median_norm`): each ``x_i`` is scaled down to ``norm_clip`` × the
+   median norm. A ×100 Δ becomes at most twice a typical one; its direction is left to step 2.
+2. **Bound direction** (:func:`biweight_mean`): an M-estimate of location with Tukey's biweight
+   (Beaton & Tukey 1974) on the L2 distance to the centre. Start at the coordinate-wise median
+   (breakdown point ½); then, a fixed number of times: ``d_i = ‖x_i − c‖``, scale ``s`` = median of
+   the ``d_i``, weight ``a_i = ω_i · (1 − (d_i / (C·s))²)²`` (0 beyond ``C·s``), ``c`` = the
+   ``a``-weighted mean. ``C`` is ``cutoff``.
+
+Guarantee (per part, for the final weighted mean around centre ``c``): sender ``j`` moves the result
+by ``a_j‖x_j − c‖ / Σa ≤ ω_j · 0.286·C·s / Σa`` in whatever direction it likes — with honest senders
+at the typical distance ``s`` each weighing ``(1 − 1/C²)²`` that is about ``0.55·s / n_honest`` for
+``C = 2.5`` — and by **nothing** once ``‖x_j − c‖ ≥ C·s``. A sign-flipped, ×100 or noise Δ sits
+several ``s`` away from the honest centre (honest Δs of one round share a direction; their distances
+to the centre concentrate near ``s``), so it gets weight 0 instead of the bounded-but-nonzero pull that
+a Huber-type rule such as CenteredClip (:func:`centered_clip`, Karimireddy et al. 2021; BTARD,
+Gorbunov et al. 2022) leaves it: with CenteredClip's radius τ an outlier still shifts the fixed point
+by ``τ / n_honest`` toward itself. What no distance-based rule can remove is an *inner* attack: a Δ
+placed just inside the honest cloud on its worst side; that one is bounded by the formula above.
+
+Parts are disjoint slices of the model's coordinates and each is reduced on its own, so per-part
+bounds compose in L2 over the model: a sender's total influence is at most the root of the sum of its
+squared per-part influences — it gains nothing by splitting its attack across parts.
+
+Breakdown: the median start and the median scale tolerate fewer than half of the senders being
+arbitrary; the weight cut makes gross outliers irrelevant as long as the honest senders are the
+majority *and* the closest group. Two or more colluders sending the same vector are a tight cluster
+that the median scale can mistake for the centre when they are close to half of the group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, kw_only=True)
+class RobustRule:
+    """How a part owner averages the senders' parts (see the module docstring)."""
+
+    norm_clip: float | None = 2.0
+    """Scale each part down to this × the median part norm before averaging (None: no size bound).
+    Lower it if one peer's ×k Δ still visibly moves the average; raise it if honest peers with many more
+    inner steps than the others (longer Δs) should count for more."""
+    cutoff: float | None = 2.5
+    """Tukey biweight cut-off ``C``, in units of the median distance to the centre (None: plain mean
+    after the size bound). Parts farther than ``C`` × that distance get weight 0. Symptom-driven tuning:
+    held-out loss worse with a sign-flipping or noisy peer in the group than without it → lower it
+    (not below ~1.8: honest distances spread ±15 % around the median, and an honest peer that trained
+    many more or fewer steps than the rest sits farther out); honest-only swarms converge slower than
+    with plain averaging, or ``rejected`` counts grow in honest groups → raise it."""
+    iters: int = 8
+    """Fixed number of re-weighting iterations (a fixed count keeps the result reproducible); 4–8
+    converge on the groups we measured, each costs two passes over the part."""
+
+    def __post_init__(self) -> None:
+        if self.norm_clip is not None and self.norm_clip <= 0:
+            raise ValueError(f"norm_clip must be > 0, got {self.norm_clip}")
+        if self.cutoff is not None and self.cutoff <= 1:
+            raise ValueError(f"cutoff must be > 1 (the median sender must count), got {self.cutoff}")
+        if self.iters < 1:
+            raise ValueError(f"iters must be >= 1, got {self.iters}")
+
+
+PLAIN = RobustRule(norm_clip=None, cutoff=None)
+"""No robustness: the weighted mean (the benchmark's baseline)."""
+MEDIAN_NORM_CLIP = RobustRule(norm_clip=2.0, cutoff=None)
+"""The previous defence: size bound only (2 × the median part norm), then the mean."""
+
+
+def _median(values: torch.Tensor) -> float:
+    """Median of a 1-D tensor (mean of the two middle values for an even count)."""
+    s = values.sort().values
+    k = len(s)
+    return float(s[k // 2]) if k % 2 else float((s[k // 2 - 1] + s[k // 2]) / 2)
+
+
+def coordinate_median(x: torch.Tensor) -> torch.Tensor:
+    """Coordinate-wise median of the rows of ``x`` ([n, d]); the middle two averaged for even ``n``."""
+    s = x.sort(dim=0).values
+    n = s.shape[0]
+    return s[n // 2].clone() if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def clip_to_median_norm(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], factor: float
+) -> tuple[list[torch.Tensor], int]:
+    """Scale parts longer than ``factor`` × the median norm (of positive-weight senders) down to it.
+
+    Returns the parts and how many were scaled."""
+    norms = [float(p.norm()) for p in parts]
+    counted = torch.tensor([n for n, w in zip(norms, weights, strict=True) if w > 0])
+    if len(counted) == 0:
+        return list(parts), 0
+    bound = factor * _median(counted)
+    out, clipped = [], 0
+    for p, n, w in zip(parts, norms, weights, strict=True):
+        if w > 0 and n > bound:
+            p = p * (bound / n)
+            clipped += 1
+        out.append(p)
+    return out, clipped
+
+
+def biweight_mean(
+    parts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    cutoff: float,
+    iters: int,
+    center0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tukey-biweight M-estimate of the centre of ``parts`` (see the module docstring).
+
+    Returns ``(centre, a)`` where ``a`` are the final per-sender weights normalised to sum 1 (0 for a
+    sender the rule ignored). Senders with weight ``ω ≤ 0`` are ignored throughout. ``center0``
+    overrides the coordinate-median start.
+    """
+    x = torch.stack([p.reshape(-1).float() for p in parts])
+    omega = torch.tensor([max(float(w), 0.0) for w in weights], dtype=torch.float32)
+    pos = omega > 0
+    if not bool(pos.any()):
+        return torch.zeros_like(x[0]).reshape(parts[0].shape), torch.zeros(len(parts))
+    center = coordinate_median(x[pos]) if center0 is None else center0.reshape(-1).float().clone()
+    a = omega
+    for _ in range(iters):
+        d = (x - center).norm(dim=1)
+        s = _median(d[pos])
+        if s > 0:
+            u = d / (cutoff * s)
+            a = omega * (1 - u.square()).clamp(min=0).square()
+        else:  # at least half the senders sit exactly on the centre: keep those
+            a = omega * (d == 0).float()
+        total = float(a.sum())
+        if total <= 0:
+            break
+        center = (a @ x) / total  # one BLAS pass; 28× faster than a broadcast sum at 5 × 2^19
+    total = float(a.sum())
+    return center.reshape(parts[0].shape), (a / total if total > 0 else a)
+
+
+def centered_clip(
+    parts: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    *,
+    tau: float,
+    iters: int,
+    center0: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CenteredClip (Karimireddy et al. 2021): ``v ← v + Σ ω_i clip_τ(x_i − v) / Σ ω_i``, ``iters`` times.
+
+    Starts at ``center0`` (default: the coordinate-wise median). Each step moves by at most ``τ·ω_j/Σω``
+    per sender; at the fixed point an outlier still pulls by ``τ / n_inside`` toward itself. Kept for
+    the benchmark's comparison (``benchmarks/robustness.py --rules``), not used by the reducer.
+    """
+    x = torch.stack([p.reshape(-1).float() for p in parts])
+    omega = torch.tensor([max(float(w), 0.0) for w in weights], dtype=torch.float32)
+    pos = omega > 0
+    if not bool(pos.any()):
+        return torch.zeros_like(x[0]).reshape(parts[0].shape)
+    v = coordinate_median(x[pos]) if center0 is None else center0.reshape(-1).float().clone()
+    total = float(omega.sum())
+    for _ in range(iters):
+        diff = x - v
+        d = diff.norm(dim=1).clamp(min=1e-30)
+        scale = (tau / d).clamp(max=1.0)
+        v = v + ((omega * scale) @ diff) / total
+    return v.reshape(parts[0].shape)
+
+
+def robust_mean(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], rule: RobustRule
+) -> tuple[torch.Tensor, int]:
+    """The part owner's average under ``rule``: size bound, then the biweight centre (or the mean).
+
+    Returns the average and how many senders the rule clipped or dropped (a drop: final weight below
+    1 % of an equal share), for the all-reduce's ``rejected`` counter."""
+    if not parts:
+        raise ValueError("robust_mean needs at least one part")
+    n_pos = sum(1 for w in weights if w > 0)
+    rejected = 0
+    if rule.norm_clip is not None:
+        parts, rejected = clip_to_median_norm(parts, weights, rule.norm_clip)
+    if rule.cutoff is not None and n_pos >= 3:  # two senders: no majority to tell who is off
+        center, a = biweight_mean(parts, weights, cutoff=rule.cutoff, iters=rule.iters)
+        rejected += int(
+            sum(1 for ai, w in zip(a.tolist(), weights, strict=True) if w > 0 and ai < 0.01 / n_pos)
+        )
+        return center, rejected
+    acc = torch.zeros_like(parts[0], dtype=torch.float32)
+    denominator = 0.0
+    for p, w in zip(parts, weights, strict=True):  # sender order: the sum does not depend on arrival
+        acc.add_(p.float(), alpha=w)
+        denominator += w
+    return (acc.div_(denominator) if denominator > 0 else acc), rejected

@@ -1,0 +1,181 @@
+"""The part owner's averaging rule (peer.training.robust): pure functions, table-tested."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peer.training.robust import (
+    MEDIAN_NORM_CLIP,
+    PLAIN,
+    RobustRule,
+    biweight_mean,
+    centered_clip,
+    clip_to_median_norm,
+    coordinate_median,
+    robust_mean,
+)
+
+DIM = 4000
+
+
+def honest_cloud(n: int, seed: int, mean_norm: float = 7.0, spread: float = 5.6) -> list[torch.Tensor]:
+    """``n`` Δ-like vectors: a shared direction of norm ``mean_norm`` plus independent noise of norm
+    ``spread`` — the geometry measured on the debug model (cosine ≈ 0.6 between two peers' Δs)."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(DIM, generator=g)
+    m = m / m.norm() * mean_norm
+    return [m + torch.randn(DIM, generator=g) / DIM**0.5 * spread for _ in range(n)]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).norm() / ref.norm())
+
+
+def _noise(like: torch.Tensor, scale: float) -> torch.Tensor:
+    g = torch.Generator().manual_seed(99)
+    return torch.randn(like.shape, generator=g) / like.numel() ** 0.5 * scale * float(like.norm())
+
+
+ATTACKS = {
+    "sign-flip ×−1": lambda a: [-a],
+    "sign-flip ×−3": lambda a: [-3 * a],
+    "sign-flip ×−10": lambda a: [-10 * a],
+    "sign-flip ×−100": lambda a: [-100 * a],
+    "×100": lambda a: [100 * a],
+    "noise 10× norm": lambda a: [_noise(a, 10)],
+    "2 colluders ×−1": lambda a: [-a, -a],
+    "2 colluders ×−10": lambda a: [-10 * a, -10 * a],
+    "2 colluders noise": lambda a: [_noise(a, 10)] * 2,
+}
+
+
+@pytest.mark.parametrize("n_honest", [3, 4, 5])
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_attackers_barely_move_the_average(n_honest, attack):
+    """Table: one or two attackers among 3–5 honest senders; the robust average stays within 3 % of the
+    honest senders' mean, where the plain mean (and the old median-norm clip) is off by 30 % or more."""
+    cloud = honest_cloud(n_honest + 1, seed=n_honest)
+    honest, own = cloud[:n_honest], cloud[n_honest]  # the attacker trained too: its Δ is honest-like
+    bad = ATTACKS[attack](own)
+    parts = honest + bad
+    weights = [1.0] * len(parts)
+    mean = torch.stack(honest).mean(0)
+    out, rejected = robust_mean(parts, weights, RobustRule())
+    assert rel_err(out, mean) < 0.03
+    assert rejected >= len(bad)
+    assert rel_err(robust_mean(parts, weights, PLAIN)[0], mean) > 0.3
+    assert rel_err(robust_mean(parts, weights, MEDIAN_NORM_CLIP)[0], mean) > 0.2
+
+
+@pytest.mark.parametrize("n", [3, 4, 5, 8])
+def test_all_honest_is_about_the_mean(n):
+    cloud = honest_cloud(n, seed=10 + n)
+    out, rejected = robust_mean(cloud, [1.0] * n, RobustRule())
+    assert rel_err(out, torch.stack(cloud).mean(0)) < 0.02
+    assert rejected == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_honest=st.integers(3, 6),
+    seed=st.integers(0, 2**16),
+    distance=st.floats(0.0, 50.0),
+    against=st.floats(0.0, 1.0),
+)
+def test_one_sender_moves_the_result_by_at_most_about_one_spread_over_n(n_honest, seed, distance, against):
+    """Property: wherever one sender puts its part — just inside the honest cloud on its worst side
+    (against the shared direction), far away, or anywhere between — the result moves by at most
+    1.25 · s / n_honest from the honest-only result (s: median distance of the honest parts to their mean).
+    The module docstring derives ≈ 0.286·C·s / Σa ≈ 1.2 s / n for C = 2.5."""
+    honest = honest_cloud(n_honest, seed=seed)
+    mean = torch.stack(honest).mean(0)
+    s = sorted(float((h - mean).norm()) for h in honest)[n_honest // 2]
+    g = torch.Generator().manual_seed(seed + 1)
+    rand = torch.randn(DIM, generator=g)
+    direction = against * (-mean / mean.norm()) + (1 - against) * rand / rand.norm()
+    x = mean + distance * s * direction / direction.norm()
+    base, _ = robust_mean(honest, [1.0] * n_honest, RobustRule())
+    out, _ = robust_mean([*honest, x], [1.0] * (n_honest + 1), RobustRule())
+    assert float((out - base).norm()) <= 1.25 * s / n_honest
+    if distance >= 4:  # well past the cut-off: no influence left (up to the iteration's convergence)
+        assert float((out - base).norm()) <= 0.05 * s / n_honest
+
+
+def test_weight_zero_senders_are_ignored_and_ties_are_deterministic():
+    honest = honest_cloud(4, seed=3)
+    mean = torch.stack(honest).mean(0)
+    junk = torch.full((DIM,), 1e6)
+    out, _ = robust_mean([*honest, junk, torch.zeros(DIM)], [1, 1, 1, 1, 0, 0], RobustRule())
+    assert rel_err(out, mean) < 0.02
+    # identical parts: the result is that part exactly
+    same = [torch.arange(10.0)] * 5
+    assert torch.equal(robust_mean(same, [1.0] * 5, RobustRule())[0], torch.arange(10.0))
+    # untouched slice (every honest part zero) and one sender writing into it: stays zero
+    zeros = [torch.zeros(10)] * 4
+    assert torch.equal(robust_mean([*zeros, torch.ones(10)], [1.0] * 5, RobustRule())[0], torch.zeros(10))
+    # two senders: no majority, the rule falls back to the size-bounded mean
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert torch.allclose(robust_mean([a, b], [1.0, 1.0], RobustRule())[0], torch.tensor([0.5, 0.5]))
+    # sender order is the only order: the same inputs give the same bits
+    parts = honest_cloud(5, seed=4)
+    first = robust_mean(parts, [1.0] * 5, RobustRule())[0]
+    assert torch.equal(first, robust_mean([p.clone() for p in parts], [1.0] * 5, RobustRule())[0])
+
+
+def test_building_blocks():
+    x = torch.tensor([[1.0, 5.0], [2.0, -1.0], [10.0, 0.0], [3.0, 2.0]])
+    assert torch.equal(coordinate_median(x), torch.tensor([2.5, 1.0]))
+    assert torch.equal(coordinate_median(x[:3]), torch.tensor([2.0, 0.0]))
+    parts, clipped = clip_to_median_norm(
+        [torch.tensor([3.0, 4.0]), torch.tensor([0.0, 5.0]), torch.tensor([30.0, 40.0])], [1, 1, 1], 2.0
+    )
+    assert clipped == 1 and torch.allclose(parts[2], torch.tensor([6.0, 8.0]))
+    center, a = biweight_mean([torch.zeros(3)] * 3 + [torch.full((3,), 100.0)], [1] * 4, cutoff=2.5, iters=4)
+    assert torch.equal(center, torch.zeros(3)) and float(a[3]) == 0.0
+    for bad in (dict(cutoff=1.0), dict(norm_clip=0.0), dict(iters=0)):
+        with pytest.raises(ValueError):
+            RobustRule(**bad)
+
+
+def test_centered_clip_bounds_each_step_but_keeps_a_pull():
+    """CenteredClip, the comparison rule: one step moves by ≤ τ per sender / n; at its fixed point an
+    outlier still pulls by about τ / n_inside — why the reducer uses the biweight instead."""
+    honest = honest_cloud(4, seed=5)
+    mean = torch.stack(honest).mean(0)
+    far = -10 * honest[0]
+    tau = 6.0
+    one = centered_clip([*honest, far], [1.0] * 5, tau=tau, iters=1, center0=mean)
+    inside = centered_clip(honest, [1.0] * 4, tau=tau, iters=1, center0=mean)
+    assert float((one - inside * 4 / 5 - mean / 5).norm()) <= tau / 5 + 1e-4
+    fixed = centered_clip([*honest, far], [1.0] * 5, tau=tau, iters=50)
+    assert float((fixed - mean).norm()) > 0.5 * tau / 4  # a bounded but lasting pull
+
+
+def test_poisoning_behaviours():
+    from peer.training import behaviour as bh
+    from peer.training.behaviour import Behaviour
+
+    g = torch.Generator().manual_seed(7)
+    d1 = [torch.randn(50, 4, generator=g), torch.randn(9, generator=g)]
+    d2 = [torch.randn(50, 4, generator=g), torch.randn(9, generator=g)]
+
+    def norm(ts):
+        return float(torch.sqrt(sum((t.double() ** 2).sum() for t in ts)))
+
+    for b, c in [(Behaviour.SIGN_FLIP, -1), (Behaviour.SIGN_FLIP_3, -3), (Behaviour.SIGN_FLIP_10, -10)]:
+        sent, w = bh.averaging_input(b, d1)
+        assert w == 1.0 and all(torch.equal(s, t * c) for s, t in zip(sent, d1, strict=True))
+        assert all(torch.equal(s, t * c) for s, t in zip(bh.published_delta(b, d1, None, 0), d1, strict=True))
+    assert torch.equal(bh.averaging_input(Behaviour.SIGN_FLIP_100, d1)[0][1], d1[1] * -100)
+    noise, _ = bh.averaging_input(Behaviour.NOISE, d1)
+    assert abs(norm(noise) - 10 * norm(d1)) < 1e-3 * norm(d1)
+    assert not torch.equal(noise[0], bh.averaging_input(Behaviour.NOISE, d2)[0][0])  # fresh every round
+    c1, _ = bh.averaging_input(Behaviour.COLLUDE, d1)
+    c2, _ = bh.averaging_input(Behaviour.COLLUDE, d2)
+    assert abs(norm(c1) - 3 * norm(d1)) < 1e-3 * norm(d1)
+    flat1, flat2 = torch.cat([t.reshape(-1) for t in c1]), torch.cat([t.reshape(-1) for t in c2])
+    assert float(torch.nn.functional.cosine_similarity(flat1, flat2, dim=0)) > 0.9999  # one direction
+    assert bh.trains(Behaviour.NOISE, 3) and bh.trains(Behaviour.COLLUDE, 0)
