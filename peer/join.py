@@ -330,6 +330,7 @@ def run(args) -> int:
             identity=identity,
             publisher=publisher,
         )
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the averager's start set it to ignored
         trainer.run()
     finally:
         if publisher is not None:

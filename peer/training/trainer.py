@@ -707,6 +707,10 @@ class Trainer:
         outcome, averaged = previous.pending.result()
         self._fill_averaging(previous.report, outcome)
         self.writer.wait_idle()
+        if self.round == previous.round and self._off_majority != previous.round:
+            # we stop after our first round: no average of the round before it reached us, so (as the
+            # next round's sync would when nobody announced θ_{r+1}) take θ_{r+1} = θ_r
+            self.round = previous.round + 1
         applied = self.round == previous.round + 1 and self._off_majority != previous.round + 1
         with self.state_lock:
             if applied:
