@@ -660,13 +660,13 @@ class Trainer:
         self.state.begin_round(carry)
         self.train_inner(r, pages, end, report)
         t0 = time.time()
-        delta, tensors = self._take_delta(r, pages, report)
+        self.writer.wait_idle()  # nothing in the background reads θ_r any more (normally long done)
+        delta, tensors = self._take_delta(r, pages, report)  # publishing Δ_r runs in the background
         base_hash = self.state_hash()
         previous, self._inflight = self._inflight, None
         if previous is not None:
             outcome, averaged = previous.pending.result()  # normally finished long ago
             self._fill_averaging(previous.report, outcome)
-        self.writer.wait_idle()  # nothing in the background reads θ_r any more
         applied = (
             previous is not None and previous.round == r - 1 and self.round == r and self._off_majority != r
         )
@@ -772,6 +772,7 @@ class Trainer:
         rounds = 0
         step = self.run_round_overlapped if self.overlapped else self.run_round
         lead = self.cfg.matchmaking_seconds + self.cfg.matchmaking_lead_seconds
+        last: int | None = None
         try:
             while True:
                 if self.cfg.max_rounds is not None and rounds >= self.cfg.max_rounds:
@@ -779,11 +780,15 @@ class Trainer:
                 if self.cfg.max_seconds is not None and time.time() - start >= self.cfg.max_seconds:
                     break
                 r = self.clock.current_round()
+                if last is not None and r <= last:
+                    time.sleep(0.2)  # a chain clock's round can end (estimate) before its next block
+                    continue
                 reserve = 0.0 if self.overlapped else self.cfg.run.train.averaging_reserve_seconds
                 if time.time() > self.clock.round_end(r) - reserve - lead and self._inflight is None:
                     time.sleep(max(0.0, self.clock.round_end(r) - time.time()) + 0.01)
                     continue  # too late to take part in this round; start with the next one
                 step(r)
+                last = r
                 rounds += 1
             self.drain()
             self.writer.wait_idle()
