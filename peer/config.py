@@ -138,6 +138,12 @@ class TrainConfig:
     ``delta_norm`` honest peers report at the round length you run."""
     seed: int = 0
     """Seed of the model's initial weights; every peer in a swarm must use the same."""
+    rounds: str = "overlapped"
+    """``overlapped``: the all-reduce of round r's Δ runs in the background while round r+1 trains, and
+    its outer step is applied one round late (θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}); the peer's own Δ_r
+    stands in for ḡ_r meanwhile): no training time is lost to communication. ``blocking``: training
+    stops ``averaging_reserve_seconds`` before the round's end and waits for the all-reduce
+    (θ_{r+1} = OuterStep(θ_r, ḡ_r)); for comparison. Every peer of a swarm must use the same."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -151,6 +157,8 @@ class TrainConfig:
             raise ConfigError("train.averaging_reserve_seconds must be shorter than train.round_seconds")
         if self.max_inner_steps < 1:
             raise ConfigError("train.max_inner_steps must be >= 1")
+        if self.rounds not in ("overlapped", "blocking"):
+            raise ConfigError(f"train.rounds must be overlapped or blocking, got {self.rounds!r}")
 
 
 @dataclass(kw_only=True)

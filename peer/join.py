@@ -128,6 +128,18 @@ def register(sub) -> None:
         default=None,
         help="override train.averaging_reserve_seconds (time left for averaging each round)",
     )
+    g.add_argument(
+        "--rounds",
+        choices=["overlapped", "blocking"],
+        default=None,
+        help="override train.rounds: overlapped (default; all-reduce runs while the next round trains, "
+        "outer step one round late) or blocking (training waits for the all-reduce)",
+    )
+    g.add_argument(
+        "--probe-loss",
+        action="store_true",
+        help="evaluate one batch before and after each round's inner steps (two forward passes a round)",
+    )
     g.add_argument("--batch-size", type=int, default=None, help="override train.batch_size")
     g.add_argument("--max-rounds", type=int, default=None, help="stop after N rounds")
     g.add_argument("--max-seconds", type=float, default=None, help="stop after N seconds")
@@ -204,6 +216,7 @@ def run(args) -> int:
         round_seconds=args.round_seconds,
         max_inner_steps=args.max_inner_steps,
         batch_size=args.batch_size,
+        rounds=args.rounds,
     )
     run_cfg = override(run_cfg, train=train)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -245,6 +258,7 @@ def run(args) -> int:
         max_seconds=args.max_seconds,
         behaviour=behaviour,
         eval_pages=args.eval_pages,
+        probe_loss=args.probe_loss,
         threads=args.threads,
     )
     id_file = identity_path(home)
@@ -333,6 +347,7 @@ def run(args) -> int:
             identity=identity,
             publisher=publisher,
         )
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the averager's start set it to ignored
         trainer.run()
     finally:
         if publisher is not None:

@@ -69,3 +69,85 @@ def test_pseudo_gradient_norm_is_clipped():
     delta = s.pseudo_gradient()
     norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta))
     assert abs(float(norm) - cfg.train.max_delta_norm) < 1e-3
+
+
+def test_overlapped_rule_delays_the_outer_step_and_carries_own_delta():
+    """Two peers, three overlapped rounds, by hand: θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}), x_{r+1} = θ_{r+1} − Δ_r,
+    Δ_r = x_r − x_local; both peers hold bit-identical θ at every round start."""
+    cfg = load_run_config("debug")
+    peers = [DilocoState(build_model(cfg), cfg.train), DilocoState(build_model(cfg), cfg.train)]
+    reference = DilocoState(build_model(cfg), cfg.train)  # replays the outer steps alone
+    gen = torch.Generator().manual_seed(0)
+    carries: list[list[torch.Tensor] | None] = [None, None]
+    in_flight: list[torch.Tensor] | None = None  # ḡ of the previous round, "arriving" during this one
+    for _ in range(3):
+        assert peers[0].state_hash() == peers[1].state_hash() == reference.state_hash()
+        deltas = []
+        for i, s in enumerate(peers):
+            s.begin_round(carries[i])
+            start = [p.detach().clone() for p in s.params]
+            carry = carries[i] or [torch.zeros_like(t) for t in s.snapshot]
+            assert all(torch.equal(x, t - c) for x, t, c in zip(start, s.snapshot, carry, strict=True))
+            batch = torch.randint(0, cfg.data.vocab_size, (4, cfg.data.seq_len + 1), generator=gen)
+            s.inner_step(lm_loss(s.model, batch))
+            d = s.pseudo_gradient()
+            # Δ_r is relative to this round's start point x_r, not to θ_r
+            assert torch.allclose(d[0], start[0] - s.params[0].detach(), atol=1e-6)
+            deltas.append(d)
+        averaged = [(a + b) / 2 for a, b in zip(*deltas, strict=True)]
+        if in_flight is not None:  # the boundary: apply last round's average, one round late
+            for s in (*peers, reference):
+                s.outer_step(in_flight)
+        in_flight = averaged
+        carries = deltas
+    assert peers[0].state_hash() == peers[1].state_hash() == reference.state_hash()
+
+
+def test_streamed_safetensors_matches_and_hashes(tmp_path):
+    from safetensors.torch import load_file
+
+    from peer.net.outbox import file_sha256, write_safetensors_streamed
+
+    tensors = {
+        "w": torch.randn(33, 7),
+        "t": torch.randn(4, 6).t(),  # not contiguous
+        "q": torch.arange(-5, 5, dtype=torch.int8),
+        "h": torch.randn(5).half(),
+        "empty": torch.zeros(0),
+    }
+    digest, size = write_safetensors_streamed(tmp_path / "x.safetensors", tensors, {"round": "7"})
+    assert (
+        digest == file_sha256(tmp_path / "x.safetensors")
+        and size == (tmp_path / "x.safetensors").stat().st_size
+    )
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_matchmaking_lookups_are_spaced():
+    """The averager's DHT look-ups while it looks for a group come at most every min_interval seconds."""
+    import asyncio
+    import time
+
+    from peer.training.allreduce import throttle_group_lookups
+
+    class Keys:
+        calls: list[float] = []
+
+        async def get_averagers(self, key, only_active):
+            self.calls.append(time.monotonic())
+            return []
+
+    keys = Keys()
+    throttle_group_lookups(keys, 0.05)
+    throttle_group_lookups(keys, 0.05)  # idempotent: not wrapped twice
+
+    async def spin():
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 0.3:
+            await keys.get_averagers("k", True)
+
+    asyncio.run(spin())
+    gaps = [b - a for a, b in zip(keys.calls, keys.calls[1:], strict=False)]
+    assert 3 <= len(keys.calls) <= 8 and min(gaps) >= 0.045, gaps

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 import uuid
@@ -53,8 +54,9 @@ def test_swarm_trains_survives_sigkill_and_syncs_late_joiner(procs, bootstrap, d
         )
         return procs.start(name, args), home
 
-    a, home_a = start("a", ["--max-rounds", "9"])
-    b, home_b = start("b", ["--max-rounds", "9"])
+    # a and b run until the late joiner is done (a peer's start-up takes a minute on a loaded box)
+    a, home_a = start("a", ["--max-rounds", "40"])
+    b, home_b = start("b", ["--max-rounds", "40"])
     c, home_c = start("c", [])
     everyone = [a, b, c]
     wait_for(
@@ -64,20 +66,27 @@ def test_swarm_trains_survives_sigkill_and_syncs_late_joiner(procs, bootstrap, d
         everyone,
     )
 
-    # SIGKILL c in the middle of a round's inner training
-    while not 1.5 < time.time() % ROUND_SECONDS < 2.5:
-        time.sleep(0.05)
+    # SIGKILL c just after a round boundary, while the (overlapped) all-reduce of the round that just
+    # ended is running with c in the group: the survivors' all-reduce fails or excludes c
+    while not 0.1 < time.time() % ROUND_SECONDS < 0.3:
+        time.sleep(0.02)
     c.kill(signal.SIGKILL)
     killed_at = time.time()
     d, home_d = start("d", ["--max-rounds", "2"])  # a late joiner
 
-    assert d.wait(timeout=90) == 0, d.log()[-3000:]
-    assert a.wait(timeout=90) == 0, a.log()[-3000:]
-    assert b.wait(timeout=30) == 0, b.log()[-3000:]
+    assert d.wait(timeout=180) == 0, d.log()[-3000:]
+    for survivor in (a, b):
+        assert survivor.popen.poll() is None, survivor.log()[-3000:]  # still training
+        os.kill(survivor.pid, signal.SIGINT)  # Ctrl-C: the peer stops cleanly
+    assert a.wait(timeout=60) == 130, a.log()[-3000:]
+    assert b.wait(timeout=60) == 130, b.log()[-3000:]
 
     rounds_a, rounds_b, rounds_d = read_rounds(home_a), read_rounds(home_b), read_rounds(home_d)
     by_round_a = {r["round"]: r for r in rounds_a}
 
+    # overlapped rounds (the default): a round's average lands in the state two rounds on
+    assert all(r["rounds_mode"] == "overlapped" for r in rounds_a + rounds_b + rounds_d)
+    assert all(r["state_round"] == r["round"] + 2 for r in rounds_a if r["status"] != "unapplied")
     # after every round in which both averaged, a and b hold bit-identical parameters
     both = [
         r
@@ -88,9 +97,19 @@ def test_swarm_trains_survives_sigkill_and_syncs_late_joiner(procs, bootstrap, d
     for r in both:
         assert r["state_hash"] == by_round_a[r["round"]]["state_hash"], r["round"]
         assert r["group_size"] >= 2
+    # a failed all-reduce (c died in it) is applied by nobody: a and b still agree after it
+    for r in rounds_b:
+        if r["status"] == "failed" and by_round_a.get(r["round"], {}).get("status") == "failed":
+            assert r["state_hash"] == by_round_a[r["round"]]["state_hash"], r["round"]
+    # while training, a peer's non-training processes use a small fraction of a core (the target is
+    # 5 %; this loaded test box gets a loose bound, benchmarks/utilization.py measures it)
+    for r in rounds_a[1:] + rounds_b[1:]:
+        assert r["inner_seconds"] > 0 and sum(r["background_cpu"].values()) / r["inner_seconds"] < 0.25, r
 
     # the survivors finished every round after the kill, averaging within one timeout
-    assert len(rounds_a) == 9 and len(rounds_b) == 9
+    assert len(rounds_a) >= 6 and len(rounds_b) >= 6
+    numbers = [r["round"] for r in rounds_a]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers  # no round skipped
     after_kill = [r for r in rounds_a if r["round"] * ROUND_SECONDS > killed_at - ROUND_SECONDS]
     assert after_kill and all(r["averaging_seconds"] < 20 for r in after_kill)
 
@@ -142,3 +161,37 @@ def test_sync_mode_two_peers(procs, bootstrap, debug_data, tmp_path):
         assert rounds[-1]["loss"] < rounds[0]["loss"]
         assert rounds[-1]["epoch"] > 0
         assert _check_outbox_intact(tmp_path / name) == 3
+
+
+@pytest.mark.slow
+def test_blocking_rounds_two_peers(procs, bootstrap, debug_data, tmp_path):
+    """--rounds blocking (the pre-overlap behaviour, kept for comparison): the average lands in θ_{r+1}."""
+    run_id = f"blocking-{uuid.uuid4().hex[:8]}"
+    peers = []
+    for name in ("k1", "k2"):
+        args = join_args(
+            home=tmp_path / name,
+            data_dir=debug_data,
+            wallet_path=tmp_path / "w",
+            name=name,
+            run_id=run_id,
+            initial_peers=[bootstrap],
+            extra=["--rounds", "blocking", "--max-rounds", "3", "--eval-pages", "0"],
+        )
+        peers.append(procs.start(name, args))
+    for p in peers:
+        assert p.wait(timeout=120) == 0, p.log()[-3000:]
+    r1, r2 = read_rounds(tmp_path / "k1"), read_rounds(tmp_path / "k2")
+    assert len(r1) == len(r2) == 3
+    by_round = {r["round"]: r for r in r1}
+    both = [
+        r
+        for r in r2
+        if r["status"] == "averaged" and by_round.get(r["round"], {}).get("status") == "averaged"
+    ]
+    assert len(both) >= 2, (r1, r2)
+    for r in both:
+        assert r["rounds_mode"] == "blocking" and r["state_round"] == r["round"] + 1
+        assert r["state_hash"] == by_round[r["round"]]["state_hash"]
+    for home in (tmp_path / "k1", tmp_path / "k2"):
+        assert _check_outbox_intact(home) >= 3

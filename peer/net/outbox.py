@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +46,71 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float64: "F64",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors_streamed(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> tuple[str, int]:
+    """Write ``tensors`` as a safetensors file, tensor by tensor, to a temp file renamed into place.
+
+    Unlike ``safetensors.torch.save`` (which builds the whole file as one ``bytes`` object, plus a
+    per-tensor copy), this writes each CPU tensor's own memory straight to the file, so the peak extra
+    memory is one tensor's worth at most (none for contiguous CPU tensors). Returns ``(sha256 hex,
+    size in bytes)`` of the file, hashed while writing. The file is standard safetensors (read back
+    with ``safetensors.torch.load``/``load_file``).
+    """
+    path = Path(path)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name}: dtype {t.dtype} has no safetensors code here")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * ((-len(head)) % 8)  # safetensors aligns the data to 8 bytes
+    digest = hashlib.sha256()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            for chunk in (len(head).to_bytes(8, "little"), head):
+                fh.write(chunk)
+                digest.update(chunk)
+            for t in tensors.values():
+                flat = t.detach().to("cpu").contiguous().reshape(-1)
+                if flat.numel() == 0:
+                    continue
+                view = memoryview(flat.view(torch.uint8).numpy())
+                fh.write(view)
+                digest.update(view)
+            fh.flush()
+            os.fsync(fh.fileno())
+        size = tmp.stat().st_size
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return digest.hexdigest(), size
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:
@@ -165,6 +231,20 @@ class Outbox:
         d = self.round_dir(round_)
         atomic_write_bytes(d / CONTRIBUTION, blob)
         atomic_write_json(d / MANIFEST, manifest)  # last: a visible manifest means complete blobs
+        return d
+
+    def write_state_tensors(
+        self,
+        round_: int,
+        tensors: dict[str, torch.Tensor],
+        metadata: dict[str, str],
+        make_manifest: Callable[[str, int], dict],
+    ) -> Path:
+        """Stream θ_r to ``state/<r>/state.safetensors`` (:func:`write_safetensors_streamed`), then write
+        the manifest ``make_manifest(sha256, size)`` returns — last, as in :meth:`write_state`."""
+        d = self.state_dir(round_)
+        digest, size = write_safetensors_streamed(d / STATE, tensors, metadata)
+        atomic_write_json(d / MANIFEST, make_manifest(digest, size))
         return d
 
     def write_state(self, round_: int, blob: bytes, manifest: dict) -> Path:

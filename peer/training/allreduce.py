@@ -30,6 +30,7 @@ import asyncio
 import ctypes
 import math
 import multiprocessing as mp
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import torch
@@ -43,9 +44,7 @@ from hivemind.utils import get_logger
 from hivemind.utils.asyncio import (
     aiter_with_timeout,
     amap_in_executor,
-    as_aiter,
     attach_event_on_finished,
-    azip,
 )
 from hivemind.utils.timed_storage import get_dht_time
 
@@ -350,6 +349,32 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 await self._ban_sender(self.sender_peer_ids[sender_index])
 
 
+def throttle_group_lookups(key_manager, min_interval: float) -> None:
+    """Space the matchmaking's DHT look-ups of the group key at least ``min_interval`` seconds apart.
+
+    While a peer looks for a group, hivemind's ``PotentialLeaders._update_queue_periodically`` re-reads
+    the group key (``GroupKeyManager.get_averagers`` → a DHT get through the DHT process's pipe) every
+    time ``pop_next_leader`` finds the queue empty or its head not yet expired — which, for the group's
+    leader waiting out its declared expiration, is *immediately*, so matchmaking spins at DHT-round-trip
+    speed (about a core, split between the averager and DHT processes) for as long as it lasts. Spacing
+    the look-ups costs at most ``min_interval`` of extra matchmaking latency. Idempotent (per instance).
+    """
+    if getattr(key_manager, "_gradswarm_throttled", False):
+        return
+    original = key_manager.get_averagers
+    last = [0.0]
+
+    async def get_averagers(group_key, only_active):
+        wait = last[0] + min_interval - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        last[0] = time.monotonic()
+        return await original(group_key, only_active)
+
+    key_manager.get_averagers = get_averagers
+    key_manager._gradswarm_throttled = True
+
+
 class ConsensusAverager(DecentralizedAverager):
     """A DecentralizedAverager whose all-reduce leaves every group member with identical tensors.
 
@@ -367,14 +392,20 @@ class ConsensusAverager(DecentralizedAverager):
         clip_ratio: float | None = 4.0,
         max_part_norm: float | None = None,
         rule: RobustRule | None = DEFAULT_RULE,
+        matchmaking_poll_interval: float = 0.25,
         **kwargs,
     ):
         self.counters = ByteCounters()
         self._state_provider = state_provider
+        self.matchmaking_poll_interval = matchmaking_poll_interval
         self.clip_ratio = clip_ratio
         self.max_part_norm = max_part_norm
         self.rule = rule
         super().__init__(averaged_tensors, **kwargs)
+
+    async def _step(self, *, step, future_for_init):
+        throttle_group_lookups(self._matchmaking.group_key_manager, self.matchmaking_poll_interval)
+        return await super()._step(step=step, future_for_init=future_for_init)
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
@@ -396,10 +427,10 @@ class ConsensusAverager(DecentralizedAverager):
         if runner.modes[group_info.peer_ids.index(self.peer_id)] != AveragingMode.AUX:
             # all or nothing: results are copied in only after the whole all-reduce succeeded, so a failed
             # attempt never leaves half-averaged buffers behind for hivemind's retry with another group
-            results = [result async for _, result in azip(as_aiter(*tensors), runner)]
-            # azip stops at the last tensor without resuming the runner, so its own check after the last
-            # result never runs: a reducer that failed mid-way would leave local values in its parts and
-            # the round would count as averaged while this peer's state silently differs
+            # drain the runner to its end (not azip, which stops pulling once the tensors run out and so
+            # skips the runner's final check that every part was averaged): a part a dead peer owned, or a
+            # reducer that failed mid-way, raises here, and nothing is copied
+            results = [result async for result in runner]
             container = runner.tensor_part_container
             if container.failed_size:
                 raise AllreduceException(

@@ -1,9 +1,13 @@
-"""DiLoCo state of one peer: the round's start snapshot θ_r, the inner optimizer, the outer step.
+"""DiLoCo state of one peer: the swarm's state θ_r, the inner optimizer, the outer step.
 
-A round: snapshot θ_r → H inner AdamW steps on the peer's pages → pseudo-gradient Δ = θ_r − θ_local →
-swarm average of Δ (``peer.training.allreduce``) → outer Nesterov SGD step θ_{r+1} = θ_r − lr·(g + μ·m).
-The outer step runs on CPU in fp32 from identical inputs, so every peer that averaged in the same
-group computes bit-identical θ_{r+1} (checked by :meth:`state_hash`).
+A round starts the live parameters at ``x_r = θ_r − c_r`` (:meth:`begin_round`), runs H inner AdamW
+steps on the peer's pages, and takes the pseudo-gradient Δ_r = x_r − x_local (:meth:`pseudo_gradient`,
+norm-bounded). ``c_r`` is the *carry*: zero in blocking rounds; in overlapped rounds the peer's own
+Δ_{r−1}, whose average is still being all-reduced (an eager stand-in for it). The outer step
+(:meth:`outer_step`) is Nesterov SGD on an averaged Δ: m ← μ·m + ḡ; θ ← θ − lr·(ḡ + μ·m). It runs on
+CPU in fp32 from identical inputs, so every peer that averaged in the same group computes bit-identical
+θ (checked by :meth:`state_hash`). Which ḡ is applied when is the trainer's business (README,
+"How a round works").
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ class DilocoState:
         self.momentum = [torch.zeros_like(s) for s in self.snapshot]
         self.inner = make_inner_optimizer(optimizer, self.params, cfg)
         self.local_steps = 0
+        self.carry: list[torch.Tensor] | None = None
+        """c_r: the part of the live start point that is not θ_r (None: x_r = θ_r)."""
         self.last_delta_norm: float | None = None
         """Norm of the last :meth:`pseudo_gradient` before the ``max_delta_norm`` bound."""
 
@@ -99,9 +105,13 @@ class DilocoState:
     # -- a round ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def begin_round(self) -> None:
-        """Make sure the live parameters equal θ_r before inner training."""
+    def begin_round(self, carry: Sequence[torch.Tensor] | None = None) -> None:
+        """Set the live parameters to x_r = θ_r − carry (θ_r when ``carry`` is None) before inner training."""
+        self.carry = None if carry is None else list(carry)
         self._reset_params_to_snapshot()
+        if self.carry is not None:
+            for p, c in zip(self.params, self.carry, strict=True):
+                p.sub_(c.to(p.device, p.dtype))
 
     def inner_lr(self) -> float:
         warm = self.cfg.warmup_steps
@@ -118,13 +128,16 @@ class DilocoState:
 
     @torch.no_grad()
     def pseudo_gradient(self) -> list[torch.Tensor]:
-        """Δ = θ_r − θ_local (CPU fp32), with its L2 norm clipped to ``max_delta_norm``.
+        """Δ = x_r − x_local = θ_r − carry − x_local (CPU fp32), its L2 norm clipped to ``max_delta_norm``.
 
         The norm before clipping is kept in :attr:`last_delta_norm` (the trainer reports it per round, so
         an operator can see whether the bound bites honest work)."""
         delta = [
             s - p.detach().to("cpu", torch.float32) for s, p in zip(self.snapshot, self.params, strict=True)
         ]
+        if self.carry is not None:
+            for d, c in zip(delta, self.carry, strict=True):
+                d.sub_(c)
         norm = torch.sqrt(sum((d.double() ** 2).sum() for d in delta)).item()
         self.last_delta_norm = norm
         if norm > self.cfg.max_delta_norm:
@@ -134,7 +147,7 @@ class DilocoState:
 
     @torch.no_grad()
     def outer_step(self, avg_delta: Sequence[torch.Tensor]) -> None:
-        """Nesterov SGD on the averaged pseudo-gradient; θ_{r+1} becomes the new snapshot."""
+        """Nesterov SGD on an averaged pseudo-gradient; the result becomes the new θ (and live parameters)."""
         lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
         for s, m, g in zip(self.snapshot, self.momentum, avg_delta, strict=True):
             g = g.to(torch.float32)
@@ -144,5 +157,5 @@ class DilocoState:
 
     @torch.no_grad()
     def discard_local(self) -> None:
-        """Drop the round's local progress (the round failed): θ_{r+1} = θ_r."""
+        """Drop the local progress (the average failed): θ stays, the live parameters return to it."""
         self._reset_params_to_snapshot()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -115,6 +116,75 @@ class RoundOutcome:
     error: str | None = None
 
 
+class PendingAverage:
+    """One all-reduce handed to the averager (see :meth:`SwarmAveraging.start`); runs in the averager
+    process while the trainer keeps training. :meth:`result` waits for it (once) and returns the
+    outcome and the averaged tensors — on any failure, a copy of our own Δ and status ``alone``/``failed``."""
+
+    def __init__(self, swarm: SwarmAveraging, control, error: BaseException | None, delta):
+        self.swarm = swarm
+        self.control = control
+        self.error = error
+        self.delta = delta
+        self.started = time.time()
+        self._outcome: tuple[RoundOutcome, list[torch.Tensor]] | None = None
+        self.finished: float | None = None
+        self._counters0 = swarm.averager.counters.snapshot()
+        if control is not None:
+            control.add_done_callback(self._mark_finished)
+            control.allow_allreduce()
+
+    def _mark_finished(self, _future) -> None:
+        self.finished = time.time()
+
+    def done(self) -> bool:
+        return self._outcome is not None or self.control is None or self.control.done()
+
+    def result(self) -> tuple[RoundOutcome, list[torch.Tensor]]:
+        if self._outcome is None:
+            self._outcome = self._collect()
+        return self._outcome
+
+    def _collect(self) -> tuple[RoundOutcome, list[torch.Tensor]]:
+        from hivemind.averaging.partition import AllreduceException
+
+        swarm = self.swarm
+        error, gathered, status = None, {}, "averaged"
+        if self.control is None:
+            error, status = f"matchmaking did not start: {self.error!r}", "failed"
+        else:
+            try:
+                gathered = (
+                    self.control.result(timeout=swarm.allreduce_timeout + swarm.matchmaking_seconds + 5) or {}
+                )
+            except AllreduceException as e:
+                error = str(e)
+                status = "alone" if "could not find a group" in error else "failed"
+            except Exception as e:  # noqa: BLE001 - any all-reduce failure fails only this round
+                self.control.cancel()
+                error, status = f"{type(e).__name__}: {e}", "failed"
+        seconds = (self.finished or time.time()) - self.started  # hand-over to the end of the all-reduce
+        sent0, recv0, _ = self._counters0
+        sent1, recv1, _ = swarm.averager.counters.snapshot()
+        if status == "averaged":
+            with swarm.averager.get_tensors() as buffers:
+                result = [b.clone() for b in buffers]
+        else:
+            result = [d.clone() for d in self.delta]
+        return (
+            RoundOutcome(
+                status=status,
+                group_size=max(1, len(gathered)),
+                seconds=seconds,
+                bytes_sent=sent1 - sent0,
+                bytes_received=recv1 - recv0,
+                gathered={str(k): v for k, v in gathered.items()},
+                error=error,
+            ),
+            result,
+        )
+
+
 class SwarmAveraging:
     """Round-keyed consensus averaging of the pseudo-gradient over hivemind (see module docstring)."""
 
@@ -129,6 +199,8 @@ class SwarmAveraging:
         state_provider: Callable[[], tuple[dict, list[torch.Tensor]]],
         matchmaking_seconds: float,
         allreduce_timeout: float,
+        matchmaking_lead: float = 0.5,
+        matchmaking_poll_interval: float = 0.25,
         clip_ratio: float | None = 4.0,
         max_part_norm: float | None = None,
         target_group_size: int | None = None,
@@ -153,6 +225,7 @@ class SwarmAveraging:
             min_group_size=2,
             target_group_size=target_group_size,
             min_matchmaking_time=matchmaking_seconds,
+            matchmaking_poll_interval=matchmaking_poll_interval,
             request_timeout=matchmaking_seconds / 2,
             allreduce_timeout=allreduce_timeout,
             next_chunk_timeout=allreduce_timeout / 3,
@@ -161,8 +234,12 @@ class SwarmAveraging:
             start=True,
         )
         self.matchmaking_seconds = matchmaking_seconds
+        self.matchmaking_lead = matchmaking_lead
         self.allreduce_timeout = allreduce_timeout
-        self._pending = None
+        self._pending: tuple[threading.Event, dict] | None = None
+        self._running: PendingAverage | None = None
+        self._timer: threading.Timer | None = None
+        self._pipe_lock = threading.Lock()  # the averager's pipe: the timer thread and the trainer
 
     @property
     def peer_id(self) -> str:
@@ -171,68 +248,80 @@ class SwarmAveraging:
     def schedule(
         self, round_: int, start_at: float, gather: dict, weight: float = 1.0, give_up_at: float | None = None
     ) -> None:
-        """Begin matchmaking for ``round_`` now; the all-reduce itself starts at ``start_at`` (unix time).
+        """Arrange the all-reduce of ``round_`` to start at ``start_at`` (unix time).
 
+        Matchmaking begins only ``matchmaking_seconds`` + ``matchmaking_lead`` before ``start_at`` (a
+        timer thread calls hivemind's ``step(scheduled_time=…)`` then), not now: a peer looking for a
+        group keeps its averager and DHT processes busy, so it must not look through the inner steps.
+        The group is formed by ``start_at``; :meth:`start` then hands it the tensors.
         A peer that has found no group by ``give_up_at`` (default: ``start_at`` + matchmaking time)
         averages alone, so a lone peer does not eat into the next round.
         """
+        self._cancel_timer()
+        ready = threading.Event()
+        slot: dict = {}
+        self._pending = (ready, slot)
+        begin_at = start_at - self.matchmaking_seconds - self.matchmaking_lead
+
+        def begin() -> None:
+            try:
+                slot["control"] = self._begin(round_, start_at, gather, weight, give_up_at)
+            except BaseException as e:  # noqa: BLE001 - handed to start(), which fails only this round
+                slot["error"] = e
+            finally:
+                ready.set()
+
+        delay = begin_at - time.time()
+        if delay <= 0:
+            begin()
+        else:
+            self._timer = threading.Timer(delay, begin)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _begin(self, round_: int, start_at: float, gather: dict, weight: float, give_up_at: float | None):
         from hivemind.utils.timed_storage import get_dht_time
 
-        self.averager.set_group_bits(format(round_ % (1 << 24), "024b"))
-        now = time.time()
-        scheduled = get_dht_time() + max(0.0, start_at - now)
-        grace = (
-            self.matchmaking_seconds
-            if give_up_at is None
-            else max(0.2, min(self.matchmaking_seconds, give_up_at - start_at))
-        )
-        self._pending = self.averager.step(
-            gather=gather,
-            weight=weight,
-            scheduled_time=scheduled,
-            timeout=max(scheduled - get_dht_time(), 0) + grace,
-            require_trigger=True,
-            wait=False,
-        )
+        with self._pipe_lock:
+            self.averager.set_group_bits(format(round_ % (1 << 24), "024b"))
+            now = time.time()
+            scheduled = get_dht_time() + max(0.0, start_at - now)
+            grace = (
+                self.matchmaking_seconds
+                if give_up_at is None
+                else max(0.2, min(self.matchmaking_seconds, give_up_at - start_at))
+            )
+            return self.averager.step(
+                gather=gather,
+                weight=weight,
+                scheduled_time=scheduled,
+                timeout=max(scheduled - get_dht_time(), 0) + grace,
+                require_trigger=True,
+                wait=False,
+            )
 
-    def run(self, delta: Sequence[torch.Tensor]) -> tuple[RoundOutcome, list[torch.Tensor]]:
-        """Average ``delta`` in the scheduled group; returns the outcome and the averaged tensors."""
-        from hivemind.averaging.partition import AllreduceException
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
+    def start(self, delta: Sequence[torch.Tensor]) -> PendingAverage:
+        """Hand ``delta`` to the group scheduled with :meth:`schedule` and let the all-reduce run in the
+        background; :meth:`PendingAverage.result` collects it. The previous all-reduce must be collected."""
         assert self._pending is not None, "schedule() first"
-        control, self._pending = self._pending, None
+        assert self._running is None or self._running.done(), "collect the previous all-reduce first"
+        (ready, slot), self._pending = self._pending, None
+        ready.wait(timeout=self.matchmaking_seconds + self.matchmaking_lead + 30)
         with self.averager.get_tensors() as buffers:
             for b, d in zip(buffers, delta, strict=True):
                 b.copy_(d)
-        sent0, recv0, _ = self.averager.counters.snapshot()
-        t0 = time.time()
-        error, gathered, status = None, {}, "averaged"
-        control.allow_allreduce()
-        try:
-            gathered = control.result(timeout=self.allreduce_timeout + self.matchmaking_seconds + 5) or {}
-        except AllreduceException as e:
-            error = str(e)
-            status = "alone" if "could not find a group" in error else "failed"
-        except Exception as e:  # noqa: BLE001 - any all-reduce failure fails only this round
-            control.cancel()
-            error, status = f"{type(e).__name__}: {e}", "failed"
-        sent1, recv1, _ = self.averager.counters.snapshot()
-        with self.averager.get_tensors() as buffers:
-            result = [b.clone() for b in buffers]
-        if status != "averaged":
-            result = [d.clone() for d in delta]
-        return (
-            RoundOutcome(
-                status=status,
-                group_size=max(1, len(gathered)),
-                seconds=time.time() - t0,
-                bytes_sent=sent1 - sent0,
-                bytes_received=recv1 - recv0,
-                gathered={str(k): v for k, v in gathered.items()},
-                error=error,
-            ),
-            result,
-        )
+        pending = PendingAverage(self, slot.get("control"), slot.get("error"), delta)
+        self._running = pending
+        return pending
+
+    def run(self, delta: Sequence[torch.Tensor]) -> tuple[RoundOutcome, list[torch.Tensor]]:
+        """Average ``delta`` in the scheduled group and wait for it (blocking rounds)."""
+        return self.start(delta).result()
 
     # -- state agreement --------------------------------------------------------------------------
 
@@ -273,7 +362,9 @@ class SwarmAveraging:
     def download_state(self, want_hash: str, tries: int = 3) -> tuple[dict, list[torch.Tensor]] | None:
         """Load θ and outer momentum from a peer; accept only a state whose metadata hash is ``want_hash``."""
         for _ in range(tries):
-            loaded = self.averager.load_state_from_peers(timeout=self.allreduce_timeout)
+            with self._pipe_lock:
+                future = self.averager.load_state_from_peers(timeout=self.allreduce_timeout, wait=False)
+            loaded = future.result()
             if loaded is None:
                 continue
             metadata, tensors = loaded
@@ -283,6 +374,7 @@ class SwarmAveraging:
         return None
 
     def shutdown(self) -> None:
+        self._cancel_timer()
         self.averager.shutdown()
 
 

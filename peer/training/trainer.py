@@ -1,16 +1,28 @@
 """The trainer: one peer's round loop (DiLoCo over hivemind), as a recipe of named steps.
 
-Per round r (the clock says which round it is and when it ends)::
+θ_r is the swarm's state at the start of round r: bit-identical on every peer in step with the swarm
+(its hash is announced on the DHT, published with the state, and is the base validators evaluate
+round r's contributions on). Per round r (the clock says which round it is and when it ends)::
 
-    sync_state      agree on θ_r with the swarm (announce our hash; download the majority's if ours differs)
-    train_inner     inner AdamW steps on the pages assigned to (hotkey, r, seed_r) until the round's
-                    averaging point (round end − reserve) or max_inner_steps
-    publish_delta   Δ_r = θ_r − θ_local → outbox (8-bit safetensors + hotkey-signed manifest)
-    average         all-reduce Δ_r with the peers of round r (consensus all-reduce: identical results)
-    outer_step      Nesterov SGD → θ_{r+1}; checkpoint; publish θ_{r+1} to the outbox; log
+    sync_state      only when we do not hold θ_r (start, late join, after a failed or skipped round):
+                    agree on θ_r with the swarm, download the majority's θ_r if ours differs
+    train_inner     inner AdamW steps on the pages assigned to (hotkey, r, seed_r), from x_r = θ_r − c_r
+    boundary        Δ_r = x_r − x_local (norm-bounded); hand Δ_r to the all-reduce; outer step → θ_{r+1}
+    background      publish Δ_r; hash, checkpoint, publish and announce θ_{r+1}; held-out loss; log
 
-A failed all-reduce (a peer died mid-way) discards the round's progress (θ_{r+1} = θ_r) rather than
-applying a partial average; the next ``sync_state`` reconciles with the majority.
+Two round modes (``train.rounds``; ``peer join --rounds``):
+
+* ``overlapped`` (default): training runs to the round's end; the all-reduce of Δ_r runs in the
+  background during round r+1; the outer step is applied one round late:
+  θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}) and the next start point is x_{r+1} = θ_{r+1} − Δ_r (c_{r+1} = Δ_r:
+  the peer's own, not yet averaged progress stands in for ḡ_r until ḡ_r arrives).
+* ``blocking``: training stops ``averaging_reserve_seconds`` before the round's end, the all-reduce of
+  Δ_r runs while training waits, θ_{r+1} = OuterStep(θ_r, ḡ_r), x_{r+1} = θ_{r+1}.
+
+A failed all-reduce (a peer died mid-way) is never applied: θ takes no step for it (the local progress
+it carried is dropped); the announcements then tell a peer that ended up off the majority to resync.
+Checkpoint, state and contribution files, the state hash, the announcement and the held-out loss are
+produced by a background thread, never on the training thread.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ import os
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,12 +45,11 @@ from peer.data.shards import open_page_store
 from peer.errors import CheckpointError, ConfigError
 from peer.net.outbox import (
     Outbox,
-    atomic_write_bytes,
     atomic_write_json,
     encode_delta,
-    encode_state,
     load_checkpoint,
     sha256_hex,
+    write_safetensors_streamed,
 )
 from peer.net.records import BlobRef, ContributionManifest, StateManifest
 from peer.progress import Progress
@@ -46,6 +57,7 @@ from peer.tracking import Tracker
 from peer.training import behaviour as bh
 from peer.training.behaviour import Behaviour
 from peer.training.clock import RoundClock
+from peer.training.cpu_usage import BackgroundCpu
 from peer.training.diloco import DilocoState, optimizer_state_bytes
 
 log = logging.getLogger("gradswarm.trainer")
@@ -95,7 +107,12 @@ class TrainerConfig:
     behaviour: Behaviour = Behaviour.HONEST
     """Fault injection (local ledger only): see peer.training.behaviour."""
     eval_pages: int = 4
-    """Held-out pages evaluated after each round for the loss curve (0 = skip). Costs forward passes."""
+    """Held-out pages evaluated after each round for the loss curve (0 = skip). Runs in the background
+    thread on a second copy of the model (memory of one more model; CPU taken from training on a busy
+    box): set 0 on small machines or large models."""
+    probe_loss: bool = False
+    """Evaluate one batch before and after the inner steps (``loss_before``/``loss_after`` in the
+    manifest and log). Two extra forward passes on the training thread per round: off by default."""
     matchmaking_seconds: float = 1.5
     """Time peers spend forming the round's group. Raise it on slow networks ("could not find a group")."""
     join_wait_seconds: float = 5.0
@@ -106,6 +123,10 @@ class TrainerConfig:
     """Rounds of contributions and states kept in the outbox."""
     publish_state: bool = True
     """Write θ_r to the outbox each round (validators fetch the base state from peers)."""
+    matchmaking_lead_seconds: float = 0.5
+    """Matchmaking starts this long plus ``matchmaking_seconds`` before the averaging point (not at the
+    round's start: a peer looking for a group keeps its averager and DHT busy). Raise it if peers often
+    average "alone" on a slow DHT."""
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.run_id):
@@ -143,6 +164,77 @@ class RoundReport:
     synced_from_peer: bool = False
     peak_rss_mb: float = 0.0
     """Peak resident memory of this process plus its averager child, MiB."""
+    rounds_mode: str = "blocking"
+    """``overlapped`` or ``blocking`` (see the module docstring)."""
+    state_round: int | None = None
+    """The round whose start state ``state_hash`` is: the first θ that includes this round's average
+    (r+1 in blocking rounds, r+2 in overlapped ones). None if the average could not be applied."""
+    inner_seconds: float = 0.0
+    """Wall time of the inner-step phase over which ``background_cpu`` was measured."""
+    background_cpu: dict = field(default_factory=dict)
+    """CPU seconds per non-training process (and the trainer's other threads) during the inner steps."""
+    boundary_seconds: float = 0.0
+    """Time the training thread spent between this round's last inner step and the next round's first
+    (all-reduce wait in blocking rounds, outer step and hand-over in overlapped ones)."""
+
+
+class BackgroundWriter:
+    """One worker thread that runs the round's file and network chores in order, off the training thread.
+
+    A job that raises stops the peer: the error is re-raised in the training thread by the next
+    :meth:`submit` or :meth:`wait_idle` (a checkpoint that cannot be written must not go unnoticed).
+    """
+
+    def __init__(self) -> None:
+        import queue
+
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="gradswarm-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    job()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                log.exception("background job failed")
+                self._error = e
+            finally:
+                self._jobs.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def submit(self, fn, *args) -> None:
+        self._raise()
+        self._jobs.put(lambda: fn(*args))
+
+    def wait_idle(self) -> None:
+        """Block until every submitted job has run (then re-raise a job's error, if any)."""
+        self._jobs.join()
+        self._raise()
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=60)
+
+
+@dataclass
+class InFlight:
+    """Δ_r handed to the all-reduce, and what the round's report still needs once its average is in."""
+
+    round: int
+    pending: object  # peer.training.swarm.PendingAverage
+    report: RoundReport
+    pages: list[int]
+    base_hash: str
 
 
 class Trainer:
@@ -170,18 +262,28 @@ class Trainer:
         self.identity = identity or {}
         self.publisher = publisher
         run = cfg.run
+        self.overlapped = run.train.rounds == "overlapped"
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.store = open_page_store(cfg.data, cfg.data_dir, run.data, cfg.corpus_dir)
         self.model = build_model(run, cfg.device)
         self.state = DilocoState(self.model, run.train, cfg.optimizer)
         self.state_lock = threading.Lock()
+        self._hash_lock = threading.Lock()
         self.round: int | None = None  # the round whose start state θ_r we hold
         self._hash_cache: str | None = None
         self.outbox = Outbox(cfg.home / "outbox", keep_rounds=cfg.keep_rounds)
         self.checkpoint_path = cfg.home / "checkpoint" / "state.safetensors"
         self._last_trained_delta: list[torch.Tensor] | None = None
         self._rounds_done = 0
+        self._inflight: InFlight | None = None
+        self._carry: list[torch.Tensor] | None = (
+            None  # overlapped rounds: our own Δ whose average is in flight
+        )
+        self._off_majority: int | None = None  # a round whose θ we hold but the swarm's majority does not
+        self._check_timer: threading.Timer | None = None
+        self._eval_model = None
+        self.writer = BackgroundWriter()
         self._load_checkpoint()
         from peer.training.swarm import SwarmAveraging
 
@@ -193,29 +295,37 @@ class Trainer:
             compression=cfg.compression,
             state_provider=self._provide_state,
             matchmaking_seconds=cfg.matchmaking_seconds,
+            matchmaking_lead=cfg.matchmaking_lead_seconds,
             allreduce_timeout=run.train.averaging_timeout,
             max_part_norm=run.train.max_delta_norm,
         )
         self.peer_id = self.swarm.peer_id
+        labels = {getattr(dht, "pid", None): "dht", getattr(self.swarm.averager, "pid", None): "averager"}
+        if publisher is not None and getattr(publisher, "process", None) is not None:
+            labels[publisher.process.pid] = "publisher"
+        self.cpu = BackgroundCpu({k: v for k, v in labels.items() if k is not None})
         log.info(
-            "peer %s hotkey %s: %s, %.2fM parameters",
+            "peer %s hotkey %s: %s, %.2fM parameters, %s rounds",
             self.peer_id,
             self.hotkey,
             run.name,
             count_parameters(self.model) / 1e6,
+            run.train.rounds,
         )
 
     # ------------------------------------------------------------------------------------------------
     # state: hash, checkpoint, sharing
 
     def state_hash(self) -> str:
-        """Hash of θ_r, computed once per change of the state."""
-        if self._hash_cache is None:
-            self._hash_cache = self.state.state_hash()
-        return self._hash_cache
+        """Hash of θ_r, computed once per change of the state (by whichever thread asks first)."""
+        with self._hash_lock:
+            if self._hash_cache is None:
+                self._hash_cache = self.state.state_hash()
+            return self._hash_cache
 
     def _invalidate_hash(self) -> None:
-        self._hash_cache = None
+        with self._hash_lock:
+            self._hash_cache = None
 
     def _provide_state(self):
         """Called by the averager (in a background thread) when a peer downloads our state."""
@@ -252,8 +362,8 @@ class Trainer:
         log.info("resumed from checkpoint: round %d", self.round)
 
     def _save_checkpoint(self) -> None:
-        blob = encode_state(self.state.state_dict())
-        atomic_write_bytes(self.checkpoint_path, blob)
+        """θ and momentum, streamed to a temp file and renamed (background thread)."""
+        write_safetensors_streamed(self.checkpoint_path, self.state.state_dict())
         atomic_write_json(
             self.checkpoint_path.with_suffix(".json"),
             {"round": self.round, "state_hash": self.state_hash(), "config": self.cfg.run.name},
@@ -262,12 +372,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # the round's steps
 
-    def sync_state(self, r: int) -> bool:
-        """Make sure we hold θ_r agreed by the swarm. Returns True if the state was downloaded."""
+    def sync_state(self, r: int, wait_seconds: float | None = None) -> bool:
+        """Make sure we hold θ_r agreed by the swarm. Returns True if the state was downloaded.
+
+        If we did not hold θ_r, wait up to ``wait_seconds`` (default ``join_wait_seconds``) for the
+        swarm's announcements of θ_r while the swarm is known to exist (θ_{r−1} was announced)."""
         swarm = self.swarm
         best = swarm.majority_state(r)
         if self.round != r:
-            deadline = time.time() + self.cfg.join_wait_seconds
+            wait = self.cfg.join_wait_seconds if wait_seconds is None else wait_seconds
+            deadline = time.time() + wait
             while best is None and time.time() < deadline and swarm.majority_state(r - 1) is not None:
                 time.sleep(0.25)  # the swarm is still averaging round r-1: wait for θ_r's announcements
                 best = swarm.majority_state(r)
@@ -280,6 +394,7 @@ class Trainer:
                 )
             else:
                 _, tensors = loaded
+                self.writer.wait_idle()  # background jobs may be reading θ
                 with self.state_lock:
                     self.state.load_state_tensors(tensors)
                     self._invalidate_hash()
@@ -289,8 +404,12 @@ class Trainer:
                 self.progress.event(f"round {r}: loaded the swarm's state {best[:10]} from a peer")
         with self.state_lock:
             self.round = r  # the hash depends on θ only: no need to recompute it here
-        swarm.announce_state(r, self.state_hash(), ttl=4 * self.cfg.run.train.round_seconds + 60)
+        self._off_majority = None
+        swarm.announce_state(r, self.state_hash(), ttl=self._announce_ttl())
         return downloaded
+
+    def _announce_ttl(self) -> float:
+        return 4 * self.cfg.run.train.round_seconds + 60
 
     def assigned_pages(self, r: int, seed: bytes) -> list[int]:
         k = self.cfg.run.data.pages_per_round
@@ -301,15 +420,21 @@ class Trainer:
         return assign_pages(self.hotkey, r, seed, self.store.train_pages, k)
 
     def train_inner(self, r: int, pages: list[int], stop_at: float, report: RoundReport) -> None:
+        """Inner steps from the live parameters (set by ``state.begin_round``) until ``stop_at``."""
         train = self.cfg.run.train
         batches = round_batches(
             self.store.samples(pages), train.batch_size, self.clock.seed(r) + self.hotkey.encode()
         )
-        probe = batches[0].to(self.cfg.device)
-        self.state.begin_round()
-        report.loss_before = evaluate_loss(self.model, [probe], self.cfg.device)
+        probe = batches[0].to(self.cfg.device) if self.cfg.probe_loss else None
+        self.cpu.start()
+        if probe is not None:
+            report.loss_before = evaluate_loss(self.model, [probe], self.cfg.device)
         if not bh.trains(self.cfg.behaviour, self._rounds_done):
             report.loss_after = report.loss_before
+            wait = stop_at - time.time()
+            if wait > 0:
+                time.sleep(wait)  # a non-training behaviour idles through the round
+            report.inner_seconds, report.background_cpu = self.cpu.stop()
             return
         self.model.train()
         t0 = time.time()
@@ -337,9 +462,16 @@ class Trainer:
             )
         report.train_seconds = time.time() - t0
         report.loss_last = sum(last_losses) / len(last_losses) if last_losses else None
-        report.loss_after = evaluate_loss(self.model, [probe], self.cfg.device)
+        if probe is not None:
+            report.loss_after = evaluate_loss(self.model, [probe], self.cfg.device)
+        report.inner_seconds, report.background_cpu = self.cpu.stop()
+        wait = stop_at - time.time()
+        if wait > 0:
+            time.sleep(wait)  # reached max_inner_steps early: idle until the averaging point
 
-    def publish_delta(self, r: int, delta: list[torch.Tensor], pages: list[int], report: RoundReport) -> None:
+    def publish_delta(
+        self, r: int, delta: list[torch.Tensor], pages: list[int], report: RoundReport, base_hash: str
+    ) -> None:
         named = dict(zip(self.state.names, delta, strict=True))
         blob = encode_delta(named)
         manifest = ContributionManifest(
@@ -347,7 +479,7 @@ class Trainer:
             round=r,
             hotkey=self.hotkey,
             peer_id=self.peer_id,
-            base_state_hash=self.state_hash(),
+            base_state_hash=base_hash,
             data_fingerprint=self.store.fingerprint,
             model_config_name=self.cfg.run.name,
             pages=pages,
@@ -362,70 +494,111 @@ class Trainer:
         self.outbox.write_contribution(r, blob, json.loads(manifest.model_dump_json()))
 
     def publish_state(self) -> None:
+        """θ_r to the outbox, streamed (background thread; the training thread does not touch θ meanwhile)."""
         r = self.round
+        state_hash = self.state_hash()
         named = dict(zip(self.state.names, self.state.snapshot, strict=True))
-        blob = encode_state(named, metadata={"round": str(r), "state_hash": self.state_hash()})
-        manifest = StateManifest(
-            run_id=self.cfg.run_id,
-            round=r,
-            hotkey=self.hotkey,
-            peer_id=self.peer_id,
-            state_hash=self.state_hash(),
-            model_config_name=self.cfg.run.name,
-            blob=BlobRef(name="state.safetensors", sha256=sha256_hex(blob), size=len(blob)),
-        ).signed(self.keypair)
-        self.outbox.write_state(r, blob, json.loads(manifest.model_dump_json()))
 
-    def average(self, r: int, delta: list[torch.Tensor], report: RoundReport) -> list[torch.Tensor]:
-        tensors, _ = bh.averaging_input(self.cfg.behaviour, delta)
-        outcome, averaged = self.swarm.run(tensors)
+        def manifest(digest: str, size: int) -> dict:
+            signed = StateManifest(
+                run_id=self.cfg.run_id,
+                round=r,
+                hotkey=self.hotkey,
+                peer_id=self.peer_id,
+                state_hash=state_hash,
+                model_config_name=self.cfg.run.name,
+                blob=BlobRef(name="state.safetensors", sha256=digest, size=size),
+            ).signed(self.keypair)
+            return json.loads(signed.model_dump_json())
+
+        self.outbox.write_state_tensors(r, named, {"round": str(r), "state_hash": state_hash}, manifest)
+
+    def _apply_average(self, outcome, averaged: list[torch.Tensor]) -> None:
+        """θ ← OuterStep(θ, ḡ) if the all-reduce succeeded (or we were alone); θ unchanged if it failed."""
+        if outcome.status in ("averaged", "alone"):
+            self.state.outer_step(averaged)
+        else:
+            self.state.discard_local()
+
+    def _fill_averaging(self, report: RoundReport, outcome) -> None:
         report.status = outcome.status
         report.group_size = outcome.group_size
         report.averaging_seconds = outcome.seconds
         report.bytes_sent = outcome.bytes_sent
         report.bytes_received = outcome.bytes_received
         if outcome.error and outcome.status == "failed":
-            self.progress.event(f"round {r}: averaging failed ({outcome.error}); round discarded")
-        return averaged
+            self.progress.event(f"round {report.round}: averaging failed ({outcome.error}); not applied")
 
-    def outer_step(self, averaged: list[torch.Tensor], report: RoundReport) -> None:
-        with self.state_lock:
-            if report.status in ("averaged", "alone"):
-                self.state.outer_step(averaged)
-            else:
-                self.state.discard_local()
-            self.round = report.round + 1
-            self._invalidate_hash()
-        report.state_hash = self.state_hash()
-
-    def evaluate_heldout(self) -> float | None:
+    def _heldout_loss(self) -> float | None:
+        """Held-out loss of θ (the agreed state, not the live parameters), on a second model copy."""
         if self.cfg.eval_pages <= 0:
             return None
-        pages = eval_pages(
-            0, b"heldout-curve", self.store.heldout_pages, self.cfg.eval_pages
-        )  # fixed: a comparable curve
-        return evaluate_loss(self.model, self.store.batches(pages, 32), self.cfg.device)
+        if self._eval_model is None:
+            self._eval_model = build_model(self.cfg.run, self.cfg.device)
+        with torch.no_grad():
+            for p, s in zip(self._eval_model.parameters(), self.state.snapshot, strict=True):
+                p.copy_(s.to(p.device, p.dtype))
+        pages = eval_pages(0, b"heldout-curve", self.store.heldout_pages, self.cfg.eval_pages)  # fixed curve
+        return evaluate_loss(self._eval_model, self.store.batches(pages, 32), self.cfg.device)
+
+    def _after_state_change(self, report: RoundReport | None) -> None:
+        """Background job after θ changed (or was first taken up): hash, held-out loss, checkpoint, publish,
+        announce, prune, then write ``report`` (the round whose average this θ is the first to include)."""
+        state_hash = self.state_hash()
+        r = self.round
+        self.swarm.announce_state(r, state_hash, ttl=self._announce_ttl())  # first: others may wait for it
+        if report is not None:
+            report.state_hash = state_hash
+            report.state_round = r
+            report.heldout_loss = self._heldout_loss()
+        self._save_checkpoint()
+        if self.cfg.publish_state and r not in self.outbox.rounds("state"):
+            self.publish_state()  # θ_r: the base validators apply round r's contributions to
+        self.outbox.prune()
+        if report is not None:
+            self._record(report)
+        if self.overlapped:
+            self._arm_majority_check(r, state_hash)
+
+    def _arm_majority_check(self, r: int, state_hash: str) -> None:
+        """Halfway through round r (when every peer has announced θ_r), compare ours with the majority;
+        a peer off the majority does not apply the next outer step and resyncs at the next round."""
+        if self._check_timer is not None:
+            self._check_timer.cancel()
+        delay = self.clock.round_end(r) - self.cfg.run.train.round_seconds / 2 - time.time()
+
+        def check() -> None:
+            from peer.errors import NetworkError
+
+            try:
+                best = self.swarm.majority_state(r)
+            except (NetworkError, TimeoutError, RuntimeError) as e:
+                log.info("state check of round %d skipped: %s", r, e)
+                return
+            if best is not None and best != state_hash:
+                self._off_majority = r
+                self.progress.event(f"round {r}: the swarm holds θ {best[:10]}, we hold {state_hash[:10]}")
+
+        self._check_timer = threading.Timer(max(0.0, delay), check)
+        self._check_timer.daemon = True
+        self._check_timer.start()
 
     # ------------------------------------------------------------------------------------------------
+    # rounds
 
-    def run_round(self, r: int) -> RoundReport:
-        train = self.cfg.run.train
-        report = RoundReport(round=r)
-        stop_at = self.clock.round_end(r) - train.averaging_reserve_seconds
-        report.synced_from_peer = self.sync_state(r)
-        if self.cfg.publish_state and r not in self.outbox.rounds("state"):
-            self.publish_state()  # θ_r: the base validators apply this round's contributions to
-        seed = self.clock.seed(r)
-        pages = self.assigned_pages(r, seed)
+    def _schedule_averaging(self, r: int, start_at: float) -> None:
         weight = bh.averaging_input(self.cfg.behaviour, [torch.zeros(1)])[1]
         self.swarm.schedule(
             r,
-            start_at=stop_at,
+            start_at=start_at,
             gather={"round": r, "base": self.state_hash(), "hotkey": self.hotkey},
             weight=weight,
-            give_up_at=self.clock.round_end(r) - 0.1,
+            give_up_at=start_at + min(self.cfg.matchmaking_seconds, self.cfg.run.train.round_seconds / 4),
         )
-        self.train_inner(r, pages, stop_at, report)
+
+    def _take_delta(self, r: int, pages: list[int], report: RoundReport) -> tuple[list, list]:
+        """Δ_r (norm-bounded) and what goes into the all-reduce; publishes Δ_r in the background."""
+        train = self.cfg.run.train
         delta = self.state.pseudo_gradient()
         report.delta_norm = self.state.last_delta_norm
         report.delta_clipped = report.delta_norm > train.max_delta_norm
@@ -433,24 +606,126 @@ class Trainer:
             self._last_trained_delta = delta
         published = bh.published_delta(self.cfg.behaviour, delta, self._last_trained_delta, self._rounds_done)
         if published is not None:
-            self.publish_delta(r, published, pages, report)
-        averaged = self.average(r, delta, report)
+            self.writer.submit(self.publish_delta, r, published, pages, report, self.state_hash())
+        tensors, _ = bh.averaging_input(self.cfg.behaviour, delta)
+        return delta, tensors
+
+    def run_round(self, r: int) -> RoundReport:
+        """One blocking round: train until the averaging point, all-reduce Δ_r, θ_{r+1} = OuterStep(θ_r, ḡ_r)."""
+        train = self.cfg.run.train
+        report = RoundReport(round=r, rounds_mode="blocking")
+        stop_at = self.clock.round_end(r) - train.averaging_reserve_seconds
+        report.synced_from_peer = self.sync_state(r)
+        self.writer.submit(self._publish_state_if_missing)
+        pages = self.assigned_pages(r, self.clock.seed(r))
+        self._schedule_averaging(r, stop_at)
+        self.state.begin_round()
+        self.train_inner(r, pages, stop_at, report)
+        t0 = time.time()
+        delta, tensors = self._take_delta(r, pages, report)
+        base_hash = self.state_hash()
+        outcome, averaged = self.swarm.run(tensors)
+        self._fill_averaging(report, outcome)
         if self.cfg.behaviour is Behaviour.COPYCAT and report.status == "averaged":
-            self.publish_delta(r, averaged, pages, report)
-        self.outer_step(averaged, report)
-        report.heldout_loss = self.evaluate_heldout()
-        self._save_checkpoint()
-        if self.cfg.publish_state:
-            self.publish_state()
-        self.outbox.prune()
-        self.swarm.announce_state(self.round, self.state_hash(), ttl=4 * train.round_seconds + 60)
+            self.writer.submit(self.publish_delta, r, averaged, pages, report, base_hash)
+        self.writer.wait_idle()  # nothing in the background reads θ_r any more
+        with self.state_lock:
+            self._apply_average(outcome, averaged)
+            self.round = r + 1
+            self._invalidate_hash()
         self._rounds_done += 1
-        report.peak_rss_mb = peak_rss_mb()
-        self._record(report)
+        report.boundary_seconds = time.time() - t0
+        self.writer.submit(self._after_state_change, report)
         return report
 
+    def _publish_state_if_missing(self) -> None:
+        if self.cfg.publish_state and self.round not in self.outbox.rounds("state"):
+            self.publish_state()
+
+    def run_round_overlapped(self, r: int) -> RoundReport:
+        """One overlapped round (module docstring): train round r to its end, then at the boundary apply
+        ḡ_{r−1} (its all-reduce ran during round r), hand Δ_r to the all-reduce and go on training."""
+        report = RoundReport(round=r, rounds_mode="overlapped")
+        if self.round != r or self._off_majority == r:
+            # after a round we trained but whose predecessor we did not average (we joined), peers that
+            # did announce θ_r right after their boundary: a short wait; a swarm that just started has
+            # nobody to wait for (θ_r = θ_{r−1}), and the mid-round check catches a late announcement
+            short = self.round == r - 1 and self._rounds_done > 0
+            wait = min(self.cfg.join_wait_seconds, 2.0) if short else None
+            report.synced_from_peer = self.sync_state(r, wait_seconds=wait)
+            self.writer.submit(self._after_state_change, None)
+        in_step = self._inflight is not None and self._inflight.round == r - 1
+        carry = self._carry if in_step else None  # c_r = Δ_{r−1}, whose average is still in flight
+        pages = self.assigned_pages(r, self.clock.seed(r))
+        end = self.clock.round_end(r)
+        self._schedule_averaging(r, end)
+        self.state.begin_round(carry)
+        self.train_inner(r, pages, end, report)
+        t0 = time.time()
+        self.writer.wait_idle()  # nothing in the background reads θ_r any more (normally long done)
+        delta, tensors = self._take_delta(r, pages, report)  # publishing Δ_r runs in the background
+        base_hash = self.state_hash()
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            outcome, averaged = previous.pending.result()  # normally finished long ago
+            self._fill_averaging(previous.report, outcome)
+        applied = (
+            previous is not None and previous.round == r - 1 and self.round == r and self._off_majority != r
+        )
+        with self.state_lock:
+            if applied:
+                self._apply_average(outcome, averaged)
+                self.round = r + 1
+                self._invalidate_hash()
+        self._inflight = InFlight(
+            round=r, pending=self.swarm.start(tensors), report=report, pages=pages, base_hash=base_hash
+        )
+        self._carry = delta if bh.trains(self.cfg.behaviour, self._rounds_done) else None
+        self.state.begin_round(self._carry)  # x_{r+1} = θ_{r+1} − Δ_r: the next round trains on at once
+        self._rounds_done += 1
+        report.boundary_seconds = time.time() - t0
+        if previous is not None:
+            self._finish_previous(previous, outcome, averaged, applied)
+        return report
+
+    def _finish_previous(self, previous: InFlight, outcome, averaged, applied: bool) -> None:
+        if self.cfg.behaviour is Behaviour.COPYCAT and outcome.status == "averaged":
+            rep = previous.report
+            self.writer.submit(
+                self.publish_delta, previous.round, averaged, previous.pages, rep, previous.base_hash
+            )
+        if applied:
+            self.writer.submit(self._after_state_change, previous.report)
+        else:
+            previous.report.status = "unapplied"  # we did not hold the θ it applies to: resync next round
+            self.writer.submit(self._record, previous.report)
+
+    def drain(self) -> None:
+        """Overlapped rounds: wait for the last all-reduce and apply it (the peer stops holding the first θ
+        that includes its last round, like a blocking peer)."""
+        previous, self._inflight = self._inflight, None
+        if previous is None:
+            return
+        outcome, averaged = previous.pending.result()
+        self._fill_averaging(previous.report, outcome)
+        self.writer.wait_idle()
+        if self.round == previous.round and self._off_majority != previous.round:
+            # we stop after our first round: no average of the round before it reached us, so (as the
+            # next round's sync would when nobody announced θ_{r+1}) take θ_{r+1} = θ_r
+            self.round = previous.round + 1
+        applied = self.round == previous.round + 1 and self._off_majority != previous.round + 1
+        with self.state_lock:
+            if applied:
+                self._apply_average(outcome, averaged)
+                self.round = previous.round + 2
+                self._invalidate_hash()
+        self._finish_previous(previous, outcome, averaged, applied)
+        self.writer.wait_idle()
+
     def _record(self, rep: RoundReport) -> None:
+        rep.peak_rss_mb = peak_rss_mb()
         tok_s = rep.tokens / rep.train_seconds if rep.train_seconds else 0.0
+        background = sum(rep.background_cpu.values()) / rep.inner_seconds if rep.inner_seconds else None
         metrics = {
             "round": rep.round,
             "inner_steps": rep.inner_steps,
@@ -468,6 +743,8 @@ class Trainer:
             "averaging/bytes_sent": rep.bytes_sent,
             "averaging/bytes_received": rep.bytes_received,
             "averaging/ok": rep.status == "averaged",
+            "background_cpu_cores": background,
+            "boundary_seconds": rep.boundary_seconds,
             "inner_optimizer_state_bytes": optimizer_state_bytes(self.state.inner),
         }
         self.tracker.log({k: v for k, v in metrics.items() if v is not None}, step=rep.round)
@@ -495,6 +772,9 @@ class Trainer:
     def run(self) -> None:
         start = time.time()
         rounds = 0
+        step = self.run_round_overlapped if self.overlapped else self.run_round
+        lead = self.cfg.matchmaking_seconds + self.cfg.matchmaking_lead_seconds
+        last: int | None = None
         try:
             while True:
                 if self.cfg.max_rounds is not None and rounds >= self.cfg.max_rounds:
@@ -502,16 +782,25 @@ class Trainer:
                 if self.cfg.max_seconds is not None and time.time() - start >= self.cfg.max_seconds:
                     break
                 r = self.clock.current_round()
-                stop_at = self.clock.round_end(r) - self.cfg.run.train.averaging_reserve_seconds
-                if time.time() > stop_at - self.cfg.matchmaking_seconds:
+                if last is not None and r <= last:
+                    time.sleep(0.2)  # a chain clock's round can end (estimate) before its next block
+                    continue
+                reserve = 0.0 if self.overlapped else self.cfg.run.train.averaging_reserve_seconds
+                if time.time() > self.clock.round_end(r) - reserve - lead and self._inflight is None:
                     time.sleep(max(0.0, self.clock.round_end(r) - time.time()) + 0.01)
                     continue  # too late to take part in this round; start with the next one
-                self.run_round(r)
+                step(r)
+                last = r
                 rounds += 1
+            self.drain()
+            self.writer.wait_idle()
         finally:
             self.shutdown()
 
     def shutdown(self) -> None:
+        if self._check_timer is not None:
+            self._check_timer.cancel()
+        self.writer.close()
         self.progress.close()
         self.swarm.shutdown()
         self.tracker.finish()
