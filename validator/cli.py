@@ -148,6 +148,7 @@ def cmd_run(args) -> int:
     from peer.config import load_run_config
     from peer.data.pages import PageStore, prepare_data
     from peer.net.fetch import FetchClient, FetchConfig
+    from peer.net.layout import ArtifactLayouts
     from peer.tracking import make_tracker, tracking_config_from_args
     from validator.evaluation import EvalConfig, Evaluator
     from validator.loop import LoopConfig, Validator, run
@@ -200,7 +201,9 @@ def cmd_run(args) -> int:
             max_seconds=args.max_seconds,
         )
         signal.signal(signal.SIGTERM, _terminate)
-        client = FetchClient(FetchConfig(cache_dir=store.blobs, run_id=args.run_id))
+        client = FetchClient(
+            FetchConfig(cache_dir=store.blobs, run_id=args.run_id, layouts=ArtifactLayouts.for_run(run_cfg))
+        )
         client.start()
         tracker = make_tracker(
             tracking_config_from_args(args),
