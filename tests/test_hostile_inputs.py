@@ -31,7 +31,7 @@ from peer.net.artifact_protocol import (
 from peer.net.layout import ArtifactRefused, parse_header, state_layout
 from peer.net.outbox import decode_delta, decode_state, dequantize_blockwise, quantize_blockwise
 from peer.net.records import MAX_RECORD_BYTES, Commitment, ContributionManifest, RecordError
-from tests.hostile_blobs import SHAPES, craft, hostile_cases, honest_delta, honest_state, layouts, split
+from tests.hostile_blobs import SHAPES, craft, honest_delta, honest_state, hostile_cases, layouts, split
 
 EXPECTED = {
     # case: (reason with the model's layout, reason without one)
