@@ -73,11 +73,14 @@ def delta_header(shapes: dict, *, block: int = QUANT_BLOCK, extra_meta: dict | N
     return header
 
 
-def hostile_cases() -> dict[str, bytes]:
-    """Named hostile Δ blobs (each ~1 KB or a mutation of an honest Δ) — the regression corpus."""
-    good = honest_delta()
+def hostile_cases(shapes=SHAPES) -> dict[str, bytes]:
+    """Named hostile Δ blobs (each ~1 KB or a mutation of an honest Δ of ``shapes``) — the regression
+    corpus, and the inputs of benchmarks/hostile_decode.py."""
+    good = honest_delta(shapes)
     h, data = split(good)
     cases: dict[str, bytes] = {}
+    q_name = sorted(k for k in h if k.endswith("::q"))[0]
+    scale_name = sorted(k for k in h if k.endswith("::scale"))[-1]
     # a ~1 KB Δ declaring a 10^12-element tensor (metadata and header agree; the data is not there)
     huge = {"embed.weight": (10**6, 10**6)}
     cases["tera_tensor"] = craft(delta_header(huge), b"\0" * 512)
@@ -94,7 +97,7 @@ def hostile_cases() -> dict[str, bytes]:
     cases["offsets_out_of_range"] = craft(bad, data)
     for dtype in ("F64", "BOOL", "U8"):
         bad = json.loads(json.dumps(h))
-        bad["embed.weight::q"]["dtype"] = dtype
+        bad[q_name]["dtype"] = dtype
         cases[f"codes_dtype_{dtype}"] = craft(bad, data)
     bad = json.loads(json.dumps(h))
     bad["__metadata__"]["block"] = "1024"  # scales were made for 4096
@@ -118,7 +121,7 @@ def hostile_cases() -> dict[str, bytes]:
     bad["extra::q"] = {"dtype": "I8", "shape": [0], "data_offsets": [0, 0]}
     cases["extra_tensor"] = craft(bad, data)
     bad = json.loads(json.dumps(h))
-    del bad["norm.weight::scale"]
+    del bad[scale_name]
     cases["missing_tensor"] = craft(bad, data)
     cases["truncated"] = good[: len(good) // 2]
     cases["not_safetensors"] = b"\x80\x04not a safetensors file, a pickle" * 10
