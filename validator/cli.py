@@ -174,6 +174,7 @@ def cmd_run(args) -> int:
     from peer.config import load_run_config
     from peer.data.shards import open_page_store
     from peer.net.fetch import FetchClient, FetchConfig
+    from peer.net.layout import ArtifactLayouts
     from peer.tracking import make_tracker, tracking_config_from_args
     from validator.evaluation import EvalConfig, Evaluator
     from validator.loop import LoopConfig, Validator, run
@@ -231,7 +232,9 @@ def cmd_run(args) -> int:
             if args.no_publish
             else _start_explanation_publisher(args, chain, chain_cfg, keypair, state_dir, round_blocks)
         )
-        client = FetchClient(FetchConfig(cache_dir=store.blobs, run_id=args.run_id))
+        client = FetchClient(
+            FetchConfig(cache_dir=store.blobs, run_id=args.run_id, layouts=ArtifactLayouts.for_run(run_cfg))
+        )
         client.start()
         tracker = make_tracker(
             tracking_config_from_args(args),

@@ -41,6 +41,7 @@ from peer.config import RunConfig
 from peer.data.model import build_model, hash_tensors
 from peer.data.pages import PageStore, assign_pages, eval_pages
 from peer.errors import CheckpointError, ConfigError
+from peer.net.layout import delta_layout
 from peer.net.outbox import decode_delta
 
 SKETCH_PURPOSE = "sketch"
@@ -225,6 +226,8 @@ class Evaluator:
         self.base_hash: str | None = None
         shapes = [(n, p.numel()) for n, p in self.params.items()]
         self.sketch_plan = sketch_indices(shapes, cfg.sketch_size)
+        self.delta_layout = delta_layout({n: tuple(p.shape) for n, p in self.params.items()})
+        """The exact tensors of an honest Δ of this model: a Δ is checked against it before decoding."""
 
     # ---- base state
     def load_base(self, state: Mapping[str, torch.Tensor]) -> str:
@@ -290,7 +293,10 @@ class Evaluator:
 
     # ---- Δ handling
     def decode(self, blob: bytes) -> dict[str, torch.Tensor]:
-        delta = decode_delta(blob)
+        """The Δ as fp32 tensors of the model's shapes; any malformed or oversized blob raises
+        :class:`~peer.errors.CheckpointError` (``ArtifactRefused`` with a reason code) before anything
+        beyond an honest Δ's size is allocated."""
+        delta = decode_delta(blob, self.delta_layout)
         if set(delta) != set(self.params):
             raise CheckpointError(
                 f"Δ names {len(delta)} tensors that do not match the model's {len(self.params)}"
@@ -408,7 +414,8 @@ class Evaluator:
         try:
             delta = self.decode(c.delta_blob)
         except CheckpointError as e:
-            m.status, m.reason = "malformed", str(e)
+            m.status, m.reason = "malformed", f"{getattr(e, 'reason', 'malformed')}: {e}"
+            m.seconds = time.perf_counter() - t0
             return m
         norm_sq = sum(float(t.double().pow(2).sum()) for t in delta.values())
         m.delta_norm = math.sqrt(norm_sq) if math.isfinite(norm_sq) else float("inf")

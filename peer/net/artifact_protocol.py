@@ -20,6 +20,12 @@ Client -> publisher: one request frame (msgpack map, at most :data:`MAX_REQUEST_
 Any refusal is an :class:`ErrorResponse` frame ``{"ok": False, "reason": code, "error": one line}``.
 Nothing is pickled: msgpack with no extension types, JSON inside, safetensors bytes as payload.
 
+Decoding is bounded and total: a frame length is checked against the reader's limit before anything is
+read (a 2^32 − 1 prefix is refused at once), msgpack is unpacked with per-type length limits
+(:data:`MSGPACK_LIMITS`; so 1 MiB of nested empty arrays cannot become 50 MB of Python objects) and no
+extension types, and every field of every message has a type and a range; any violation is a
+:class:`ProtocolError` with a reason code.
+
 This module imports py-libp2p only inside the stream helpers, so the publisher's parent (the trainer,
 a hivemind process) can import :mod:`peer.net.publisher` safely.
 """
@@ -43,7 +49,16 @@ MAX_LISTING_BYTES = 1 << 20
 DEFAULT_CHUNK_BYTES = 1 << 20
 """Blob chunk size; also the largest data frame a client accepts unless told otherwise."""
 
+MAX_RECORD_CHARS = 256 << 10
+"""Longest signed record (manifest / identity JSON) carried in a listing."""
+MSGPACK_LIMITS = dict(
+    max_str_len=MAX_LISTING_BYTES, max_bin_len=0, max_array_len=2048, max_map_len=256, max_ext_len=0
+)
+"""Per-container limits for unpacking any message: listings carry two lists of <= 1024 rounds and maps of
+<= 256 counters; nothing carries binary or extension values."""
+
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Round = Annotated[int, Field(ge=0, le=2**40)]
 
 
 class ProtocolError(NetworkError):
@@ -92,16 +107,16 @@ _REQUEST = TypeAdapter(Request)
 
 class ListResponse(_Msg):
     ok: Literal[True] = True
-    peer_id: str
-    identity: str | None = None
+    peer_id: str = Field(max_length=128)
+    identity: str | None = Field(default=None, max_length=MAX_RECORD_CHARS)
     """The peer's signed PeerIdentityRecord (JSON), if it wrote one."""
-    rounds: list[int] = Field(default_factory=list, max_length=1024)
+    rounds: list[Round] = Field(default_factory=list, max_length=1024)
     """Rounds with a contribution manifest."""
-    state_rounds: list[int] = Field(default_factory=list, max_length=1024)
+    state_rounds: list[Round] = Field(default_factory=list, max_length=1024)
     """Rounds with a state manifest."""
-    contribution: str | None = None
+    contribution: str | None = Field(default=None, max_length=MAX_RECORD_CHARS)
     """Raw ContributionManifest JSON for the asked round."""
-    state: str | None = None
+    state: str | None = Field(default=None, max_length=MAX_RECORD_CHARS)
     """Raw StateManifest JSON for the asked round."""
 
 
@@ -118,14 +133,16 @@ class ExplainResponse(_Msg):
 
 class FetchHeader(_Msg):
     ok: Literal[True] = True
-    size: int = Field(ge=0)
-    chunk_bytes: int = Field(ge=1)
+    size: int = Field(ge=0, le=1 << 50)
+    chunk_bytes: int = Field(ge=1, le=1 << 30)
 
 
 class StatsResponse(_Msg):
     ok: Literal[True] = True
-    peer_id: str
-    counters: dict[str, int]
+    peer_id: str = Field(max_length=128)
+    counters: dict[Annotated[str, Field(max_length=128)], Annotated[int, Field(ge=0, le=1 << 62)]] = Field(
+        max_length=256
+    )
 
 
 class ErrorResponse(_Msg):
@@ -148,11 +165,13 @@ def _no_ext(code: int, data: bytes) -> Any:
 
 
 def unpack_map(raw: bytes, *, what: str) -> dict:
-    """msgpack bytes -> dict, refusing extension types and non-map messages."""
+    """msgpack bytes -> dict, refusing extension types, oversized containers and non-map messages."""
+    if len(raw) > MAX_LISTING_BYTES:
+        raise ProtocolError("oversized_frame", f"{what}: {len(raw)} bytes > limit {MAX_LISTING_BYTES}")
     try:
-        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_no_ext)
-    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
-        raise ProtocolError("bad_message", f"{what}: not a msgpack message ({e})") from None
+        obj = msgpack.unpackb(raw, raw=False, strict_map_key=True, ext_hook=_no_ext, **MSGPACK_LIMITS)
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+        raise ProtocolError("bad_message", f"{what}: not a msgpack message ({str(e)[:200]})") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_message", f"{what}: expected a map, got {type(obj).__name__}")
     return obj
@@ -210,8 +229,26 @@ async def read_exactly(stream, n: int, *, what: str) -> bytes:
 async def read_frame(stream, max_bytes: int, *, what: str) -> bytes:
     """One frame; a length over ``max_bytes`` is refused before anything is read (``oversized_frame``)."""
     (length,) = FRAME_HEADER.unpack(await read_exactly(stream, FRAME_HEADER.size, what=f"{what} header"))
-    if length > max_bytes:
-        raise ProtocolError("oversized_frame", f"{what}: frame of {length} bytes > limit {max_bytes}")
+    check_frame_length(length, max_bytes, what=what)
     if length == 0:
         return b""
     return await read_exactly(stream, length, what=what)
+
+
+def check_frame_length(length: int, max_bytes: int, *, what: str) -> None:
+    """A frame's declared length against the reader's limit (``oversized_frame``), before any read."""
+    if length > max_bytes:
+        raise ProtocolError("oversized_frame", f"{what}: frame of {length} bytes > limit {max_bytes}")
+
+
+def split_frame(buf: bytes, max_bytes: int, *, what: str) -> tuple[bytes, bytes]:
+    """``(payload, rest)`` of the first frame in ``buf`` — the same checks as :func:`read_frame`, on bytes
+    in memory (tests, and anyone holding a whole message)."""
+    if len(buf) < FRAME_HEADER.size:
+        raise ProtocolError("truncated_frame", f"{what} header: {len(buf)} of {FRAME_HEADER.size} bytes")
+    (length,) = FRAME_HEADER.unpack_from(buf)
+    check_frame_length(length, max_bytes, what=what)
+    end = FRAME_HEADER.size + length
+    if len(buf) < end:
+        raise ProtocolError("truncated_frame", f"{what}: {len(buf) - FRAME_HEADER.size} of {length} bytes")
+    return buf[FRAME_HEADER.size : end], buf[end:]

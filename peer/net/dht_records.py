@@ -17,6 +17,11 @@ Each refusal is logged with its reason and counted (:func:`validator_rejections`
 keys before validators see them, which is why protection is by explicit key names (keep per-round data
 under a fixed key and put the round in the signed record) and why the record repeats its key.
 
+Decoding is bounded: a subkey over :data:`MAX_SUBKEY_BYTES` or a value over :data:`MAX_VALUE_BYTES` is
+refused before it is unpacked, msgpack is unpacked with small container limits and no extension types,
+and the announcement JSON has a range for every field (``peer.net.records``); every malformed input is a
+counted refusal (``malformed``, ``unsigned``, ...), never an exception in the DHT node.
+
 This module is the hivemind side: it never imports py-libp2p.
 """
 
@@ -29,7 +34,6 @@ from collections.abc import Iterable
 import msgpack
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
-from hivemind.utils import MSGPackSerializer
 from substrateinterface import Keypair
 
 from peer.net.records import DHTAnnouncement, JsonScalar, RecordError
@@ -37,6 +41,35 @@ from peer.net.records import DHTAnnouncement, JsonScalar, RecordError
 log = logging.getLogger("gradswarm.dht_records")
 
 SUBKEY_PREFIX = "[hotkey:"
+MAX_SUBKEY_BYTES = 128
+"""A hotkey subkey is ``[hotkey:<ss58>]`` (~57 bytes) packed as msgpack."""
+MAX_VALUE_BYTES = 4096
+"""A signed announcement is ~500 bytes of JSON; anything much bigger is not ours."""
+
+
+def unpack_small(raw: bytes, max_bytes: int):
+    """One msgpack value of at most ``max_bytes``, with no extension types and small containers;
+    raises ValueError for anything else (never another exception type)."""
+    if not isinstance(raw, bytes | bytearray | memoryview) or len(raw) > max_bytes:
+        raise ValueError(f"not bytes of at most {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_no_ext,
+            max_str_len=max_bytes,
+            max_bin_len=max_bytes,
+            max_array_len=64,
+            max_map_len=64,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as e:
+        raise ValueError(f"not msgpack ({str(e)[:120]})") from None
+
+
+def _no_ext(code: int, data: bytes):
+    raise ValueError(f"msgpack extension type {code} is not allowed")
 
 
 def hotkey_subkey(hotkey: str) -> str:
@@ -74,11 +107,21 @@ def read_announcements(
     without the validator, or a cached value, cannot slip anything through.
     """
     out: dict[str, DHTAnnouncement] = {}
-    for subkey, item in (entries or {}).items():
-        if not isinstance(subkey, str) or not subkey.startswith(SUBKEY_PREFIX) or not subkey.endswith("]"):
+    if not isinstance(entries, dict):
+        return out
+    for subkey, item in entries.items():
+        if (
+            not isinstance(subkey, str)
+            or len(subkey) > MAX_SUBKEY_BYTES
+            or not subkey.startswith(SUBKEY_PREFIX)
+            or not subkey.endswith("]")
+        ):
+            continue
+        value = getattr(item, "value", item)
+        if not isinstance(value, str | bytes) or len(value) > MAX_VALUE_BYTES:
             continue
         try:
-            ann = DHTAnnouncement.parse(item.value if hasattr(item, "value") else item)
+            ann = DHTAnnouncement.parse(value)
             ann.verify(run_id=run_id, round_=round_)
         except RecordError:
             continue
@@ -111,11 +154,11 @@ class HotkeyRecordValidator(RecordValidatorBase):
 
     @staticmethod
     def _subkey_hotkey(subkey: bytes) -> str | None:
-        if not subkey or b"[hotkey:" not in subkey:
+        if not isinstance(subkey, bytes) or not subkey or b"[hotkey:" not in subkey:
             return None
         try:
-            text = msgpack.unpackb(subkey, raw=False)
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            text = unpack_small(subkey, MAX_SUBKEY_BYTES)
+        except ValueError:
             return None
         if isinstance(text, str) and text.startswith(SUBKEY_PREFIX) and text.endswith("]"):
             return text[len(SUBKEY_PREFIX) : -1]
@@ -139,9 +182,9 @@ class HotkeyRecordValidator(RecordValidatorBase):
         if hotkey is None:
             return "unsigned", f"{where} only accepts hotkey-signed records under a [hotkey:<ss58>] subkey"
         try:
-            value = MSGPackSerializer.loads(record.value)
-        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-            return "malformed", f"{where}: value is not msgpack"
+            value = unpack_small(record.value, MAX_VALUE_BYTES)
+        except ValueError as e:
+            return "malformed", f"{where}: value {e}"
         if not isinstance(value, str | bytes):
             return "unsigned", f"{where}: value from {hotkey} is not a signed announcement"
         try:

@@ -11,7 +11,14 @@ during the handshake, so a commitment whose peer id is not the one listening the
    peer id, and a valid sr25519 signature;
 3. the blob is streamed into a temp file in the cache while being hashed; it is renamed to
    ``<cache>/<sha256>.safetensors`` only if size and sha256 match the manifest and the file is a
-   well-formed safetensors container (header checked without deserialising any tensor).
+   well-formed safetensors container (header checked strictly without deserialising any tensor; with
+   :attr:`FetchConfig.layouts` every tensor must be exactly the model's, see :mod:`peer.net.layout`).
+
+Sizes come from the model: with ``layouts`` a manifest declaring a blob bigger than an honest one of its
+kind is refused before any byte is fetched (``too_large``), and a stream running past the declared size is
+cut (``oversized``). A sender that stops for ``io_timeout_s`` is cut (``stalled``), and one slower than
+``min_throughput_bytes_s`` over the whole blob too (``too_slow``), so a trickling peer cannot hold a
+fetch slot for long.
 
 Nothing is deserialised before that, and nothing is ever unpickled. Each rejection raises
 :class:`FetchError` with a one-line reason and is counted in :attr:`FetchClient.rejections`.
@@ -26,8 +33,8 @@ import hashlib
 import json
 import os
 import queue
-import struct
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -49,6 +56,14 @@ from peer.net.artifact_protocol import (
     parse_response,
     read_frame,
 )
+from peer.net.layout import (
+    ArtifactLayouts,
+    ArtifactRefused,
+    Layout,
+    check_blob_header,
+    header_length,
+    parse_header,
+)
 from peer.net.records import (
     BlobRef,
     Commitment,
@@ -59,7 +74,10 @@ from peer.net.records import (
     StateManifest,
 )
 
-MAX_SAFETENSORS_HEADER = 100 << 20
+MAX_SAFETENSORS_HEADER = 8 << 20
+"""Largest safetensors header read from a blob when no model layout is known."""
+FORMAT_REASONS = frozenset({"truncated", "header_too_large", "bad_header"})
+"""Header refusals reported as ``not_safetensors`` (the others keep their own code: ``bad_dtype``, ...)."""
 
 
 class FetchError(NetworkError):
@@ -79,7 +97,17 @@ class FetchConfig:
     run_id: str | None = None
     """Only records of this run are accepted (None: any run — for humans poking at a peer)."""
     max_blob_bytes: int = 16 << 30
-    """Manifests naming a bigger blob are refused before any byte is fetched."""
+    """Manifests naming a bigger blob are refused before any byte is fetched. With ``layouts`` the limit
+    of each kind is the model's honest size (:attr:`peer.net.layout.Layout.max_bytes`) when smaller."""
+    layouts: ArtifactLayouts | None = None
+    """The model's expected Δ and state layouts (``ArtifactLayouts.for_run(run)``): per-kind size limits
+    and exact tensor checks of every fetched blob. None (humans poking at a peer): generic strict checks."""
+    min_throughput_bytes_s: float = 512 << 10
+    """A blob must arrive at least this fast on average (after ``deadline_grace_s``), or it is cut
+    (``too_slow``). Lower it for peers on slow links that show ``too_slow``; raise it to drop tricklers
+    sooner."""
+    deadline_grace_s: float = 10.0
+    """Seconds added to each blob's deadline (``size / min_throughput_bytes_s``) for the first bytes."""
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
     """Largest data frame accepted; must be >= the publisher's chunk size."""
     connect_timeout_s: float = 15.0
@@ -105,6 +133,20 @@ class FetchConfig:
             raise ConfigError("fetch max_parallel must be >= 1")
         if self.connect_timeout_s <= 0 or self.io_timeout_s <= 0:
             raise ConfigError("fetch timeouts must be > 0")
+        if self.min_throughput_bytes_s <= 0 or self.deadline_grace_s < 0:
+            raise ConfigError("fetch min_throughput_bytes_s must be > 0 and deadline_grace_s >= 0")
+
+    def layout(self, kind: str) -> Layout | None:
+        return self.layouts.for_kind(kind) if self.layouts is not None else None
+
+    def max_bytes(self, kind: str) -> int:
+        """Largest blob of ``kind`` accepted: the model's honest size (with layouts), at most max_blob_bytes."""
+        layout = self.layout(kind)
+        return min(self.max_blob_bytes, layout.max_bytes) if layout is not None else self.max_blob_bytes
+
+    def deadline_s(self, size: int) -> float:
+        """Seconds a blob of ``size`` bytes may take in all."""
+        return self.deadline_grace_s + size / self.min_throughput_bytes_s
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -211,31 +253,23 @@ def _verify_signature(rec: SignedRecord, *, run_id: str | None, round_: int | No
         raise FetchError("bad_signature", str(e)) from None
 
 
-def check_safetensors(path: Path, size: int) -> None:
-    """The file is a safetensors container whose tensors exactly fill it (header JSON only; no tensors)."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            raise FetchError("not_safetensors", "blob is shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_SAFETENSORS_HEADER or 8 + n > size:
-            raise FetchError("not_safetensors", f"blob's safetensors header length {n} is impossible")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FetchError("not_safetensors", f"blob's safetensors header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise FetchError("not_safetensors", "blob's safetensors header is not a map")
-    end = 0
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
-            raise FetchError("not_safetensors", f"blob's tensor {name!r} has no valid data_offsets")
-        end = max(end, offsets[1])
-    if 8 + n + end != size:
-        raise FetchError("not_safetensors", f"blob's tensors end at {8 + n + end}, file is {size} bytes")
+def check_safetensors(path: Path, size: int, *, kind: str = "state", layout: Layout | None = None) -> None:
+    """The file is a safetensors container of ``kind`` whose tensors exactly fill it (and, with
+    ``layout``, are exactly the model's). Reads only the header; never deserialises a tensor."""
+    if layout is not None and size > layout.max_bytes:
+        raise FetchError("too_large", f"{kind} blob of {size} bytes > the model's {layout.max_bytes}")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            cap = layout.max_header_bytes if layout is not None else MAX_SAFETENSORS_HEADER
+            n = header_length(head, size, cap)
+            if layout is None:  # no model known: the container only (decoding checks the rest)
+                parse_header(head + fh.read(n), size)
+            else:
+                check_blob_header(head + fh.read(n), size, kind=kind, layout=layout)
+    except ArtifactRefused as e:
+        reason = "not_safetensors" if e.reason in FORMAT_REASONS else e.reason
+        raise FetchError(reason, f"blob refused: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -501,23 +535,19 @@ class FetchClient:
             raise FetchError(
                 "no_identity", f"{target.peer_id[:12]} serves no signed identity record for {target.hotkey}"
             )
-        kw = dict(
-            hotkey=target.hotkey,
-            peer_id=target.peer_id,
-            run_id=cfg.run_id,
-            round_=round_,
-            max_blob_bytes=cfg.max_blob_bytes,
-        )
+        kw = dict(hotkey=target.hotkey, peer_id=target.peer_id, run_id=cfg.run_id, round_=round_)
         return RoundListing(
             peer_id=target.peer_id,
             hotkey=target.hotkey,
             identity=identity,
             rounds=resp.rounds,
             state_rounds=resp.state_rounds,
-            contribution=verify_manifest(resp.contribution, ContributionManifest, **kw)
+            contribution=verify_manifest(
+                resp.contribution, ContributionManifest, max_blob_bytes=cfg.max_bytes("contribution"), **kw
+            )
             if resp.contribution and round_ is not None
             else None,
-            state=verify_manifest(resp.state, StateManifest, **kw)
+            state=verify_manifest(resp.state, StateManifest, max_blob_bytes=cfg.max_bytes("state"), **kw)
             if resp.state and round_ is not None
             else None,
         )
@@ -539,10 +569,13 @@ class FetchClient:
     async def afetch_blob(
         self, target: Target, blob: BlobRef, *, round_: int | None = None, kind: str | None = None
     ) -> Path:
-        """Stream ``blob`` into the cache, verifying size and sha256 as it arrives."""
+        """Stream ``blob`` into the cache, verifying size and sha256 as it arrives, within its deadline."""
         import trio
         from libp2p.io.exceptions import IOException
 
+        limit = self.cfg.max_bytes(kind) if kind is not None else self.cfg.max_blob_bytes
+        if blob.size > limit:
+            raise FetchError("too_large", f"{kind or 'blob'} of {blob.size} bytes > limit {limit}")
         final = self.cfg.cache_dir / f"{blob.sha256}.safetensors"
         if final.exists() and final.stat().st_size == blob.size:
             return final  # only verified blobs are ever renamed to their hash
@@ -562,10 +595,19 @@ class FetchClient:
         await _widen_receive_window(stream, self.cfg.receive_window_bytes)
         tmp = self.cfg.cache_dir / f".{blob.sha256}.{os.getpid()}.{threading.get_ident()}.{id(stream)}.tmp"
         got = 0
+        budget = self.cfg.deadline_s(blob.size)
+        deadline = time.monotonic() + budget
         writer = _HashingWriter(tmp)
         try:
             while True:
-                with trio.fail_after(self.cfg.io_timeout_s):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FetchError(
+                        "too_slow",
+                        f"{who}: blob {blob.sha256[:12]} got {got} of {blob.size} bytes in {budget:.0f}s "
+                        f"(< {self.cfg.min_throughput_bytes_s / 1024:.0f} KiB/s)",
+                    )
+                with trio.fail_after(min(self.cfg.io_timeout_s, left)):
                     chunk = await read_frame(stream, self.cfg.max_chunk_bytes, what="blob chunk")
                 if not chunk:
                     break
@@ -585,15 +627,19 @@ class FetchClient:
                     "hash_mismatch",
                     f"{who}: blob's sha256 is {digest[:12]}, manifest says {blob.sha256[:12]}",
                 )
-            check_safetensors(tmp, got)
+            check_safetensors(tmp, got, kind=kind or "state", layout=self.cfg.layout(kind) if kind else None)
             os.replace(tmp, final)
         except ProtocolError as e:
             await _reset(stream)
             raise FetchError(e.reason, f"{who}: {e}") from None
         except trio.TooSlowError:
             await _reset(stream)
+            if time.monotonic() >= deadline:
+                raise FetchError(
+                    "too_slow", f"{who}: blob got {got} of {blob.size} bytes in its {budget:.0f}s deadline"
+                ) from None
             raise FetchError(
-                "timeout", f"{who}: blob stalled for {self.cfg.io_timeout_s:.0f}s at {got} bytes"
+                "stalled", f"{who}: blob stalled for {self.cfg.io_timeout_s:.0f}s at {got} bytes"
             ) from None
         except IOException as e:
             await _reset(stream)

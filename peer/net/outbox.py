@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -26,8 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from peer.errors import CheckpointError
+from peer.net.layout import DELTA_FORMAT, QUANT_BLOCK, ArtifactRefused, Layout, check_blob_header
 
-QUANT_BLOCK = 4096
 CONTRIBUTION = "contribution.safetensors"
 STATE = "state.safetensors"
 MANIFEST = "manifest.json"
@@ -146,12 +147,26 @@ def quantize_blockwise(t: torch.Tensor, block: int = QUANT_BLOCK) -> tuple[torch
 def dequantize_blockwise(
     codes: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...], block: int = QUANT_BLOCK
 ) -> torch.Tensor:
+    """fp32 values from int8 codes and per-block scales (checked: one scale per block, ``shape`` fits).
+
+    Works in place on one fp32 copy of the codes: peak memory is the output plus the scale factors.
+    """
     n = codes.numel()
-    pad = (-n) % block
-    padded = torch.nn.functional.pad(codes.float(), (0, pad)).view(-1, block)
-    if padded.shape[0] != scale.numel():
-        raise CheckpointError(f"quantised tensor has {padded.shape[0]} blocks but {scale.numel()} scales")
-    return (padded * (scale[:, None] / 127)).reshape(-1)[:n].reshape(shape)
+    blocks = -(-n // block)
+    if blocks != scale.numel() or math.prod(shape) != n:
+        raise ArtifactRefused(
+            "bad_shape",
+            f"quantised tensor of {n} values has {scale.numel()} scales for block {block}, "
+            f"shape {list(shape)[:8]}",
+        )
+    out = codes.reshape(-1).to(torch.float32)
+    factor = scale.reshape(-1).to(torch.float32) / 127
+    full = (n // block) * block
+    if full:
+        out[:full].view(-1, block).mul_(factor[: n // block, None])
+    if full < n:
+        out[full:].mul_(factor[-1])
+    return out.view(shape)
 
 
 def encode_delta(delta: dict[str, torch.Tensor]) -> bytes:
@@ -166,49 +181,51 @@ def encode_delta(delta: dict[str, torch.Tensor]) -> bytes:
     return save(
         tensors,
         metadata={
-            "format": "gradswarm-delta-int8-blockwise",
+            "format": DELTA_FORMAT,
             "block": str(QUANT_BLOCK),
             "shapes": json.dumps(shapes),
         },
     )
 
 
-def decode_delta(data: bytes) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`encode_delta`; raises CheckpointError on anything malformed."""
-    from safetensors.torch import load
+def decode_delta(data: bytes, layout: Layout | None = None) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode_delta`, total: any malformed blob raises :class:`ArtifactRefused`.
 
-    try:
-        tensors = load(data)
-        # safetensors header: 8-byte little-endian length, then JSON (with our __metadata__)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-        if meta.get("format") != "gradswarm-delta-int8-blockwise":
-            raise CheckpointError("not a gradswarm delta (format metadata missing)")
-        block = int(meta["block"])
-        shapes = json.loads(meta["shapes"])
-        out = {}
-        for name, shape in shapes.items():
-            out[name] = dequantize_blockwise(
-                tensors[f"{name}::q"], tensors[f"{name}::scale"], tuple(shape), block
-            )
-        return out
-    except CheckpointError:
-        raise
-    except (SafetensorError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"malformed delta blob: {e}") from None
+    The header is checked first (:func:`peer.net.layout.check_blob_header`): with ``layout`` (the
+    model's, :func:`peer.net.layout.delta_layout`) every tensor must be exactly the model's, so nothing
+    beyond an honest Δ's size is ever allocated; without it the codes and scales must match the Δ's own
+    ``shapes`` metadata and the data must be in the blob (allocation ≤ 4× the blob).
+    """
+    from peer.net.layout import check_delta_header, parse_header
+
+    header = parse_header(data, layout=layout)
+    block, shapes = check_delta_header(header, layout)
+    tensors = _load(data, "Δ")
+    return {
+        name: dequantize_blockwise(tensors[f"{name}::q"], tensors[f"{name}::scale"], shape, block)
+        for name, shape in shapes.items()
+    }
 
 
 def encode_state(state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     return save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=metadata or {})
 
 
-def decode_state(data: bytes) -> dict[str, torch.Tensor]:
+def decode_state(data: bytes, layout: Layout | None = None) -> dict[str, torch.Tensor]:
+    """A state blob's tensors, total: the header is checked first (against ``layout``, e.g.
+    :func:`peer.net.layout.state_layout`, when given; otherwise float tensors exactly filling the blob)."""
+    check_blob_header(data, kind="state", layout=layout)
+    return _load(data, "state")
+
+
+def _load(data: bytes, what: str) -> dict[str, torch.Tensor]:
+    """safetensors bytes whose header already passed the strict checks -> tensors (one copy of the data)."""
     from safetensors.torch import load
 
     try:
         return load(data)
-    except SafetensorError as e:
-        raise CheckpointError(f"malformed state blob: {e}") from None
+    except (SafetensorError, ValueError, RuntimeError) as e:  # unreachable after the header checks
+        raise ArtifactRefused("bad_header", f"malformed {what} blob: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@ into another run or round, the publisher's libp2p ``peer_id`` and the ``hotkey``
 The signature is sr25519 over the canonical JSON of every other field (sorted keys, no spaces).
 
 Records are pydantic models with ``extra="forbid"``: unknown fields, a wrong ``spec_version`` or a bad
-signature are rejected with :class:`RecordError` saying why.
+signature are rejected with :class:`RecordError` saying why. Parsing is bounded: a raw record over
+:data:`MAX_RECORD_BYTES` is refused before JSON is parsed, every string, list and integer has a range, and
+floats must be finite.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from peer.errors import UserError
 
 SPEC_VERSION = 1
 Hex64 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+MAX_RECORD_BYTES = 256 << 10
+"""Largest raw record parsed (an honest manifest is ~1-5 KB; its ``pages`` list dominates)."""
+MAX_PAGES = 1 << 14
+"""Most pages a contribution manifest may list (model configs assign 64-512 a round)."""
+MAX_ROUND = 1 << 40
+MAX_COUNT = 1 << 62
 
 
 class RecordError(UserError, ValueError):
@@ -32,15 +40,15 @@ class RecordError(UserError, ValueError):
 class SignedRecord(BaseModel):
     """Base of every published record."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
     kind: ClassVar[str] = "record"
 
-    spec_version: int = SPEC_VERSION
+    spec_version: int = Field(default=SPEC_VERSION, ge=0, le=1 << 16)
     run_id: str = Field(min_length=1, max_length=128)
-    round: int = Field(ge=0)
+    round: int = Field(ge=0, le=MAX_ROUND)
     hotkey: str = Field(min_length=40, max_length=60)
     peer_id: str = Field(min_length=1, max_length=128)
-    signature: str | None = None
+    signature: str | None = Field(default=None, max_length=256)
 
     def signing_payload(self) -> bytes:
         body = self.model_dump(mode="json", exclude={"signature"})
@@ -75,6 +83,10 @@ class SignedRecord(BaseModel):
     @classmethod
     def parse(cls, raw: bytes | str | dict) -> SignedRecord:
         """Parse strictly; every problem becomes a RecordError (never a traceback)."""
+        if not isinstance(raw, bytes | str | dict):
+            raise RecordError(f"{cls.kind}: a record is JSON, not {type(raw).__name__}")
+        if not isinstance(raw, dict) and len(raw) > MAX_RECORD_BYTES:
+            raise RecordError(f"{cls.kind}: {len(raw)} bytes > limit {MAX_RECORD_BYTES}")
         try:
             if isinstance(raw, dict):
                 return cls.model_validate(raw)
@@ -87,9 +99,9 @@ class SignedRecord(BaseModel):
 
 class BlobRef(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-    name: str = Field(pattern=r"^[a-z_]+\.safetensors$")
+    name: str = Field(max_length=64, pattern=r"^[a-z_]+\.safetensors$")
     sha256: Hex64
-    size: int = Field(ge=0)
+    size: int = Field(ge=0, le=1 << 50)
 
 
 class ContributionManifest(SignedRecord):
@@ -98,15 +110,15 @@ class ContributionManifest(SignedRecord):
     kind: ClassVar[str] = "contribution"
     base_state_hash: Hex64
     data_fingerprint: Hex64
-    model_config_name: str
-    pages: list[int]
-    samples: int = Field(ge=0)
-    tokens: int = Field(ge=0)
-    inner_steps: int = Field(ge=0)
+    model_config_name: str = Field(min_length=1, max_length=128)
+    pages: list[Annotated[int, Field(ge=0, le=1 << 40)]] = Field(max_length=MAX_PAGES)
+    samples: int = Field(ge=0, le=MAX_COUNT)
+    tokens: int = Field(ge=0, le=MAX_COUNT)
+    inner_steps: int = Field(ge=0, le=MAX_COUNT)
     loss_before: float | None
     loss_after: float | None
     blob: BlobRef
-    behaviour: Literal["honest"] | str = "honest"
+    behaviour: Literal["honest"] | str = Field(default="honest", max_length=64)
 
 
 class StateManifest(SignedRecord):
@@ -114,7 +126,7 @@ class StateManifest(SignedRecord):
 
     kind: ClassVar[str] = "state"
     state_hash: Hex64
-    model_config_name: str
+    model_config_name: str = Field(min_length=1, max_length=128)
     blob: BlobRef
 
 
@@ -122,7 +134,7 @@ class StateManifest(SignedRecord):
 # Identity: hotkey <-> libp2p peer id <-> addresses
 
 Multiaddr = Annotated[str, Field(min_length=4, max_length=256, pattern=r"^/[A-Za-z0-9_./:\-]+$")]
-JsonScalar = str | int | float | bool | None
+JsonScalar = Annotated[str, Field(max_length=1024)] | int | float | bool | None
 
 
 class PeerIdentityRecord(SignedRecord):
@@ -160,7 +172,9 @@ class DHTAnnouncement(SignedRecord):
 
     kind: ClassVar[str] = "dht"
     key: str = Field(min_length=1, max_length=256)
-    value: dict[str, JsonScalar] = Field(default_factory=dict, max_length=64)
+    value: dict[Annotated[str, Field(max_length=128)], JsonScalar] = Field(
+        default_factory=dict, max_length=64
+    )
 
 
 COMMITMENT_VERSION = 1
@@ -250,6 +264,8 @@ class Commitment(BaseModel):
     @classmethod
     def from_multiaddr(cls, text: str) -> Commitment:
         """Parse ``<addr>/p2p/<peer_id>`` (the text form, e.g. what `peer status` prints)."""
+        if not isinstance(text, str) or len(text) > 512:
+            raise RecordError("commitment: text form is not a string of at most 512 characters")
         addr, sep, peer_id = text.rpartition("/p2p/")
         if not sep or not addr or not peer_id or "/" in peer_id:
             raise RecordError(f"commitment: {text!r} is not of the form /ip4/<ip>/tcp/<port>/p2p/<peer id>")

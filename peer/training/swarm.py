@@ -368,6 +368,10 @@ class SwarmAveraging:
             if loaded is None:
                 continue
             metadata, tensors = loaded
+            problem = downloaded_state_problem(tensors, [b.shape for b in self.buffers])
+            if problem is not None:
+                log.warning("refused a state downloaded from a peer (%s); trying another peer", problem)
+                continue
             if isinstance(metadata, dict) and metadata.get("state_hash") == want_hash:
                 return metadata, tensors
             log.info("downloaded a state with another hash; trying another peer")
@@ -376,6 +380,26 @@ class SwarmAveraging:
     def shutdown(self) -> None:
         self._cancel_timer()
         self.averager.shutdown()
+
+
+def downloaded_state_problem(tensors, param_shapes: Sequence[torch.Size]) -> str | None:
+    """Why a state downloaded from a peer cannot be adopted, or None when it is exactly this model's.
+
+    A state is θ_r followed by the outer momentum (:meth:`DilocoState.state_tensors`): ``2 × params``
+    fp32 tensors with the parameters' shapes, all finite. Anything else — more or fewer tensors,
+    another shape or dtype, NaN/inf — is refused before it touches the model. Pure.
+    """
+    expected = [tuple(s) for s in param_shapes] * 2
+    if not isinstance(tensors, list | tuple) or len(tensors) != len(expected):
+        n = len(tensors) if isinstance(tensors, list | tuple) else type(tensors).__name__
+        return f"{n} tensors where the model has {len(expected)}"
+    for i, (t, shape) in enumerate(zip(tensors, expected, strict=True)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != shape:
+            what = f"{t.dtype}{list(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            return f"tensor {i} is {what}, the model's is float32{list(shape)}"
+        if not bool(torch.isfinite(t).all()):
+            return f"tensor {i} holds NaN or infinite values"
+    return None
 
 
 def choose_state(states: dict[str, str]) -> str | None:
