@@ -210,12 +210,51 @@ def gather_bounded(client, jobs: dict, *, parallel: int, deadline_s: float) -> d
             if key not in results:
                 client.rejections[ROUND_DEADLINE] += 1
                 results[key] = FetchError(
-                    ROUND_DEADLINE, f"not done within the round's fetch deadline ({deadline_s:.0f}s)"
+                    ROUND_DEADLINE,
+                    f"not done within the round's fetch deadline ({deadline_s:.1f}s left for this step)",
                 )
         return results
 
     if not jobs:
         return {}
+    return client._call(main)
+
+
+LISTING_SHARE, LISTING_MIN_S = 0.25, 5.0
+"""Listings (small signed answers) get this share of the round's fetch deadline, at least LISTING_MIN_S."""
+STATE_RACE = 3
+"""Publishers θ_r is downloaded from at once; the first complete, verified copy wins."""
+
+
+def race_first(client, jobs: dict, *, deadline_s: float):
+    """Run ``jobs`` (key → zero-argument async function) at once; return ``(key, result)`` of the first
+    that succeeds and cancel the others, or None if all fail or ``deadline_s`` passes."""
+    from peer.net.fetch import FetchError
+
+    async def main():
+        import trio
+
+        won = []
+
+        async def one(key, job, cancel) -> None:
+            try:
+                result = await job()
+            except FetchError as e:
+                client.rejections[e.reason] += 1
+                log.info("%s: %s", key, e)
+                return
+            if not won:
+                won.append((key, result))
+                cancel.cancel()
+
+        with trio.move_on_after(max(0.0, deadline_s)):
+            async with trio.open_nursery() as nursery:
+                for key, job in jobs.items():
+                    nursery.start_soon(one, key, job, nursery.cancel_scope)
+        return won[0] if won else None
+
+    if not jobs:
+        return None
     return client._call(main)
 
 
@@ -249,11 +288,11 @@ def fetch_round(
     sampling = sampling or SamplingConfig(max_peers=0)
     max_bytes = max_artifact_bytes(run, sum(p.numel() for p in evaluator.params.values()))
     reachable = [t for t in targets if t.target is not None]
-    listings = gather_bounded(
+    listings = gather_bounded(  # small answers: a publisher that sits on one costs a quarter of the deadline
         client,
         {t.uid: functools.partial(client.alist_round, t.target, round_) for t in reachable},
         parallel=parallel,
-        deadline_s=deadline_s,
+        deadline_s=min(deadline_s, max(LISTING_MIN_S, LISTING_SHARE * deadline_s)),
     )
     votes: dict[str, list[PeerTarget]] = {}
     for t in reachable:
@@ -266,28 +305,34 @@ def fetch_round(
             votes.setdefault(st.state_hash, []).append(t)
     base = None
     for state_hash, voters in sorted(votes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        for t in voters:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                break
-            blob = listings[t.uid].state.blob
-            got = gather_bounded(
+        # voters in an order keyed by the end-of-round hash: no uid can make sure it is asked first
+        left = sorted(voters, key=lambda t: hashlib.blake2b(key + t.uid.to_bytes(4, "little")).digest())
+        while left and base is None and time.perf_counter() < deadline:
+            # race a few voters: the first complete, verified download wins; a wave gets at most half the
+            # time left, so a wave of stallers cannot take it all
+            racing, left = left[:STATE_RACE], left[STATE_RACE:]
+            won = race_first(
                 client,
-                {0: functools.partial(client.afetch_blob, t.target, blob, round_=round_, kind="state")},
-                parallel=1,
-                deadline_s=left,
-            )[0]
-            try:
-                if isinstance(got, FetchError):
-                    raise got
-                state = decode_state(got.read_bytes())
-                if evaluator.load_base(state) != state_hash:
-                    raise CheckpointError(f"uid {t.uid}'s state does not hash to {state_hash[:12]}")
-            except (FetchError, CheckpointError) as e:
-                log.warning("round %d: state from uid %d refused: %s", round_, t.uid, e)
+                {
+                    t.uid: functools.partial(
+                        client.afetch_blob, t.target, listings[t.uid].state.blob, round_=round_, kind="state"
+                    )
+                    for t in racing
+                },
+                deadline_s=(deadline - time.perf_counter()) / (2 if left else 1),
+            )
+            if won is None:
                 continue
-            base = (state, blob.sha256, state_hash, [v.hotkey for v in voters])
-            break
+            uid, path = won
+            try:
+                state = decode_state(path.read_bytes())
+                if evaluator.load_base(state) != state_hash:
+                    raise CheckpointError(f"uid {uid}'s state does not hash to {state_hash[:12]}")
+            except CheckpointError as e:
+                log.warning("round %d: state from uid %d refused: %s", round_, uid, e)
+                left += [t for t in racing if t.uid != uid]
+                continue
+            base = (state, listings[uid].state.blob.sha256, state_hash, [v.hotkey for v in voters])
         if base is not None:
             break
     if base is None:
