@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="seconds the fetch step of a round may take; what has not arrived is refused "
-        "(default: half a round, at least 20 s)",
+        "(default: half a round, at least 30 s)",
     )
     g = p.add_argument_group("scoring")
     g.add_argument(
@@ -234,7 +234,7 @@ def cmd_run(args) -> int:
             max_seconds=args.max_seconds,
             sampling=SamplingConfig(max_peers=args.max_peers, max_seconds=args.max_eval_seconds),
             fetch_parallel=args.fetch_parallel,
-            fetch_deadline_s=args.fetch_deadline or max(20.0, 0.5 * round_blocks * chain.block_time),
+            fetch_deadline_s=args.fetch_deadline or max(30.0, 0.5 * round_blocks * chain.block_time),
         )
         signal.signal(signal.SIGTERM, _terminate)
         client = FetchClient(FetchConfig(cache_dir=store.blobs, run_id=args.run_id))
