@@ -219,6 +219,12 @@ def debug_part(
             t["sampled"] = sampled_part(
                 run, store, peers, cands, base, seed1, trial, sampled_rounds, max_peers
             )
+            print(
+                f"  trial {trial}: sampled Spearman steps {t['sampled']['spearman_steps']:.3f}, data "
+                f"{t['sampled']['spearman_data']:.3f} (every peer evaluated: {t['spearman_steps']:.3f}, "
+                f"{t['spearman_data']:.3f})",
+                flush=True,
+            )
         out["trials"].append(t)
         if trial == 0 and cost:
             out.update(cost_part(run, store, peers, ev, cands, base, seed1, rm))
