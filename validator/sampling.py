@@ -41,7 +41,8 @@ class SamplingConfig:
 
     max_peers: int = 32
     """Peers with a contribution evaluated per round (0 = all). Each costs ~1.7× the forward passes of its
-    pages: 32 debug peers take ~3 s on a 2-core CPU, a 125M model needs a GPU for more than a handful. Lower
+    pages: 8 debug peers took ~6 s on one thread of a 2-core CPU (benchmarks/validator_scale.py), a 125M
+    model needs a GPU for more than a handful. Lower
     it if rounds take longer than the chain's round (the summary line's seconds); every peer is still
     evaluated about every N/K rounds."""
     max_seconds: float = 0.0
