@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/validator.py     # debug config (3 trials) + a real 125M round, ~7 min on 2 cores
     .venv/bin/python benchmarks/validator.py --skip-big --trials 1      # ~40 s
+    .venv/bin/python benchmarks/validator.py --skip-big --skip-cost --trials 3 --sampled-rounds 6 --max-peers 4
 
 Prints, measured in this run:
 
@@ -17,11 +18,16 @@ Prints, measured in this run:
    ``--trials`` independent rounds (other hotkeys, assignments and seeds): peers that trained
    5/10/20/40/80 inner steps on their own pages, and peers that trained 40 steps with 100/75/50/25/0 % of
    their batches from their own pages (the rest from unassigned pages). Target ≥ 0.9.
+4. **the same with sampling on** (``--sampled-rounds R --max-peers K``): each trial's 10 peers scored by
+   a validator that evaluates only K of them a round (validator.sampling, a fresh end-of-round key per
+   round) for R rounds, EMA over evaluated rounds only; Spearman of the final *weights* with the truth.
+   Worst and median over the trials. Target ≥ 0.9.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import statistics
 import sys
 import tempfile
@@ -155,7 +161,45 @@ def spearman_round(run, store, trial: int):
     return peers, ev, cands, base, seed1, rm, scores
 
 
-def debug_part(threads: int, trials: int) -> dict:
+def sampled_part(run, store, peers, cands, base, seed1, trial: int, rounds: int, k: int) -> dict:
+    """The same 10 peers scored over ``rounds`` rounds by a validator that evaluates only ``k`` a round
+    (validator.sampling: stalest first + keyed random slots, a fresh key per round), EMA over evaluated
+    rounds only; returns Spearman(weight, truth) per group from the final weights (what goes on chain)."""
+    from validator.sampling import sampling_key, select_peers
+    from validator.scoring import (
+        BurnPolicy,
+        EmaState,
+        last_evaluated,
+        normalize_weights,
+        not_sampled_scores,
+        update_ema,
+    )
+
+    cfg = ScoringConfig()
+    ev = Evaluator(EvalConfig(), run, store)
+    uids = {c.uid: c.hotkey for c in cands}
+    ema = EmaState()
+    evaluated = {u: 0 for u in uids}
+    for r in range(1, rounds + 1):
+        key = sampling_key(hashlib.sha256(f"bench-end-block-{trial}-{r}".encode()).digest(), r)
+        sel = select_peers(uids, last_evaluated(ema, uids), k, key)
+        rm, _ = ev.evaluate_round(1, seed1, base, [c for c in cands if c.uid in set(sel.selected)])
+        scores = score_round(rm, cfg) + not_sampled_scores(sel.not_sampled, uids)
+        ema = update_ema(ema, r, scores, uids, cfg.ema_alpha, not_sampled=sel.not_sampled)
+        for u in sel.selected:
+            evaluated[u] += 1
+    w = normalize_weights({u: e.value for u, e in ema.entries.items()}, BurnPolicy())
+    weight = [w.shares.get(c.uid, 0.0) for c in cands]
+    out = {"weights": {p[0]: x for p, x in zip(peers, weight, strict=True)}, "evaluated": evaluated}
+    for group in ("steps", "data"):
+        idx = [i for i, p in enumerate(peers) if p[1] == group]
+        out[f"spearman_{group}"] = spearman([peers[i][2] for i in idx], [weight[i] for i in idx])
+    return out
+
+
+def debug_part(
+    threads: int, trials: int, sampled_rounds: int = 0, max_peers: int = 4, cost: bool = True
+) -> dict:
     run = load_run_config("debug")
     data_dir = Path(tempfile.mkdtemp(prefix="gradswarm-bench-validator-"))
     prepare_data(run.data, data_dir)
@@ -171,8 +215,18 @@ def debug_part(threads: int, trials: int) -> dict:
         for group in ("steps", "data"):
             idx = [i for i, p in enumerate(peers) if p[1] == group]
             t[f"spearman_{group}"] = spearman([peers[i][2] for i in idx], [scores[i].score for i in idx])
+        if sampled_rounds:
+            t["sampled"] = sampled_part(
+                run, store, peers, cands, base, seed1, trial, sampled_rounds, max_peers
+            )
+            print(
+                f"  trial {trial}: sampled Spearman steps {t['sampled']['spearman_steps']:.3f}, data "
+                f"{t['sampled']['spearman_data']:.3f} (every peer evaluated: {t['spearman_steps']:.3f}, "
+                f"{t['spearman_data']:.3f})",
+                flush=True,
+            )
         out["trials"].append(t)
-        if trial == 0:
+        if trial == 0 and cost:
             out.update(cost_part(run, store, peers, ev, cands, base, seed1, rm))
     for group in ("steps", "data"):
         vals = [t[f"spearman_{group}"] for t in out["trials"]]
@@ -301,9 +355,35 @@ def main() -> int:
         "--trials", type=int, default=3, help="independent ground-truth rounds for the Spearman figures"
     )
     ap.add_argument("--skip-big", action="store_true", help="skip the 125M round (~5 min on 2 CPU cores)")
+    ap.add_argument("--skip-cost", action="store_true", help="skip the cost/throughput measurement")
+    ap.add_argument(
+        "--sampled-rounds",
+        type=int,
+        default=6,
+        help="also score each trial's peers over this many rounds with sampling on (0 = skip)",
+    )
+    ap.add_argument("--max-peers", type=int, default=4, help="the sampling budget K of those rounds")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    d = debug_part(args.threads, args.trials)
+    d = debug_part(args.threads, args.trials, args.sampled_rounds, args.max_peers, cost=not args.skip_cost)
+    if args.sampled_rounds:
+        for g in ("steps", "data"):
+            vals = [t["sampled"][f"spearman_{g}"] for t in d["trials"]]
+            print(
+                f"with sampling (K = {args.max_peers} of {len(d['trials'][0]['scores'])} peers a round, "
+                f"{args.sampled_rounds} rounds, weights from the EMA): Spearman(weight, {g}) worst {min(vals):.3f}, "
+                f"median {statistics.median(vals):.3f} over {len(vals)} trials: {', '.join(f'{v:.3f}' for v in vals)}"
+            )
+        for i, t in enumerate(d["trials"]):
+            print(f"  trial {i}: evaluated per peer {t['sampled']['evaluated']}")
+            print("    weights " + ", ".join(f"{n} {x:.3f}" for n, x in t["sampled"]["weights"].items()))
+    if args.skip_cost:
+        for g in ("steps", "data"):
+            print(
+                f"every peer evaluated (one round): Spearman(score, {g}) per trial "
+                + ", ".join(f"{t[f'spearman_{g}']:.3f}" for t in d["trials"])
+            )
+        return 0
     print(f"debug config, {d['peers']} peers, {args.threads} threads:")
     print(
         f"  validator evaluation {d['validator_s_total']:.2f}s vs plain forward passes over the same samples "

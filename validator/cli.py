@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     from peer.tracking import add_tracking_args
 
     parser = _Parser(
-        prog="validator", description="Score every peer's contribution each round and set weights on chain."
+        prog="validator",
+        description="Score peers' contributions each round (a budgeted sample) and set weights on chain.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
@@ -85,6 +86,38 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="seconds to wait after a round ends before fetching it",
+    )
+    g = p.add_argument_group("budget (how many peers a round evaluates; see validator.sampling)")
+    g.add_argument(
+        "--eval.max-peers",
+        dest="max_peers",
+        type=int,
+        default=32,
+        help="peers with a contribution evaluated per round, the longest not evaluated first plus a few "
+        "drawn at random by the hash of the block that ends the round (0 = all; default 32)",
+    )
+    g.add_argument(
+        "--eval.max-seconds",
+        dest="max_eval_seconds",
+        type=float,
+        default=0.0,
+        help="seconds of evaluation per round: no new peer is started once the next one would not fit; "
+        "the rest are 'not sampled (time budget)' and go first next round (0 = no limit)",
+    )
+    g.add_argument(
+        "--eval.fetch-parallel",
+        dest="fetch_parallel",
+        type=int,
+        default=16,
+        help="publishers fetched from at the same time (default 16)",
+    )
+    g.add_argument(
+        "--eval.fetch-deadline",
+        dest="fetch_deadline",
+        type=float,
+        default=None,
+        help="seconds the fetch step of a round may take; what has not arrived is refused "
+        "(default: half a round, at least 30 s)",
     )
     g = p.add_argument_group("scoring")
     g.add_argument(
@@ -176,8 +209,9 @@ def cmd_run(args) -> int:
     from peer.net.fetch import FetchClient, FetchConfig
     from peer.net.layout import ArtifactLayouts
     from peer.tracking import make_tracker, tracking_config_from_args
-    from validator.evaluation import EvalConfig, Evaluator
-    from validator.loop import LoopConfig, Validator, run
+    from validator.evaluation import EvalConfig
+    from validator.loop import BudgetedEvaluator, LoopConfig, Validator, run
+    from validator.sampling import SamplingConfig
     from validator.scoring import BurnPolicy, ScoringConfig
     from validator.store import ValidatorStore
     from validator.weights import WeightsConfig, WeightSetter
@@ -225,6 +259,9 @@ def cmd_run(args) -> int:
             publish_grace_s=args.publish_grace,
             max_rounds=args.max_rounds,
             max_seconds=args.max_seconds,
+            sampling=SamplingConfig(max_peers=args.max_peers, max_seconds=args.max_eval_seconds),
+            fetch_parallel=args.fetch_parallel,
+            fetch_deadline_s=args.fetch_deadline or max(30.0, 0.5 * round_blocks * chain.block_time),
         )
         signal.signal(signal.SIGTERM, _terminate)
         publisher = (
@@ -256,7 +293,7 @@ def cmd_run(args) -> int:
             chain=chain,
             clock=ChainClock(chain=chain, round_blocks=round_blocks),
             client=client,
-            evaluator=Evaluator(eval_cfg, run_cfg, pages),
+            evaluator=BudgetedEvaluator(eval_cfg, run_cfg, pages),
             store=store,
             pages=pages,
             setter=WeightSetter(chain, chain_cfg.netuid, keypair, state_dir, weights_cfg),

@@ -3,21 +3,28 @@
 For every round ``r`` that has ended (the chain's clock says so)::
 
     sync_metagraph   uids, hotkeys and publisher commitments from the chain (ours excluded)
-    fetch_round      θ_r: the state hash most peers' signed state manifests name, fetched from one of
-                     them and checked against that hash; each peer's Δ_r with its signed manifest,
-                     verified by the fetch client (hotkey, run, round, peer id, sha256) and then here
-                     (base hash, model config, data fingerprint); every refusal becomes a reason
-    evaluate         validator.evaluation: losses before/after each Δ, assignment test, copies
+    fetch_round      every peer's signed listing (concurrently, bounded, under the round's fetch
+                     deadline); θ_r: the state hash most peers' signed state manifests name, fetched from
+                     one of them and checked against that hash; the manifests checked here (base hash,
+                     model config, data fingerprint, a size the model allows); then the *sample*
+                     (validator.sampling: at most ``max_peers``, keyed by the hash of the block that ends
+                     the round) and only the sampled peers' Δ_r, concurrently, under the same deadline;
+                     every refusal becomes a reason
+    evaluate         validator.evaluation: losses before/after each Δ, assignment test, copies — in
+                     priority order, starting no new peer once the time budget is spent
     score            validator.scoring: round scores → EMA → u16 weights (pure)
     set_weights      validator.weights: queue for this round, send (set or commit/reveal), retry later
     record           the round's record + sketches in the state dir (for replay), EMA, W&B, a table
 
 Each step is a plain function of explicit inputs; :func:`run_round` strings them together and
-:func:`run` repeats it. State that survives restarts lives in the state dir (validator.store).
+:func:`run` repeats it. State that survives restarts lives in the state dir (validator.store): a round
+being evaluated is marked there, so a validator killed mid-round evaluates that round again after a
+restart (fetched blobs are cached by hash, weights already sent for it are never sent again).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -34,13 +41,23 @@ from peer.data.pages import PageStore
 from peer.errors import CheckpointError
 from peer.net.outbox import decode_state
 from peer.net.records import Commitment
-from validator.evaluation import Candidate, EvalConfig, Evaluator, RoundMeasurements
+from validator.evaluation import Candidate, EvalConfig, Evaluator, PeerMeasurement, RoundMeasurements
+from validator.sampling import (
+    NOT_SAMPLED,
+    SamplingConfig,
+    Selection,
+    fits_time_budget,
+    sampling_key,
+    select_peers,
+)
 from validator.scoring import (
     EmaState,
     PeerScore,
     ScoringConfig,
     WeightVector,
+    last_evaluated,
     normalize_weights,
+    not_sampled_scores,
     score_round,
     update_ema,
 )
@@ -75,12 +92,24 @@ class LoopConfig:
     below that."""
     poll_s: float = 0.25
     """Seconds between checks of the chain head while waiting for a round to end."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How many peers are evaluated per round (validator.sampling)."""
+    fetch_parallel: int = 16
+    """Publishers talked to at the same time (listings and Δ downloads). Raise it with many peers on a fast
+    link; lower it if the validator's link saturates and every fetch slows down."""
+    fetch_deadline_s: float = 60.0
+    """Seconds the whole fetch step of a round may take (listings, θ_r, the sampled Δs). Whatever has not
+    arrived by then is refused as ``round fetch deadline``, so a publisher that trickles or stalls costs
+    the round at most this. Keep it well under the round length; raise it if honest peers on slow links
+    hit it (their blobs keep arriving in the cache for the next attempt)."""
 
     def __post_init__(self) -> None:
         from peer.errors import ConfigError
 
         if self.round_blocks < 1:
             raise ConfigError("--round-blocks must be >= 1")
+        if self.fetch_parallel < 1 or self.fetch_deadline_s <= 0:
+            raise ConfigError("--eval.fetch-parallel must be >= 1 and --eval.fetch-deadline > 0")
         if self.audit_window < 1:
             raise ConfigError("audit_window must be >= 1")
         if self.publish_grace_s < 0 or self.poll_s <= 0:
@@ -137,12 +166,102 @@ class RoundInputs:
     base_state_hash: str
     base_sources: list[str]
     candidates: list[Candidate]
+    """Sampled peers first (priority order), then the ones refused before sampling; not the unsampled."""
     records: list[CandidateRecord]
+    """Every peer of the metagraph (sampled or not), in ``candidates`` order then the unsampled."""
+    selection: Selection | None = None
+    sampling: dict = field(default_factory=dict)
+    """What the record keeps of the sample (key, limits, priority order, who was left out and why)."""
     fetch_seconds: float = 0.0
 
 
 class NoBaseState(ChainError):
     """No peer served a verifiable θ_r for this round (nothing to evaluate against)."""
+
+
+ROUND_DEADLINE = "round_deadline"
+
+
+def gather_bounded(client, jobs: dict, *, parallel: int, deadline_s: float) -> dict:
+    """Run ``jobs`` (key → zero-argument async function on the fetch client's trio loop) at most
+    ``parallel`` at a time; returns key → result or FetchError. Jobs still running after ``deadline_s``
+    are cancelled (their partial downloads are dropped) and answer FetchError(``round_deadline``)."""
+    from peer.net.fetch import FetchError
+
+    async def main() -> dict:
+        import trio
+
+        results: dict = {}
+        limiter = trio.CapacityLimiter(parallel)
+
+        async def one(key, job) -> None:
+            async with limiter:
+                try:
+                    results[key] = await job()
+                except FetchError as e:
+                    client.rejections[e.reason] += 1
+                    results[key] = e
+
+        with trio.move_on_after(deadline_s):
+            async with trio.open_nursery() as nursery:
+                for key, job in jobs.items():
+                    nursery.start_soon(one, key, job)
+        for key in jobs:
+            if key not in results:
+                client.rejections[ROUND_DEADLINE] += 1
+                results[key] = FetchError(
+                    ROUND_DEADLINE,
+                    f"not done within the round's fetch deadline ({deadline_s:.1f}s left for this step)",
+                )
+        return results
+
+    if not jobs:
+        return {}
+    return client._call(main)
+
+
+LISTING_SHARE, LISTING_MIN_S = 0.25, 5.0
+"""Listings (small signed answers) get this share of the round's fetch deadline, at least LISTING_MIN_S."""
+STATE_RACE = 3
+"""Publishers θ_r is downloaded from at once; the first complete, verified copy wins."""
+
+
+def race_first(client, jobs: dict, *, deadline_s: float):
+    """Run ``jobs`` (key → zero-argument async function) at once; return ``(key, result)`` of the first
+    that succeeds and cancel the others, or None if all fail or ``deadline_s`` passes."""
+    from peer.net.fetch import FetchError
+
+    async def main():
+        import trio
+
+        won = []
+
+        async def one(key, job, cancel) -> None:
+            try:
+                result = await job()
+            except FetchError as e:
+                client.rejections[e.reason] += 1
+                log.info("%s: %s", key, e)
+                return
+            if not won:
+                won.append((key, result))
+                cancel.cancel()
+
+        with trio.move_on_after(max(0.0, deadline_s)):
+            async with trio.open_nursery() as nursery:
+                for key, job in jobs.items():
+                    nursery.start_soon(one, key, job, nursery.cancel_scope)
+        return won[0] if won else None
+
+    if not jobs:
+        return None
+    return client._call(main)
+
+
+def max_artifact_bytes(run: RunConfig, numel: int) -> int:
+    """Largest blob (state or Δ) a peer of this model can honestly publish: every parameter in fp32 plus
+    1 MiB of header and quantisation scales. Anything declaring more is refused before a byte is fetched."""
+    return 4 * numel + (1 << 20)
 
 
 def fetch_round(
@@ -154,65 +273,148 @@ def fetch_round(
     run: RunConfig,
     data_fingerprint: str,
     evaluator: Evaluator,
+    sampling: SamplingConfig | None = None,
+    key: bytes = b"",
+    last_evaluated: dict[int, int | None] | None = None,
+    parallel: int = 16,
+    deadline_s: float = 60.0,
 ) -> RoundInputs:
-    """θ_r (majority of signed state manifests, hash-checked) and every peer's verified Δ_r."""
+    """Listings of every peer, θ_r (majority of signed state manifests, hash-checked), the sample, and
+    the sampled peers' verified Δ_r — all under one deadline of ``deadline_s`` seconds."""
     from peer.net.fetch import FetchError
 
     t0 = time.perf_counter()
+    deadline = t0 + deadline_s
+    sampling = sampling or SamplingConfig(max_peers=0)
+    max_bytes = max_artifact_bytes(run, sum(p.numel() for p in evaluator.params.values()))
     reachable = [t for t in targets if t.target is not None]
+    listings = gather_bounded(  # small answers: a publisher that sits on one costs a quarter of the deadline
+        client,
+        {t.uid: functools.partial(client.alist_round, t.target, round_) for t in reachable},
+        parallel=parallel,
+        deadline_s=min(deadline_s, max(LISTING_MIN_S, LISTING_SHARE * deadline_s)),
+    )
     votes: dict[str, list[PeerTarget]] = {}
     for t in reachable:
-        try:
-            listing = client.list_round(t.target.addr, t.target.peer_id, round_, hotkey=t.hotkey)
-        except FetchError as e:
-            log.info("uid %d: no state listing for round %d (%s)", t.uid, round_, e)
+        got = listings[t.uid]
+        if isinstance(got, FetchError):
+            log.info("uid %d: no listing for round %d (%s)", t.uid, round_, got)
             continue
-        if listing.state is not None and listing.state.model_config_name == run.name:
-            votes.setdefault(listing.state.state_hash, []).append(t)
+        st = got.state
+        if st is not None and st.model_config_name == run.name and st.blob.size <= max_bytes:
+            votes.setdefault(st.state_hash, []).append(t)
     base = None
     for state_hash, voters in sorted(votes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        for t in voters:
-            try:
-                fetched = client.fetch(t.target, round_, "state")
-                state = decode_state(fetched.read_bytes())
-                if evaluator.load_base(state) != state_hash:
-                    raise CheckpointError(f"uid {t.uid}'s state does not hash to {state_hash[:12]}")
-            except (FetchError, CheckpointError) as e:
-                log.warning("round %d: state from uid %d refused: %s", round_, t.uid, e)
+        # voters in an order keyed by the end-of-round hash: no uid can make sure it is asked first
+        left = sorted(voters, key=lambda t: hashlib.blake2b(key + t.uid.to_bytes(4, "little")).digest())
+        while left and base is None and time.perf_counter() < deadline:
+            # race a few voters: the first complete, verified download wins; a wave gets at most half the
+            # time left, so a wave of stallers cannot take it all
+            racing, left = left[:STATE_RACE], left[STATE_RACE:]
+            won = race_first(
+                client,
+                {
+                    t.uid: functools.partial(
+                        client.afetch_blob, t.target, listings[t.uid].state.blob, round_=round_, kind="state"
+                    )
+                    for t in racing
+                },
+                deadline_s=(deadline - time.perf_counter()) / (2 if left else 1),
+            )
+            if won is None:
                 continue
-            base = (state, fetched.sha256, state_hash, [v.hotkey for v in voters])
-            break
+            uid, path = won
+            try:
+                state = decode_state(path.read_bytes())
+                if evaluator.load_base(state) != state_hash:
+                    raise CheckpointError(f"uid {uid}'s state does not hash to {state_hash[:12]}")
+            except CheckpointError as e:
+                log.warning("round %d: state from uid %d refused: %s", round_, uid, e)
+                left += [t for t in racing if t.uid != uid]
+                continue
+            base = (state, listings[uid].state.blob.sha256, state_hash, [v.hotkey for v in voters])
         if base is not None:
             break
     if base is None:
         raise NoBaseState(
-            f"round {round_}: no peer served a verifiable θ_{round_} ({len(reachable)} reachable)"
+            f"round {round_}: no peer served a verifiable θ_{round_} ({len(reachable)} reachable, "
+            f"{sum(len(v) for v in votes.values())} named a state)"
         )
     state, base_sha, base_hash, sources = base
 
-    fetched_all = (
-        client.fetch_many([t.target for t in reachable], round_, "contribution") if reachable else {}
+    # every peer's contribution manifest, checked before sampling: the budget goes to usable Δs only
+    records = {t.uid: CandidateRecord(uid=t.uid, hotkey=t.hotkey, rejected=t.rejected) for t in targets}
+    manifests = {}
+    for t in reachable:
+        rec, got = records[t.uid], listings[t.uid]
+        if isinstance(got, FetchError):
+            rec.rejected = f"fetch: {got}"
+            continue
+        m = got.contribution
+        if m is None:
+            rec.rejected = (
+                f"fetch: has no contribution for round {round_} (it has rounds {got.rounds[-8:] or 'none'})"
+            )
+            continue
+        rec.manifest = m.model_dump(mode="json")
+        reason = _manifest_problem(
+            m, run=run, base_hash=base_hash, data_fingerprint=data_fingerprint, max_bytes=max_bytes
+        )
+        if reason is not None:
+            rec.rejected = reason
+            continue
+        manifests[t.uid] = (t, m)
+    selection = select_peers(
+        {u: t.hotkey for u, (t, _) in manifests.items()},
+        last_evaluated or {},
+        sampling.max_peers,
+        key,
+        sampling.random_fraction,
     )
-    candidates, records = [], []
-    for t in targets:
-        rec = CandidateRecord(uid=t.uid, hotkey=t.hotkey, rejected=t.rejected)
-        cand = Candidate(uid=t.uid, hotkey=t.hotkey, rejected=t.rejected)
-        if t.target is not None:
-            got = fetched_all.get(t.target)
-            if isinstance(got, FetchError) or got is None:
-                reason = f"fetch: {got}" if got is not None else "fetch: no answer"
-                cand.rejected = rec.rejected = reason
-            else:
-                m = got.manifest
-                rec.manifest, rec.blob_sha256 = m.model_dump(mode="json"), got.sha256
-                cand.blob_sha256, cand.claimed_pages = got.sha256, list(m.pages)
-                reason = _manifest_problem(m, run=run, base_hash=base_hash, data_fingerprint=data_fingerprint)
-                if reason is None:
-                    cand.delta_blob = got.read_bytes()
-                else:
-                    cand.rejected = rec.rejected = reason
+    for u, reason in selection.not_sampled.items():
+        records[u].rejected = reason
+    left = max(0.0, deadline - time.perf_counter())
+    blobs = gather_bounded(
+        client,
+        {
+            u: functools.partial(
+                client.afetch_blob,
+                manifests[u][0].target,
+                manifests[u][1].blob,
+                round_=round_,
+                kind="contribution",
+            )
+            for u in selection.selected
+        },
+        parallel=parallel,
+        deadline_s=left,
+    )
+    candidates: list[Candidate] = []
+    for u in selection.selected:
+        t, m = manifests[u]
+        rec = records[u]
+        cand = Candidate(uid=u, hotkey=t.hotkey, claimed_pages=list(m.pages), blob_sha256=m.blob.sha256)
+        got = blobs[u]
+        if isinstance(got, FetchError):
+            cand.rejected = rec.rejected = f"fetch: {got}"
+            cand.blob_sha256 = None
+        else:
+            rec.blob_sha256 = m.blob.sha256
+            cand.delta_blob = got.read_bytes()
         candidates.append(cand)
-        records.append(rec)
+    sampled = set(selection.selected)
+    for t in targets:
+        if t.uid not in sampled and t.uid not in selection.not_sampled:
+            rec = records[t.uid]
+            candidates.append(
+                Candidate(
+                    uid=t.uid,
+                    hotkey=t.hotkey,
+                    rejected=rec.rejected,
+                    claimed_pages=list(rec.manifest["pages"]) if rec.manifest else None,
+                )
+            )
+    order = [c.uid for c in candidates] + sorted(selection.not_sampled)
     return RoundInputs(
         round=round_,
         seed=seed,
@@ -221,36 +423,108 @@ def fetch_round(
         base_state_hash=base_hash,
         base_sources=sources,
         candidates=candidates,
-        records=records,
+        records=[records[u] for u in order],
+        selection=selection,
+        sampling={
+            "key_hex": key.hex(),
+            "max_peers": sampling.max_peers,
+            "max_seconds": sampling.max_seconds,
+            "random_fraction": sampling.random_fraction,
+            "order": selection.order,
+            "selected": selection.selected,
+            "not_sampled": {str(u): r for u, r in selection.not_sampled.items()},
+        },
         fetch_seconds=time.perf_counter() - t0,
     )
 
 
-def _manifest_problem(m, *, run: RunConfig, base_hash: str, data_fingerprint: str) -> str | None:
+def _manifest_problem(
+    m, *, run: RunConfig, base_hash: str, data_fingerprint: str, max_bytes: int
+) -> str | None:
     if m.base_state_hash != base_hash:
         return f"trained from state {m.base_state_hash[:12]}, not the swarm's θ_r {base_hash[:12]}"
     if m.model_config_name != run.name:
         return f"model config {m.model_config_name!r}, this swarm runs {run.name!r}"
     if m.data_fingerprint != data_fingerprint:
         return "data fingerprint differs from the validator's prepared data"
+    if m.blob.size > max_bytes:
+        return f"declares a {m.blob.size}-byte Δ; a Δ of {run.name!r} is at most {max_bytes} bytes"
     return None
 
 
+class BudgetedEvaluator(Evaluator):
+    """The Evaluator, but it starts no new peer once the round's seconds budget is spent
+    (:func:`validator.sampling.fits_time_budget`); those peers are listed in :attr:`skipped`.
+
+    Candidates are measured in the order given (the sample's priority order), so the budget cuts the
+    least stale peers. ``budget_s`` 0 evaluates everyone (the plain Evaluator's behaviour)."""
+
+    budget_s: float = 0.0
+    skipped: list[int]
+
+    def cross_share(self) -> float:
+        """Cost of the cross-reference phase per peer relative to its own measurement (page counts)."""
+        c = self.cfg
+        own = c.heldout_pages * (2 if c.direction_test else 1) + c.assigned_pages + c.control_pages
+        return c.cross_peers * c.assigned_pages / own
+
+    def evaluate_round(self, *args, **kwargs):
+        self._started = time.perf_counter()
+        self._measured: list[float] = []
+        self.skipped = []
+        return super().evaluate_round(*args, **kwargs)
+
+    def _measure(self, c: Candidate, *args, **kwargs):
+        if c.rejected is None and c.delta_blob is not None:
+            elapsed = time.perf_counter() - self._started
+            if not fits_time_budget(elapsed, self._measured, self.budget_s, self.cross_share()):
+                self.skipped.append(c.uid)
+                return PeerMeasurement(uid=c.uid, hotkey=c.hotkey, status="rejected", reason=TIME_BUDGET)
+        m = super()._measure(c, *args, **kwargs)
+        if m.status == "ok":
+            self._measured.append(m.seconds)
+        return m
+
+
+TIME_BUDGET = f"{NOT_SAMPLED} (time budget)"
+
+
 def evaluate(
-    evaluator: Evaluator, inputs: RoundInputs, store: ValidatorStore, lookback: int
+    evaluator: Evaluator, inputs: RoundInputs, store: ValidatorStore, lookback: int, budget_s: float = 0.0
 ) -> tuple[RoundMeasurements, dict, list[int]]:
+    """Measure the sampled peers; peers the time budget left out are moved from the measurements to
+    ``inputs``' not-sampled set (record and sampling updated), as if the sample had not included them."""
     sketch_rounds, earlier = store.earlier_sketches(inputs.round, lookback)
+    if isinstance(evaluator, BudgetedEvaluator):
+        evaluator.budget_s = budget_s
     rm, sketches = evaluator.evaluate_round(
         inputs.round, inputs.seed, inputs.base_state, inputs.candidates, earlier
     )
+    skipped = set(getattr(evaluator, "skipped", []) if budget_s > 0 else [])
+    if skipped:
+        reason = f"{TIME_BUDGET}: --eval.max-seconds {budget_s:g} spent"
+        rm.peers = [p for p in rm.peers if p.uid not in skipped]
+        inputs.candidates = [c for c in inputs.candidates if c.uid not in skipped]
+        for rec in inputs.records:
+            if rec.uid in skipped:
+                rec.rejected, rec.blob_sha256 = reason, None
+        inputs.sampling["not_sampled"].update({str(u): reason for u in skipped})
+        inputs.sampling["time_budget_skipped"] = sorted(skipped)
     return rm, sketches, sketch_rounds
 
 
 def score(
-    rm: RoundMeasurements, cfg: ScoringConfig, ema: EmaState, uids: dict[int, str]
+    rm: RoundMeasurements,
+    cfg: ScoringConfig,
+    ema: EmaState,
+    uids: dict[int, str],
+    not_sampled: dict[int, str] | None = None,
 ) -> tuple[list[PeerScore], EmaState, WeightVector]:
-    scores = score_round(rm, cfg)
-    new_ema = update_ema(ema, rm.round, scores, uids, cfg.ema_alpha)
+    """Round scores of the evaluated peers (+ a ``not sampled`` row for each left-out one), the EMA moved
+    for the evaluated only, and the weights from the EMA."""
+    not_sampled = {u: r for u, r in (not_sampled or {}).items() if u in uids}
+    scores = score_round(rm, cfg) + not_sampled_scores(not_sampled, uids)
+    new_ema = update_ema(ema, rm.round, scores, uids, cfg.ema_alpha, not_sampled=not_sampled)
     weights = normalize_weights({u: e.value for u, e in new_ema.entries.items()}, cfg.burn)
     return scores, new_ema, weights
 
@@ -292,7 +566,12 @@ def run_round(v: Validator, round_: int) -> RoundRecord:
 
     t0 = time.perf_counter()
     mg, targets = sync_metagraph(v.chain, v.cfg.netuid, v.hotkey.ss58_address)
+    uids = {n.uid: n.hotkey for n in mg.neurons if n.hotkey != v.hotkey.ss58_address}
     seed = v.clock.seed(round_)
+    # the sample is keyed by the block that ends the round (round r+1's first): unknown while peers train
+    key = sampling_key(v.clock.seed(round_ + 1), round_)
+    ema_before = v.store.load_ema()
+    v.store.mark_started(round_)
     inputs = fetch_round(
         v.client,
         targets,
@@ -301,20 +580,21 @@ def run_round(v: Validator, round_: int) -> RoundRecord:
         run=v.run,
         data_fingerprint=v.pages.fingerprint,
         evaluator=v.evaluator,
+        sampling=v.cfg.sampling,
+        key=key,
+        last_evaluated=last_evaluated(ema_before, uids),
+        parallel=v.cfg.fetch_parallel,
+        deadline_s=v.cfg.fetch_deadline_s,
     )
     v.store.put_blob(inputs.base_sha256, _base_bytes(v.client, inputs))
     t1 = time.perf_counter()
-    rm, sketches, sketch_rounds = evaluate(v.evaluator, inputs, v.store, v.cfg.sketch_lookback)
-    t2 = time.perf_counter()
-    ema_before = v.store.load_ema()
-    scores, ema_after, weights = score(
-        rm,
-        v.scoring_cfg,
-        ema_before,
-        {n.uid: n.hotkey for n in mg.neurons if n.hotkey != v.hotkey.ss58_address},
+    rm, sketches, sketch_rounds = evaluate(
+        v.evaluator, inputs, v.store, v.cfg.sketch_lookback, v.cfg.sampling.max_seconds
     )
-    outcomes = set_weights(v.setter, round_, weights)
-    v.store.save_ema(ema_after)
+    t2 = time.perf_counter()
+    not_sampled = {int(u): r for u, r in inputs.sampling["not_sampled"].items()}
+    scores, ema_after, weights = score(rm, v.scoring_cfg, ema_before, uids, not_sampled)
+    outcomes = set_weights(v.setter, round_, weights)  # queued per round: a rerun never sends twice
     rec = RoundRecord(
         run_id=v.cfg.run_id,
         config_name=v.run.name,
@@ -345,8 +625,11 @@ def run_round(v: Validator, round_: int) -> RoundRecord:
             "base_s": rm.base_seconds,
             "round_s": time.perf_counter() - t0,
         },
+        sampling=inputs.sampling,
     )
-    v.store.save_round(rec, sketches)
+    v.store.save_round(rec, sketches)  # the record first: a restart takes the EMA from it if needed
+    v.store.save_ema(ema_after)
+    v.store.clear_started(round_)
     v.store.prune()
     log_round(v.tracker, rec)
     if v.on_round is not None:
@@ -363,7 +646,9 @@ def run(v: Validator) -> int:
     """Evaluate every round that ends from now on; returns the number of rounds evaluated."""
     start = time.time()
     done = 0
+    v.store.reconcile_ema()
     last = max(v.store.rounds(), default=None)
+    resume = v.store.started()  # a round this validator was killed in the middle of
     while True:
         if v.cfg.max_rounds is not None and done >= v.cfg.max_rounds:
             break
@@ -382,7 +667,16 @@ def run(v: Validator) -> int:
             continue
         time.sleep(v.cfg.publish_grace_s)
         try:
-            target = pick_round(last, newest, v.cfg.audit_window, v.clock.seed(newest))
+            if (
+                resume is not None
+                and (last is None or resume > last)
+                and newest - resume < v.cfg.audit_window
+            ):
+                target = resume  # finish the interrupted round while its artifacts are still served
+                log.info("resuming round %d, interrupted by a restart", target)
+            else:
+                target = pick_round(last, newest, v.cfg.audit_window, v.clock.seed(newest))
+            resume = None
         except ChainError as e:
             log.warning("cannot read round %d's seed (%s); retrying", newest, e)
             continue
@@ -413,8 +707,11 @@ def pick_round(last: int | None, newest: int, window: int, seed: bytes) -> int:
 
 def summary_line(rec: RoundRecord) -> str:
     scored = [s for s in rec.scores if s["score"] > 0]
+    skipped = len(rec.sampling.get("not_sampled", {}))
     return (
         f"round {rec.round}: base held-out loss {rec.measurements['heldout_loss_base']:.4f}; "
-        f"{len(scored)}/{len(rec.scores)} peers earned; weights {rec.weights['note']}; "
+        f"{len(scored)}/{len(rec.scores) - skipped} evaluated peers earned"
+        + (f" ({skipped} not sampled)" if skipped else "")
+        + f"; weights {rec.weights['note']}; "
         f"{rec.timings['round_s']:.1f}s"
     )

@@ -16,7 +16,17 @@ from peer.config import load_run_config
 from peer.data.shards import open_page_store
 from peer.net.outbox import decode_state
 from validator.evaluation import Candidate, EvalConfig, Evaluator
-from validator.scoring import BurnPolicy, EmaState, ScoringConfig, normalize_weights, score_round, update_ema
+from validator.sampling import select_peers
+from validator.scoring import (
+    BurnPolicy,
+    EmaState,
+    ScoringConfig,
+    last_evaluated,
+    normalize_weights,
+    not_sampled_scores,
+    score_round,
+    update_ema,
+)
 from validator.store import ReplayError, RoundRecord, ValidatorStore
 
 REL_TOL = 1e-4
@@ -59,8 +69,11 @@ def replay_round(
     pages = open_page_store(data, data_dir, run.data, corpus_dir)
     _check_same_data(rec, pages.fingerprint)
     base = decode_state(store.read_blob(rec.base_sha256))
+    not_sampled = {int(u): r for u, r in rec.sampling.get("not_sampled", {}).items()}
     candidates = []
     for c in rec.candidates:
+        if c.uid in not_sampled:
+            continue  # the budget left it out: nothing was measured, its EMA was kept
         cand = Candidate(
             uid=c.uid,
             hotkey=c.hotkey,
@@ -79,17 +92,41 @@ def replay_round(
     ev = evaluator or Evaluator(eval_cfg, run, pages)
     ev.cfg = eval_cfg
     rm, _ = ev.evaluate_round(rec.round, bytes.fromhex(rec.seed_hex), base, candidates, earlier)
-    scores = score_round(rm, scoring_cfg)
     ema_before = EmaState.from_json(rec.ema_before)
     uids = {int(u): e["hotkey"] for u, e in rec.ema_after["entries"].items()}
-    ema_after = update_ema(ema_before, rec.round, scores, uids, scoring_cfg.ema_alpha)
+    not_sampled = {u: r for u, r in not_sampled.items() if u in uids}
+    scores = score_round(rm, scoring_cfg) + not_sampled_scores(not_sampled, uids)
+    ema_after = update_ema(
+        ema_before, rec.round, scores, uids, scoring_cfg.ema_alpha, not_sampled=not_sampled
+    )
     weights = normalize_weights({u: e.value for u, e in ema_after.entries.items()}, scoring_cfg.burn)
     replayed = RoundRecord(**{**rec.__dict__})
     replayed.measurements = rm.to_json()
     replayed.scores = [s.to_json() for s in scores]
     replayed.ema_after = ema_after.to_json()
     replayed.weights = {**rec.weights, "uids": weights.uids, "weights": weights.weights}
-    return ReplayResult(logged=rec, replayed=replayed, mismatches=compare(rec, replayed))
+    mismatches = compare(rec, replayed) + check_sample(rec, ema_before, uids)
+    return ReplayResult(logged=rec, replayed=replayed, mismatches=mismatches)
+
+
+def check_sample(rec: RoundRecord, ema_before: EmaState, uids: dict[int, str]) -> list[str]:
+    """The recorded sample is the one the rule gives: same priority order (from the EMA before the
+    round), same key, same limit. Catches a validator that picks whom to evaluate by hand."""
+    smp = rec.sampling
+    if not smp:
+        return []  # recorded before sampling existed: everyone was evaluated
+    order = [int(u) for u in smp["order"]]
+    hotkeys = {c.uid: c.hotkey for c in rec.candidates}
+    sel = select_peers(
+        {u: hotkeys[u] for u in order},
+        last_evaluated(ema_before, {u: hotkeys[u] for u in order}),
+        smp["max_peers"],
+        bytes.fromhex(smp["key_hex"]),
+        smp["random_fraction"],
+    )
+    if sel.selected != [int(u) for u in smp["selected"]]:
+        return [f"sample differs: logged {smp['selected']}, the rule gives {sel.selected}"]
+    return []
 
 
 def _check_same_data(rec: RoundRecord, fingerprint: str) -> None:

@@ -25,8 +25,10 @@ a near-copy of another peer's Δ this round that shows more specificity on its *
 original learned its pages; a copier did not — so "the later one earns nothing" without trusting
 timestamps), too little specificity.
 
-EMA: ``ema ← β·score + (1 − β)·ema`` for every uid of the metagraph each round (a peer that sent nothing
-scores 0); a uid whose hotkey changed starts again from 0; a round is applied at most once.
+EMA: ``ema ← β·score + (1 − β)·ema`` for every uid of the metagraph that was evaluated this round (a peer
+that sent nothing scores 0); a peer with a contribution that the budget left out (validator.sampling,
+``not sampled``) keeps its EMA; a uid whose hotkey changed starts again from 0; a round is applied at most
+once.
 
 Weights: the EMA values normalised to shares, with an explicit burn policy (a fixed share to a burn uid,
 and all of it when nobody earned anything; without a burn uid such a round sets no weights), then
@@ -36,7 +38,7 @@ max-upscaled to u16 as the runtime stores them.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from peer.errors import ConfigError
@@ -352,6 +354,8 @@ class EmaEntry:
     value: float
     rounds: int = 0
     """Rounds this hotkey has been scored on this uid."""
+    last_evaluated: int | None = None
+    """Last round this hotkey was evaluated on this uid (None: never); the sampling priority."""
 
 
 @dataclass(kw_only=True)
@@ -373,22 +377,53 @@ class EmaState:
 
 
 def update_ema(
-    state: EmaState, round_: int, scores: Sequence[PeerScore], uids: Mapping[int, str], alpha: float
+    state: EmaState,
+    round_: int,
+    scores: Sequence[PeerScore],
+    uids: Mapping[int, str],
+    alpha: float,
+    not_sampled: Collection[int] = (),
 ) -> EmaState:
     """The EMA after round ``round_``: every uid of the metagraph (``uid → hotkey``) moves towards its score
-    (0 when it has none). A round at or before ``state.last_round`` is not applied again."""
+    (0 when it has none), except the uids in ``not_sampled`` (left out by the validator's budget), which
+    keep their value. A round at or before ``state.last_round`` is not applied again."""
     if state.last_round is not None and round_ <= state.last_round:
         return state
     by_uid = {s.uid: s for s in scores}
+    skip = set(not_sampled)
     entries: dict[int, EmaEntry] = {}
     for uid, hotkey in sorted(uids.items()):
         prev = state.entries.get(uid)
-        old = prev.value if prev is not None and prev.hotkey == hotkey else 0.0
-        rounds = prev.rounds if prev is not None and prev.hotkey == hotkey else 0
+        same = prev is not None and prev.hotkey == hotkey
+        old = prev.value if same else 0.0
+        rounds = prev.rounds if same else 0
+        last = prev.last_evaluated if same else None
+        if uid in skip:
+            entries[uid] = EmaEntry(hotkey=hotkey, value=old, rounds=rounds, last_evaluated=last)
+            continue
         s = by_uid.get(uid)
         score = s.score if s is not None and s.hotkey == hotkey else 0.0
-        entries[uid] = EmaEntry(hotkey=hotkey, value=alpha * score + (1 - alpha) * old, rounds=rounds + 1)
+        entries[uid] = EmaEntry(
+            hotkey=hotkey, value=alpha * score + (1 - alpha) * old, rounds=rounds + 1, last_evaluated=round_
+        )
     return EmaState(last_round=round_, entries=entries)
+
+
+def last_evaluated(state: EmaState, uids: Mapping[int, str]) -> dict[int, int | None]:
+    """uid → the last round its *current* hotkey was evaluated (None: never), the sampling priority."""
+    out: dict[int, int | None] = {}
+    for uid, hotkey in uids.items():
+        e = state.entries.get(uid)
+        out[uid] = e.last_evaluated if e is not None and e.hotkey == hotkey else None
+    return out
+
+
+def not_sampled_scores(not_sampled: Mapping[int, str], uids: Mapping[int, str]) -> list[PeerScore]:
+    """Explanation rows (score 0, EMA untouched) for the peers the budget left out."""
+    return [
+        PeerScore(uid=u, hotkey=uids[u], score=0.0, reason=r, terms={"status": "not_sampled", "score": 0.0})
+        for u, r in sorted(not_sampled.items())
+    ]
 
 
 # ------------------------------------------------------------------------------------------- weights

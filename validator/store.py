@@ -3,6 +3,7 @@
 Layout (``--state-dir``, by default ``~/.gradswarm/<run id>/validator-<wallet>-<hotkey>``)::
 
     ema.json                         EMA of every uid (scoring.EmaState), written after each round
+    in_progress.json                 the round being evaluated (a restart finishes it first)
     weights_queue.json               weights not yet on chain, and intervals done (validator.weights)
     blobs/<sha256>.safetensors       fetched base states and contributions, content-addressed
     rounds/<r>/record.json           the round: seed, base, every candidate's signed manifest or why it
@@ -68,6 +69,9 @@ class RoundRecord:
     ema_after: dict = field(default_factory=dict)
     weights: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    sampling: dict = field(default_factory=dict)
+    """The round's sample (validator.sampling): key, limits, priority order, selected uids, and every
+    not-sampled uid with its reason (their EMA was left as it was)."""
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -103,6 +107,35 @@ class ValidatorStore:
 
     def save_ema(self, ema: EmaState) -> None:
         atomic_write_json(self.root / "ema.json", ema.to_json())
+
+    def reconcile_ema(self) -> None:
+        """After a crash between writing a round's record and the EMA: take the EMA from the record."""
+        rounds = self.rounds()
+        if not rounds:
+            return
+        ema = self.load_ema()
+        if ema.last_round is None or ema.last_round < rounds[-1]:
+            self.save_ema(EmaState.from_json(self.load_round(rounds[-1]).ema_after))
+
+    # ---- a round in progress (resumed after a restart)
+    def mark_started(self, round_: int) -> None:
+        atomic_write_json(self.root / "in_progress.json", {"round": round_})
+
+    def started(self) -> int | None:
+        """The round being evaluated when the validator stopped (None if it finished its last one)."""
+        path = self.root / "in_progress.json"
+        try:
+            r = json.loads(path.read_text())["round"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # a torn marker only costs the resume
+        return r if isinstance(r, int) and r not in self.rounds() else None
+
+    def clear_started(self, round_: int) -> None:
+        path = self.root / "in_progress.json"
+        if self.started() in (round_, None):
+            path.unlink(missing_ok=True)
 
     # ---- blobs
     def blob_path(self, sha256: str) -> Path:

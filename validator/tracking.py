@@ -1,8 +1,9 @@
 """What a validator reports per round: W&B (through peer.tracking's Tracker) and a readable table.
 
 W&B run: job_type ``validator``, group = the swarm's run id, name = the hotkey's short form. Per round:
-the base model's held-out loss, counts, timings (time per peer), every peer's score/EMA/weight as
-scalars (``peer/<uid>/...``) and, on a real W&B run, a table with one row per peer and every term.
+the base model's held-out loss, counts (evaluated, earned, not sampled), timings (time per peer), every
+peer's score/EMA/weight as scalars (``peer/<uid>/...``; a peer the budget did not sample logs its EMA and
+weight only, its row's reason says ``not sampled``) and, on a real W&B run, a table with one row per peer and every term.
 ``WANDB_MODE=offline`` writes files without login; ``disabled`` (CI's default) logs nothing.
 """
 
@@ -62,6 +63,7 @@ def peer_rows(rec: RoundRecord) -> list[dict]:
 def round_metrics(rec: RoundRecord) -> dict:
     rows = peer_rows(rec)
     evaluated = [r for r in rows if r["status"] == "ok"]
+    not_sampled = [r for r in rows if r["status"] == "not_sampled"]
     per_peer = [r["seconds"] for r in evaluated if r["seconds"]]
     metrics = {
         "round": rec.round,
@@ -69,6 +71,7 @@ def round_metrics(rec: RoundRecord) -> dict:
         "peers/total": len(rows),
         "peers/evaluated": len(evaluated),
         "peers/earned": sum(1 for r in rows if r["score"] > 0),
+        "peers/not_sampled": len(not_sampled),
         "time/fetch_s": rec.timings.get("fetch_s"),
         "time/evaluate_s": rec.timings.get("evaluate_s"),
         "time/base_s": rec.timings.get("base_s"),
@@ -77,7 +80,10 @@ def round_metrics(rec: RoundRecord) -> dict:
         "weights/set": int(bool(rec.weights.get("uids"))),
     }
     for r in rows:
-        for k in ("score", "ema", "weight", "heldout_gain", "specificity", "seconds"):
+        keys = ("score", "ema", "weight", "heldout_gain", "specificity", "seconds")
+        if r["status"] == "not_sampled":
+            keys = ("ema", "weight")  # no round score: a 0 would read as a failed evaluation
+        for k in keys:
             if r[k] is not None:
                 metrics[f"peer/{r['uid']}/{k}"] = r[k]
     return {k: v for k, v in metrics.items() if v is not None}

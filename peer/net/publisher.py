@@ -65,6 +65,8 @@ IDENTITY_RECORD = "identity.json"
 MANIFEST = "manifest.json"
 KINDS = {"rounds": ContributionManifest, "state": StateManifest}
 MAX_MANIFEST_BYTES = 256 << 10
+FAULTS = {"trickle", "stall", "stall-listing"}
+"""Hostile behaviours a test publisher can simulate (:attr:`PublisherConfig.fault`)."""
 
 
 @dataclass(kw_only=True)
@@ -90,8 +92,19 @@ class PublisherConfig:
     stalled or malicious reader cannot hold a transfer slot forever)."""
     parent_poll_s: float = 0.5
     """How often the parent process is checked; the publisher exits this long after the parent died."""
+    fault: str | None = None
+    """Tests only (refused unless ``GRADSWARM_TEST_FAULTS=1``): misbehave like a hostile publisher —
+    ``trickle`` (blobs in 1 KiB frames, one every 0.5 s), ``stall`` (half a blob, then silence),
+    ``stall-listing`` (never answers a listing). Validators must survive all three."""
 
     def __post_init__(self) -> None:
+        if self.fault is not None:
+            if self.fault not in FAULTS:
+                raise ConfigError(f"publisher fault {self.fault!r} is not one of {sorted(FAULTS)}")
+            if os.environ.get("GRADSWARM_TEST_FAULTS") != "1":
+                raise ConfigError(
+                    "publisher faults are for tests only (set GRADSWARM_TEST_FAULTS=1 in a test)"
+                )
         if not 1024 <= self.chunk_bytes <= 16 << 20:
             raise ConfigError(f"publisher chunk_bytes {self.chunk_bytes} must be within 1 KiB..16 MiB")
         for name in ("max_blob_bytes", "burst", "max_fetches_per_peer", "max_fetches"):
@@ -291,6 +304,8 @@ class _Server:
             if not self.limiter.allow(remote):
                 raise ProtocolError("rate_limited", f"more than {self.cfg.requests_per_second}/s; slow down")
             if isinstance(req, ListRequest):
+                if self.cfg.fault == "stall-listing":
+                    await trio.sleep_forever()
                 await self._list(stream, req)
             elif isinstance(req, FetchRequest):
                 await self._fetch(stream, req, remote)
@@ -382,7 +397,16 @@ class _Server:
                 with trio.fail_after(self.cfg.io_timeout_s):
                     await stream.write(pack(FetchHeader(size=size, chunk_bytes=chunk)))
                 sent = 0
+                fault = self.cfg.fault
+                if fault == "trickle":
+                    chunk = 1024
+                elif fault == "stall":
+                    chunk = max(1024, min(chunk, size // 4))
                 while sent < size:
+                    if fault == "stall" and sent >= size // 2:
+                        await trio.sleep_forever()
+                    if fault == "trickle" and sent:
+                        await trio.sleep(0.5)
                     data = fh.read(min(chunk, size - sent))
                     if not data:
                         raise ProtocolError("not_found", f"blob {req.sha256[:12]} shrank while being served")
@@ -603,7 +627,7 @@ def start_publisher(
         "--requests-per-second", str(cfg.requests_per_second), "--burst", str(cfg.burst),
         "--max-fetches-per-peer", str(cfg.max_fetches_per_peer), "--max-fetches", str(cfg.max_fetches),
         "--io-timeout", str(cfg.io_timeout_s), "--parent-poll", str(cfg.parent_poll_s),
-    ]  # fmt: skip
+    ] + (["--fault", cfg.fault] if cfg.fault else [])  # fmt: skip
     env = dict(os.environ)
     repo = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -653,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-fetches", type=int, default=d.max_fetches)
     p.add_argument("--io-timeout", type=float, default=d.io_timeout_s)
     p.add_argument("--parent-poll", type=float, default=d.parent_poll_s)
+    p.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # tests only, see PublisherConfig.fault
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s publisher %(levelname)s %(message)s")
 
@@ -663,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
             chunk_bytes=args.chunk_bytes, max_blob_bytes=args.max_blob_bytes,
             requests_per_second=args.requests_per_second, burst=args.burst,
             max_fetches_per_peer=args.max_fetches_per_peer, max_fetches=args.max_fetches,
-            io_timeout_s=args.io_timeout, parent_poll_s=args.parent_poll,
+            io_timeout_s=args.io_timeout, parent_poll_s=args.parent_poll, fault=args.fault,
         )  # fmt: skip
         if not args.outbox.is_dir():
             raise UserError(f"--outbox {args.outbox} is not a directory")

@@ -1,0 +1,145 @@
+"""Which peers a validator evaluates in a round when it cannot evaluate all of them (pure, table-tested).
+
+Evaluating a peer costs ~1.7× the forward passes of its pages, so a validator with many peers scores a
+*sample* per round (as SN38 and Templar validators do). The sample must be
+
+* **unpredictable before the round ends**: a peer that knew it would not be evaluated could skip the work.
+  The round's seed (hash of its first block) is known while the peers train, so the sampling key is the
+  hash of the block that *ends* the round — the first block of round r+1 (``sampling_key``). It exists
+  only once round r is over, the validator reads it when it starts evaluating, and anyone replaying the
+  round derives the same key from the chain;
+* **fair over time**: most slots go to the peers not evaluated for longest (never-evaluated first), so
+  every peer is evaluated about every N/K rounds;
+* **a deterrent in every round**: ``random_fraction`` of the slots go to peers drawn by the key from
+  the rest, so "I was evaluated last round, I'm safe now" is never true.
+
+Ties (same last-evaluated round) are broken by a hash of (key, uid, hotkey), so the order among equals
+is unpredictable too. A peer not sampled keeps its EMA (validator.scoring.update_ema with ``evaluated``)
+and is explained as ``not sampled``.
+
+The time budget (``max_seconds``) is a second, runtime limit: the loop stops *starting* peers once the
+expected cost of the next one no longer fits (:func:`fits_time_budget`); the ones left are ``not sampled
+(time budget)`` and keep their priority for the next round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from peer.errors import ConfigError
+
+NOT_SAMPLED = "not sampled"
+"""Prefix of the reason of every peer that was not evaluated because of the budget (tables, W&B, replay)."""
+
+
+@dataclass(kw_only=True)
+class SamplingConfig:
+    """How many peers a validator evaluates per round (``validator run --eval.max-peers/--eval.max-seconds``)."""
+
+    max_peers: int = 32
+    """Peers with a contribution evaluated per round (0 = all). Each costs ~1.7× the forward passes of its
+    pages: 8 debug peers took ~6 s on one thread of a 2-core CPU (benchmarks/validator_scale.py), a 125M
+    model needs a GPU for more than a handful. Lower
+    it if rounds take longer than the chain's round (the summary line's seconds); every peer is still
+    evaluated about every N/K rounds."""
+    max_seconds: float = 0.0
+    """Seconds of evaluation per round (0 = no limit). Once the next peer's expected cost no longer fits,
+    the rest are ``not sampled (time budget)`` and go first next round. Set it to ~0.7 × the round length
+    on slow hardware so the validator never falls behind."""
+    random_fraction: float = 0.25
+    """Share of the ``max_peers`` slots drawn at random (by the end-of-round key) among peers the
+    staleness order did not pick. Higher = a stronger deterrent against skipping work in rounds a peer
+    thinks are not audited; lower = a more even rotation."""
+
+    def __post_init__(self) -> None:
+        if self.max_peers < 0:
+            raise ConfigError(f"--eval.max-peers must be >= 0 (0 = all), got {self.max_peers}")
+        if self.max_seconds < 0 or not math.isfinite(self.max_seconds):
+            raise ConfigError(f"--eval.max-seconds must be >= 0 (0 = no limit), got {self.max_seconds}")
+        if not 0 <= self.random_fraction <= 1:
+            raise ConfigError(f"sampling random_fraction must be in [0, 1], got {self.random_fraction}")
+
+
+def sampling_key(end_block_hash: bytes, round_: int) -> bytes:
+    """The round's sampling key from the hash of the block that ends it (first block of round r+1)."""
+    return hashlib.blake2b(
+        b"gradswarm/sample/" + round_.to_bytes(8, "little") + end_block_hash, digest_size=32
+    ).digest()
+
+
+def _tie(key: bytes, uid: int, hotkey: str) -> bytes:
+    return hashlib.blake2b(key + uid.to_bytes(4, "little") + hotkey.encode(), digest_size=16).digest()
+
+
+@dataclass(kw_only=True)
+class Selection:
+    """A round's sample: whom to evaluate, in priority order, and why the others were left out."""
+
+    selected: list[int]
+    """uids to evaluate, highest priority first (the time budget cuts from the end)."""
+    not_sampled: dict[int, str]
+    """uid → reason for every candidate left out."""
+    order: list[int]
+    """Every candidate in priority order (for the record: replay checks the selection)."""
+
+
+def select_peers(
+    candidates: Mapping[int, str],
+    last_evaluated: Mapping[int, int | None],
+    max_peers: int,
+    key: bytes,
+    random_fraction: float = 0.25,
+) -> Selection:
+    """Pick at most ``max_peers`` of ``candidates`` (uid → hotkey of peers with a contribution).
+
+    ``last_evaluated``: uid → last round that uid (with its current hotkey) was evaluated, None/absent =
+    never. Priority order: never evaluated first, then oldest; ties by a hash of (key, uid, hotkey).
+    ``ceil((1 − random_fraction) · max_peers)`` slots go down that order; the remaining slots to the
+    candidates left with the smallest hash of (key, uid, hotkey) — random to anyone who does not know the
+    key. ``max_peers`` 0 or ≥ the number of candidates selects everyone.
+    """
+
+    def tie(uid: int) -> bytes:
+        return _tie(key, uid, candidates[uid])
+
+    def staleness(uid: int) -> tuple[int, bytes]:
+        last = last_evaluated.get(uid)
+        return (-1 if last is None else last, tie(uid))
+
+    order = sorted(candidates, key=staleness)
+    if max_peers == 0 or max_peers >= len(order):
+        return Selection(selected=order, not_sampled={}, order=order)
+    by_staleness = max_peers - int(math.floor(random_fraction * max_peers))
+    chosen = order[:by_staleness]
+    rest = sorted(order[by_staleness:], key=tie)
+    chosen += rest[: max_peers - by_staleness]
+    chosen_set = set(chosen)
+    selected = [u for u in order if u in chosen_set]  # priority order: the time budget cuts the least stale
+    reason = f"{NOT_SAMPLED} (budget: {max_peers} of {len(order)} peers with a contribution this round)"
+    return Selection(
+        selected=selected, not_sampled={u: reason for u in order if u not in chosen_set}, order=order
+    )
+
+
+def expected_peer_seconds(measured: Sequence[float], cross_share: float) -> float | None:
+    """Expected cost of one more peer: the mean phase-1 seconds of the peers measured so far this round
+    plus its share of the cross-reference phase that runs after them (``cross_share`` × that mean)."""
+    if not measured:
+        return None
+    return (1.0 + cross_share) * sum(measured) / len(measured)
+
+
+def fits_time_budget(
+    elapsed_s: float, measured: Sequence[float], budget_s: float, cross_share: float
+) -> bool:
+    """Whether the next peer may start: always the first one (a round evaluates at least one peer); then
+    only if ``elapsed`` + the cross phase of the peers already measured + the next peer's expected cost
+    stays within ``budget_s``. ``budget_s`` 0 = no limit."""
+    if budget_s <= 0 or not measured:
+        return True
+    per = expected_peer_seconds(measured, cross_share)
+    pending_cross = cross_share * sum(measured)
+    return elapsed_s + pending_cross + per <= budget_s
