@@ -41,8 +41,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "python -m launch.local_subnet": ("help", "trains a subnet for minutes (tests/test_launcher.py runs it)"),
     "peer bootstrap": ("help", "a DHT node that serves until stopped"),
     "peer join": ("help", "trains until stopped; the example registers on finney"),
-    "peer doctor": ("help", "diagnoses a running peer on finney (tests/test_doctor.py runs it on a LocalLedger)"),
-    "python -m peer.net.discovery": ("help", "dials a live subnet's publishers (tests/test_discovery.py runs it)"),
+    "peer doctor": (
+        "help",
+        "diagnoses a running peer on finney (tests/test_doctor.py runs it on a LocalLedger)",
+    ),
+    "python -m peer.net.discovery": (
+        "help",
+        "dials a live subnet's publishers (tests/test_discovery.py runs it)",
+    ),
     "peer data build": ("help", "needs a folder of texts or an HF dataset (tests/test_shards.py builds one)"),
     "peer data info": ("help", "needs a built data set (tests/test_shards.py reads one)"),
     "python3": ("shell", "a static file server for the shards (the standard library's http.server)"),

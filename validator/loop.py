@@ -325,7 +325,7 @@ def fetch_round(
                 continue
             uid, path = won
             try:
-                state = decode_state(path.read_bytes())
+                state = decode_state(path.read_bytes(), client.cfg.layout("state"))
                 if evaluator.load_base(state) != state_hash:
                     raise CheckpointError(f"uid {uid}'s state does not hash to {state_hash[:12]}")
             except CheckpointError as e:
