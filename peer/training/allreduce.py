@@ -30,7 +30,9 @@ import asyncio
 import ctypes
 import math
 import multiprocessing as mp
+import os
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -49,7 +51,7 @@ from hivemind.utils.asyncio import (
 )
 from hivemind.utils.timed_storage import get_dht_time
 
-from peer.training.robust import RobustRule, robust_mean
+from peer.training.robust import PLAIN, RobustRule, robust_mean
 
 logger = get_logger(__name__)
 
@@ -74,6 +76,18 @@ class ByteCounters:
 
 DEFAULT_RULE = RobustRule()
 """The rule every part owner applies unless told otherwise (peers of one swarm should agree on it)."""
+
+_rule_executors: dict[int, ThreadPoolExecutor] = {}
+
+
+def rule_executor() -> ThreadPoolExecutor:
+    """The thread part owners reduce parts in, off the event loop: one per process (a forked averager
+    child must not inherit its parent's thread), one thread (parts are reduced in part order and never
+    compete with each other for the cores; the loop keeps receiving meanwhile)."""
+    pid = os.getpid()
+    if pid not in _rule_executors:
+        _rule_executors[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robust-rule")
+    return _rule_executors[pid]
 
 
 def screen_part(
@@ -160,24 +174,33 @@ class RobustPartReducer(TensorPartReducer):
             self._inputs[sender_index] = (tensor_part, weight)
             self.current_part_accumulated_from += 1
             self.check_current_part_finished()
-        return await current_part_future
+        # the part's future holds the rule's executor future (see check_current_part_finished)
+        return await (await current_part_future)
 
     def check_current_part_finished(self):
+        """Once every sender's part is in: hand the rule to the rule thread and move to the next part.
+
+        The rule runs in :func:`rule_executor` (one thread, so parts are reduced one after another in
+        part order) while the event loop keeps receiving the next parts; the part's future is resolved
+        at once with the executor's future, which the senders' handlers await. The inputs are taken in
+        sender order here, so the result does not depend on arrival order or on when the thread runs."""
         assert self.current_part_accumulated_from <= self.num_current_senders
         if self.current_part_accumulated_from == self.num_current_senders:
-            self.current_part_future.set_result(self._robust_mean())
+            inputs = [self._inputs[i] for i in sorted(self._inputs)]
+            shape = self.part_shapes[self.current_part_index]
+            reduced = asyncio.get_event_loop().run_in_executor(rule_executor(), self._reduce, inputs, shape)
+            self.current_part_future.set_result(reduced)
             self.reset_accumulators()
 
-    def _robust_mean(self) -> torch.Tensor:
-        inputs = [self._inputs[i] for i in sorted(self._inputs)]
+    def _reduce(self, inputs: list[tuple[torch.Tensor, float]], shape) -> torch.Tensor:
+        """The rule on one part's inputs (sender order); runs in the rule thread."""
+        if not inputs:
+            return torch.zeros(shape)
         parts = [t for t, _ in inputs]
         weights = [w for _, w in inputs]
-        if not parts:
-            return torch.zeros(self.part_shapes[self.current_part_index])
-        rule = self.rule if self.rule is not None else RobustRule(norm_clip=None, cutoff=None)
-        averaged, rejected = robust_mean(parts, weights, rule)
+        averaged, rejected = robust_mean(parts, weights, self.rule if self.rule is not None else PLAIN)
         if rejected and self.counters is not None:
-            self.counters.add(rejected=rejected)
+            self.counters.add(rejected=rejected)  # ByteCounters.add takes a lock: thread-safe
         return averaged
 
 

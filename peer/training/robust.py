@@ -61,7 +61,21 @@ class RobustRule:
     """Fixed number of re-weighting iterations (a fixed count keeps the result reproducible); 4–8
     converge on the groups we measured, each costs two passes over the part."""
 
+    inlier_mean: bool = True
+    """Return the plain ``ω``-weighted mean of the senders within ``cutoff`` × the median distance of the
+    biweight centre (True), or the biweight centre itself (False). True costs honest-only groups nothing
+    (it is the plain mean when nobody is far out); False tapers the farthest honest sender too, which
+    shrank honest-only progress by up to 3 % in the simulation, but bounds an *inner* attacker more
+    tightly (0.29·C·s/Σa instead of C·s/n)."""
+    dedup: float | None = 0.05
+    """Senders whose parts lie within this relative distance of each other (``‖x_i − x_j‖ ≤ dedup ·
+    min norm``) count as one sender (None: off). Honest Δs sit ≈ 0.8 apart in these units; colluders
+    that copy one vector sit at 0. Raise it if colluders add a little noise to their copies; it must
+    stay well below the honest spread (≤ 0.3)."""
+
     def __post_init__(self) -> None:
+        if self.dedup is not None and not 0 <= self.dedup < 1:
+            raise ValueError(f"dedup must be in [0, 1), got {self.dedup}")
         if self.norm_clip is not None and self.norm_clip <= 0:
             raise ValueError(f"norm_clip must be > 0, got {self.norm_clip}")
         if self.cutoff is not None and self.cutoff <= 1:
@@ -70,9 +84,9 @@ class RobustRule:
             raise ValueError(f"iters must be >= 1, got {self.iters}")
 
 
-PLAIN = RobustRule(norm_clip=None, cutoff=None)
+PLAIN = RobustRule(norm_clip=None, cutoff=None, dedup=None)
 """No robustness: the weighted mean (the benchmark's baseline)."""
-MEDIAN_NORM_CLIP = RobustRule(norm_clip=2.0, cutoff=None)
+MEDIAN_NORM_CLIP = RobustRule(norm_clip=2.0, cutoff=None, dedup=None)
 """The previous defence: size bound only (2 × the median part norm), then the mean."""
 
 
@@ -83,11 +97,78 @@ def _median(values: torch.Tensor) -> float:
     return float(s[k // 2]) if k % 2 else float((s[k // 2 - 1] + s[k // 2]) / 2)
 
 
+NETWORK_MAX_SENDERS = 8
+"""Up to this many senders the coordinate median uses a min/max sorting network (no sort kernel)."""
+
+
 def coordinate_median(x: torch.Tensor) -> torch.Tensor:
-    """Coordinate-wise median of the rows of ``x`` ([n, d]); the middle two averaged for even ``n``."""
-    s = x.sort(dim=0).values
-    n = s.shape[0]
+    """Coordinate-wise median of the rows of ``x`` ([n, d]); the middle two averaged for even ``n``.
+
+    For ``n ≤ NETWORK_MAX_SENDERS`` an odd-even transposition network of elementwise min/max (exact,
+    so bit-equal to the sort; ~50× faster than ``sort(dim=0)`` at 5 × 2^19 values), else a sort."""
+    n = x.shape[0]
+    if n <= NETWORK_MAX_SENDERS:
+        rows = list(x.unbind(0))
+        for phase in range(n):
+            for i in range(phase % 2, n - 1, 2):
+                lo, hi = rows[i], rows[i + 1]
+                rows[i], rows[i + 1] = torch.minimum(lo, hi), torch.maximum(lo, hi)
+        s = rows
+    else:
+        s = x.sort(dim=0).values
     return s[n // 2].clone() if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+def merge_duplicates(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], tolerance: float
+) -> tuple[list[torch.Tensor], list[float], int]:
+    """Count senders whose parts are (near-)identical as one sender.
+
+    Two positive-weight parts ``x_i, x_j`` are duplicates when ``‖x_i − x_j‖ ≤ tolerance ·
+    min(‖x_i‖, ‖x_j‖)``. Greedy in sender order: each part joins the first earlier representative it
+    duplicates; a group that is a minority of the positive-weight senders is replaced by its first member
+    with the group's mean weight (a majority group is left alone, see the comment in the code). Honest Δs of one
+    round come from different pages and are never this close (measured pairwise cosine 0.5–0.67, i.e.
+    relative distance ≈ 0.8), so this changes nothing in an honest group and turns ``k`` colluders that
+    send one vector into one voice. Returns ``(parts, weights, merged)``, ``merged`` = senders folded
+    into an earlier one. Zero-weight senders are kept as they are (the rule ignores them anyway)."""
+    n = len(parts)
+    flat = torch.stack([p.reshape(-1).float() for p in parts])
+    gram = flat @ flat.T  # one pass; distances from the Gram matrix (float64 for the subtraction)
+    g = gram.double()
+    sq = g.diagonal()
+    reps: list[int] = []
+    members: dict[int, list[int]] = {}
+    for i in range(n):
+        if weights[i] <= 0:
+            continue
+        home = None
+        for r in reps:
+            dist2 = float(sq[i] + sq[r] - 2 * g[i, r])
+            bound = tolerance * min(float(sq[i]), float(sq[r])) ** 0.5
+            if dist2 <= bound * bound:
+                home = r
+                break
+        if home is None:
+            reps.append(i)
+            members[i] = [i]
+        else:
+            members[home].append(i)
+    n_pos = sum(len(m) for m in members.values())
+    # only a minority group is merged: a majority of identical parts is what honest senders send for a
+    # slice none of them trained (all zeros, or weight decay only); merging it would hand the rest the vote
+    fold = {r for r, m in members.items() if len(m) > 1 and 2 * len(m) < n_pos}
+    merged = sum(len(members[r]) - 1 for r in fold)
+    if merged == 0:
+        return list(parts), list(weights), 0
+    folded = {m for r in fold for m in members[r][1:]}
+    out_parts, out_weights = [], []
+    for i in range(n):
+        if i in folded:
+            continue
+        out_parts.append(parts[i])
+        out_weights.append(sum(weights[m] for m in members[i]) / len(members[i]) if i in fold else weights[i])
+    return out_parts, out_weights, merged
 
 
 def clip_to_median_norm(
@@ -147,6 +228,28 @@ def biweight_mean(
     return center.reshape(parts[0].shape), (a / total if total > 0 else a)
 
 
+def screened_mean(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], center: torch.Tensor, cutoff: float
+) -> tuple[torch.Tensor, int]:
+    """The ``ω``-weighted mean of the *inliers*: senders within ``cutoff`` × the median distance of ``center``.
+
+    The biweight finds the centre and who is far from it; averaging the inliers with their own weights
+    (instead of the biweight's tapered ones) makes the result exactly the plain mean when nobody is an
+    outlier — the taper otherwise shrinks the update by down-weighting the farthest honest sender.
+    Returns ``(mean, dropped)``. Sender order, one gemv: deterministic given the inputs."""
+    x = torch.stack([p.reshape(-1).float() for p in parts])
+    omega = torch.tensor([max(float(w), 0.0) for w in weights], dtype=torch.float32)
+    pos = omega > 0
+    d = (x - center.reshape(-1).float()).norm(dim=1)
+    s = _median(d[pos])
+    inlier = (d <= cutoff * s) & pos if s > 0 else (d == 0) & pos
+    a = omega * inlier.float()
+    total = float(a.sum())
+    if total <= 0:  # cannot happen (the median sender is an inlier); keep the centre
+        return center, int(pos.sum())
+    return ((a @ x) / total).reshape(parts[0].shape), int((pos & ~inlier).sum())
+
+
 def centered_clip(
     parts: Sequence[torch.Tensor],
     weights: Sequence[float],
@@ -179,18 +282,24 @@ def centered_clip(
 def robust_mean(
     parts: Sequence[torch.Tensor], weights: Sequence[float], rule: RobustRule
 ) -> tuple[torch.Tensor, int]:
-    """The part owner's average under ``rule``: size bound, then the biweight centre (or the mean).
+    """The part owner's average under ``rule``: duplicates merged, size bound, biweight-screened mean.
 
-    Returns the average and how many senders the rule clipped or dropped (a drop: final weight below
-    1 % of an equal share), for the all-reduce's ``rejected`` counter."""
+    Returns the average and how many senders the rule merged, clipped or dropped (for the biweight
+    weights: a final weight below 1 % of an equal share), for the all-reduce's ``rejected`` counter."""
     if not parts:
         raise ValueError("robust_mean needs at least one part")
-    n_pos = sum(1 for w in weights if w > 0)
     rejected = 0
+    if rule.dedup is not None:
+        parts, weights, rejected = merge_duplicates(parts, weights, rule.dedup)
+    n_pos = sum(1 for w in weights if w > 0)
     if rule.norm_clip is not None:
-        parts, rejected = clip_to_median_norm(parts, weights, rule.norm_clip)
+        parts, clipped = clip_to_median_norm(parts, weights, rule.norm_clip)
+        rejected += clipped
     if rule.cutoff is not None and n_pos >= 3:  # two senders: no majority to tell who is off
         center, a = biweight_mean(parts, weights, cutoff=rule.cutoff, iters=rule.iters)
+        if rule.inlier_mean:
+            averaged, dropped = screened_mean(parts, weights, center, rule.cutoff)
+            return averaged, rejected + dropped
         rejected += int(
             sum(1 for ai, w in zip(a.tolist(), weights, strict=True) if w > 0 and ai < 0.01 / n_pos)
         )
