@@ -83,10 +83,15 @@ _rule_executors: dict[int, ThreadPoolExecutor] = {}
 def rule_executor() -> ThreadPoolExecutor:
     """The thread part owners reduce parts in, off the event loop: one per process (a forked averager
     child must not inherit its parent's thread), one thread (parts are reduced in part order and never
-    compete with each other for the cores; the loop keeps receiving meanwhile)."""
+    compete with each other for the cores; the loop keeps receiving meanwhile). The thread runs torch with
+    one intra-op thread (OpenMP's count is per thread; the rest of the process keeps its own): on a busy
+    box two-thread kernels were 4–20× slower than one, and one thread makes the rule's float reductions
+    the same whatever the machine's core count."""
     pid = os.getpid()
     if pid not in _rule_executors:
-        _rule_executors[pid] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="robust-rule")
+        _rule_executors[pid] = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="robust-rule", initializer=torch.set_num_threads, initargs=(1,)
+        )
     return _rule_executors[pid]
 
 
