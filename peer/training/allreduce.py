@@ -11,8 +11,9 @@ dequantized values. :class:`ConsensusAllReduceRunner` therefore
 * drops non-finite incoming parts (a NaN sender is averaged in with weight 0, never poisons the mean)
   and clips outsized ones (``clip_ratio`` × our own part's norm, and ``max_part_norm``), then — with
   every sender's part in hand — averages them with a robust rule (:class:`RobustPartReducer`,
-  :mod:`peer.training.robust`: size bounded to 2× the median norm, direction by a Tukey-biweight centre
-  that gives far-off parts weight 0), so one peer cannot steer the average of the parts we own;
+  :mod:`peer.training.robust`: copies from a minority merged, size bounded to 2× the median norm, then
+  the mean of the parts near a Tukey-biweight centre; far-off parts get weight 0), so one peer cannot
+  steer the average of the parts we own;
 * zeroes a returned average no honest group could produce (non-finite, or longer than
   ``max_part_norm``: honest peers clip their whole pseudo-gradient to it), so a lying part owner
   cannot blow up the model — every honest receiver makes the same decision and stays identical;
@@ -137,11 +138,12 @@ def check_average(averaged: torch.Tensor, max_part_norm: float | None) -> tuple[
 class RobustPartReducer(TensorPartReducer):
     """hivemind's reducer, but it keeps every sender's part and averages them only once all arrived.
 
-    The average is :func:`peer.training.robust.robust_mean` under ``rule``: each part scaled down to
-    ``rule.norm_clip`` × the median norm, then the Tukey-biweight centre of the parts (a part farther
-    than ``rule.cutoff`` × the median distance from the centre gets weight 0; nearer ones pull by a
-    bounded amount). Senders are taken in sender order and the iteration count is fixed, so the result
-    does not depend on arrival order. ``rule=None`` (or :data:`peer.training.robust.PLAIN`) is the plain
+    The average is :func:`peer.training.robust.robust_mean` under ``rule``: near-identical parts of a
+    minority of senders merged, each part scaled down to ``rule.norm_clip`` × the median norm, then the
+    weighted mean of the parts within ``rule.cutoff`` × the median distance of their Tukey-biweight
+    centre (farther ones get weight 0). It runs in the rule thread (:func:`rule_executor`), off the event
+    loop. Senders are taken in sender order and the iteration count is fixed, so the result does not
+    depend on arrival order. ``rule=None`` (or :data:`peer.training.robust.PLAIN`) is the plain
     weighted mean.
     """
 

@@ -5,24 +5,26 @@ The owner of a part holds every sender's slice of it (``n`` vectors ``x_i`` with
 can steer far. Two steps, both pure functions of the *set* of (sender, part): senders are taken in
 sender order, the iteration count is fixed, nothing depends on arrival order or threads.
 
+0. **One vote per vector** (:func:`merge_duplicates`): near-identical parts from a minority of the
+   senders count as one sender (honest Δs from different pages are never near-identical).
 1. **Bound size** (:func:`clip_to_median_norm`): each ``x_i`` is scaled down to ``norm_clip`` × the
    median norm. A ×100 Δ becomes at most twice a typical one; its direction is left to step 2.
-2. **Bound direction** (:func:`biweight_mean`): an M-estimate of location with Tukey's biweight
-   (Beaton & Tukey 1974) on the L2 distance to the centre. Start at the coordinate-wise median
+2. **Find the centre and the outliers** (:func:`biweight_mean`): an M-estimate of location with Tukey's
+   biweight (Beaton & Tukey 1974) on the L2 distance to the centre. Start at the coordinate-wise median
    (breakdown point ½); then, a fixed number of times: ``d_i = ‖x_i − c‖``, scale ``s`` = median of
    the ``d_i``, weight ``a_i = ω_i · (1 − (d_i / (C·s))²)²`` (0 beyond ``C·s``), ``c`` = the
    ``a``-weighted mean. ``C`` is ``cutoff``.
+3. **Average the inliers** (:func:`screened_mean`, ``inlier_mean``): the plain ``ω``-weighted mean of
+   the parts with ``d_i ≤ C·s`` around that centre — exactly the plain mean when nobody is far out.
 
-Guarantee (per part, for the final weighted mean around centre ``c``): sender ``j`` moves the result
-by ``a_j‖x_j − c‖ / Σa ≤ ω_j · 0.286·C·s / Σa`` in whatever direction it likes — with honest senders
-at the typical distance ``s`` each weighing ``(1 − 1/C²)²`` that is about ``0.55·s / n_honest`` for
-``C = 2.5`` — and by **nothing** once ``‖x_j − c‖ ≥ C·s``. A sign-flipped, ×100 or noise Δ sits
-several ``s`` away from the honest centre (honest Δs of one round share a direction; their distances
-to the centre concentrate near ``s``), so it gets weight 0 instead of the bounded-but-nonzero pull that
-a Huber-type rule such as CenteredClip (:func:`centered_clip`, Karimireddy et al. 2021; BTARD,
-Gorbunov et al. 2022) leaves it: with CenteredClip's radius τ an outlier still shifts the fixed point
-by ``τ / n_honest`` toward itself. What no distance-based rule can remove is an *inner* attack: a Δ
-placed just inside the honest cloud on its worst side; that one is bounded by the formula above.
+Guarantee (per part): a sender with ``‖x_j − c‖ > C·s`` moves the result by **nothing**; a nearer one
+by less than ``ω_j · C·s / Σω`` in whatever direction it likes (an *inner* attack; the biweight centre
+alone, ``inlier_mean=False``, bounds it by ``0.286·C·s / Σa`` but shrinks honest updates by tapering
+the farthest honest sender). A sign-flipped, ×100 or noise Δ sits several ``s`` away from the honest
+centre (honest Δs of one round share a direction; their distances to the centre concentrate near
+``s``), so it gets weight 0 instead of the bounded-but-nonzero pull that a Huber-type rule such as
+CenteredClip (:func:`centered_clip`, Karimireddy et al. 2021; BTARD, Gorbunov et al. 2022) leaves it:
+with CenteredClip's radius τ an outlier still shifts the fixed point by ``τ / n_honest`` toward itself.
 
 Parts are disjoint slices of the model's coordinates and each is reduced on its own, so per-part
 bounds compose in L2 over the model: a sender's total influence is at most the root of the sum of its
