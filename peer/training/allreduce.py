@@ -11,8 +11,9 @@ dequantized values. :class:`ConsensusAllReduceRunner` therefore
 * drops non-finite incoming parts (a NaN sender is averaged in with weight 0, never poisons the mean)
   and clips outsized ones (``clip_ratio`` × our own part's norm, and ``max_part_norm``), then — with
   every sender's part in hand — averages them with a robust rule (:class:`RobustPartReducer`,
-  :mod:`peer.training.robust`: size bounded to 2× the median norm, direction by a Tukey-biweight centre
-  that gives far-off parts weight 0), so one peer cannot steer the average of the parts we own;
+  :mod:`peer.training.robust`: copies from a minority merged, size bounded to 2× the median norm, then
+  the mean of the parts near a Tukey-biweight centre; far-off parts get weight 0), so one peer cannot
+  steer the average of the parts we own;
 * zeroes a returned average no honest group could produce (non-finite, or longer than
   ``max_part_norm``: honest peers clip their whole pseudo-gradient to it), so a lying part owner
   cannot blow up the model — every honest receiver makes the same decision and stays identical;
@@ -30,8 +31,10 @@ import asyncio
 import ctypes
 import math
 import multiprocessing as mp
+import os
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from hivemind.averaging import DecentralizedAverager
@@ -48,7 +51,7 @@ from hivemind.utils.asyncio import (
 )
 from hivemind.utils.timed_storage import get_dht_time
 
-from peer.training.robust import RobustRule, robust_mean
+from peer.training.robust import PLAIN, RobustRule, robust_mean
 
 logger = get_logger(__name__)
 
@@ -73,6 +76,23 @@ class ByteCounters:
 
 DEFAULT_RULE = RobustRule()
 """The rule every part owner applies unless told otherwise (peers of one swarm should agree on it)."""
+
+_rule_executors: dict[int, ThreadPoolExecutor] = {}
+
+
+def rule_executor() -> ThreadPoolExecutor:
+    """The thread part owners reduce parts in, off the event loop: one per process (a forked averager
+    child must not inherit its parent's thread), one thread (parts are reduced in part order and never
+    compete with each other for the cores; the loop keeps receiving meanwhile). The thread runs torch with
+    one intra-op thread (OpenMP's count is per thread; the rest of the process keeps its own): on a busy
+    box two-thread kernels were 4–20× slower than one, and one thread makes the rule's float reductions
+    the same whatever the machine's core count."""
+    pid = os.getpid()
+    if pid not in _rule_executors:
+        _rule_executors[pid] = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="robust-rule", initializer=torch.set_num_threads, initargs=(1,)
+        )
+    return _rule_executors[pid]
 
 
 def screen_part(
@@ -117,11 +137,12 @@ def check_average(averaged: torch.Tensor, max_part_norm: float | None) -> tuple[
 class RobustPartReducer(TensorPartReducer):
     """hivemind's reducer, but it keeps every sender's part and averages them only once all arrived.
 
-    The average is :func:`peer.training.robust.robust_mean` under ``rule``: each part scaled down to
-    ``rule.norm_clip`` × the median norm, then the Tukey-biweight centre of the parts (a part farther
-    than ``rule.cutoff`` × the median distance from the centre gets weight 0; nearer ones pull by a
-    bounded amount). Senders are taken in sender order and the iteration count is fixed, so the result
-    does not depend on arrival order. ``rule=None`` (or :data:`peer.training.robust.PLAIN`) is the plain
+    The average is :func:`peer.training.robust.robust_mean` under ``rule``: near-identical parts of a
+    minority of senders merged, each part scaled down to ``rule.norm_clip`` × the median norm, then the
+    weighted mean of the parts within ``rule.cutoff`` × the median distance of their Tukey-biweight
+    centre (farther ones get weight 0). It runs in the rule thread (:func:`rule_executor`), off the event
+    loop. Senders are taken in sender order and the iteration count is fixed, so the result does not
+    depend on arrival order. ``rule=None`` (or :data:`peer.training.robust.PLAIN`) is the plain
     weighted mean.
     """
 
@@ -159,24 +180,33 @@ class RobustPartReducer(TensorPartReducer):
             self._inputs[sender_index] = (tensor_part, weight)
             self.current_part_accumulated_from += 1
             self.check_current_part_finished()
-        return await current_part_future
+        # the part's future holds the rule's executor future (see check_current_part_finished)
+        return await (await current_part_future)
 
     def check_current_part_finished(self):
+        """Once every sender's part is in: hand the rule to the rule thread and move to the next part.
+
+        The rule runs in :func:`rule_executor` (one thread, so parts are reduced one after another in
+        part order) while the event loop keeps receiving the next parts; the part's future is resolved
+        at once with the executor's future, which the senders' handlers await. The inputs are taken in
+        sender order here, so the result does not depend on arrival order or on when the thread runs."""
         assert self.current_part_accumulated_from <= self.num_current_senders
         if self.current_part_accumulated_from == self.num_current_senders:
-            self.current_part_future.set_result(self._robust_mean())
+            inputs = [self._inputs[i] for i in sorted(self._inputs)]
+            shape = self.part_shapes[self.current_part_index]
+            reduced = asyncio.get_event_loop().run_in_executor(rule_executor(), self._reduce, inputs, shape)
+            self.current_part_future.set_result(reduced)
             self.reset_accumulators()
 
-    def _robust_mean(self) -> torch.Tensor:
-        inputs = [self._inputs[i] for i in sorted(self._inputs)]
+    def _reduce(self, inputs: list[tuple[torch.Tensor, float]], shape) -> torch.Tensor:
+        """The rule on one part's inputs (sender order); runs in the rule thread."""
+        if not inputs:
+            return torch.zeros(shape)
         parts = [t for t, _ in inputs]
         weights = [w for _, w in inputs]
-        if not parts:
-            return torch.zeros(self.part_shapes[self.current_part_index])
-        rule = self.rule if self.rule is not None else RobustRule(norm_clip=None, cutoff=None)
-        averaged, rejected = robust_mean(parts, weights, rule)
+        averaged, rejected = robust_mean(parts, weights, self.rule if self.rule is not None else PLAIN)
         if rejected and self.counters is not None:
-            self.counters.add(rejected=rejected)
+            self.counters.add(rejected=rejected)  # ByteCounters.add takes a lock: thread-safe
         return averaged
 
 
