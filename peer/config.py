@@ -138,12 +138,15 @@ class TrainConfig:
     ``delta_norm`` honest peers report at the round length you run."""
     seed: int = 0
     """Seed of the model's initial weights; every peer in a swarm must use the same."""
-    rounds: str = "overlapped"
-    """``overlapped``: the all-reduce of round r's Δ runs in the background while round r+1 trains, and
+    rounds: str = "blocking"
+    """``blocking`` (default): training stops ``averaging_reserve_seconds`` before the round's end and
+    waits for the all-reduce (θ_{r+1} = OuterStep(θ_r, ḡ_r)). ``overlapped`` (experimental, opt-in):
+    the all-reduce of round r's Δ runs in the background while round r+1 trains, and
     its outer step is applied one round late (θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}); the peer's own Δ_r
-    stands in for ḡ_r meanwhile): no training time is lost to communication. ``blocking``: training
-    stops ``averaging_reserve_seconds`` before the round's end and waits for the all-reduce
-    (θ_{r+1} = OuterStep(θ_r, ḡ_r)); for comparison. Every peer of a swarm must use the same."""
+    stands in for ḡ_r meanwhile): no training time is lost to communication, but in the merged suite
+    a swarm with a peer killed mid all-reduce and a late joiner ran into failed/unapplied rounds and
+    held-out loss rose (6.1 → 8.7 after the first averaged round): not the default until that is
+    understood. Every peer of a swarm must use the same."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
