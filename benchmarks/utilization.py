@@ -157,6 +157,11 @@ def diloco_figures(rounds: list[list[dict]], round_seconds: float, params: int) 
     # skip each peer's first round (start-up lands mid-round); count samples over whole rounds of wall time
     usable = [r[1:] for r in rounds]
     n_rounds = min(len(r) for r in usable)
+    if n_rounds == 0:
+        raise SystemExit(
+            f"a peer finished only {min(len(r) for r in rounds)} round(s): nothing to measure "
+            "(start-up took the run; pass more --rounds)"
+        )
     samples = sum(x["samples"] for r in usable for x in r[:n_rounds])
     agg = samples / (n_rounds * round_seconds)
     steps = [x["inner_steps"] for r in usable for x in r[:n_rounds]]
