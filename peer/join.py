@@ -23,6 +23,7 @@ from peer.chain.membership import commit_address, ensure_commitment, ensure_regi
 from peer.chain.wallet import add_wallet_args, load_coldkey, load_hotkey, wallet_config_from_args
 from peer.config import available_configs, load_run_config, override
 from peer.errors import ConfigError
+from peer.net.publisher import add_publisher_args
 from peer.tracking import add_tracking_args, make_tracker, tracking_config_from_args
 from peer.training.behaviour import Behaviour
 from peer.training.swarm import check_initial_peers, parse_maddrs
@@ -151,22 +152,12 @@ def register(sub) -> None:
         default="honest",
         help="fault injection for studying incentives (local ledger only; refused on a real network)",
     )
-    g = p.add_argument_group("publisher (serves this peer's contributions to validators over py-libp2p)")
-    g.add_argument(
-        "--publisher.listen",
-        dest="publisher_listen",
-        default="/ip4/0.0.0.0/tcp/0",
-        metavar="MADDR",
-        help="address the publisher listens on (default: all interfaces, a free port)",
+    add_publisher_args(
+        p,
+        serves="this peer's contributions to validators",
+        dialled_by="validators",
+        no_publish_help="do not start the publisher (no rewards)",
     )
-    g.add_argument(
-        "--publisher.announce",
-        dest="publisher_announce",
-        default=None,
-        metavar="MADDR",
-        help="address committed on chain for validators to dial (needed behind NAT / on 0.0.0.0)",
-    )
-    g.add_argument("--no-publish", action="store_true", help="do not start the publisher (no rewards)")
     g = p.add_argument_group("chain registration")
     g.add_argument(
         "--no-chain",

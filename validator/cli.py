@@ -26,6 +26,7 @@ def _default_data_dir(config_name: str) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     from peer.chain import add_chain_args
     from peer.chain.wallet import add_wallet_args
+    from peer.net.publisher import add_publisher_args
     from peer.tracking import add_tracking_args
 
     parser = _Parser(
@@ -143,25 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="share always given to --burn.uid",
     )
-    g = p.add_argument_group("publisher (serves this validator's signed per-round explanations to miners)")
-    g.add_argument(
-        "--publisher.listen",
-        dest="publisher_listen",
-        default="/ip4/0.0.0.0/tcp/0",
-        metavar="MADDR",
-        help="address the publisher listens on (default: all interfaces, a free port)",
-    )
-    g.add_argument(
-        "--publisher.announce",
-        dest="publisher_announce",
-        default=None,
-        metavar="MADDR",
-        help="address committed on chain for miners to dial (needed behind NAT / on 0.0.0.0)",
-    )
-    g.add_argument(
-        "--no-publish",
-        action="store_true",
-        help="do not serve explanations (miners cannot see their reasons)",
+    add_publisher_args(
+        p,
+        serves="this validator's signed per-round explanations to miners",
+        dialled_by="miners",
+        no_publish_help="do not serve explanations (miners cannot see their reasons)",
     )
     add_chain_args(p)
     add_wallet_args(p)

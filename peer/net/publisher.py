@@ -594,6 +594,29 @@ def write_identity_record(outbox: Path, record: PeerIdentityRecord) -> None:
     _atomic_write_json(Path(outbox) / IDENTITY_RECORD, json.loads(record.model_dump_json()))
 
 
+def add_publisher_args(
+    parser: argparse.ArgumentParser, *, serves: str, dialled_by: str, no_publish_help: str
+) -> None:
+    """``--publisher.listen``, ``--publisher.announce`` and ``--no-publish`` for a command that runs a
+    publisher (``peer join``: contributions for validators; ``validator run``: explanations for miners)."""
+    g = parser.add_argument_group(f"publisher (serves {serves} over py-libp2p)")
+    g.add_argument(
+        "--publisher.listen",
+        dest="publisher_listen",
+        default="/ip4/0.0.0.0/tcp/0",
+        metavar="MADDR",
+        help="address the publisher listens on (default: all interfaces, a free port)",
+    )
+    g.add_argument(
+        "--publisher.announce",
+        dest="publisher_announce",
+        default=None,
+        metavar="MADDR",
+        help=f"address committed on chain for {dialled_by} to dial (needed behind NAT / on 0.0.0.0)",
+    )
+    g.add_argument("--no-publish", action="store_true", help=no_publish_help)
+
+
 def start_publisher(
     outbox: Path,
     identity_path: Path,
