@@ -608,12 +608,12 @@ def register(subparsers) -> None:
 
 def _cmd_doctor(args) -> int:
     from peer.chain import chain_config_from_args
-    from peer.chain.wallet import wallet_config_from_args
+    from peer.chain.wallet import default_peer_home, wallet_config_from_args
 
     wallet = wallet_config_from_args(args)
     if wallet.create:
         raise UserError("`peer doctor` never creates keys: drop --wallet.create")
-    home = args.home or Path.home() / ".gradswarm" / args.run_id / f"{wallet.name}-{wallet.hotkey}"
+    home = args.home or default_peer_home(args.run_id, wallet)
     inp = DoctorInputs(
         wallet=wallet,
         home=Path(home),

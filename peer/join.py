@@ -20,7 +20,13 @@ from pathlib import Path
 
 from peer.chain.config import add_chain_args, chain_config_from_args, connect
 from peer.chain.membership import commit_address, ensure_commitment, ensure_registered
-from peer.chain.wallet import add_wallet_args, load_coldkey, load_hotkey, wallet_config_from_args
+from peer.chain.wallet import (
+    add_wallet_args,
+    default_peer_home,
+    load_coldkey,
+    load_hotkey,
+    wallet_config_from_args,
+)
 from peer.config import available_configs, load_run_config, override
 from peer.errors import ConfigError
 from peer.net.publisher import add_publisher_args
@@ -225,7 +231,7 @@ def run(args) -> int:
         )
     wallet = wallet_config_from_args(args)
     keypair = load_hotkey(wallet)
-    home = args.home or Path.home() / ".gradswarm" / args.run_id / f"{wallet.name}-{wallet.hotkey}"
+    home = args.home or default_peer_home(args.run_id, wallet)
     data_dir = args.data_dir or Path.home() / ".cache" / "gradswarm" / "data" / run_cfg.name
     tracking = tracking_config_from_args(args)
     home.mkdir(parents=True, exist_ok=True)

@@ -211,13 +211,13 @@ def register(subparsers) -> None:
 
 
 def _cmd_status(args) -> int:
-    from peer.chain.wallet import load_hotkey, wallet_config_from_args
+    from peer.chain.wallet import default_peer_home, load_hotkey, wallet_config_from_args
 
     wallet = wallet_config_from_args(args)
     if wallet.create:
         raise UserError("`peer status` never creates keys: drop --wallet.create")
     hotkey = load_hotkey(wallet).ss58_address
-    home = args.home or Path.home() / ".gradswarm" / args.run_id / f"{wallet.name}-{wallet.hotkey}"
+    home = args.home or default_peer_home(args.run_id, wallet)
     from peer.chain import chain_config_from_args
 
     chain_cfg = None if args.no_chain else chain_config_from_args(args)

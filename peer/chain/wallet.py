@@ -278,3 +278,8 @@ def wallet_config_from_args(args) -> WalletConfig:
     return WalletConfig(
         name=args.wallet_name, hotkey=args.wallet_hotkey, path=args.wallet_path, create=args.wallet_create
     )
+
+
+def default_peer_home(run_id: str, wallet: WalletConfig) -> Path:
+    """Where a peer keeps its outbox, checkpoint and status unless ``--home`` says otherwise."""
+    return Path.home() / ".gradswarm" / run_id / f"{wallet.name}-{wallet.hotkey}"
