@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Annotated, ClassVar
 
@@ -149,17 +148,10 @@ def write_explanation(outbox: Path, record: ExplanationRecord, *, keep: int = KE
     raw = record.model_dump_json().encode()
     if len(raw) > MAX_EXPLANATION_BYTES:
         raise RecordError(f"explanation: {len(raw)} bytes > {MAX_EXPLANATION_BYTES}")
+    from peer.net.outbox import atomic_write_bytes  # here: readers of explanations need no torch
+
     path = explanation_path(outbox, record.round)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(raw)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write_bytes(path, raw)
     for r in explanation_rounds(outbox)[:-keep]:
         old = explanation_path(outbox, r)
         old.unlink(missing_ok=True)
