@@ -81,9 +81,9 @@ def hostile_blob(kind: str, w, rng) -> bytes:
 
 
 def write_peer(
-    w, name: str, outbox: Path, run_id: str, peer_id: str, *, blob: bytes, declared: int | None = None
+    w, name: str, outbox: Path, run_id: str, peer_id: str, *, blob: bytes | None, declared: int | None = None
 ):
-    """θ_1 and a contribution for round 1, both with manifests signed by ``name``'s hotkey."""
+    """θ_1 and a contribution for round 1 (none if ``blob`` is None), manifests signed by ``name``'s hotkey."""
     from peer.data.model import hash_tensors
     from peer.data.pages import assign_pages
 
@@ -98,6 +98,8 @@ def write_peer(
         blob=BlobRef(name="state.safetensors", sha256=sha256_hex(state_blob), size=len(state_blob)),
     )  # fmt: skip
     box.write_state(1, state_blob, json.loads(sm.signed(kp).model_dump_json()))
+    if blob is None:
+        return
     pages = assign_pages(kp.ss58_address, 1, w.seeds[1], w.store.train_pages, w.run.data.pages_per_round)
     cm = ContributionManifest(
         run_id=run_id, round=1, hotkey=kp.ss58_address, peer_id=peer_id, base_state_hash=base_hash,
@@ -148,7 +150,9 @@ class Subnet:
         self.uids: dict[str, int] = {}
         self.handles = []
 
-    def add(self, name: str, blob: bytes, *, fault: str | None = None, declared: int | None = None) -> None:
+    def add(
+        self, name: str, blob: bytes | None, *, fault: str | None = None, declared: int | None = None
+    ) -> None:
         from peer.chain.membership import ensure_commitment
         from peer.net.identity import load_or_create_identity
         from peer.net.publisher import PublisherConfig, start_publisher
@@ -238,6 +242,48 @@ def test_a_round_survives_a_subnet_of_hostile_peers(validator_world, tmp_path): 
         assert weights.get(net.uids["hk-honest-a"], 0) > 0
         assert all(weights.get(u, 0) == 0 for n, u in net.uids.items() if n != "hk-honest-a"), weights
         print(f"hostile round: {wall:.1f}s wall, timings {rec['timings']}")
+    finally:
+        net.close()
+
+
+@pytest.mark.slow
+def test_a_sampled_round_lists_only_the_sample_and_replaces_peers_with_nothing_to_evaluate(
+    validator_world,  # noqa: F811
+    tmp_path,
+):
+    """K = 2 of 6 peers, 3 of which publish θ_1 but no Δ: the validator lists the sample (no vote extras),
+    refuses a sampled peer with nothing to evaluate and draws again, so it evaluates 2 honest peers and
+    never lists the peers left out — listing does not grow with the subnet."""
+    w = validator_world
+    net = Subnet(w, tmp_path, f"vsample-{uuid.uuid4().hex[:8]}")
+    try:
+        for name in ("empty-1", "empty-2", "empty-3"):
+            net.add(name, None)
+        for name in ("hk-honest-a", "hk-honest-b", "hk-honest-c"):
+            net.add(name, encode_delta(w.deltas[1][name]))
+        make_validator(tmp_path / "wallets", net.ledger, net.netuid, net.coldkey)
+        _advance_past_round_1(net.ledger)
+        state = tmp_path / "state"
+        cmd = validator_cmd(
+            w, net.run_id, state, net.netuid, tmp_path / "wallets",
+            "--eval.max-peers", "2", "--eval.min-listings", "0",
+        )  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rec = json.loads((state / "rounds" / "1" / "record.json").read_text())
+        smp = rec["sampling"]
+        names = {u: n for n, u in net.uids.items()}
+        listed = {names[u] for u in smp["listed"]}
+        selected = {names[u] for u in smp["selected"]}
+        scores = {names[s["uid"]]: s for s in rec["scores"]}
+        assert len(selected) == 2 and all(n.startswith("hk-honest") for n in selected), (selected, listed)
+        assert all(scores[n]["score"] > 0 for n in selected), scores
+        assert len(listed) <= 5, listed  # the sample and its replacements, never all six
+        for n in net.uids:
+            if n not in listed:
+                assert scores[n]["reason"].startswith("not sampled"), scores[n]
+            elif n.startswith("empty"):
+                assert "no contribution" in scores[n]["reason"], scores[n]
     finally:
         net.close()
 

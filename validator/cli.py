@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         "the rest are 'not sampled (time budget)' and go first next round (0 = no limit)",
     )
     g.add_argument(
+        "--eval.min-listings",
+        dest="min_listings",
+        type=int,
+        default=16,
+        help="peers listed at least per round for the vote on the round's state (the sample plus extras "
+        "drawn by the end-of-round hash; everyone is listed when they disagree; default 16)",
+    )
+    g.add_argument(
         "--eval.fetch-parallel",
         dest="fetch_parallel",
         type=int,
@@ -246,7 +254,11 @@ def cmd_run(args) -> int:
             publish_grace_s=args.publish_grace,
             max_rounds=args.max_rounds,
             max_seconds=args.max_seconds,
-            sampling=SamplingConfig(max_peers=args.max_peers, max_seconds=args.max_eval_seconds),
+            sampling=SamplingConfig(
+                max_peers=args.max_peers,
+                max_seconds=args.max_eval_seconds,
+                min_listings=args.min_listings,
+            ),
             fetch_parallel=args.fetch_parallel,
             fetch_deadline_s=args.fetch_deadline or max(30.0, 0.5 * round_blocks * chain.block_time),
         )

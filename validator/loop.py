@@ -3,13 +3,14 @@
 For every round ``r`` that has ended (the chain's clock says so)::
 
     sync_metagraph   uids, hotkeys and publisher commitments from the chain (ours excluded)
-    fetch_round      every peer's signed listing (concurrently, bounded, under the round's fetch
-                     deadline); θ_r: the state hash most peers' signed state manifests name, fetched from
-                     one of them and checked against that hash; the manifests checked here (base hash,
-                     model config, data fingerprint, a size the model allows); then the *sample*
-                     (validator.sampling: at most ``max_peers``, keyed by the hash of the block that ends
-                     the round) and only the sampled peers' Δ_r, concurrently, under the same deadline;
-                     every refusal becomes a reason
+    fetch_round      the *sample* among every reachable uid (validator.sampling: at most
+                     ``max_peers``, keyed by the hash of the block that ends the round); signed listings of
+                     the sample plus ``min_listings`` extras (concurrently, bounded, under the round's
+                     fetch deadline; everyone's if their state votes disagree); θ_r: the state hash most
+                     listed peers name, fetched from one of them and checked against that hash; the
+                     sampled manifests checked (base hash, model config, data fingerprint, a size the
+                     model allows) and unusable ones replaced by a redraw; the sampled peers' Δ_r,
+                     concurrently, under the same deadline; every refusal becomes a reason
     evaluate         validator.evaluation: losses before/after each Δ, assignment test, copies — in
                      priority order, starting no new peer once the time budget is spent
     score            validator.scoring: round scores → EMA → u16 weights (pure)
@@ -49,6 +50,7 @@ from validator.sampling import (
     fits_time_budget,
     sampling_key,
     select_peers,
+    vote_extras,
 )
 from validator.scoring import (
     EmaState,
@@ -220,8 +222,9 @@ def gather_bounded(client, jobs: dict, *, parallel: int, deadline_s: float) -> d
     return client._call(main)
 
 
-LISTING_SHARE, LISTING_MIN_S = 0.25, 5.0
-"""Listings (small signed answers) get this share of the round's fetch deadline, at least LISTING_MIN_S."""
+LISTING_SHARE, LISTING_MIN_S, LISTING_WAVE_MIN_S = 0.25, 5.0, 2.0
+"""Listings (small signed answers) get this share of the round's fetch deadline, at least LISTING_MIN_S;
+a later wave (a sampled peer turned out unusable, its replacement is listed) at least LISTING_WAVE_MIN_S."""
 STATE_RACE = 3
 """Publishers θ_r is downloaded from at once; the first complete, verified copy wins."""
 
@@ -279,98 +282,93 @@ def fetch_round(
     parallel: int = 16,
     deadline_s: float = 60.0,
 ) -> RoundInputs:
-    """Listings of every peer, θ_r (majority of signed state manifests, hash-checked), the sample, and
-    the sampled peers' verified Δ_r — all under one deadline of ``deadline_s`` seconds."""
+    """The sample (validator.sampling, among every reachable uid), listings of the sampled peers plus a
+    few for the θ_r vote (everyone's if those disagree), θ_r (majority of signed state manifests,
+    hash-checked), the sample redrawn without listed peers that have nothing usable, and the sampled
+    peers' verified Δ_r — all under one deadline of ``deadline_s`` seconds."""
     from peer.net.fetch import FetchError
 
     t0 = time.perf_counter()
     deadline = t0 + deadline_s
     sampling = sampling or SamplingConfig(max_peers=0)
+    last_evaluated = last_evaluated or {}
     max_bytes = max_artifact_bytes(run, sum(p.numel() for p in evaluator.params.values()))
-    reachable = [t for t in targets if t.target is not None]
-    listings = gather_bounded(  # small answers: a publisher that sits on one costs a quarter of the deadline
-        client,
-        {t.uid: functools.partial(client.alist_round, t.target, round_) for t in reachable},
-        parallel=parallel,
-        deadline_s=min(deadline_s, max(LISTING_MIN_S, LISTING_SHARE * deadline_s)),
-    )
-    votes: dict[str, list[PeerTarget]] = {}
-    for t in reachable:
-        got = listings[t.uid]
-        if isinstance(got, FetchError):
-            log.info("uid %d: no listing for round %d (%s)", t.uid, round_, got)
-            continue
-        st = got.state
-        if st is not None and st.model_config_name == run.name and st.blob.size <= max_bytes:
-            votes.setdefault(st.state_hash, []).append(t)
-    base = None
-    for state_hash, voters in sorted(votes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
-        # voters in an order keyed by the end-of-round hash: no uid can make sure it is asked first
-        left = sorted(voters, key=lambda t: hashlib.blake2b(key + t.uid.to_bytes(4, "little")).digest())
-        while left and base is None and time.perf_counter() < deadline:
-            # race a few voters: the first complete, verified download wins; a wave gets at most half the
-            # time left, so a wave of stallers cannot take it all
-            racing, left = left[:STATE_RACE], left[STATE_RACE:]
-            won = race_first(
+    reachable = {t.uid: t for t in targets if t.target is not None}
+    hotkeys = {u: t.hotkey for u, t in reachable.items()}
+    listing_deadline = t0 + min(deadline_s, max(LISTING_MIN_S, LISTING_SHARE * deadline_s))
+    listings: dict[int, object] = {}
+
+    def list_peers(uids) -> None:
+        """Signed listings of ``uids`` not listed yet. Small answers: a publisher that sits on one costs
+        the listing share of the deadline (a later wave at least LISTING_WAVE_MIN_S, within the round's)."""
+        todo = [u for u in uids if u not in listings]
+        if not todo:
+            return
+        now = time.perf_counter()
+        listings.update(
+            gather_bounded(
                 client,
-                {
-                    t.uid: functools.partial(
-                        client.afetch_blob, t.target, listings[t.uid].state.blob, round_=round_, kind="state"
-                    )
-                    for t in racing
-                },
-                deadline_s=(deadline - time.perf_counter()) / (2 if left else 1),
+                {u: functools.partial(client.alist_round, reachable[u].target, round_) for u in todo},
+                parallel=parallel,
+                deadline_s=max(0.0, min(deadline - now, max(listing_deadline - now, LISTING_WAVE_MIN_S))),
             )
-            if won is None:
-                continue
-            uid, path = won
-            try:
-                state = decode_state(path.read_bytes(), client.cfg.layout("state"))
-                if evaluator.load_base(state) != state_hash:
-                    raise CheckpointError(f"uid {uid}'s state does not hash to {state_hash[:12]}")
-            except CheckpointError as e:
-                log.warning("round %d: state from uid %d refused: %s", round_, uid, e)
-                left += [t for t in racing if t.uid != uid]
-                continue
-            base = (state, listings[uid].state.blob.sha256, state_hash, [v.hotkey for v in voters])
-        if base is not None:
-            break
+        )
+
+    # 1. the sample among every reachable uid, plus extras drawn by the key for the θ_r vote
+    first = select_peers(hotkeys, last_evaluated, sampling.max_peers, key, sampling.random_fraction)
+    extras = vote_extras(hotkeys, first.selected, key, sampling.min_listings - len(first.selected))
+    list_peers(first.selected + extras)
+    votes = _state_votes(listings, reachable, run, max_bytes)
+    if len(votes) != 1:  # the sample disagrees about θ_r (or names none): read everyone's listing
+        log.info("round %d: listed peers name %d different states; listing every peer", round_, len(votes))
+        list_peers(list(reachable))
+        votes = _state_votes(listings, reachable, run, max_bytes)
+
+    # 2. θ_r: the state most listed peers name, from one of them, checked against its hash
+    base = _find_base(client, votes, listings, evaluator, round_, key, deadline)
+    if base is None and len(listings) < len(reachable):  # no voter of the sample served it: ask everyone
+        list_peers(list(reachable))
+        votes = _state_votes(listings, reachable, run, max_bytes)
+        base = _find_base(client, votes, listings, evaluator, round_, key, deadline)
     if base is None:
         raise NoBaseState(
             f"round {round_}: no peer served a verifiable θ_{round_} ({len(reachable)} reachable, "
-            f"{sum(len(v) for v in votes.values())} named a state)"
+            f"{len(listings)} listed, {sum(len(v) for v in votes.values())} named a state)"
         )
     state, base_sha, base_hash, sources = base
 
-    # every peer's contribution manifest, checked before sampling: the budget goes to usable Δs only
+    # 3. the sample, drawn again without the listed peers that have no usable contribution (each is
+    # refused with its reason, as a peer with nothing to evaluate), until every sampled peer is usable
     records = {t.uid: CandidateRecord(uid=t.uid, hotkey=t.hotkey, rejected=t.rejected) for t in targets}
-    manifests = {}
-    for t in reachable:
-        rec, got = records[t.uid], listings[t.uid]
-        if isinstance(got, FetchError):
-            rec.rejected = f"fetch: {got}"
-            continue
-        m = got.contribution
-        if m is None:
-            rec.rejected = (
-                f"fetch: has no contribution for round {round_} (it has rounds {got.rounds[-8:] or 'none'})"
+    manifests: dict[int, tuple] = {}
+    refused: set[int] = set()
+    while True:
+        for u, got in listings.items():
+            if u in manifests or u in refused:
+                continue
+            reason = _listing_problem(
+                got,
+                records[u],
+                round_,
+                run=run,
+                base_hash=base_hash,
+                fp=data_fingerprint,
+                max_bytes=max_bytes,
             )
-            continue
-        rec.manifest = m.model_dump(mode="json")
-        reason = _manifest_problem(
-            m, run=run, base_hash=base_hash, data_fingerprint=data_fingerprint, max_bytes=max_bytes
-        )
-        if reason is not None:
-            rec.rejected = reason
-            continue
-        manifests[t.uid] = (t, m)
-    selection = select_peers(
-        {u: t.hotkey for u, (t, _) in manifests.items()},
-        last_evaluated or {},
-        sampling.max_peers,
-        key,
-        sampling.random_fraction,
-    )
+            if reason is None:
+                manifests[u] = (reachable[u], got.contribution)
+            else:
+                records[u].rejected = reason
+                refused.add(u)
+        pool = {u: h for u, h in hotkeys.items() if u not in refused}
+        selection = select_peers(pool, last_evaluated, sampling.max_peers, key, sampling.random_fraction)
+        unlisted = [u for u in selection.selected if u not in listings]
+        if not unlisted or time.perf_counter() >= deadline:
+            break
+        list_peers(unlisted)
+    for u in selection.selected:
+        if u not in manifests:  # sampled, but the round's fetch deadline passed before it was listed
+            records[u].rejected = f"fetch: {ROUND_DEADLINE}: not listed within the round's fetch deadline"
     for u, reason in selection.not_sampled.items():
         records[u].rejected = reason
     left = max(0.0, deadline - time.perf_counter())
@@ -385,14 +383,18 @@ def fetch_round(
                 kind="contribution",
             )
             for u in selection.selected
+            if u in manifests
         },
         parallel=parallel,
         deadline_s=left,
     )
     candidates: list[Candidate] = []
     for u in selection.selected:
-        t, m = manifests[u]
         rec = records[u]
+        if u not in manifests:
+            candidates.append(Candidate(uid=u, hotkey=rec.hotkey, rejected=rec.rejected))
+            continue
+        t, m = manifests[u]
         cand = Candidate(uid=u, hotkey=t.hotkey, claimed_pages=list(m.pages), blob_sha256=m.blob.sha256)
         got = blobs[u]
         if isinstance(got, FetchError):
@@ -430,12 +432,78 @@ def fetch_round(
             "max_peers": sampling.max_peers,
             "max_seconds": sampling.max_seconds,
             "random_fraction": sampling.random_fraction,
+            "min_listings": sampling.min_listings,
+            "listed": sorted(listings),
             "order": selection.order,
             "selected": selection.selected,
             "not_sampled": {str(u): r for u, r in selection.not_sampled.items()},
         },
         fetch_seconds=time.perf_counter() - t0,
     )
+
+
+def _find_base(client, votes: dict, listings: dict, evaluator, round_: int, key: bytes, deadline: float):
+    """``(state, blob sha256, state hash, voters' hotkeys)`` of the state most voters name that one of
+    them serves and that hashes as named (then the next most named), or None."""
+    for state_hash, voters in sorted(votes.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        # voters in an order keyed by the end-of-round hash: no uid can make sure it is asked first
+        left = sorted(voters, key=lambda t: hashlib.blake2b(key + t.uid.to_bytes(4, "little")).digest())
+        while left and time.perf_counter() < deadline:
+            # race a few voters: the first complete, verified download wins; a wave gets at most half the
+            # time left, so a wave of stallers cannot take it all
+            racing, left = left[:STATE_RACE], left[STATE_RACE:]
+            won = race_first(
+                client,
+                {
+                    t.uid: functools.partial(
+                        client.afetch_blob, t.target, listings[t.uid].state.blob, round_=round_, kind="state"
+                    )
+                    for t in racing
+                },
+                deadline_s=(deadline - time.perf_counter()) / (2 if left else 1),
+            )
+            if won is None:
+                continue
+            uid, path = won
+            try:
+                state = decode_state(path.read_bytes(), client.cfg.layout("state"))
+                if evaluator.load_base(state) != state_hash:
+                    raise CheckpointError(f"uid {uid}'s state does not hash to {state_hash[:12]}")
+            except CheckpointError as e:
+                log.warning("round %d: state from uid %d refused: %s", round_, uid, e)
+                left += [t for t in racing if t.uid != uid]
+                continue
+            return state, listings[uid].state.blob.sha256, state_hash, [v.hotkey for v in voters]
+    return None
+
+
+def _state_votes(listings: dict, reachable: dict, run: RunConfig, max_bytes: int) -> dict[str, list]:
+    """state hash → the listed peers whose signed state manifest names it (this model, a size it allows)."""
+    from peer.net.fetch import FetchError
+
+    votes: dict[str, list[PeerTarget]] = {}
+    for u, got in sorted(listings.items()):
+        if isinstance(got, FetchError):
+            continue
+        st = got.state
+        if st is not None and st.model_config_name == run.name and st.blob.size <= max_bytes:
+            votes.setdefault(st.state_hash, []).append(reachable[u])
+    return votes
+
+
+def _listing_problem(got, rec: CandidateRecord, round_: int, *, run, base_hash, fp, max_bytes) -> str | None:
+    """Why a peer's listing gives nothing to evaluate (None: its contribution manifest is usable);
+    records the manifest in ``rec`` when there is one."""
+    from peer.net.fetch import FetchError
+
+    if isinstance(got, FetchError):
+        log.info("uid %d: no listing for round %d (%s)", rec.uid, round_, got)
+        return f"fetch: {got}"
+    m = got.contribution
+    if m is None:
+        return f"fetch: has no contribution for round {round_} (it has rounds {got.rounds[-8:] or 'none'})"
+    rec.manifest = m.model_dump(mode="json")
+    return _manifest_problem(m, run=run, base_hash=base_hash, data_fingerprint=fp, max_bytes=max_bytes)
 
 
 def _manifest_problem(

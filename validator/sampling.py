@@ -17,6 +17,15 @@ Ties (same last-evaluated round) are broken by a hash of (key, uid, hotkey), so 
 is unpredictable too. A peer not sampled keeps its EMA (validator.scoring.update_ema with ``evaluated``)
 and is explained as ``not sampled``.
 
+**Listing is sampled too.** Listing a peer (dial, handshake, a signed answer) costs the validator time
+per peer, so listing everyone before sampling grows linearly with the subnet. The validator therefore
+samples among *every reachable uid* first and lists only the sample plus a few extra peers for the θ_r
+vote (``min_listings``, :func:`vote_extras`); a sampled peer whose listing fails, has no contribution or
+an unusable manifest is scored like before (``missing``/refused, which also moves it to the back of the
+staleness order) and the sample is drawn again among the rest (:func:`select_peers` on the shrunken pool)
+until it holds only usable peers. If the listed peers' state votes disagree the validator lists everyone
+(the old, linear behaviour): a majority read from a sample is only trusted when the sample is unanimous.
+
 The time budget (``max_seconds``) is a second, runtime limit: the loop stops *starting* peers once the
 expected cost of the next one no longer fits (:func:`fits_time_budget`); the ones left are ``not sampled
 (time budget)`` and keep their priority for the next round.
@@ -54,7 +63,14 @@ class SamplingConfig:
     staleness order did not pick. Higher = a stronger deterrent against skipping work in rounds a peer
     thinks are not audited; lower = a more even rotation."""
 
+    min_listings: int = 16
+    """Peers listed at least per round (the sample plus extras drawn by the key) for the θ_r vote: the
+    state hash is taken from a unanimous sample of this many signed listings, or from everyone's when the
+    sample disagrees. Raise it if you distrust a small sample; 0 = list only the sample."""
+
     def __post_init__(self) -> None:
+        if self.min_listings < 0:
+            raise ConfigError(f"sampling min_listings must be >= 0, got {self.min_listings}")
         if self.max_peers < 0:
             raise ConfigError(f"--eval.max-peers must be >= 0 (0 = all), got {self.max_peers}")
         if self.max_seconds < 0 or not math.isfinite(self.max_seconds):
@@ -122,6 +138,14 @@ def select_peers(
     return Selection(
         selected=selected, not_sampled={u: reason for u in order if u not in chosen_set}, order=order
     )
+
+
+def vote_extras(pool: Mapping[int, str], chosen: Sequence[int], key: bytes, n: int) -> list[int]:
+    """``n`` uids of ``pool`` (uid → hotkey) not in ``chosen``, drawn by the round's key (smallest hash of
+    (key, uid, hotkey)): extra listings for the θ_r vote, unpredictable before the round ends."""
+    taken = set(chosen)
+    rest = sorted((u for u in pool if u not in taken), key=lambda u: _tie(key, u, pool[u]))
+    return rest[: max(0, n)]
 
 
 def expected_peer_seconds(measured: Sequence[float], cross_share: float) -> float | None:
