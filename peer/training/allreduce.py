@@ -479,3 +479,24 @@ class ConsensusAverager(DecentralizedAverager):
             return super().get_current_state()
         metadata, tensors = self._state_provider()
         return metadata, tensors, None
+
+    def load_verified_state(self, want_hash: str, shapes, *, deadline_s: float, chunk_timeout: float):
+        """A future of ``(metadata, tensors)`` with ``want_hash`` from a peer, checked against ``shapes``
+        as it streams in, or None (:func:`peer.training.state_download.load_verified_state`)."""
+        from hivemind.utils.mpfuture import MPFuture
+
+        future = MPFuture()
+        kwargs = dict(
+            future=future,
+            want_hash=want_hash,
+            shapes=[tuple(s) for s in shapes],
+            deadline_s=deadline_s,
+            chunk_timeout=chunk_timeout,
+        )
+        self._outer_pipe.send(("_load_verified_state", [], kwargs))
+        return future
+
+    async def _load_verified_state(self, future, **kwargs):
+        from peer.training.state_download import load_verified_state
+
+        await load_verified_state(self, future, **kwargs)

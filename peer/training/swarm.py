@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from peer.errors import NetworkError, UserError
+from peer.training.state_download import install_message_limit, metadata_problem
 
 log = logging.getLogger("gradswarm.swarm")
 
@@ -213,6 +214,7 @@ class SwarmAveraging:
         self.run_id = run_id
         self.keypair = keypair
         self.buffers = [torch.zeros(s, dtype=torch.float32) for s in shapes]
+        install_message_limit()  # before the averager's process is forked: it inherits the cap
         self.averager = ConsensusAverager(
             self.buffers,
             dht=dht,
@@ -359,22 +361,26 @@ class SwarmAveraging:
         """The hash of θ_round the swarm agrees on (see :func:`choose_state`), or None if nobody announced."""
         return choose_state(self.announced_states(round_))
 
-    def download_state(self, want_hash: str, tries: int = 3) -> tuple[dict, list[torch.Tensor]] | None:
-        """Load θ and outer momentum from a peer; accept only a state whose metadata hash is ``want_hash``."""
+    def download_state(self, want_hash: str, tries: int = 2) -> tuple[dict, list[torch.Tensor]] | None:
+        """Load θ and outer momentum (``2 × params`` fp32 tensors) from a peer that serves the state hashed
+        ``want_hash``; every byte is checked as it arrives (:mod:`peer.training.state_download`)."""
+        shapes = [tuple(b.shape) for b in self.buffers] * 2
         for _ in range(tries):
             with self._pipe_lock:
-                future = self.averager.load_state_from_peers(timeout=self.allreduce_timeout, wait=False)
+                future = self.averager.load_verified_state(
+                    want_hash,
+                    shapes,
+                    deadline_s=3 * self.allreduce_timeout,
+                    chunk_timeout=self.allreduce_timeout / 3,
+                )
             loaded = future.result()
             if loaded is None:
                 continue
             metadata, tensors = loaded
             problem = downloaded_state_problem(tensors, [b.shape for b in self.buffers])
-            if problem is not None:
-                log.warning("refused a state downloaded from a peer (%s); trying another peer", problem)
-                continue
-            if isinstance(metadata, dict) and metadata.get("state_hash") == want_hash:
+            if problem is None and metadata_problem(metadata, want_hash) is None:
                 return metadata, tensors
-            log.info("downloaded a state with another hash; trying another peer")
+            log.warning("refused a state downloaded from a peer (%s); trying again", problem)
         return None
 
     def shutdown(self) -> None:
