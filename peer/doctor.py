@@ -11,10 +11,12 @@ chain. What it checks, in order:
 * **commitment**: the on-chain commitment names this peer id and an address the running publisher
   listens on;
 * **publisher reachable** / **DHT reachable**: the committed publisher, and the DHT addresses in its
-  signed identity record, are dialled from a fresh libp2p host *on this machine*, through the addresses
-  others use. This proves the address, port, peer id and record are right and that the processes
-  answer; it cannot prove that the route from outside works (NAT, firewall): that needs another node to
-  dial back (not implemented; see README "peer doctor");
+  signed identity record, are dialled from a fresh libp2p host *on this machine* (address, port, peer id
+  and record right, processes answering), then **dialled back from another node**: validators (most
+  stake first), then other peers, are asked over the artifact protocol's ``dialback`` op to dial those
+  addresses from their machine (:func:`dial_back`) — the only proof that the route from outside (NAT,
+  firewall, port forwarding) works. A node only dials the IP it sees the request come from, so an
+  address other than this machine's public IP is reported as such;
 * **model fits device**: estimated training memory of the config vs free GPU (or CPU) memory;
 * **software**: torch, CUDA, bitsandbytes as the device and optimizer need;
 * **disk**: free space for data and checkpoints where they live;
@@ -77,6 +79,8 @@ class _Found:
     commitment: object | None = None
     identity: object | None = None
     reasons: list[dict] = field(default_factory=list)
+    helpers: list | None = None
+    """Targets (other nodes' publishers) that may be asked to dial back, validators first."""
 
 
 # ------------------------------------------------------------------------------------------- pure parts
@@ -248,6 +252,77 @@ def check_commitment(inp: DoctorInputs, f: _Found) -> Check:
     return Check(name="commitment", status=OK, detail=f"{c.multiaddr} = the running publisher")
 
 
+def dialback_helpers(chain, netuid: int, own_hotkey: str, limit: int = 8) -> list:
+    """Other nodes' publishers to ask for a dial-back: validators by stake, then peers by stake."""
+    from peer.net.fetch import Target
+    from peer.net.records import Commitment, RecordError
+
+    mg = chain.metagraph(netuid)
+    commitments = chain.commitments(netuid)
+    vals = explaining_validators(mg, own_hotkey)
+    rest = sorted((n for n in mg.neurons if n.hotkey != own_hotkey and n not in vals), key=lambda n: -n.stake)
+    out = []
+    for nr in vals + rest:
+        raw = commitments.get(nr.hotkey)
+        if not raw:
+            continue
+        try:
+            out.append(Target.from_commitment(Commitment.from_bytes(raw), nr.hotkey))
+        except RecordError:
+            continue
+        if len(out) >= limit:
+            break
+    return out
+
+
+def dial_back(inp: DoctorInputs, f: _Found, client, addrs: list[str], tries: int = 3):
+    """Ask up to ``tries`` other nodes, in turn, to dial ``addrs`` from their machine; the first answer
+    (a DialbackResponse) and what the others said, or (None, what each said) when none answered."""
+    from peer.chain.base import ChainError
+    from peer.net.fetch import FetchError
+
+    if f.helpers is None:
+        try:
+            f.helpers = dialback_helpers(f.chain, inp.chain_cfg.netuid, f.hotkey) if f.chain else []
+        except ChainError as e:
+            f.helpers = []
+            return None, [f"could not list other nodes: {str(e)[:200]}"]
+    said = []
+    for t in f.helpers[:tries]:
+        try:
+            return client.dialback(t, addrs), said
+        except FetchError as e:
+            said.append(f"{t.peer_id[-8:]}: {str(e)[:200]}")
+    return None, said
+
+
+def _dialback_check(name: str, local_detail: str, answer, said: list[str], fix: str) -> Check:
+    """The check from a local dial that worked and another node's dial-back (or its absence)."""
+    if answer is None:
+        why = "; ".join(said) if said else "no other node with a publisher on the subnet"
+        return Check(
+            name=name,
+            status=WARN,
+            detail=f"{local_detail} (dialled from this machine); no other node dialled back ({why})",
+            fix="ask again when validators or peers of the subnet are online (their publishers answer "
+            "dial-backs); until then the route from outside is unproven",
+        )
+    if answer.reachable:
+        return Check(
+            name=name,
+            status=OK,
+            detail=f"{local_detail}; dialled back by {answer.peer_id[-8:]} from its machine "
+            f"({answer.seconds:.1f}s; it sees you at {answer.observed_ip})",
+        )
+    return Check(
+        name=name,
+        status=FAIL,
+        detail=f"{local_detail} from this machine, but {answer.peer_id[-8:]} could not dial it: {answer.detail} "
+        f"(it sees you at {answer.observed_ip})",
+        fix=fix,
+    )
+
+
 def check_publisher_reachable(inp: DoctorInputs, f: _Found, client) -> Check:
     from peer.net.fetch import FetchError, Target
 
@@ -266,11 +341,15 @@ def check_publisher_reachable(inp: DoctorInputs, f: _Found, client) -> Check:
         )
     f.identity = listing.identity
     last = listing.rounds[-1] if listing.rounds else "none yet"
-    return Check(
-        name="publisher reachable",
-        status=OK,
-        detail=f"answered at {f.commitment.addr} with a valid signed identity; newest contribution round {last} "
-        "(dialled from this machine)",
+    local = f"answered at {f.commitment.addr} with a valid signed identity; newest contribution round {last}"
+    answer, said = dial_back(inp, f, client, [f.commitment.multiaddr])
+    return _dialback_check(
+        "publisher reachable",
+        local,
+        answer,
+        said,
+        fix="forward the publisher's port to this machine and open it in the firewall; the committed "
+        "address must be your public IP (--publisher.announce)",
     )
 
 
@@ -295,7 +374,14 @@ def check_dht_reachable(inp: DoctorInputs, f: _Found, client) -> Check:
             detail=f"{', '.join(addrs)}: {why}",
             fix="set --host-maddrs to a fixed port and --announce-maddrs to your public address; forward the port",
         )
-    return Check(name="DHT reachable", status=OK, detail=f"{addrs[0]} answered (dialled from this machine)")
+    answer, said = dial_back(inp, f, client, addrs[:4])
+    return _dialback_check(
+        "DHT reachable",
+        f"{addrs[0]} answered",
+        answer,
+        said,
+        fix="forward the DHT port (--host-maddrs) and announce your public address (--announce-maddrs)",
+    )
 
 
 def _device_and_optimizer(inp: DoctorInputs) -> tuple[str, str, object | None]:

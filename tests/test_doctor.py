@@ -76,6 +76,10 @@ def signed_explanation(**kw):
     )
 
 
+PID = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
+PID2 = "QmcgpsyWgH8Y8ajJz1Cu72KnS5uo2Aa2LpzU7kinSupNKC"
+
+
 def test_explanation_is_built_signed_and_verified():
     rec = signed_explanation()
     raw = rec.model_dump_json()
@@ -272,6 +276,9 @@ def test_doctor_names_a_wrong_address_and_status_shows_validators_reasons(tmp_pa
         checks = {c["name"]: c for c in json.loads(doc.stdout)["checks"]}
         assert checks["commitment"]["status"] == "ok", checks["commitment"]
         assert checks["publisher reachable"]["status"] == "ok", checks["publisher reachable"]
+        # proven from another node: the validator's publisher dialled the miner's back
+        assert "dialled back by" in checks["publisher reachable"]["detail"], checks["publisher reachable"]
+        assert "sees you at 127.0.0.1" in checks["publisher reachable"]["detail"]
         assert checks["DHT reachable"]["status"] == "warn"  # this publisher announced no DHT address
         # the table for humans
         table = _cli(["doctor", "--wallet.name", "miner", "--home", str(home), *common])
@@ -308,3 +315,29 @@ def test_doctor_without_a_wallet_fails_with_a_fix(tmp_path):
     by = {c.name: c for c in checks}
     assert by["wallet"].status == "fail" and "--wallet.create" in by["wallet"].fix
     assert by["registration"].status == "skip" and worst(checks) == "fail"
+
+
+@pytest.mark.parametrize(
+    "addrs, observed, problem",
+    [
+        (["/ip4/127.0.0.1/tcp/4001/p2p/" + PID], "127.0.0.1", None),
+        (["/ip4/127.0.0.1/tcp/4001/p2p/" + PID, "/ip4/127.0.0.1/tcp/4002/p2p/" + PID], "127.0.0.1", None),
+        (["/ip4/10.0.0.7/tcp/4001/p2p/" + PID], "203.0.113.5", "the IP your request came from"),
+        (["/ip4/127.0.0.1/tcp/4001/p2p/" + PID], "203.0.113.5", "the IP your request came from"),
+        (["/dns4/example.com/tcp/4001/p2p/" + PID], "203.0.113.5", "is not /ip4|ip6"),
+        (["/ip4/203.0.113.5/udp/4001/p2p/" + PID], "203.0.113.5", "is not /ip4|ip6"),
+        (["/ip4/203.0.113.5/tcp/4001"], "203.0.113.5", "is not /ip4|ip6"),
+        (["not a multiaddr"], "203.0.113.5", "not a multiaddr"),
+        (
+            ["/ip4/127.0.0.1/tcp/1/p2p/" + PID, "/ip4/127.0.0.1/tcp/2/p2p/" + PID2],
+            "127.0.0.1",
+            "more than one",
+        ),
+        (["/ip4/127.0.0.1/tcp/4001/p2p/" + PID], None, "cannot tell"),
+    ],
+)
+def test_a_publisher_dials_back_only_the_ip_the_request_came_from(addrs, observed, problem):
+    from peer.net.artifact_protocol import dialback_problem
+
+    got = dialback_problem(addrs, observed)
+    assert (got is None) if problem is None else (got is not None and problem in got), got

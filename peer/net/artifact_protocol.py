@@ -16,6 +16,12 @@ Client -> publisher: one request frame (msgpack map, at most :data:`MAX_REQUEST_
 * ``{"op": "explain", "round": r}`` — a validator's signed explanation of round ``r`` (``None``: the
   newest) as :class:`ExplainResponse`; a publisher without explanations answers ``explanation: None``.
   Publishers older than this op refuse it as ``bad_request``.
+* ``{"op": "dialback", "addrs": [multiaddr, ...]}`` — "dial me back": the publisher dials ``addrs`` (1–4
+  addresses of one peer id, ``/ip4|ip6/<ip>/tcp/<port>/p2p/<id>``) from its own machine with a fresh
+  libp2p host and answers :class:`DialbackResponse` (answered or why not, and the IP it saw the request
+  come from). It dials only the IP the request came from (:func:`dialback_problem`), so it cannot be
+  used to probe or flood anyone else; ``peer doctor`` asks validators and peers to dial its publisher
+  and DHT addresses, the only way to learn that the route from outside (NAT, firewall) works.
 
 Any refusal is an :class:`ErrorResponse` frame ``{"ok": False, "reason": code, "error": one line}``.
 Nothing is pickled: msgpack with no extension types, JSON inside, safetensors bytes as payload.
@@ -101,7 +107,16 @@ class ExplainRequest(_Msg):
     round: int | None = Field(default=None, ge=0, le=2**40)
 
 
-Request = Annotated[ListRequest | FetchRequest | StatsRequest | ExplainRequest, Field(discriminator="op")]
+class DialbackRequest(_Msg):
+    """Dial ``addrs`` (one peer id, at the requester's own IP) and say whether it answered."""
+
+    op: Literal["dialback"]
+    addrs: list[Annotated[str, Field(max_length=300)]] = Field(min_length=1, max_length=4)
+
+
+Request = Annotated[
+    ListRequest | FetchRequest | StatsRequest | ExplainRequest | DialbackRequest, Field(discriminator="op")
+]
 _REQUEST = TypeAdapter(Request)
 
 
@@ -129,6 +144,48 @@ class ExplainResponse(_Msg):
     """Rounds it has explanations for."""
     explanation: str | None = None
     """Raw ExplanationRecord JSON (peer.net.explanations) for the asked round (or the newest)."""
+
+
+class DialbackResponse(_Msg):
+    ok: Literal[True] = True
+    peer_id: str = Field(max_length=128)
+    """The dialler's peer id."""
+    observed_ip: str = Field(max_length=64)
+    """The IP the request came from, as the dialler saw it (your public IP, behind a NAT)."""
+    reachable: bool
+    detail: str = Field(max_length=1024)
+    """``answered`` or why the dial failed (timeout, refused, another peer id answers, ...)."""
+    seconds: float = Field(ge=0, le=3600)
+
+
+def dialback_problem(addrs: list[str], observed_ip: str | None) -> str | None:
+    """Why a publisher refuses to dial ``addrs`` back for a request from ``observed_ip`` (None: it
+    dials). Each must be ``/ip4|ip6/<ip>/tcp/<port>/p2p/<id>`` with one peer id for all and the IP the
+    request came from: a dial-back can only reach the requester's own machine. Pure."""
+    import ipaddress
+
+    import multiaddr
+
+    if not observed_ip:
+        return "cannot tell the IP this request came from"
+    ids = set()
+    for a in addrs:
+        try:
+            m = multiaddr.Multiaddr(a)
+            protos = [p.name for p in m.protocols()]
+            if protos[:2] not in (["ip4", "tcp"], ["ip6", "tcp"]) or protos[2:] != ["p2p"]:
+                return f"{a!r} is not /ip4|ip6/<ip>/tcp/<port>/p2p/<peer id>"
+            ip = m.value_for_protocol(protos[0])
+            ids.add(m.value_for_protocol("p2p"))
+            if ipaddress.ip_address(ip) != ipaddress.ip_address(observed_ip):
+                return (
+                    f"{a} is not at {observed_ip}, the IP your request came from (only that one is dialled)"
+                )
+        except (ValueError, TypeError, multiaddr.exceptions.Error) as e:
+            return f"{a[:80]!r} is not a multiaddr ({str(e)[:100]})"
+    if len(ids) != 1:
+        return "the addresses name more than one peer id"
+    return None
 
 
 class FetchHeader(_Msg):
@@ -177,7 +234,7 @@ def unpack_map(raw: bytes, *, what: str) -> dict:
     return obj
 
 
-def parse_request(raw: bytes) -> ListRequest | FetchRequest | StatsRequest | ExplainRequest:
+def parse_request(raw: bytes) -> ListRequest | FetchRequest | StatsRequest | ExplainRequest | DialbackRequest:
     obj = unpack_map(raw, what="request")
     try:
         return _REQUEST.validate_python(obj)

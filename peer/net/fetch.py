@@ -383,6 +383,12 @@ class FetchClient:
         record if it serves none. FetchError (``bad_explanation``, ...) otherwise."""
         return self._call(self._counted, self.aexplanation(target, round_))
 
+    def dialback(self, target: Target, addrs: list[str]):
+        """Ask ``target``'s publisher to dial ``addrs`` (ours, at the IP it sees us at) from its machine:
+        a DialbackResponse (answered or why not), or FetchError (``refused_bad_dialback``, ``timeout``, …;
+        ``refused_bad_request`` from a publisher older than the op)."""
+        return self._call(self._counted, self._adialback(target, addrs))
+
     def stats(self, addr: str, peer_id: str) -> dict[str, int]:
         """The publisher's own counters (what it served and refused)."""
         return self._call(self._counted, self._astats(Target(addr=addr, peer_id=peer_id, hotkey="")))
@@ -485,6 +491,15 @@ class FetchClient:
         except IOException as e:
             await _reset(stream)
             raise FetchError("stream_error", f"{target.peer_id[:12]}: {what}: {_first_line(e)}") from None
+
+    async def _adialback(self, target: Target, addrs: list[str]):
+        from peer.net.artifact_protocol import DialbackRequest, DialbackResponse
+
+        stream, resp = await self._request(
+            target, DialbackRequest(op="dialback", addrs=list(addrs)), DialbackResponse, what="dial-back"
+        )
+        await _close(stream)
+        return resp
 
     async def _astats(self, target: Target) -> dict[str, int]:
         stream, resp = await self._request(target, StatsRequest(op="stats"), StatsResponse, what="stats")

@@ -41,6 +41,8 @@ from peer.net.artifact_protocol import (
     DEFAULT_CHUNK_BYTES,
     MAX_REQUEST_BYTES,
     PROTOCOL_ID,
+    DialbackRequest,
+    DialbackResponse,
     ErrorResponse,
     ExplainRequest,
     ExplainResponse,
@@ -50,6 +52,7 @@ from peer.net.artifact_protocol import (
     ListResponse,
     ProtocolError,
     StatsResponse,
+    dialback_problem,
     encode_frame,
     pack,
     parse_request,
@@ -92,6 +95,11 @@ class PublisherConfig:
     stalled or malicious reader cannot hold a transfer slot forever)."""
     parent_poll_s: float = 0.5
     """How often the parent process is checked; the publisher exits this long after the parent died."""
+    max_dialbacks: int = 4
+    """Dial-backs (``peer doctor`` of another node asking "can you reach me?") running at once, one per
+    remote peer; ``busy`` beyond. Each is one libp2p handshake to the requester's own IP."""
+    dialback_timeout_s: float = 10.0
+    """How long one dial-back may take before it is reported as not answering."""
     fault: str | None = None
     """Tests only (refused unless ``GRADSWARM_TEST_FAULTS=1``): misbehave like a hostile publisher —
     ``trickle`` (blobs in 1 KiB frames, one every 0.5 s), ``stall`` (half a blob, then silence),
@@ -107,10 +115,10 @@ class PublisherConfig:
                 )
         if not 1024 <= self.chunk_bytes <= 16 << 20:
             raise ConfigError(f"publisher chunk_bytes {self.chunk_bytes} must be within 1 KiB..16 MiB")
-        for name in ("max_blob_bytes", "burst", "max_fetches_per_peer", "max_fetches"):
+        for name in ("max_blob_bytes", "burst", "max_fetches_per_peer", "max_fetches", "max_dialbacks"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"publisher {name} must be >= 1")
-        for name in ("requests_per_second", "io_timeout_s", "parent_poll_s"):
+        for name in ("requests_per_second", "io_timeout_s", "parent_poll_s", "dialback_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"publisher {name} must be > 0")
 
@@ -288,6 +296,7 @@ class _Server:
     counters: Counter
     limiter: RateLimiter = field(init=False)
     active: Counter = field(default_factory=Counter)
+    dialing: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.limiter = RateLimiter(self.cfg.requests_per_second, self.cfg.burst)
@@ -311,6 +320,8 @@ class _Server:
                 await self._fetch(stream, req, remote)
             elif isinstance(req, ExplainRequest):
                 await self._explain(stream, req)
+            elif isinstance(req, DialbackRequest):
+                await self._dialback(stream, req, remote)
             else:
                 await stream.write(pack(StatsResponse(peer_id=self.peer_id, counters=dict(self.counters))))
             await stream.close()
@@ -377,6 +388,36 @@ class _Server:
             explanation=raw.decode("utf-8", "replace") if raw else None,
         )
         self.counters["served_explain"] += 1
+        await stream.write(pack(resp))
+
+    async def _dialback(self, stream, req: DialbackRequest, remote: str) -> None:
+        """Dial the requester's own addresses from here (a fresh host) and say whether they answered."""
+        from peer.net.discovery import probe_dht
+
+        try:
+            observed = stream.muxed_conn.get_remote_address()
+        except (AttributeError, OSError):
+            observed = None
+        observed_ip = observed[0] if observed else None
+        problem = dialback_problem(list(req.addrs), observed_ip)
+        if problem is not None:
+            raise ProtocolError("bad_dialback", problem)
+        if self.dialing[remote] or sum(self.dialing.values()) >= self.cfg.max_dialbacks:
+            raise ProtocolError("busy", "dial-backs already running (one per peer at a time); retry shortly")
+        self.dialing[remote] += 1
+        t0 = time.monotonic()
+        try:
+            why = await probe_dht(list(req.addrs), timeout_s=self.cfg.dialback_timeout_s)
+        finally:
+            self.dialing[remote] -= 1
+        self.counters["served_dialback"] += 1
+        resp = DialbackResponse(
+            peer_id=self.peer_id,
+            observed_ip=observed_ip,
+            reachable=why is None,
+            detail="answered" if why is None else why[:1000],
+            seconds=min(3600.0, time.monotonic() - t0),
+        )
         await stream.write(pack(resp))
 
     async def _fetch(self, stream, req: FetchRequest, remote: str) -> None:
