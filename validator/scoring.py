@@ -45,6 +45,7 @@ from peer.errors import ConfigError
 from validator.evaluation import PeerMeasurement, RoundMeasurements
 
 U16_MAX = 65535
+REWARDS = ("heldout", "linear")
 T_CAP = 1000.0
 
 
@@ -100,6 +101,8 @@ class ScoringConfig:
     """A manifest whose pages are not the validator's assignment for that hotkey scores 0."""
     ema_alpha: float = 0.3
     """Weight of the newest round in the EMA. Higher reacts faster to a peer's change (and to noise)."""
+    reward: str = "heldout"
+    """What a Δ that passed every gate is paid for (see the module docstring)."""
     burn: BurnPolicy = field(default_factory=BurnPolicy)
 
     def __post_init__(self) -> None:
@@ -115,6 +118,8 @@ class ScoringConfig:
             raise ConfigError("scoring: need 0 <= min_assignment_factor <= 1 <= max_assignment_factor")
         if not 0 < self.ema_alpha <= 1:
             raise ConfigError("scoring.ema_alpha must be in (0, 1]")
+        if self.reward not in REWARDS:
+            raise ConfigError(f"scoring.reward {self.reward!r}: choose from {', '.join(REWARDS)}")
 
 
 @dataclass(kw_only=True)
