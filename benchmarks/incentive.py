@@ -21,13 +21,14 @@ loaded box shows up as such. Scenarios:
   have trained" / "not trained on its assigned pages"). Target ≤ 2 %.
 
 Weights are the validator's normalised EMA after the last scored round. A peer-round whose Δ the
-validator could not fetch (``rejected``: a transport failure on a loaded box, not a scoring decision) is
-held out like a peer that was not sampled (its EMA is kept) and counted separately as "not fetched". Because scoring is a pure
+validator could not fetch (``rejected``: a transport failure on a loaded box, not a scoring decision)
+makes the replay leave that round out for every peer (scoring the others without it would skew the
+comparison); such peer-rounds are counted as "not fetched". Because scoring is a pure
 function of the recorded measurements (``rounds/<r>/record.json``), every run is scored twice from the
-same measurements: with the rule it was run with (``--before``, default ``heldout``: the rule before issue
-#18) and with the rule under test (``--after``, default ``linear``), so "before" and "after" see the same
+same measurements: with the scoring defaults before issue #18 (``BEFORE``: held-out gain × assignment
+factor) and with today's defaults (``AFTER``: validator.scoring), so "before" and "after" see the same
 rounds, the same Δs and the same noise. The live validator's own weights (on the ledger) are printed
-as well; they match the replay of the rule it ran with. What a replay cannot show is a change of the
+as well; they match the replay of the rule it ran with (the records keep its config). What a replay cannot show is a change of the
 *averaging* weights (the swarm's dynamics): this benchmark changes only the reward.
 
 Cheap by design (the box has 2 cores shared with others): debug model, one validator, 3–6 peers, one
@@ -44,7 +45,6 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import yaml
@@ -54,7 +54,6 @@ sys.path.insert(0, str(REPO))
 
 from validator.evaluation import RoundMeasurements  # noqa: E402
 from validator.scoring import (  # noqa: E402
-    BurnPolicy,
     EmaState,
     ScoringConfig,
     normalize_weights,
@@ -140,37 +139,35 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def scoring_config(d: dict, rule: str | None) -> ScoringConfig:
-    d = dict(d)
-    d["burn"] = BurnPolicy(**d["burn"])
-    known = set(ScoringConfig.__dataclass_fields__)
-    cfg = ScoringConfig(**{k: v for k, v in d.items() if k in known})
-    return cfg if rule is None else replace(cfg, reward=rule)
+BEFORE = ScoringConfig(reward="heldout", max_norm_ratio=5.0, min_specificity_t=2.0)
+"""The scoring defaults before issue #18: held-out gain × assignment factor, norm ≤ 5× median, t ≥ 2."""
+AFTER = ScoringConfig()
+"""The scoring defaults now (validator.scoring)."""
 
 
-def replay(records: list[dict], rule: str | None) -> tuple[dict[int, float], list[tuple[int, str, str]]]:
-    """Final weight shares (uid → share) and every (round, hotkey, reason) under ``rule``."""
+def replay(records: list[dict], cfg: ScoringConfig) -> tuple[dict[int, float], list[tuple[int, str, str]]]:
+    """Final weight shares (uid → share) and every (round, hotkey, reason) under ``cfg``."""
     ema = EmaState()
     shares: dict[int, float] = {}
     reasons = []
     for rec in records:
-        cfg = scoring_config(rec["scoring_config"], rule)
         rm = RoundMeasurements.from_json(rec["measurements"])
         uids = {int(u): e["hotkey"] for u, e in rec["ema_after"]["entries"].items()}
         ns = {int(u): r for u, r in rec.get("sampling", {}).get("not_sampled", {}).items() if int(u) in uids}
-        # a Δ the validator could not fetch says nothing about the reward rule: held out like "not sampled"
+        # a Δ the validator could not fetch says nothing about the reward rule, and scoring the others
+        # without it skews the comparison: such a round is left out for everyone (and counted)
         unreached = {p.uid for p in rm.peers if p.status == "rejected"}
-        ns.update({u: "not fetched" for u in unreached if u in uids})
-        scores = [s for s in score_round(rm, cfg) if s.uid not in unreached]
-        scores += not_sampled_scores(ns, uids)
+        if unreached:
+            reasons += [(rm.round, p.hotkey, "unreached") for p in rm.peers if p.uid in unreached]
+            continue
+        scores = score_round(rm, cfg) + not_sampled_scores(ns, uids)
         ema = update_ema(ema, rm.round, scores, uids, cfg.ema_alpha, not_sampled=ns)
         shares = normalize_weights({u: e.value for u, e in ema.entries.items()}, cfg.burn).shares
         reasons += [(rm.round, s.hotkey, s.reason) for s in scores if s.terms.get("status") == "ok"]
-        reasons += [(rm.round, p.hotkey, "unreached") for p in rm.peers if p.uid in unreached]
     return shares, reasons
 
 
-def analyse_run(run_dir: Path, rules: dict[str, str | None]) -> dict | None:
+def analyse_run(run_dir: Path, rules: dict[str, ScoringConfig]) -> dict | None:
     summary_path = run_dir / "summary.json"
     bench_path = run_dir / "bench.json"
     if not summary_path.exists() or not bench_path.exists():
@@ -214,7 +211,14 @@ def analyse_run(run_dir: Path, rules: dict[str, str | None]) -> dict | None:
         reasons = [r for r in reasons if r[2] != "unreached"]
         refused = [r for r in reasons if r[2].startswith(ASSIGNMENT_REFUSALS)]
         zero = [r for r in reasons if r[2] != "scored"]
+        budget = {p["hotkey"]: p["budget"] for p in out["peers"]}
+        by_budget: dict[int, list[int]] = {}
+        for _, hk, why in reasons:
+            b = by_budget.setdefault(budget[hk], [0, 0])
+            b[0] += why.startswith(ASSIGNMENT_REFUSALS)
+            b[1] += 1
         out["rules"][rule_name] = {
+            "refusals_by_budget": by_budget,
             "weights": w,
             "figures": figures(w, labels),
             "peer_rounds": len(reasons),
@@ -262,9 +266,20 @@ def report(results: list[dict], rules: list[str]) -> dict:
             refusals += r["assignment_refusals"]
             peer_rounds += r["peer_rounds"]
         table[rule] = {
-            k: {"worst": worst(v, k), "median": statistics.median([x for x in v if x is not None] or [0.0]), "all": v}
+            k: {
+                "worst": worst(v, k),
+                "median": statistics.median([x for x in v if x is not None] or [0.0]),
+                "all": v,
+            }
             for k, v in per.items()
         }
+        by_budget: dict[int, list[int]] = {}
+        for res in results:
+            for b, (n, d) in res["rules"][rule]["refusals_by_budget"].items():
+                acc = by_budget.setdefault(int(b), [0, 0])
+                acc[0] += n
+                acc[1] += d
+        table[rule]["refusals_by_budget"] = {b: by_budget[b] for b in sorted(by_budget)}
         table[rule]["refusals"] = {
             "rate": refusals / peer_rounds if peer_rounds else None,
             "refused": refusals,
@@ -293,11 +308,13 @@ def print_report(results: list[dict], table: dict) -> None:
                 f"  {rule:>8}: weights {ws} · {figs} · refused {r['assignment_refusals']}/{r['peer_rounds']}"
                 + (f" · zero: {r['zero_reasons']}" if r["zero_reasons"] else "")
             )
-    print("\nworst (median) of runs:")
+    print(f"\nworst (median) of runs; load average now {os.getloadavg()[0]:.1f}:")
     for rule, figs in table.items():
         parts = []
         for k, v in figs.items():
-            if k == "refusals":
+            if k == "refusals_by_budget":
+                parts.append("by steps " + ", ".join(f"{b}: {n}/{d}" for b, (n, d) in v.items()))
+            elif k == "refusals":
                 rate = v["rate"]
                 parts.append(
                     f"refusals {v['refused']}/{v['peer_rounds']}"
@@ -322,11 +339,9 @@ def main() -> None:
     ap.add_argument("--validator-args", nargs="*", default=[])
     ap.add_argument("--out", default=str(REPO / "runs" / "incentive"))
     ap.add_argument("--analyse", default=None, metavar="DIR", help="only re-score the runs in DIR")
-    ap.add_argument("--before", default="heldout", help="reward rule of the baseline (validator.scoring)")
-    ap.add_argument("--after", default="linear", help="reward rule under test")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
     args = ap.parse_args()
-    rules = {args.before: args.before, args.after: args.after}
+    rules = {"before": BEFORE, "after": AFTER}
     names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     for n in names:
         scenario_budgets(n, args.unit_steps)  # unknown names fail before anything runs

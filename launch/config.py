@@ -152,7 +152,9 @@ def load_launch_config(path: Path | None, overrides: dict) -> LaunchConfig:
         hint = hints[key]
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             raw[key] = float(value)
-        if key in ("behaviours", "peer_args", "validator_args", "per_peer_args") and not isinstance(value, list):
+        if key in ("behaviours", "peer_args", "validator_args", "per_peer_args") and not isinstance(
+            value, list
+        ):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if hint is int and not (isinstance(value, int) and not isinstance(value, bool)):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
