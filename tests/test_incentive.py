@@ -134,3 +134,34 @@ def test_work_on_other_pages_earns_nothing_and_partial_work_earns_its_share():
     half = peer(0, heldout=BASE - 0.1, before=5.0, after=5.0 - spec / 2, own=[spec / 2 * 1.01, spec / 2 * 0.99],
                 ctrl_before=5.0, ctrl_after=5.0, ctrl=[0.0, 0.0])  # fmt: skip
     assert score_round(rm([half]), ScoringConfig())[0].score == pytest.approx(full.score * 0.5**P)
+
+
+# ------------------------------------------------------------------------------------------- the harness
+
+
+def test_per_peer_args_reach_only_their_peer(tmp_path):
+    from launch.config import load_launch_config
+    from launch.local_subnet import LocalSubnet, Participant
+
+    cfg = load_launch_config(None, {"peers": 2, "per_peer_args": [["--max-inner-steps", "8"]]})
+    sub = LocalSubnet(cfg, run_dir=tmp_path / "run")
+    p0, p1 = (Participant(name=f"peer-{i}", role="peer", behaviour="honest", home=tmp_path) for i in (0, 1))
+    assert sub.own_peer_args(p0) == ["--max-inner-steps", "8"] and sub.own_peer_args(p1) == []
+    for bad, msg in (([["-x"], ["-y"], ["-z"]], "3 entries for 2 peer"), ([["--a", 3]], "list of strings")):
+        with pytest.raises(ConfigError, match=msg):
+            load_launch_config(None, {"peers": 2, "per_peer_args": bad})
+
+
+def test_benchmark_scenarios_and_figures():
+    from benchmarks.incentive import figures, scenario_budgets, worst
+
+    assert scenario_budgets("compute", 16) == [("1x", 16), ("2x", 32), ("4x", 64)]
+    assert scenario_budgets("sybil5", 16) == [("single", 64)] + [("sybil", 13)] * 5
+    assert sum(s for _, s in scenario_budgets("sybil3", 16)[1:]) == 63  # 64 split three ways, rounded
+    labels = {"a": "single", "b": "sybil", "c": "sybil"}
+    assert figures({"a": 0.5, "b": 0.3, "c": 0.2}, labels) == {"sybil": pytest.approx(1.0)}
+    assert figures({"a": 0.2, "b": 0.3, "c": 0.5}, {"a": "1x", "b": "2x", "c": "4x"}) == {
+        "2x": pytest.approx(1.5),
+        "4x": pytest.approx(2.5),
+    }
+    assert worst([2.0, None, 3.0], "2x") == 0.0 and worst([0.9, 1.2], "sybil") == 1.2
