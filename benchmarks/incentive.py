@@ -139,8 +139,11 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-BEFORE = ScoringConfig(reward="heldout", max_norm_ratio=5.0, min_specificity_t=2.0)
-"""The scoring defaults before issue #18: held-out gain × assignment factor, norm ≤ 5× median, t ≥ 2."""
+BEFORE = ScoringConfig(
+    reward="heldout", max_norm_ratio=5.0, min_specificity_t=2.0, max_reference_scale=float("inf")
+)
+"""The scoring defaults before issue #18: held-out gain × assignment factor, norm ≤ 5× median, t ≥ 2,
+references scaled by any held-out ratio."""
 AFTER = ScoringConfig()
 """The scoring defaults now (validator.scoring)."""
 

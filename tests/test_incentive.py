@@ -165,3 +165,26 @@ def test_benchmark_scenarios_and_figures():
         "4x": pytest.approx(2.5),
     }
     assert worst([2.0, None, 3.0], "2x") == 0.0 and worst([0.9, 1.2], "sybil") == 1.2
+
+
+def test_weak_references_are_scaled_up_at_most_max_reference_scale():
+    # u0 removes 0.05 nats of held-out loss, u1 and u2 only 0.005 (small Δs late in a run): their gains on
+    # u0's pages (0.004 each) scaled by 0.05 / 0.005 = 10 would claim a generic gain of 0.04 there.
+    # Bounded to 4: generic 0.016, d = [0.05 − 0.016, 0.04 − 0.016], specificity 0.029.
+    def peers():
+        return [
+            peer(0, heldout=BASE - 0.05, before=5.0, after=4.955, own=[0.05, 0.04],
+                 cross=[(1, [0.004, 0.004]), (2, [0.004, 0.004])]),
+            peer(1, heldout=BASE - 0.005, before=5.0, after=4.99, own=[0.01, 0.01],
+                 cross=[(0, [0.01, 0.01]), (2, [0.001, 0.001])]),
+            peer(2, heldout=BASE - 0.005, before=5.0, after=4.99, own=[0.01, 0.01],
+                 cross=[(0, [0.01, 0.01]), (1, [0.001, 0.001])]),
+        ]  # fmt: skip
+
+    s = by_uid(score_round(rm(peers()), ScoringConfig()))
+    assert s[0].terms["generic_gain"] == pytest.approx(0.016)
+    assert s[0].terms["specificity"] == pytest.approx(0.029)
+    unbounded = by_uid(score_round(rm(peers()), ScoringConfig(max_reference_scale=float("inf"))))
+    assert unbounded[0].terms["specificity"] == pytest.approx(0.005)
+    with pytest.raises(ConfigError):
+        ScoringConfig(max_reference_scale=0.5)

@@ -139,6 +139,12 @@ class ScoringConfig:
     tuning: k hotkeys sharing one machine earn together more than it alone (sybil figure > 1) → raise
     it; equal peers' weights spread too much (specificity is the noisy factor) → lower it. Measure with
     ``benchmarks/incentive.py --analyse`` on recorded runs before changing it."""
+    max_reference_scale: float = 4.0
+    """Bound of the factor (its held-out gain ÷ the reference's) by which another peer's gains on this
+    peer's pages are scaled to estimate its generic gain. Late in a run small Δs remove almost no
+    held-out loss (0.003–0.007 nats next to a 64-step peer's 0.046: a factor ~10 that multiplies their
+    page noise into the reference and refused an honest 64-step peer). Honest compute spreads give
+    factors of 4^0.36 ≈ 1.6 for 4× the steps. ``inf`` = unbounded (the rule before #18)."""
     max_specificity_ratio: float = 3.0
     """Memorisation cap: a peer's paid specificity is at most this × its held-out gain × the round's
     median (specificity ÷ held-out gain) over eligible peers. Honest peers sit within ~2× of that median
@@ -163,6 +169,8 @@ class ScoringConfig:
             raise ConfigError(f"scoring.reward {self.reward!r}: choose from {', '.join(REWARDS)}")
         if not 0.1 <= self.reward_exponent <= 3:
             raise ConfigError(f"scoring.reward_exponent must be in [0.1, 3], got {self.reward_exponent}")
+        if not self.max_reference_scale >= 1:
+            raise ConfigError("scoring.max_reference_scale must be >= 1")
         if self.max_specificity_ratio <= 1:
             raise ConfigError("scoring.max_specificity_ratio must be > 1")
 
@@ -244,7 +252,7 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig) -> list[PeerScore]:
     # specificity: own gain on its pages minus what the other eligible peers' Δs achieve there
     eligible_keys = {k for k, r in reasons.items() if r is None}
     for p in m.peers:
-        _specificity(p, terms, eligible_keys)
+        _specificity(p, terms, eligible_keys, cfg.max_reference_scale)
     # copies within the round: among near-duplicates only the most specific one keeps its score
     for p in m.peers:
         key = (p.uid, p.hotkey)
@@ -383,11 +391,12 @@ def _t_welch(a: Sequence[float], b: Sequence[float]) -> float | None:
     return max(-T_CAP, min(T_CAP, (ma - mb) / se))
 
 
-def _specificity(p: PeerMeasurement, terms: dict, eligible_keys: set) -> None:
+def _specificity(p: PeerMeasurement, terms: dict, eligible_keys: set, max_scale: float = math.inf) -> None:
     """Fill generic_gain, specificity, specificity_t and their basis into ``p``'s terms.
 
     With cross references (eligible peers' Δs evaluated on p's assigned pages): per page i,
-    generic_i = median_j(gain_j(page i) × heldout_gain / heldout_gain_j), d_i = own gain_i − generic_i,
+    generic_i = median_j(gain_j(page i) × scale_j), scale_j = heldout_gain / heldout_gain_j bounded to
+    [1 / max_scale, max_scale], d_i = own gain_i − generic_i,
     specificity = mean(d), t = one-sample t of d. Otherwise: own gains on assigned vs control pages
     (difference of means, Welch's t).
     """
@@ -398,7 +407,7 @@ def _specificity(p: PeerMeasurement, terms: dict, eligible_keys: set) -> None:
         for c in p.cross_gains:
             key = (c["uid"], c["hotkey"])
             if key in eligible_keys:
-                scale = t["heldout_gain"] / terms[key]["heldout_gain"]
+                scale = min(max_scale, max(1 / max_scale, t["heldout_gain"] / terms[key]["heldout_gain"]))
                 refs.append((c["gain"] * scale, [g * scale for g in c.get("page_gains", [])]))
     if refs:
         t["generic_basis"] = (
