@@ -20,8 +20,8 @@ Round score of a peer (``explain`` keeps every term)::
 
 Why this product (issue #18, measured in benchmarks/incentive.py on real local subnets, README
 "Rewards"): a Δ's held-out gain grows like steps^0.36 (median over rounds), its own-page specificity
-like steps^0.77. Paid on held-out gain alone, k hotkeys splitting one machine earned up to 2× what the
-machine earned alone; paid on specificity alone, equal peers' weights spread (it is the noisy measure,
+like steps^0.77. Paid by the rule before #18 (held-out gain × a clamped factor), k hotkeys splitting one
+machine earned up to 2× what the machine earned alone; paid on specificity alone, equal peers' weights spread (it is the noisy measure,
 ±25 % a round) and early rounds under-paid big peers. The product is ~steps^(0.36 + 0.77·q) = steps^1 at
 q ≈ 0.83: the held-out gain says the work generalises (and is nearly noise-free among equals), the
 specificity proves it was done on the pages only this hotkey was assigned (work on anyone else's pages —
@@ -110,9 +110,10 @@ class ScoringConfig:
     min_specificity_t: float = 1.5
     """The assignment test must be significant: the per-page specificities (own gain − generic gain on
     each assigned page) need a t statistic of at least this. A peer that trained on its pages gains on
-    nearly every one of them; noise does not. At 2.0 honest peers with 13–21 inner steps a round failed in
-    4.3 % of peer-rounds (benchmarks/incentive.py), at 1.5 in 1.7 %; a non-training peer passes by chance in
-    ~7 % of rounds and is then paid its (noise-sized) specificity, a few % of an honest peer's round.
+    nearly every one of them; noise does not. At 2.0, 5.1 % of honest peer-rounds were refused
+    (benchmarks/incentive.py; mostly hotkeys with 13 inner steps a round), at 1.5 1.9 %. A non-training
+    peer passes by chance in ~7 % of rounds (t tail, 23 degrees of freedom) and is then paid its
+    noise-sized specificity (estimated, not measured: a few % of an honest peer's round).
     Lower it (or raise eval.assigned_pages) if honest peers fail with "not shown to have trained"; raise
     it if non-training peers slip through."""
     max_assignment_factor: float = 2.0
@@ -129,9 +130,9 @@ class ScoringConfig:
     reward: str = "specificity"
     """What a Δ that passed every gate is paid for (module docstring). ``specificity``: its held-out gain
     relative to the round's median × (the work it proved on its own pages) ** reward_exponent
-    (proportional to compute, sybil-neutral, issue #18). ``heldout``: the rule before #18, held-out gain × assignment factor (pays a Δ by the
-    held-out loss it removes alone, which grows much slower than its inner steps, so splitting one
-    machine across hotkeys paid ~1.6× per unit of work)."""
+    (proportional to compute, sybil-neutral, issue #18). ``heldout``: the rule before #18, held-out gain
+    × assignment factor (the held-out gain grows much slower than inner steps, so splitting one machine
+    across hotkeys paid up to 2× per unit of work); kept to replay records made with it."""
     reward_exponent: float = 0.8
     """q in ``relative_heldout_gain × work ** q``: the concave-to-linear correction. On ``debug`` a Δ's
     held-out gain grows like steps^0.36 and its specificity like steps^0.77 (benchmarks/incentive.py,
