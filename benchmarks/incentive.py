@@ -1,8 +1,8 @@
 """Incentive benchmark: are rewards proportional to compute, fair among equals and sybil-neutral?
 
-    .venv/bin/python benchmarks/incentive.py --trials 3                       # all scenarios, ~45 min on 2 cores
-    .venv/bin/python benchmarks/incentive.py --scenarios compute --trials 1   # one run, ~3 min
-    .venv/bin/python benchmarks/incentive.py --analyse runs/incentive         # re-score recorded runs only
+    .venv/bin/python benchmarks/incentive.py --trials 3                      # 15 runs, ~35 min on 2 cores
+    .venv/bin/python benchmarks/incentive.py --scenarios compute --trials 1  # one run, ~2 min
+    .venv/bin/python benchmarks/incentive.py --analyse runs/incentive        # re-score recorded runs
 
 Every run is a real local subnet (``launch.local_subnet``: LocalLedger, bootstrap DHT, ``peer join``
 processes that train the debug model and average with hivemind, one ``validator run`` that fetches,
@@ -17,8 +17,8 @@ loaded box shows up as such. Scenarios:
   same budget (each 4/k units, each a hotkey of its own, so each trains on its own assigned pages).
   Figure: Σ weight(sybils) ÷ weight(single). Target ≤ 1.1.
 * ``equal``: four peers with the same budget (2 units). Figure: max ÷ min weight. Target ≤ 1.25.
-* every honest peer-round of every scenario that the validator evaluated: the share refused by the assignment test ("not shown to
-  have trained" / "not trained on its assigned pages"). Target ≤ 2 %.
+* every honest peer-round of every scenario that the validator evaluated: the share refused by the
+  assignment test ("not shown to have trained" / "not trained on its assigned pages"). Target ≤ 2 %.
 
 Weights are the validator's normalised EMA after the last scored round. A peer-round whose Δ the
 validator could not fetch (``rejected``: a transport failure on a loaded box, not a scoring decision)
@@ -28,12 +28,14 @@ function of the recorded measurements (``rounds/<r>/record.json``), every run is
 same measurements: with the scoring defaults before issue #18 (``BEFORE``: held-out gain × assignment
 factor) and with today's defaults (``AFTER``: validator.scoring), so "before" and "after" see the same
 rounds, the same Δs and the same noise. The live validator's own weights (on the ledger) are printed
-as well; they match the replay of the rule it ran with (the records keep its config). What a replay cannot show is a change of the
-*averaging* weights (the swarm's dynamics): this benchmark changes only the reward.
+as well; they match the replay of the rule it ran with (the records keep its config). What a replay
+cannot show is a change of the *averaging* weights (the swarm's dynamics): this benchmark changes only
+the reward.
 
 Cheap by design (the box has 2 cores shared with others): debug model, one validator, 3–6 peers, one
-torch thread each, 10 s rounds, 6 scored rounds, budgets of 8–32 inner steps a round (a few seconds of
-one core). Worst of ``--trials`` runs per scenario is what counts.
+torch thread each, 10 s rounds, 6 scored rounds, budgets of 13–64 inner steps a round at
+``--unit-steps 16`` (at most ~4 s of one core a round): ~2 minutes a run, ~35 minutes for 15 runs at load
+10–18. With ``--unit-steps 8`` the 1× peer (8 steps) fails the assignment test in about half its rounds.
 """
 
 from __future__ import annotations
@@ -336,7 +338,7 @@ def main() -> None:
     ap.add_argument("--scenarios", default="compute,sybil2,sybil3,sybil5,equal")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=6, help="rounds the validator scores per run")
-    ap.add_argument("--unit-steps", type=int, default=8, help="inner-step budget of 1× compute")
+    ap.add_argument("--unit-steps", type=int, default=16, help="inner-step budget of 1× compute")
     ap.add_argument("--round-blocks", type=int, default=20)
     ap.add_argument("--block-time", type=float, default=0.5)
     ap.add_argument("--validator-args", nargs="*", default=[])
