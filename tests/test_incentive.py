@@ -131,8 +131,9 @@ def test_work_on_other_pages_earns_nothing_and_partial_work_earns_its_share():
     s = score_round(rm([p]), ScoringConfig())[0]
     assert s.score == 0 and "not trained on its assigned pages" in s.reason
     spec = full.terms["specificity"]
-    half = peer(0, heldout=BASE - 0.1, before=5.0, after=5.0 - spec / 2, own=[spec / 2 * 1.01, spec / 2 * 0.99],
-                ctrl_before=5.0, ctrl_after=5.0, ctrl=[0.0, 0.0])  # fmt: skip
+    h = spec / 2
+    half = peer(0, heldout=BASE - 0.1, before=5.0, after=5.0 - h, own=[h * 1.01, h * 0.99], ctrl_before=5.0,
+                ctrl_after=5.0, ctrl=[0.0, 0.0])  # fmt: skip
     assert score_round(rm([half]), ScoringConfig())[0].score == pytest.approx(full.score * 0.5**P)
 
 
