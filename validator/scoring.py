@@ -25,9 +25,9 @@ one machine earned up to 2× what the machine earned alone; paid on specificity 
 weights spread (it is the noisy measure, ±25 % a round) and early rounds under-paid big peers. The
 product is ~steps^(0.36 + 0.77·q) = steps^1 at q ≈ 0.83: the held-out gain says the work generalises
 (and is nearly noise-free among equals), the specificity proves it was done on the pages only this
-hotkey was assigned (work on anyone else's pages — random-data, a copy, the average — earns nothing). Dividing by the round's median held-out gain makes
-every round count alike in the EMA (the first rounds of a run remove 10–100× more loss than later ones)
-without changing who earns what within a round.
+hotkey was assigned (work on anyone else's pages — random-data, a copy, the average — earns nothing).
+Dividing by the round's median held-out gain makes every round count alike in the EMA (the first rounds
+of a run remove 10–100× more loss than later ones) without changing who earns what within a round.
 
 The rule before #18 (``reward = "heldout"``, kept for replaying old records and for comparison)::
 
