@@ -19,11 +19,11 @@ Round score of a peer (``explain`` keeps every term)::
     score             = relative_gain × work ** q      (q = reward_exponent)    reward = "specificity"
 
 Why this product (issue #18, measured in benchmarks/incentive.py on real local subnets, README
-"Rewards"): a Δ's held-out gain grows like steps^0.36 (median over rounds), its own-page specificity
-like steps^0.77. Paid by the rule before #18 (held-out gain × a clamped factor), k hotkeys splitting
+"Rewards"): a Δ's held-out gain grows like steps^0.39 (median over 66 rounds), its own-page
+specificity like steps^0.84. Paid by the rule before #18 (held-out gain × a clamped factor), k hotkeys splitting
 one machine earned up to 2× what the machine earned alone; paid on specificity alone, equal peers'
 weights spread (it is the noisy measure, ±25 % a round) and early rounds under-paid big peers. The
-product is ~steps^(0.36 + 0.77·q) = steps^1 at q ≈ 0.83: the held-out gain says the work generalises
+product is ~steps^(0.39 + 0.84·q) = steps^1 at q ≈ 0.73: the held-out gain says the work generalises
 (and is nearly noise-free among equals), the specificity proves it was done on the pages only this
 hotkey was assigned (work on anyone else's pages — random-data, a copy, the average — earns nothing).
 Dividing by the round's median held-out gain makes every round count alike in the EMA (the first rounds
@@ -133,10 +133,10 @@ class ScoringConfig:
     (proportional to compute, sybil-neutral, issue #18). ``heldout``: the rule before #18, held-out gain
     × assignment factor (the held-out gain grows much slower than inner steps, so splitting one machine
     across hotkeys paid up to 2× per unit of work); kept to replay records made with it."""
-    reward_exponent: float = 0.8
+    reward_exponent: float = 0.73
     """q in ``relative_heldout_gain × work ** q``: the concave-to-linear correction. On ``debug`` a Δ's
-    held-out gain grows like steps^0.36 and its specificity like steps^0.77 (benchmarks/incentive.py,
-    medians over rounds), so 0.36 + 0.77·q ≈ 1 at q ≈ 0.83 makes the pay linear in inner steps. Symptom →
+    held-out gain grows like steps^0.39 and its specificity like steps^0.84 (benchmarks/incentive.py,
+    medians over 66 rounds of 15 runs), so 0.39 + 0.84·q = 1 at q = 0.73 makes the pay linear in steps. Symptom →
     tuning: k hotkeys sharing one machine earn together more than it alone (sybil figure > 1) → raise
     it; equal peers' weights spread too much (specificity is the noisy factor) → lower it. Measure with
     ``benchmarks/incentive.py --analyse`` on recorded runs before changing it."""
@@ -145,7 +145,7 @@ class ScoringConfig:
     peer's pages are scaled to estimate its generic gain. Late in a run small Δs remove almost no
     held-out loss (0.003–0.007 nats next to a 64-step peer's 0.046: a factor ~10 that multiplies their
     page noise into the reference and refused an honest 64-step peer). Honest compute spreads give
-    factors of 4^0.36 ≈ 1.6 for 4× the steps. ``inf`` = unbounded (the rule before #18)."""
+    factors of 4^0.39 ≈ 1.7 for 4× the steps. ``inf`` = unbounded (the rule before #18)."""
     max_specificity_ratio: float = 3.0
     """Memorisation cap: a peer's paid specificity is at most this × its held-out gain × the round's
     median (specificity ÷ held-out gain) over eligible peers. Honest peers sit within ~2× of that median
