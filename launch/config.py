@@ -64,6 +64,10 @@ class LaunchConfig:
     """Extra flags for every ``peer join`` (e.g. ``[--compression, fp16]``)."""
     validator_args: list[str] = field(default_factory=list)
     """Extra flags for every ``validator run``."""
+    per_peer_args: list[list[str]] = field(default_factory=list)
+    """Extra flags for single peers: entry i goes to ``peer-i`` (honest peers first, then one per
+    ``behaviours`` entry), after ``peer_args``. E.g. ``[[--max-inner-steps, "8"], [--max-inner-steps, "32"]]``
+    gives peer-0 a quarter of peer-1's compute (benchmarks/incentive.py uses it for ground truth)."""
     timeout_s: float | None = None
     """Stop the run (as if interrupted) after this many seconds. Default: generous, from rounds."""
     grace_s: float = 20.0
@@ -99,6 +103,15 @@ class LaunchConfig:
             raise ConfigError("validator_stake_tao, grace_s and startup_timeout_s must be > 0")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ConfigError("timeout_s must be > 0")
+        self._check_per_peer_args()
+
+    def _check_per_peer_args(self) -> None:
+        n = self.peers + len(self.behaviours)
+        if len(self.per_peer_args) > n:
+            raise ConfigError(f"per_peer_args has {len(self.per_peer_args)} entries for {n} peer(s)")
+        for i, a in enumerate(self.per_peer_args):
+            if not isinstance(a, list) or not all(isinstance(x, str) for x in a):
+                raise ConfigError(f"per_peer_args[{i}]: expected a list of strings (flags), got {a!r}")
 
     @property
     def round_seconds(self) -> float:
@@ -139,7 +152,9 @@ def load_launch_config(path: Path | None, overrides: dict) -> LaunchConfig:
         hint = hints[key]
         if hint is float and isinstance(value, int) and not isinstance(value, bool):
             raw[key] = float(value)
-        if key in ("behaviours", "peer_args", "validator_args") and not isinstance(value, list):
+        if key in ("behaviours", "peer_args", "validator_args", "per_peer_args") and not isinstance(
+            value, list
+        ):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         if hint is int and not (isinstance(value, int) and not isinstance(value, bool)):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")

@@ -240,7 +240,12 @@ class LocalSubnet:
         ]  # fmt: skip
         if self.cfg.validators == 0:
             args += ["--max-rounds", str(self.cfg.rounds)]
-        return args + list(self.cfg.peer_args)
+        return args + list(self.cfg.peer_args) + self.own_peer_args(p)
+
+    def own_peer_args(self, p: Participant) -> list[str]:
+        """``per_peer_args`` of this peer (entry i for ``peer-i``), e.g. its own inner-step budget."""
+        i = int(p.name.removeprefix("peer-"))
+        return list(self.cfg.per_peer_args[i]) if i < len(self.cfg.per_peer_args) else []
 
     def validator_args(self, p: Participant) -> list[str]:
         args = [

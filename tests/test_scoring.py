@@ -18,6 +18,8 @@ from validator.scoring import (
 )
 
 BASE = 5.0
+HELDOUT = ScoringConfig(reward="heldout")
+"""The rule before issue #18 (held-out gain × assignment factor), still selectable and replayable."""
 
 
 def peer(
@@ -80,7 +82,7 @@ def by_uid(scores: list[PeerScore]) -> dict[int, PeerScore]:
 
 
 def test_round_scores_hand_computed():
-    s = by_uid(score_round(rm(table()), ScoringConfig()))
+    s = by_uid(score_round(rm(table()), HELDOUT))
     assert s[0].terms["heldout_gain"] == pytest.approx(0.2)
     assert s[0].terms["generic_gain"] == pytest.approx(0.175)
     assert s[0].terms["specificity"] == pytest.approx(0.325)
@@ -110,7 +112,7 @@ def test_control_pages_are_the_fallback_without_cross_references():
     # ag 0.3 (pages [0.35, 0.25]), cg 0.1 (pages [0.1, 0.1]); Welch t = 0.2 / sqrt(0.005 / 2) = 4
     p = peer(0, heldout=4.9, before=5.0, after=4.7, ctrl_before=5.0, ctrl_after=4.9, own=[0.35, 0.25],
              ctrl=[0.1, 0.1])  # fmt: skip
-    s = score_round(rm([p]), ScoringConfig())[0]
+    s = score_round(rm([p]), HELDOUT)[0]
     assert s.terms["generic_gain"] == pytest.approx(0.1)
     assert s.terms["specificity"] == pytest.approx(0.2)
     assert s.terms["specificity_t"] == pytest.approx(4.0)
@@ -119,7 +121,7 @@ def test_control_pages_are_the_fallback_without_cross_references():
 
 
 def test_assignment_factor_is_capped():
-    s = by_uid(score_round(rm(table()), ScoringConfig(max_assignment_factor=1.0)))
+    s = by_uid(score_round(rm(table()), ScoringConfig(reward="heldout", max_assignment_factor=1.0)))
     assert s[0].terms["assignment_factor"] == 1.0 and s[0].score == pytest.approx(0.2)
 
 
@@ -211,9 +213,12 @@ def test_a_disqualified_copy_cannot_knock_out_the_original():
         norm=100.0,
         similar=[{"round": 3, "uid": 0, "hotkey": "hk0", "cosine": 1.0}],
     )
-    s = by_uid(score_round(rm([*ps, scaled_copy]), ScoringConfig()))
+    s = by_uid(score_round(rm([*ps, scaled_copy]), HELDOUT))
     assert s[9].score == 0 and "norm" in s[9].reason
     assert s[0].score == pytest.approx(0.2 * 0.325 / 0.225)
+    s = by_uid(score_round(rm([*ps, scaled_copy]), ScoringConfig()))
+    assert s[9].score == 0 and "norm" in s[9].reason
+    assert s[0].score > 0 and s[0].reason == "scored"
 
 
 def test_a_validator_that_falls_behind_audits_an_unpredictable_round():

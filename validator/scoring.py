@@ -13,6 +13,24 @@ Round score of a peer (``explain`` keeps every term)::
     specificity       = assigned_gain − generic_gain                          it learned *its* pages
                         (computed per assigned page; its one-sample t statistic must reach
                         ``min_specificity_t``: gains on nearly every assigned page, not noise)
+    work              = min(specificity, max_specificity_ratio × heldout_gain × the round's median of
+                            specificity / heldout_gain)                        the memorisation cap
+    relative_gain     = heldout_gain / the round's median heldout_gain of eligible peers
+    score             = relative_gain × work ** q      (q = reward_exponent)    reward = "specificity"
+
+Why this product (issue #18, measured in benchmarks/incentive.py on real local subnets, README
+"Rewards"): a Δ's held-out gain grows like steps^0.39 (median over 66 rounds), its own-page
+specificity like steps^0.84. Paid by the rule before #18 (held-out gain × a clamped factor), k hotkeys splitting
+one machine earned up to 2× what the machine earned alone; paid on specificity alone, equal peers'
+weights spread (it is the noisy measure, ±25 % a round) and early rounds under-paid big peers. The
+product is ~steps^(0.39 + 0.84·q) = steps^1 at q ≈ 0.73: the held-out gain says the work generalises
+(and is nearly noise-free among equals), the specificity proves it was done on the pages only this
+hotkey was assigned (work on anyone else's pages — random-data, a copy, the average — earns nothing).
+Dividing by the round's median held-out gain makes every round count alike in the EMA (the first rounds
+of a run remove 10–100× more loss than later ones) without changing who earns what within a round.
+
+The rule before #18 (``reward = "heldout"``, kept for replaying old records and for comparison)::
+
     reference         = max(min_assignment_reference, q-quantile of the eligible peers' specificity)
     assignment_factor = clamp(specificity / reference, 0, max_assignment_factor)  0 below min_assignment_factor
     score             = heldout_gain × assignment_factor
@@ -23,7 +41,7 @@ round's median, a near-copy (cosine ≥ ``duplicate_cosine``) of an earlier roun
 its opposite (θ_r + α·Δ) lowering the held-out loss as much (the direction test),
 a near-copy of another peer's Δ this round that shows more specificity on its *own* pages (the
 original learned its pages; a copier did not — so "the later one earns nothing" without trusting
-timestamps), too little specificity.
+timestamps), no specificity (≤ 0) or one that is not significant (t < ``min_specificity_t``).
 
 EMA: ``ema ← β·score + (1 − β)·ema`` for every uid of the metagraph that was evaluated this round (a peer
 that sent nothing scores 0); a peer with a contribution that the budget left out (validator.sampling,
@@ -45,6 +63,7 @@ from peer.errors import ConfigError
 from validator.evaluation import PeerMeasurement, RoundMeasurements
 
 U16_MAX = 65535
+REWARDS = ("specificity", "heldout")
 T_CAP = 1000.0
 
 
@@ -70,8 +89,12 @@ class BurnPolicy:
 class ScoringConfig:
     """How measurements become scores. Validators of one subnet should agree on these."""
 
-    max_norm_ratio: float = 5.0
-    """A Δ whose L2 norm exceeds this × the round's median norm scores 0 (scaled/poisoned updates)."""
+    max_norm_ratio: float = 12.0
+    """A Δ whose L2 norm exceeds this × the round's median norm scores 0 (scaled/poisoned updates). It must
+    exceed the compute spread the subnet pays for: honest Δ norms grow about linearly with inner steps once
+    a run is under way (benchmarks/incentive.py: 64 vs 13 steps → 5.0–5.5× the norm), so at the old 5× five
+    small hotkeys made a peer with 5× their compute "scaled" and took its pay. A ×100 Δ is still caught
+    here; a moderately scaled one overshoots and fails the held-out gain or the direction test."""
     min_peers_for_norm: int = 3
     """The norm test needs at least this many finite Δs in the round (with fewer the median means little;
     an absurd Δ still fails the held-out gain)."""
@@ -84,11 +107,15 @@ class ScoringConfig:
     """Quantile of the eligible peers' specificity used as the full-credit reference. Higher = stricter."""
     min_assignment_reference: float = 0.01
     """Floor of that reference (nats), so a round where nobody trained on its pages pays nobody for it."""
-    min_specificity_t: float = 2.0
+    min_specificity_t: float = 1.5
     """The assignment test must be significant: the per-page specificities (own gain − generic gain on
     each assigned page) need a t statistic of at least this. A peer that trained on its pages gains on
-    nearly every one of them; noise does not. Lower it (or raise eval.assigned_pages) if honest peers fail
-    with "not shown to have trained"; raise it if non-training peers slip through early in a run."""
+    nearly every one of them; noise does not. At 2.0, 5.1 % of honest peer-rounds were refused
+    (benchmarks/incentive.py; mostly hotkeys with 13 inner steps a round), at 1.5 1.9 %. A non-training
+    peer passes by chance in ~7 % of rounds (t tail, 23 degrees of freedom) and is then paid its
+    noise-sized specificity (estimated, not measured: a few % of an honest peer's round).
+    Lower it (or raise eval.assigned_pages) if honest peers fail with "not shown to have trained"; raise
+    it if non-training peers slip through."""
     max_assignment_factor: float = 2.0
     """Cap of the assignment factor. Above 1 a peer that learned its own pages better than the reference
     earns more for the same held-out gain (with norm-clipped Δs, more inner steps and cleaner data show up
@@ -100,6 +127,33 @@ class ScoringConfig:
     """A manifest whose pages are not the validator's assignment for that hotkey scores 0."""
     ema_alpha: float = 0.3
     """Weight of the newest round in the EMA. Higher reacts faster to a peer's change (and to noise)."""
+    reward: str = "specificity"
+    """What a Δ that passed every gate is paid for (module docstring). ``specificity``: its held-out gain
+    relative to the round's median × (the work it proved on its own pages) ** reward_exponent
+    (proportional to compute, sybil-neutral, issue #18). ``heldout``: the rule before #18, held-out gain
+    × assignment factor (the held-out gain grows much slower than inner steps, so splitting one machine
+    across hotkeys paid up to 2× per unit of work); kept to replay records made with it."""
+    reward_exponent: float = 0.73
+    """q in ``relative_heldout_gain × work ** q``: the concave-to-linear correction. On ``debug`` a Δ's
+    held-out gain grows like steps^0.39 and its specificity like steps^0.84 (benchmarks/incentive.py,
+    medians over 66 rounds of 15 runs), so 0.39 + 0.84·q = 1 at q = 0.73 makes the pay linear in steps. Symptom →
+    tuning: k hotkeys sharing one machine earn together more than it alone (sybil figure > 1) → raise
+    it; equal peers' weights spread too much (specificity is the noisy factor) → lower it. Measure with
+    ``benchmarks/incentive.py --analyse`` on recorded runs before changing it."""
+    max_reference_scale: float = 4.0
+    """Bound of the factor (its held-out gain ÷ the reference's) by which another peer's gains on this
+    peer's pages are scaled to estimate its generic gain. Late in a run small Δs remove almost no
+    held-out loss (0.003–0.007 nats next to a 64-step peer's 0.046: a factor ~10 that multiplies their
+    page noise into the reference and refused an honest 64-step peer). Honest compute spreads give
+    factors of 4^0.39 ≈ 1.7 for 4× the steps. ``inf`` = unbounded (the rule before #18)."""
+    max_specificity_ratio: float = 3.0
+    """Memorisation cap: a peer's paid specificity is at most this × its held-out gain × the round's
+    median (specificity ÷ held-out gain) over eligible peers. A Δ that memorises its pages without a
+    matching held-out gain (many epochs on them) is paid as if it were at the cap. The ratio grows like
+    steps^0.45, so a big peer among many small ones sits above the median: in benchmarks/incentive.py 8 of
+    451 honest scored peer-rounds were capped (64-step peers next to five 13-step ones, and rounds where
+    the held-out gain was ~0.002); 5 instead of 3 moved no figure by more than 0.08. Raise it if honest
+    peers show ``capped``."""
     burn: BurnPolicy = field(default_factory=BurnPolicy)
 
     def __post_init__(self) -> None:
@@ -115,6 +169,14 @@ class ScoringConfig:
             raise ConfigError("scoring: need 0 <= min_assignment_factor <= 1 <= max_assignment_factor")
         if not 0 < self.ema_alpha <= 1:
             raise ConfigError("scoring.ema_alpha must be in (0, 1]")
+        if self.reward not in REWARDS:
+            raise ConfigError(f"scoring.reward {self.reward!r}: choose from {', '.join(REWARDS)}")
+        if not 0.1 <= self.reward_exponent <= 3:
+            raise ConfigError(f"scoring.reward_exponent must be in [0.1, 3], got {self.reward_exponent}")
+        if not self.max_reference_scale >= 1:
+            raise ConfigError("scoring.max_reference_scale must be >= 1")
+        if self.max_specificity_ratio <= 1:
+            raise ConfigError("scoring.max_specificity_ratio must be > 1")
 
 
 @dataclass(kw_only=True)
@@ -194,7 +256,7 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig) -> list[PeerScore]:
     # specificity: own gain on its pages minus what the other eligible peers' Δs achieve there
     eligible_keys = {k for k, r in reasons.items() if r is None}
     for p in m.peers:
-        _specificity(p, terms, eligible_keys)
+        _specificity(p, terms, eligible_keys, cfg.max_reference_scale)
     # copies within the round: among near-duplicates only the most specific one keeps its score
     for p in m.peers:
         key = (p.uid, p.hotkey)
@@ -221,14 +283,20 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig) -> list[PeerScore]:
         max(cfg.min_assignment_reference, quantile(eligible, cfg.reference_quantile)) if eligible else None
     )
 
+    ratio_median = _specificity_ratio_median(terms, reasons)
+    heldout_median = _heldout_median(terms, reasons)
     out = []
     for p in m.peers:
         key = (p.uid, p.hotkey)
         t = terms[key]
-        t["assignment_reference"] = reference
+        t["reward_rule"] = cfg.reward
         reason = reasons[key]
         score = 0.0
-        if reason is None:
+        if cfg.reward == "heldout":
+            t["assignment_reference"] = reference
+        if reason is None and cfg.reward == "specificity":
+            score, reason = _specificity_reward(t, cfg, ratio_median, heldout_median)
+        elif reason is None:
             factor = min(cfg.max_assignment_factor, max(0.0, t["specificity"] / reference))
             t["assignment_factor"] = factor
             st = t["specificity_t"]
@@ -248,6 +316,55 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig) -> list[PeerScore]:
         t["score"] = score
         out.append(PeerScore(uid=p.uid, hotkey=p.hotkey, score=score, reason=reason, terms=t))
     return out
+
+
+def _specificity_ratio_median(terms: dict, reasons: dict) -> float | None:
+    """Median of specificity ÷ held-out gain over the peers that passed every gate so far (None: none
+    with a positive specificity), the reference of the memorisation cap."""
+    ratios = [
+        terms[k]["specificity"] / terms[k]["heldout_gain"]
+        for k, r in reasons.items()
+        if r is None and terms[k]["specificity"] is not None and terms[k]["specificity"] > 0
+    ]
+    return median(ratios) if ratios else None
+
+
+def _heldout_median(terms: dict, reasons: dict) -> float | None:
+    """Median held-out gain of the peers that passed every gate so far (all > 0), the round's unit."""
+    gains = [terms[k]["heldout_gain"] for k, r in reasons.items() if r is None]
+    return median(gains) if gains else None
+
+
+def _specificity_reward(
+    t: dict, cfg: ScoringConfig, ratio_median: float | None, heldout_median: float | None
+) -> tuple[float, str]:
+    """(score, reason) of an eligible peer under ``reward = "specificity"``; fills the terms it used.
+
+    work = min(specificity, max_specificity_ratio × heldout_gain × ratio_median);
+    score = heldout_gain / heldout_median × work ** q. The assignment test (t statistic) is a gate; no
+    cliff above it: less specificity, less pay.
+    """
+    spec, st = t["specificity"], t["specificity_t"]
+    if spec is None or spec <= 0:
+        return 0.0, (
+            "not trained on its assigned pages (specificity "
+            + ("unknown" if spec is None else f"{spec:+.4f}")
+            + " ≤ 0: its Δ does no more on its pages than other peers' Δs do)"
+        )
+    if st is not None and st < cfg.min_specificity_t:
+        return 0.0, (
+            f"not shown to have trained on its assigned pages (specificity {spec:+.4f} over "
+            f"{t['specificity_pages']} pages, t = {st:.2f} < {cfg.min_specificity_t})"
+        )
+    cap = None if ratio_median is None else cfg.max_specificity_ratio * t["heldout_gain"] * ratio_median
+    work = spec if cap is None else min(spec, cap)
+    t["specificity_cap"] = cap
+    t["capped"] = cap is not None and spec > cap
+    t["work"] = work
+    t["heldout_median"] = heldout_median
+    t["relative_heldout_gain"] = rel = t["heldout_gain"] / heldout_median if heldout_median else 1.0
+    t["reward_exponent"] = cfg.reward_exponent
+    return rel * work**cfg.reward_exponent, "scored"
 
 
 def _t_one(xs: Sequence[float]) -> float | None:
@@ -278,11 +395,12 @@ def _t_welch(a: Sequence[float], b: Sequence[float]) -> float | None:
     return max(-T_CAP, min(T_CAP, (ma - mb) / se))
 
 
-def _specificity(p: PeerMeasurement, terms: dict, eligible_keys: set) -> None:
+def _specificity(p: PeerMeasurement, terms: dict, eligible_keys: set, max_scale: float = math.inf) -> None:
     """Fill generic_gain, specificity, specificity_t and their basis into ``p``'s terms.
 
     With cross references (eligible peers' Δs evaluated on p's assigned pages): per page i,
-    generic_i = median_j(gain_j(page i) × heldout_gain / heldout_gain_j), d_i = own gain_i − generic_i,
+    generic_i = median_j(gain_j(page i) × scale_j), scale_j = heldout_gain / heldout_gain_j bounded to
+    [1 / max_scale, max_scale], d_i = own gain_i − generic_i,
     specificity = mean(d), t = one-sample t of d. Otherwise: own gains on assigned vs control pages
     (difference of means, Welch's t).
     """
@@ -293,7 +411,7 @@ def _specificity(p: PeerMeasurement, terms: dict, eligible_keys: set) -> None:
         for c in p.cross_gains:
             key = (c["uid"], c["hotkey"])
             if key in eligible_keys:
-                scale = t["heldout_gain"] / terms[key]["heldout_gain"]
+                scale = min(max_scale, max(1 / max_scale, t["heldout_gain"] / terms[key]["heldout_gain"]))
                 refs.append((c["gain"] * scale, [g * scale for g in c.get("page_gains", [])]))
     if refs:
         t["generic_basis"] = (

@@ -1,0 +1,191 @@
+"""Table tests of the specificity reward (validator.scoring, ``reward = "specificity"``, issue #18).
+
+Pure functions, hand-computed values: what a peer is paid for, the properties the rule is built for
+(linear in work, sybil-neutral, fair among equals) under the model it assumes (held-out gain ∝ steps^a,
+specificity ∝ steps^b with a + b·q = 1, q = reward_exponent), the memorisation cap, and that every gate
+still pays nothing.
+The end-to-end figures on real local subnets are benchmarks/incentive.py's (benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from peer.errors import ConfigError
+from tests.test_scoring import BASE, HELDOUT, by_uid, peer, rm, table
+from validator.scoring import ScoringConfig, normalize_weights, score_round
+
+P = ScoringConfig().reward_exponent
+A = 0.39
+"""Held-out gain ∝ steps^A (measured on debug, benchmarks/incentive.py)."""
+B = (1 - A) / P
+"""Specificity ∝ steps^B: the exponent that makes the rule exactly linear (measured: ~0.84)."""
+
+
+def test_default_rule_is_specificity_and_old_rule_stays_selectable():
+    assert ScoringConfig().reward == "specificity"
+    assert HELDOUT.reward == "heldout"
+    for bad in ({"reward": "linear"}, {"reward_exponent": 0.05}, {"max_specificity_ratio": 1.0}):
+        with pytest.raises(ConfigError):
+            ScoringConfig(**bad)
+
+
+def test_specificity_reward_hand_computed():
+    # table(): specificities u0 0.325 (t 4.33, hg 0.2), u1 0.125 (t 2.5, hg 0.1), u2 0 (t 0, hg 0.2).
+    # ratio median over eligible peers with spec > 0: median(0.325 / 0.2, 0.125 / 0.1) = 1.4375;
+    # caps: u0 3 × 0.2 × 1.4375 = 0.8625, u1 3 × 0.1 × 1.4375 = 0.43125: neither binds.
+    # held-out median over the eligible u0, u1, u2: median(0.2, 0.1, 0.2) = 0.2
+    s = by_uid(score_round(rm(table()), ScoringConfig()))
+    assert s[0].reason == "scored" and s[0].score == pytest.approx(1.0 * 0.325**P)
+    assert s[0].terms["work"] == pytest.approx(0.325) and s[0].terms["capped"] is False
+    assert s[0].terms["specificity_cap"] == pytest.approx(0.8625)
+    assert s[0].terms["heldout_median"] == pytest.approx(0.2)
+    assert s[1].score == pytest.approx(0.5 * 0.125**P) and s[1].terms["specificity_cap"] == pytest.approx(
+        0.43125
+    )
+    assert s[1].terms["relative_heldout_gain"] == pytest.approx(0.5)
+    assert s[2].score == 0 and "not trained on its assigned pages" in s[2].reason
+    assert "assignment_factor" not in s[0].terms  # no cliff, no factor: the specificity itself is paid
+    # every gate of the old rule still pays nothing, with the same reasons
+    old = by_uid(score_round(rm(table()), HELDOUT))
+    for uid in (3, 4, 5, 6, 7, 8):
+        assert s[uid].score == 0 and s[uid].reason == old[uid].reason
+
+
+def test_insignificant_specificity_is_refused():
+    # u1's page differences [0.175, 0.075]: t = 2.5; a stricter gate refuses it, with the numbers
+    s = by_uid(score_round(rm(table()), ScoringConfig(min_specificity_t=3.0)))
+    assert s[1].score == 0 and "t = 2.50 < 3.0" in s[1].reason
+    assert s[0].score > 0
+
+
+def _work_round(steps: list[float], a: float = A, b: float = B):
+    """One round of peers whose held-out gain is 0.01 × steps^a and specificity 0.001 × steps^b on every
+    assigned page (±1 % so t is finite); no cross references (control pages give the generic gain, 0)."""
+    peers = []
+    for i, s in enumerate(steps):
+        hg, spec = 0.01 * s**a, 0.001 * s**b
+        peers.append(
+            peer(
+                i,
+                heldout=BASE - hg,
+                before=5.0,
+                after=5.0 - spec,
+                own=[spec * 1.01, spec * 0.99],
+                ctrl_before=5.0,
+                ctrl_after=5.0,
+                ctrl=[0.0, 0.0],
+            )  # fmt: skip
+        )
+    return score_round(rm(peers), ScoringConfig(max_specificity_ratio=1e9))
+
+
+@pytest.mark.parametrize("k", [2, 3, 5, 8])
+def test_k_hotkeys_splitting_a_machine_earn_what_it_earns_alone(k):
+    # one round: the machine as one hotkey, and the same compute split across k more hotkeys
+    single, *split = _work_round([64.0] + [64.0 / k] * k)
+    assert sum(x.score for x in split) == pytest.approx(single.score, rel=1e-9)
+
+
+@pytest.mark.parametrize(("ratio", "a", "b"), [(2, A, B), (4, A, B), (4, 0.2, 0.6), (4, 0.5, 1.0)])
+def test_pay_follows_compute_as_far_as_the_measures_do(ratio, a, b):
+    lo, hi = _work_round([16.0, 16.0 * ratio], a=a, b=b)
+    # linear when a + b·q = 1 (what q was calibrated to); otherwise steps^(a + b·q)
+    assert hi.score / lo.score == pytest.approx(ratio ** (a + b * P))
+
+
+def test_identical_work_earns_identical_weights():
+    scores = _work_round([32.0] * 4)
+    w = normalize_weights({s.uid: s.score for s in scores}, ScoringConfig().burn)
+    assert max(w.shares.values()) / min(w.shares.values()) == pytest.approx(1.0)
+
+
+def test_memorisation_cap_pays_specificity_only_up_to_its_heldout_gain():
+    # three peers, spec/hg ratios 1, 1, 20: median 1, cap 3 × hg × 1 → the memoriser is paid 3 × hg
+    peers = []
+    for i, (hg, spec) in enumerate([(0.1, 0.1), (0.1, 0.1), (0.01, 0.2)]):
+        peers.append(
+            peer(
+                i,
+                heldout=BASE - hg,
+                before=5.0,
+                after=5.0 - spec,
+                own=[spec * 1.01, spec * 0.99],
+                ctrl_before=5.0,
+                ctrl_after=5.0,
+                ctrl=[0.0, 0.0],
+            )  # fmt: skip
+        )
+    s = by_uid(score_round(rm(peers), ScoringConfig()))
+    assert s[2].terms["capped"] is True and s[2].terms["work"] == pytest.approx(0.03)
+    # held-out median(0.1, 0.1, 0.01) = 0.1: the memoriser's relative gain is 0.1
+    assert s[2].score == pytest.approx(0.1 * 0.03**P) and s[2].reason == "scored"
+    assert s[0].terms["capped"] is False and s[0].score == pytest.approx(0.1**P)
+
+
+def test_work_on_other_pages_earns_nothing_and_partial_work_earns_its_share():
+    # own-page gains no better than generic (random-data): refused; half the specificity: (1/2)^p of the pay
+    full = _work_round([32.0])[0]
+    p = peer(0, heldout=BASE - 0.1, before=5.0, after=4.9, own=[0.1, 0.1], ctrl_before=5.0, ctrl_after=4.9,
+             ctrl=[0.1, 0.1])  # fmt: skip
+    s = score_round(rm([p]), ScoringConfig())[0]
+    assert s.score == 0 and "not trained on its assigned pages" in s.reason
+    spec = full.terms["specificity"]
+    h = spec / 2
+    half = peer(0, heldout=BASE - 0.1, before=5.0, after=5.0 - h, own=[h * 1.01, h * 0.99], ctrl_before=5.0,
+                ctrl_after=5.0, ctrl=[0.0, 0.0])  # fmt: skip
+    assert score_round(rm([half]), ScoringConfig())[0].score == pytest.approx(full.score * 0.5**P)
+
+
+# ------------------------------------------------------------------------------------------- the harness
+
+
+def test_per_peer_args_reach_only_their_peer(tmp_path):
+    from launch.config import load_launch_config
+    from launch.local_subnet import LocalSubnet, Participant
+
+    cfg = load_launch_config(None, {"peers": 2, "per_peer_args": [["--max-inner-steps", "8"]]})
+    sub = LocalSubnet(cfg, run_dir=tmp_path / "run")
+    p0, p1 = (Participant(name=f"peer-{i}", role="peer", behaviour="honest", home=tmp_path) for i in (0, 1))
+    assert sub.own_peer_args(p0) == ["--max-inner-steps", "8"] and sub.own_peer_args(p1) == []
+    for bad, msg in (([["-x"], ["-y"], ["-z"]], "3 entries for 2 peer"), ([["--a", 3]], "list of strings")):
+        with pytest.raises(ConfigError, match=msg):
+            load_launch_config(None, {"peers": 2, "per_peer_args": bad})
+
+
+def test_benchmark_scenarios_and_figures():
+    from benchmarks.incentive import figures, scenario_budgets, worst
+
+    assert scenario_budgets("compute", 16) == [("1x", 16), ("2x", 32), ("4x", 64)]
+    assert scenario_budgets("sybil5", 16) == [("single", 64)] + [("sybil", 13)] * 5
+    assert sum(s for _, s in scenario_budgets("sybil3", 16)[1:]) == 63  # 64 split three ways, rounded
+    labels = {"a": "single", "b": "sybil", "c": "sybil"}
+    assert figures({"a": 0.5, "b": 0.3, "c": 0.2}, labels) == {"sybil": pytest.approx(1.0)}
+    assert figures({"a": 0.2, "b": 0.3, "c": 0.5}, {"a": "1x", "b": "2x", "c": "4x"}) == {
+        "2x": pytest.approx(1.5),
+        "4x": pytest.approx(2.5),
+    }
+    assert worst([2.0, None, 3.0], "2x") == 0.0 and worst([0.9, 1.2], "sybil") == 1.2
+
+
+def test_weak_references_are_scaled_up_at_most_max_reference_scale():
+    # u0 removes 0.05 nats of held-out loss, u1 and u2 only 0.005 (small Δs late in a run): their gains on
+    # u0's pages (0.004 each) scaled by 0.05 / 0.005 = 10 would claim a generic gain of 0.04 there.
+    # Bounded to 4: generic 0.016, d = [0.05 − 0.016, 0.04 − 0.016], specificity 0.029.
+    def peers():
+        return [
+            peer(0, heldout=BASE - 0.05, before=5.0, after=4.955, own=[0.05, 0.04],
+                 cross=[(1, [0.004, 0.004]), (2, [0.004, 0.004])]),
+            peer(1, heldout=BASE - 0.005, before=5.0, after=4.99, own=[0.01, 0.01],
+                 cross=[(0, [0.01, 0.01]), (2, [0.001, 0.001])]),
+            peer(2, heldout=BASE - 0.005, before=5.0, after=4.99, own=[0.01, 0.01],
+                 cross=[(0, [0.01, 0.01]), (1, [0.001, 0.001])]),
+        ]  # fmt: skip
+
+    s = by_uid(score_round(rm(peers()), ScoringConfig()))
+    assert s[0].terms["generic_gain"] == pytest.approx(0.016)
+    assert s[0].terms["specificity"] == pytest.approx(0.029)
+    unbounded = by_uid(score_round(rm(peers()), ScoringConfig(max_reference_scale=float("inf"))))
+    assert unbounded[0].terms["specificity"] == pytest.approx(0.005)
+    with pytest.raises(ConfigError):
+        ScoringConfig(max_reference_scale=0.5)
