@@ -50,6 +50,9 @@ def configs_from_record(rec: RoundRecord, device: str | None = None) -> tuple[Ev
         ev["device"] = device
     sc = dict(rec.scoring_config)
     sc["burn"] = BurnPolicy(**sc["burn"])
+    # records written before the work-proportional rule scored with the held-out rule, unbounded
+    sc.setdefault("reward", "heldout")
+    sc.setdefault("max_reference_scale", float("inf"))
     return EvalConfig(**ev), ScoringConfig(**sc)
 
 
