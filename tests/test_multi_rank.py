@@ -87,3 +87,202 @@ def test_two_ranks_give_the_one_rank_delta(debug_data, tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-5)
     assert losses_two == pytest.approx(losses_one, rel=1e-4)
+
+
+def _start(procs, tmp_path, bootstrap, debug_data, run_id, name, nproc, extra, tag=None):
+    home = tmp_path / name
+    args = join_args(
+        home=home,
+        data_dir=debug_data,
+        wallet_path=tmp_path / "wallets",
+        name=name,
+        run_id=run_id,
+        initial_peers=[bootstrap],
+        extra=["--nproc-per-node", str(nproc), "--eval-pages", "2", *extra],
+    )
+    return procs.start(tag or name, args), home
+
+
+def _agreeing(rounds_a: list[dict], rounds_b: list[dict]) -> list[tuple[dict, dict]]:
+    by_round = {r["round"]: r for r in rounds_a}
+    return [
+        (by_round[r["round"]], r)
+        for r in rounds_b
+        if r["status"] == "averaged" and by_round.get(r["round"], {}).get("status") == "averaged"
+    ]
+
+
+def _run_pair(procs, tmp_path, bootstrap, debug_data, run_id, n_a, n_b, tag, agreeing):
+    """Peers ``a`` (n_a ranks) and ``b`` (n_b ranks) run until they averaged ``agreeing`` rounds from the
+    same θ, then get Ctrl-C. Returns the rounds each recorded in this run and the peers' logs.
+
+    Whichever peer starts first (a 2-rank peer starts slower) trains alone for a while; the other joins
+    late and, as any late joiner, may average once from an older θ before it resyncs. From the first
+    round both averaged from the same θ on, they must stay bit-identical."""
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    before = len(read_rounds(home_a)), len(read_rounds(home_b))
+    a, _ = _start(procs, tmp_path, bootstrap, debug_data, run_id, "a", n_a, [], tag=f"a{tag}")
+    b, _ = _start(procs, tmp_path, bootstrap, debug_data, run_id, "b", n_b, [], tag=f"b{tag}")
+
+    def rounds() -> tuple[list[dict], list[dict]]:
+        return read_rounds(home_a)[before[0] :], read_rounds(home_b)[before[1] :]
+
+    def same() -> list[tuple[dict, dict]]:
+        return [(x, y) for x, y in _agreeing(*rounds()) if x["state_hash"] == y["state_hash"]]
+
+    wait_for(lambda: len(same()) >= agreeing, 300, f"{agreeing} agreeing rounds", [a, b])
+    multi = a if n_a > 1 else b
+    followers = _follower_pids(multi.pid)
+    assert len(followers) == max(n_a, n_b) - 1
+    for p in (a, b):
+        os.kill(p.pid, signal.SIGINT)  # Ctrl-C: the peer (and its ranks) stop
+    assert a.wait(timeout=60) == 130, a.log()[-3000:]
+    assert b.wait(timeout=60) == 130, b.log()[-3000:]
+    wait_for(lambda: not any(psutil.pid_exists(pid) for pid in followers), 15, "rank 1 to exit", [multi])
+    rounds_a, rounds_b = rounds()
+    first = min(x["round"] for x, _ in same())
+    for ra, rb in _agreeing(rounds_a, rounds_b):
+        if ra["round"] >= first:
+            assert ra["state_hash"] == rb["state_hash"], (ra["round"], rounds_a, rounds_b)
+            assert ra["group_size"] == 2
+            assert abs(ra["heldout_loss"] - rb["heldout_loss"]) < 1e-4  # same θ, one model copy each
+    return rounds_a, rounds_b, a.log(), b.log()
+
+
+@pytest.mark.slow
+def test_two_rank_and_one_rank_peer_agree_and_restart_with_other_n(procs, bootstrap, debug_data, tmp_path):
+    """A 2-rank and a 1-rank peer average together bit-identically and held-out loss falls; then each
+    restarts from its checkpoint with the other N and they go on agreeing."""
+    run_id = f"ranks-{uuid.uuid4().hex[:8]}"
+    first_a, _, log_a, _ = _run_pair(procs, tmp_path, bootstrap, debug_data, run_id, 2, 1, "", agreeing=3)
+    assert "RuntimeError" not in log_a, log_a[-3000:]
+    assert first_a[-1]["heldout_loss"] < first_a[0]["heldout_loss"] - 0.2, [
+        r["heldout_loss"] for r in first_a
+    ]
+
+    # restart with the other N: each resumes θ and momentum from its own (full) checkpoint
+    ckpt = [json.loads((tmp_path / h / "checkpoint" / "state.json").read_text()) for h in "ab"]
+    second_a, _, log_a, log_b = _run_pair(
+        procs, tmp_path, bootstrap, debug_data, run_id, 1, 2, "2", agreeing=2
+    )
+    assert f"resumed from checkpoint: round {ckpt[0]['round']}" in log_a
+    assert f"resumed from checkpoint: round {ckpt[1]['round']}" in log_b
+    assert second_a[-1]["heldout_loss"] < first_a[0]["heldout_loss"] - 0.2
+
+
+def _follower_pids(pid: int) -> list[int]:
+    return [
+        c.pid
+        for c in psutil.Process(pid).children(recursive=False)
+        if "peer.training.ranks" in " ".join(c.cmdline())
+    ]
+
+
+def _session_alive(sid: int) -> list[int]:
+    alive = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p.pid)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return alive
+
+
+@pytest.mark.slow
+def test_a_killed_rank_takes_the_peer_down_cleanly(procs, bootstrap, debug_data, tmp_path):
+    from peer.net.outbox import load_checkpoint
+    from peer.training.diloco import DilocoState
+
+    run_id = f"ranks-{uuid.uuid4().hex[:8]}"
+    a, home = _start(procs, tmp_path, bootstrap, debug_data, run_id, "a", 2, ["--max-rounds", "40"])
+    wait_for(lambda: len(read_rounds(home)) >= 1, 180, "the 2-rank peer to finish a round", [a])
+    (follower,) = _follower_pids(a.pid)
+    time.sleep(1.0)  # mid-round: inner steps in flight
+    os.kill(follower, signal.SIGKILL)
+    assert a.wait(timeout=60) == 3, a.log()[-3000:]
+    log = a.log()
+    last = log.strip().splitlines()[-1]
+    assert last.startswith(f"peer join: error: rank 1 (pid {follower}) died (signal 9)"), log[-2000:]
+    assert "RuntimeError" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    wait_for(
+        lambda: not _session_alive(a.pid), 20, "the peer's processes to exit", [a]
+    )  # DHT, averager, publisher
+
+    # nothing torn: the checkpoint loads and matches its recorded hash; no temp files
+    assert not list(home.rglob("*.tmp"))
+    meta = json.loads((home / "checkpoint" / "state.json").read_text())
+    from peer.config import load_run_config
+    from peer.data.model import build_model
+
+    run = load_run_config("debug")
+    state = DilocoState(build_model(run), run.train)
+    state.load_state_dict(load_checkpoint(home / "checkpoint" / "state.safetensors"))
+    assert state.state_hash() == meta["state_hash"]
+
+
+@pytest.mark.slow
+def test_a_killed_rank_zero_takes_its_ranks_down(procs, bootstrap, debug_data, tmp_path):
+    run_id = f"ranks-{uuid.uuid4().hex[:8]}"
+    a, home = _start(procs, tmp_path, bootstrap, debug_data, run_id, "a", 2, ["--max-rounds", "40"])
+    wait_for(lambda: len(read_rounds(home)) >= 1, 180, "the 2-rank peer to finish a round", [a])
+    (follower,) = _follower_pids(a.pid)
+    os.kill(a.pid, signal.SIGKILL)  # rank 0 only, not its process group
+    wait_for(
+        lambda: not psutil.pid_exists(follower) or psutil.Process(follower).status() == psutil.STATUS_ZOMBIE,
+        20,
+        "rank 1 to exit after rank 0 died",
+        [a],
+    )
+
+
+def test_bad_nproc_is_one_line(tmp_path):
+    for flag, why in (("0", "must be >= 1"), ("9", "train.batch_size 8")):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "peer.cli",
+                "join",
+                "--no-chain",
+                "--home",
+                str(tmp_path),
+                "--wallet.path",
+                str(tmp_path / "w"),
+                "--wallet.create",
+                "--no-publish",
+                "--nproc-per-node",
+                flag,
+            ],
+            env=peer_env(),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert why in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="needs 2 CUDA GPUs (NCCL, bf16, 8-bit AdamW); this machine has none",
+)
+def test_two_gpu_ranks_nccl_bf16_adamw8bit(procs, bootstrap, debug_data, tmp_path):
+    run_id = f"ranks-{uuid.uuid4().hex[:8]}"
+    a, home = _start(
+        procs,
+        tmp_path,
+        bootstrap,
+        debug_data,
+        run_id,
+        "a",
+        2,
+        ["--max-rounds", "3", "--device", "cuda", "--optimizer", "adamw8bit"],
+    )
+    assert a.wait(timeout=300) == 0, a.log()[-3000:]
+    rounds = read_rounds(home)
+    assert len(rounds) == 3 and all(r["inner_steps"] > 0 for r in rounds)
+    assert rounds[-1]["heldout_loss"] < rounds[0]["heldout_loss"]

@@ -9,10 +9,13 @@ A peer is one unit, up or down:
 
 * rank 0 dies (any signal, SIGKILL included): each child asked the kernel for SIGTERM on its
   parent's death (``PR_SET_PDEATHSIG``), and a child whose parent is already gone exits at start.
-* a child dies: rank 0's watchdog thread sees it within half a second and interrupts the main thread
-  (a gloo collective in flight fails at once on the closed connection); ``peer join`` then stops its
-  trainer, averager, DHT and publisher the usual way and exits with one line naming the rank
-  (:class:`RankError`). Files are only ever written by rank 0, to temp files then renamed, so nothing
+* a child dies: rank 0's next collective with it fails (gloo: at once, on the closed connection; the
+  trainer issues one every inner step and at every round's start and end, so at the latest after the
+  all-reduce in flight); ``peer join`` then stops its trainer, averager, DHT and publisher the usual
+  way and exits with one line naming the rank (:class:`RankError`, from the watchdog thread's record of
+  which child died and how). On GPUs the watchdog also aborts the NCCL communicators, whose
+  collectives would otherwise wait for the group timeout. No exception is ever injected into the main
+  thread: an asynchronous one could land in the middle of the cleanup and skip part of it. Files are only ever written by rank 0, to temp files then renamed, so nothing
   is torn; the next ``peer join`` resumes from the checkpoint, with any N.
 * Ctrl-C reaches the whole terminal process group: children ignore SIGINT and are stopped by rank 0
   (a "stop" command after a clean finish, SIGTERM then SIGKILL otherwise).
@@ -20,7 +23,6 @@ A peer is one unit, up or down:
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import dataclasses
 import json
@@ -106,6 +108,7 @@ class PeerRanks:
         self.failure: str | None = None
         """Why the peer stopped: which rank died, how (set by the watchdog)."""
         self._closing = False
+        self._lock = threading.Lock()
         self._watchdog = threading.Thread(target=self._watch, name="gradswarm-ranks", daemon=True)
         self._watchdog.start()
 
@@ -167,25 +170,52 @@ class PeerRanks:
         log.info("peer ranks: %d (%s), children %s", nproc, backend, [c.pid for c in children])
         return cls(world=nproc, device=dev, mesh=mesh, children=children)
 
+    def _dead(self) -> str | None:
+        for rank, child in enumerate(self.children, start=1):
+            code = child.poll()
+            if code is not None:
+                how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                return f"rank {rank} (pid {child.pid}) died ({how})"
+        return None
+
     def _watch(self) -> None:
-        while not self._closing:
-            for rank, child in enumerate(self.children, start=1):
-                code = child.poll()
-                if code is not None and not self._closing:
-                    how = f"signal {-code}" if code < 0 else f"exit code {code}"
-                    self.failure = f"rank {rank} (pid {child.pid}) died ({how})"
-                    log.error("%s: stopping the peer", self.failure)
-                    _thread.interrupt_main()
+        while True:
+            with self._lock:
+                if self._closing:
+                    return
+                self.failure = self._dead()
+                if self.failure is not None:
+                    log.error("%s: stopping the peer at its next command to its ranks", self.failure)
+                    self._abort_nccl()
                     return
             time.sleep(0.5)
 
+    def _abort_nccl(self) -> None:
+        """A NCCL collective with a dead rank waits for the group timeout: abort it so it fails now (gloo
+        fails by itself). Untested here (no GPU); uses torch's private ``_abort_process_group``."""
+        import torch.distributed as dist
+
+        if self.device.type != "cuda":
+            return
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is None:
+            log.warning("this torch cannot abort NCCL: the peer stops when the group times out")
+            return
+        try:
+            abort()
+        except RuntimeError as e:
+            log.warning("aborting NCCL failed (%s): the peer stops when the group times out", e)
+
     def error(self) -> RankError | None:
-        """The peer-stopping failure, if a rank died (waits briefly for the watchdog to notice)."""
+        """Called as the peer stops on an exception: the rank that died, if one did (None: it was not a rank,
+        e.g. Ctrl-C). A collective with a dead rank can fail before the child's exit shows: wait up to 2 s."""
+        with self._lock:
+            self._closing = True
         deadline = time.time() + 2.0
-        while self.failure is None and time.time() < deadline and not self._closing:
-            if all(c.poll() is None for c in self.children):
-                break
-            time.sleep(0.1)
+        while self.failure is None and time.time() < deadline:
+            self.failure = self._dead()
+            if self.failure is None:
+                time.sleep(0.1)
         if self.failure is None:
             return None
         return RankError(
@@ -196,7 +226,8 @@ class PeerRanks:
         """Stop the child ranks: ``stop()`` (the "stop" command) after a clean finish, else SIGTERM/SIGKILL."""
         import torch.distributed as dist
 
-        self._closing = True
+        with self._lock:
+            self._closing = True
         if clean and self.failure is None and stop is not None:
             try:
                 stop()
