@@ -73,6 +73,37 @@ def local_shard_bytes(module: torch.nn.Module | None, optimizer: torch.optim.Opt
     return out
 
 
+class LocalShardOptimizer:
+    """An optimizer that only takes plain tensors (bitsandbytes' 8-bit AdamW), run on this rank's shards.
+
+    Each sharded parameter's local tensor is wrapped as a plain parameter sharing its storage; before a
+    step the local part of its gradient is handed over. AdamW is elementwise, so this is the same update
+    as on the full tensor, except that 8-bit blockwise quantisation blocks end at shard boundaries."""
+
+    def __init__(self, name: str, params: list[torch.nn.Parameter], train: TrainConfig):
+        self.sharded = params
+        self.local = [torch.nn.Parameter(_local(p.detach())) for p in params]
+        self.inner = make_inner_optimizer(name, self.local, train)
+        self.param_groups = self.inner.param_groups
+        self.state = self.inner.state
+
+    def step(self) -> None:
+        for p, q in zip(self.sharded, self.local, strict=True):
+            q.grad = None if p.grad is None else _local(p.grad)
+        self.inner.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p, q in zip(self.sharded, self.local, strict=True):
+            p.grad = q.grad = None
+
+    def register_step_pre_hook(self, hook):
+        return self.inner.register_step_pre_hook(hook)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class ShardedModel:
     """The model's shard on this rank and the collectives of each command (rank 0 leads, others follow)."""
 
@@ -94,7 +125,10 @@ class ShardedModel:
         self.mesh = mesh
         self.train = train
         self.params = list(model.parameters())
-        self.optimizer = make_inner_optimizer(optimizer, self.params, train)
+        if optimizer == "adamw8bit":  # bitsandbytes' kernels refuse DTensors: run it on the local shards
+            self.optimizer = LocalShardOptimizer(optimizer, self.params, train)
+        else:
+            self.optimizer = make_inner_optimizer(optimizer, self.params, train)
 
     # -- leader side: a header, then the op's collectives ------------------------------------------
 
