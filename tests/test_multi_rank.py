@@ -56,9 +56,16 @@ def delta_main(nproc: int, data_dir: str, out: str, optimizer: str = "adamw") ->
         else:
             losses.append(state.train_step(batch))
     delta = state.pseudo_gradient()
-    state.outer_step(delta)  # θ_1 on the rank-0 side; its hash must not depend on N for equal inputs
+    state.outer_step(delta)
+    state.begin_round(delta)  # an overlapped round's start x = θ_1 − Δ (the carry), then a probe loss
+    if nproc == 1:
+        from peer.data.model import evaluate_loss
+
+        probe = evaluate_loss(model, [batches[STEPS]], "cpu")
+    else:
+        probe = state.eval_loss(batches[STEPS])
     save_file({n: d.contiguous() for n, d in zip(state.names, delta, strict=True)}, out)
-    Path(out).with_suffix(".json").write_text(json.dumps({"losses": losses}))
+    Path(out).with_suffix(".json").write_text(json.dumps({"losses": losses, "probe": probe}))
     if ranks is not None:
         ranks.close(clean=True, stop=state.sharded.stop)
 
@@ -71,7 +78,8 @@ def _run_delta(nproc: int, data_dir: Path, out: Path, optimizer: str = "adamw") 
         [sys.executable, "-c", code], env=peer_env(), cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_file(out), json.loads(out.with_suffix(".json").read_text())["losses"]
+    info = json.loads(out.with_suffix(".json").read_text())
+    return load_file(out), [*info["losses"], info["probe"]]
 
 
 def test_two_ranks_give_the_one_rank_delta(debug_data, tmp_path):
@@ -84,6 +92,7 @@ def test_two_ranks_give_the_one_rank_delta(debug_data, tmp_path):
     assert diff / norm < 1e-3, (float(diff), float(norm))
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-3, atol=1e-5)
+    # the inner losses, then the loss after an outer step and an overlapped start (θ − carry)
     assert losses_two == pytest.approx(losses_one, rel=1e-4)
 
 
