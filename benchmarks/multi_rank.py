@@ -9,15 +9,17 @@
     an optimizer pre-step hook, when they exist) and of AdamW state after two inner steps.
     *Computed* for ``llama-1b`` with N = 1, 2, 4, 8 from its exact parameter count P (built on the
     meta device): 4P/N (fp32 master weights) + 4P/N (fp32 gradients; bf16 compute, fp32 reduction) +
-    8P/N (AdamW: two fp32 moments) or ≈2P/N (8-bit AdamW). Not included: activations and the one
-    decoder layer FSDP holds unsharded (bf16) during its forward/backward, which the computed table
-    lists separately; rank 0's host memory for θ, momentum and Δ (3 × 4P, as on a 1-rank peer).
+    8P/N (AdamW: two fp32 moments) or ≈2P/N (8-bit AdamW). Not included: activations, and the FSDP unit
+    held unsharded during its forward/backward (the largest is the root: embeddings + LM head; ~8 bytes
+    per parameter for bf16 weights and gradients and the fp32 reduction buffer, an estimate listed
+    separately); rank 0's host memory for θ, momentum and Δ (3 × 4P, as on a 1-rank peer).
     The measured ratio (measured ÷ formula) says how far the formula is from what FSDP2 really holds.
 
 (b) Speed: samples/s of inner steps of a 2-rank CPU peer (1 torch thread per rank) vs a 1-rank peer
     with 2 threads, on ``--speed-config`` with random tokens (speed does not depend on their values),
     ``--steps`` timed steps after 3 warm-up steps. Baseline and 2-rank runs alternate, ``--runs`` of each;
-    worst and median printed, with the load average before and after (the box is shared).
+    worst and median printed, with the load average before and after (the box is shared). A 1-rank peer
+    with 1 thread runs in each run too: on a loaded box two threads of one process can be slower than one.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def main() -> int:
         f"\n(a) computed, llama-1b ({p / 1e9:.3f}B parameters; largest FSDP unit {layer / 1e6:.1f}M), GiB per rank:"
     )
     print(
-        "  N  params  grads  AdamW  total(AdamW)  AdamW8bit  total(8bit)  +unsharded layer bf16 (params+grads)"
+        "  N  params  grads  AdamW  total(AdamW)  AdamW8bit  total(8bit)  +largest unit unsharded (est. 8 B/param)"
     )
     for n in (1, 2, 4, 8):
         f32, f8 = formula_bytes(p, n, 8), formula_bytes(p, n, 2)
@@ -195,20 +197,24 @@ def main() -> int:
     print(f"  rank 0 host memory (θ, momentum, Δ in fp32; any N): {12 * p / gib:.1f} GiB")
 
     print(f"\n(b) samples/s on {args.speed_config}, {args.steps} steps, random tokens:")
-    base, multi = [], []
+    base, multi, single = [], [], []
     for i in range(args.runs):
         b = _spawn("speed", args.speed_config, "1", "2", str(args.steps))["samples_per_s"]
         m = _spawn("speed", args.speed_config, "2", "1", str(args.steps))["samples_per_s"]
+        o = _spawn("speed", args.speed_config, "1", "1", str(args.steps))["samples_per_s"]
         base.append(b)
         multi.append(m)
+        single.append(o)
         print(
-            f"  run {i + 1}: 1 rank x 2 threads {b:7.2f}   2 ranks x 1 thread {m:7.2f}   ratio {m / b:.3f}  (load {_load()})"
+            f"  run {i + 1}: 1 rank x 2 threads {b:7.2f}   2 ranks x 1 thread {m:7.2f}   ratio {m / b:.3f}"
+            f"   (1 rank x 1 thread {o:7.2f}; load {_load()})"
         )
     ratios = [m / b for m, b in zip(multi, base, strict=True)]
     print(
-        f"  1-rank median {statistics.median(base):.2f} worst {min(base):.2f}; 2-rank median "
+        f"  1-rank x 2 threads median {statistics.median(base):.2f} worst {min(base):.2f}; 2-rank median "
         f"{statistics.median(multi):.2f} worst {min(multi):.2f}; ratio 2-rank/1-rank median "
-        f"{statistics.median(ratios):.3f} worst {min(ratios):.3f}"
+        f"{statistics.median(ratios):.3f} worst {min(ratios):.3f}; 1 rank x 1 thread median "
+        f"{statistics.median(single):.2f} worst {min(single):.2f}"
     )
     print(f"load average after: {_load()}")
     return 0
