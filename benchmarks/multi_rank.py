@@ -157,6 +157,7 @@ def main() -> int:
     ap.add_argument("--ranks", default="1,2,4", help="N measured for memory")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--skip-memory", action="store_true", help="only (b), the speed runs")
     ap.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
@@ -167,8 +168,16 @@ def main() -> int:
             print(json.dumps(child_speed(config, int(rest[0]), int(rest[1]), int(rest[2]))))
         return 0
 
-    gib, mib = 2**30, 2**20
     print(f"load average before: {_load()} ({os.cpu_count()} cores, shared with other sessions)")
+    if not args.skip_memory:
+        memory_tables(args)
+    speed_table(args)
+    print(f"load average after: {_load()}")
+    return 0
+
+
+def memory_tables(args) -> None:
+    gib, mib = 2**30, 2**20
     p_small, _ = llama_counts(args.mem_config)
     print(f"\n(a) measured, {args.mem_config} ({p_small / 1e6:.1f}M parameters), rank 0's local bytes (MiB):")
     print("  N  params  grads  AdamW  total  formula 16P/N  measured/formula  rank0 peak RSS")
@@ -196,6 +205,8 @@ def main() -> int:
         )
     print(f"  rank 0 host memory (θ, momentum, Δ in fp32; any N): {12 * p / gib:.1f} GiB")
 
+
+def speed_table(args) -> None:
     print(f"\n(b) samples/s on {args.speed_config}, {args.steps} steps, random tokens:")
     base, multi, single = [], [], []
     for i in range(args.runs):
@@ -216,8 +227,6 @@ def main() -> int:
         f"{statistics.median(ratios):.3f} worst {min(ratios):.3f}; 1 rank x 1 thread median "
         f"{statistics.median(single):.2f} worst {min(single):.2f}"
     )
-    print(f"load average after: {_load()}")
-    return 0
 
 
 if __name__ == "__main__":
