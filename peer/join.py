@@ -388,7 +388,10 @@ def _check_nproc(args, device: str, run_cfg) -> int:
     """``--nproc-per-node``, defaulted and checked before anything starts."""
     from peer.training.ranks import check_nproc, default_nproc
 
-    nproc = args.nproc_per_node if args.nproc_per_node is not None else default_nproc(device)
+    if args.nproc_per_node is not None:
+        nproc = args.nproc_per_node
+    else:  # sync mode runs one process; DiLoCo takes every visible GPU
+        nproc = default_nproc(device) if args.averaging == "diloco" else 1
     check_nproc(nproc, device, run_cfg.train.batch_size)
     if nproc > 1 and args.averaging != "diloco":
         raise ConfigError(f"--nproc-per-node {nproc} needs --averaging diloco (sync mode runs one process)")
