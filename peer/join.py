@@ -106,6 +106,15 @@ def register(sub) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available)")
     g.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ranks of this peer (one process each, one GPU each): parameters, gradients and optimizer state "
+        "sharded over them with FSDP2; still one peer, one hotkey (default: every visible GPU with --device "
+        "cuda, else 1)",
+    )
+    g.add_argument(
         "--optimizer",
         choices=["adamw", "adamw8bit"],
         default=None,
@@ -220,6 +229,7 @@ def run(args) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
     optimizer = args.optimizer or ("adamw8bit" if device.startswith("cuda") else "adamw")
+    nproc = _check_nproc(args, device, run_cfg)
     behaviour = Behaviour(args.behaviour)
     check_initial_peers(args.initial_peers)  # bad addresses fail before anything starts
     parse_maddrs(args.host_maddrs, "--host-maddrs")
@@ -262,8 +272,15 @@ def run(args) -> int:
     load_or_create_identity(id_file)  # one libp2p key: the DHT's and the publisher's peer id are the same
 
     chain = registration = None
-    publisher = dht = None
+    publisher = dht = ranks = trainer = None
+    clean = False
     try:
+        if nproc > 1:  # before the DHT and publisher start: the ranks are plain children of this process
+            from peer.training.ranks import PeerRanks
+
+            ranks = PeerRanks.start(
+                run_cfg, nproc=nproc, device=device, optimizer=optimizer, threads=args.threads
+            )
         if chain_cfg is not None:
             chain = connect(chain_cfg)
             # the coldkey is read (and unlocked, if encrypted) only if the hotkey is not registered yet
@@ -290,7 +307,7 @@ def run(args) -> int:
             file=sys.stderr,
             flush=True,
         )
-        identity = {"dht_maddrs": maddrs}
+        identity = {"dht_maddrs": maddrs, "nproc_per_node": nproc}
         if not args.no_publish:
             from peer.net.publisher import start_publisher
 
@@ -314,6 +331,7 @@ def run(args) -> int:
             name=keypair.ss58_address[:8],
             config={
                 "config": run_cfg.name,
+                "nproc_per_node": nproc,
                 "behaviour": behaviour.value,
                 "device": device,
                 "optimizer": optimizer,
@@ -343,10 +361,20 @@ def run(args) -> int:
             progress=Progress(keypair.ss58_address[:8]),
             identity=identity,
             publisher=publisher,
+            ranks=ranks,
         )
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the averager's start set it to ignored
         trainer.run()
+        clean = True
+    except (KeyboardInterrupt, RuntimeError):
+        failure = ranks.error() if ranks is not None else None
+        if failure is not None:
+            raise failure from None  # one line: which rank died, how to resume
+        raise
     finally:
+        if ranks is not None:
+            stop = trainer.state.sharded.stop if trainer is not None else None
+            ranks.close(clean=clean, stop=stop)
         if publisher is not None:
             publisher.stop()
         if dht is not None:
@@ -354,6 +382,20 @@ def run(args) -> int:
         if chain is not None:
             chain.close()
     return 0
+
+
+def _check_nproc(args, device: str, run_cfg) -> int:
+    """``--nproc-per-node``, defaulted and checked before anything starts."""
+    from peer.training.ranks import check_nproc, default_nproc
+
+    if args.nproc_per_node is not None:
+        nproc = args.nproc_per_node
+    else:  # sync mode runs one process; DiLoCo takes every visible GPU
+        nproc = default_nproc(device) if args.averaging == "diloco" else 1
+    check_nproc(nproc, device, run_cfg.train.batch_size)
+    if nproc > 1 and args.averaging != "diloco":
+        raise ConfigError(f"--nproc-per-node {nproc} needs --averaging diloco (sync mode runs one process)")
+    return nproc
 
 
 def _make_clock(chain, args, run_cfg):

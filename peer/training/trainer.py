@@ -251,6 +251,7 @@ class Trainer:
         progress: Progress | None = None,
         identity: dict | None = None,
         publisher=None,
+        ranks=None,
     ):
         self.cfg = cfg
         self.keypair = keypair
@@ -266,8 +267,9 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.store = open_page_store(cfg.data, cfg.data_dir, run.data, cfg.corpus_dir)
-        self.model = build_model(run, cfg.device)
-        self.state = DilocoState(self.model, run.train, cfg.optimizer)
+        self.ranks = ranks  # peer.training.ranks.PeerRanks of a multi-rank peer (None: one process)
+        self.model = build_model(run, cfg.device if ranks is None else "cpu")
+        self.state = self._make_state()
         self.state_lock = threading.Lock()
         self._hash_lock = threading.Lock()
         self.round: int | None = None  # the round whose start state θ_r we hold
@@ -312,6 +314,27 @@ class Trainer:
             count_parameters(self.model) / 1e6,
             run.train.rounds,
         )
+
+    def _make_state(self) -> DilocoState:
+        """θ and the inner optimizer: on this process, or sharded over the peer's ranks (FSDP2)."""
+        if self.ranks is None:
+            return DilocoState(self.model, self.cfg.run.train, self.cfg.optimizer)
+        from peer.training.fsdp import ShardedDilocoState
+
+        return ShardedDilocoState(self.model, self.cfg.run.train, self.cfg.optimizer, ranks=self.ranks)
+
+    def _inner_step(self, batch: torch.Tensor) -> float:
+        """One inner step on ``batch`` (a sharded peer splits it over its ranks); the batch's mean loss."""
+        if self.ranks is not None:
+            return self.state.train_step(batch)
+        loss = lm_loss(self.model, batch.to(self.cfg.device))
+        self.state.inner_step(loss)
+        return float(loss.detach())
+
+    def _probe(self, batch: torch.Tensor) -> float:
+        if self.ranks is not None:
+            return self.state.eval_loss(batch)
+        return evaluate_loss(self.model, [batch], self.cfg.device)
 
     # ------------------------------------------------------------------------------------------------
     # state: hash, checkpoint, sharing
@@ -425,10 +448,10 @@ class Trainer:
         batches = round_batches(
             self.store.samples(pages), train.batch_size, self.clock.seed(r) + self.hotkey.encode()
         )
-        probe = batches[0].to(self.cfg.device) if self.cfg.probe_loss else None
+        probe = batches[0] if self.cfg.probe_loss else None
         self.cpu.start()
         if probe is not None:
-            report.loss_before = evaluate_loss(self.model, [probe], self.cfg.device)
+            report.loss_before = self._probe(probe)
         if not bh.trains(self.cfg.behaviour, self._rounds_done):
             report.loss_after = report.loss_before
             wait = stop_at - time.time()
@@ -441,11 +464,9 @@ class Trainer:
         i = 0
         last_losses: list[float] = []
         while time.time() < stop_at and report.inner_steps < train.max_inner_steps:
-            batch = batches[i % len(batches)].to(self.cfg.device)
+            batch = batches[i % len(batches)]
             i += 1
-            loss = lm_loss(self.model, batch)
-            self.state.inner_step(loss)
-            value = float(loss.detach())
+            value = self._inner_step(batch)
             report.inner_steps += 1
             report.samples += batch.shape[0]
             report.tokens += batch[:, 1:].numel()
@@ -463,7 +484,7 @@ class Trainer:
         report.train_seconds = time.time() - t0
         report.loss_last = sum(last_losses) / len(last_losses) if last_losses else None
         if probe is not None:
-            report.loss_after = evaluate_loss(self.model, [probe], self.cfg.device)
+            report.loss_after = self._probe(probe)
         report.inner_seconds, report.background_cpu = self.cpu.stop()
         wait = stop_at - time.time()
         if wait > 0:
