@@ -148,7 +148,33 @@ class TrainConfig:
     held-out loss rose (6.1 → 8.7 after the first averaged round): not the default until that is
     understood. Every peer of a swarm must use the same."""
 
+    topk_density: float = 0.015625
+    """``--compression topk`` only: fraction of each chunk's values a peer sends per round (k =
+    density × ``topk_chunk``, at least 1). Bytes per round scale with it (≈ 4 bytes per kept value on the
+    wire and in the published Δ); what is not sent waits in the peer's error-feedback buffer. Default
+    1/64 (64 of 4096), chosen by ``benchmarks/sparse.py`` (README "Sparse Δs"): lower it if uplinks are
+    the bottleneck, raise it if held-out loss falls behind 8-bit rounds. Validators check published
+    sparse Δs against it: every peer and validator of a swarm must use the same."""
+    topk_chunk: int = 4096
+    """``--compression topk`` only: values per top-k chunk of a flattened tensor (≤ 32768: positions are
+    int16). Smaller chunks spread the kept values more evenly over a tensor."""
+    topk_ef_decay: float = 1.0
+    """``--compression topk`` only: β in e ← β·e + Δ (the error-feedback buffer's decay per round; 1 =
+    nothing unsent is ever forgotten). Lower it (SparseLoCo uses 0.95 without outer momentum) if stale
+    residuals seem to slow training down."""
+
+    @property
+    def topk_k(self) -> int:
+        """Values kept per top-k chunk."""
+        return max(1, min(self.topk_chunk, round(self.topk_density * self.topk_chunk)))
+
     def __post_init__(self) -> None:
+        if not 0 < self.topk_density <= 1:
+            raise ConfigError(f"train.topk_density must be in (0, 1], got {self.topk_density}")
+        if not 1 <= self.topk_chunk <= 32768:
+            raise ConfigError(f"train.topk_chunk must be in [1, 32768], got {self.topk_chunk}")
+        if not 0 < self.topk_ef_decay <= 1:
+            raise ConfigError(f"train.topk_ef_decay must be in (0, 1], got {self.topk_ef_decay}")
         if self.batch_size < 1:
             raise ConfigError("train.batch_size must be >= 1")
         for name in ("inner_lr", "outer_lr", "round_seconds", "averaging_timeout", "max_delta_norm"):
