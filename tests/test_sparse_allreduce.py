@@ -65,9 +65,14 @@ def _run(dhts, tensors, classes=None, **kwargs):
 
 def _sparse_inputs(seed: int, common_weight: float = 1.0):
     g = torch.Generator().manual_seed(seed)
-    common = [torch.randn(200_000, generator=g), torch.randn(3000, generator=g), torch.randn(7, 5, generator=g)]
+    common = [
+        torch.randn(200_000, generator=g),
+        torch.randn(3000, generator=g),
+        torch.randn(7, 5, generator=g),
+    ]
     return [
-        [sparsify(c * common_weight + torch.randn(c.shape, generator=g), TOPK) for c in common] for _ in range(3)
+        [sparsify(c * common_weight + torch.randn(c.shape, generator=g), TOPK) for c in common]
+        for _ in range(3)
     ]
 
 

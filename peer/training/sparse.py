@@ -45,6 +45,8 @@ WIRE_DTYPE = "gradswarm-topk-wire-v1"
 WIRE_BLOCK = 1 << 16
 """Values per position block on the wire: positions are uint16 offsets inside a block."""
 FP16_MAX = 65504.0
+MAX_EXPANSION = 1024
+"""Without a model layout, a sparse Δ may expand to at most this × its bytes (density ≥ ~1/256)."""
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,7 @@ def decode_sparse_delta(data: bytes, layout: Layout | None = None) -> dict[str, 
     The header is checked first (:func:`peer.net.layout.check_sparse_delta_header`, against ``layout``
     when given: exact tensors, chunk and k of the run); then every tensor's indices
     (:func:`densify`). Memory: the blob's tensors plus the dense fp32 Δ of the shapes the header names
-    (with a layout: the model's)."""
+    (with a layout: the model's; without one at most :data:`MAX_EXPANSION` × the blob)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -238,6 +240,11 @@ def decode_sparse_delta(data: bytes, layout: Layout | None = None) -> dict[str, 
     header = parse_header(data, layout=layout)
     topk_raw, shapes = check_sparse_delta_header(header, layout)
     topk = TopK(chunk=topk_raw[0], k=topk_raw[1])
+    dense = 4 * sum(math.prod(s) for s in shapes.values())
+    if layout is None and dense > MAX_EXPANSION * len(data) + (1 << 20):
+        raise ArtifactRefused(
+            "too_large", f"sparse Δ of {len(data)} bytes would expand to {dense} (> {MAX_EXPANSION}×)"
+        )
     try:
         tensors = load(data)
     except (SafetensorError, ValueError, RuntimeError) as e:  # unreachable after the header checks
