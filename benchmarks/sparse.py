@@ -10,9 +10,9 @@ its inner optimizer kept across rounds like a real peer's): only the communicate
 
 * ``8bit``: each Δ through the published 8-bit blockwise codec (int8 + absmax per 4096 values — the
   same error class as the all-reduce's bitsandbytes blockwise 8-bit), averaged, Nesterov outer step;
-* ``topk:<density>[:<β>[:<μ>]]``: Δ̂ = top-k(β·e + Δ) per 4096-value chunk with error feedback
-  (:class:`peer.training.sparse.ErrorFeedback`, fp16 values), averaged, outer step with momentum μ
-  (default: the config's). SparseLoCo's variant is β = 0.95, μ = 0.
+* ``topk:<density>[:<β>[:<μ>[:<lr>]]]``: Δ̂ = top-k(β·e + Δ) per 4096-value chunk with error feedback
+  (:class:`peer.training.sparse.ErrorFeedback`, fp16 values), averaged, outer step with momentum μ and
+  learning rate lr (default: the config's). SparseLoCo's variant is β = 0.95, μ = 0.
 
 Averages use the swarm's robust rule (:func:`peer.training.robust.robust_mean`, the default rule) on
 parts of 2¹⁷ values. After each round: held-out loss of θ on 16 fixed held-out pages. Bytes: every
@@ -46,13 +46,19 @@ PART = 1 << 17
 def parse_arm(text: str, cfg) -> dict:
     bits = text.split(":")
     if bits[0] == "8bit":
-        return {"name": "8bit", "kind": "8bit", "momentum": cfg.train.outer_momentum}
+        return {
+            "name": "8bit",
+            "kind": "8bit",
+            "momentum": cfg.train.outer_momentum,
+            "lr": cfg.train.outer_lr,
+        }
     if bits[0] != "topk":
         raise SystemExit(f"unknown arm {text!r}")
     density = float(bits[1]) if len(bits) > 1 else cfg.train.topk_density
     decay = float(bits[2]) if len(bits) > 2 else 1.0
     momentum = float(bits[3]) if len(bits) > 3 else cfg.train.outer_momentum
-    return {"name": text, "kind": "topk", "density": density, "decay": decay, "momentum": momentum}
+    lr = float(bits[4]) if len(bits) > 4 else cfg.train.outer_lr
+    return {"name": text, "kind": "topk", "density": density, "decay": decay, "momentum": momentum, "lr": lr}
 
 
 def wire_bytes(deltas, averaged, n: int) -> float:
@@ -173,7 +179,7 @@ def simulate(args, arm: dict) -> dict:
         with torch.no_grad():
             for s, m, g in zip(theta, momentum, avg, strict=True):
                 m.mul_(arm["momentum"]).add_(g)
-                s.sub_(g.add(m, alpha=arm["momentum"]), alpha=train.outer_lr)
+                s.sub_(g.add(m, alpha=arm["momentum"]), alpha=arm["lr"])
             for q, t in zip(theta_model.parameters(), theta, strict=True):
                 q.copy_(t)
         curve.append(round(evaluate_loss(theta_model, heldout, "cpu"), 4))

@@ -163,6 +163,12 @@ class TrainConfig:
     nothing unsent is ever forgotten). Lower it (SparseLoCo uses 0.95 without outer momentum) if stale
     residuals seem to slow training down."""
 
+    topk_outer_momentum: float | None = None
+    """``--compression topk`` only: the outer Nesterov momentum used instead of ``outer_momentum`` (None:
+    ``outer_momentum``). SparseLoCo drops outer momentum: the error-feedback buffer already carries
+    what was not applied yet, and momentum on top of it re-applies late mass (held-out loss jumps up for
+    a few rounds after the first ones). See ``benchmarks/sparse.py``."""
+
     @property
     def topk_k(self) -> int:
         """Values kept per top-k chunk."""
@@ -173,6 +179,8 @@ class TrainConfig:
             raise ConfigError(f"train.topk_density must be in (0, 1], got {self.topk_density}")
         if not 1 <= self.topk_chunk <= 32768:
             raise ConfigError(f"train.topk_chunk must be in [1, 32768], got {self.topk_chunk}")
+        if self.topk_outer_momentum is not None and not 0 <= self.topk_outer_momentum < 1:
+            raise ConfigError("train.topk_outer_momentum must be in [0, 1)")
         if not 0 < self.topk_ef_decay <= 1:
             raise ConfigError(f"train.topk_ef_decay must be in (0, 1], got {self.topk_ef_decay}")
         if self.batch_size < 1:
