@@ -120,7 +120,7 @@ def test_lying_owner_returning_a_dense_average_is_zeroed(dhts):
         def _screen(self, part, weight, part_index):
             return torch.full_like(self.parts_for_local_averaging[part_index], 1e-3), weight
 
-        def _check_average(self, averaged, info=None):
+        def _check_average(self, averaged):
             return averaged
 
     LyingAverager = type("ConsensusAverager", (ConsensusAverager,), {"runner_class": LyingRunner})

@@ -294,7 +294,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 )
                 info = self._own_part_infos[part_index]
                 result = await loop.run_in_executor(None, self._roundtrip, averaged_part, info)
-                result = self._check_average(result, info)
+                result = self._check_sparse_average(self._check_average(result), info)
                 self.tensor_part_container.register_processed_part(peer_index, part_index, result)
             return
         try:
@@ -328,7 +328,9 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 self.counters.add(received=msg.ByteSize())
                 if averaged is None:
                     averaged = torch.full((numels[part_index],), float("nan"))
-                averaged = self._check_average(averaged, self._part_infos[peer_index][part_index])
+                averaged = self._check_sparse_average(
+                    self._check_average(averaged), self._part_infos[peer_index][part_index]
+                )
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
                 part_index += 1
             if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
@@ -347,7 +349,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
             self.counters.add(sent=msg.ByteSize())
             yield msg
 
-    def _check_average(self, averaged: torch.Tensor, info=None) -> torch.Tensor:
+    def _check_average(self, averaged: torch.Tensor) -> torch.Tensor:
         """An averaged part nobody honest could have produced becomes zeros (no update for that slice).
 
         Every honest peer clips its whole pseudo-gradient to ``max_part_norm``, so no slice of an honest
@@ -356,14 +358,18 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         (lying) owner ends up with another state, which the next round's state agreement corrects.
         """
         averaged, rejected = check_average(averaged, self.max_part_norm)
-        if (
-            not rejected
-            and self.topk is not None
-            and excess_entries(averaged, info, self.topk, senders=len(self.sender_peer_ids))
-        ):
-            averaged, rejected = torch.zeros_like(averaged), 1
         if rejected:
             self.counters.add(rejected=rejected)
+        return averaged
+
+    def _check_sparse_average(self, averaged: torch.Tensor, info) -> torch.Tensor:
+        """Sparse Δs: an average with more non-zeros in a top-k chunk than ``senders`` × k (what the
+        senders' Δ̂s can hold together) becomes zeros, like an oversized one (same decision everywhere)."""
+        if self.topk is not None and excess_entries(
+            averaged, info, self.topk, senders=len(self.sender_peer_ids)
+        ):
+            self.counters.add(rejected=1)
+            return torch.zeros_like(averaged)
         return averaged
 
     def _screen(self, part: torch.Tensor, weight: float, part_index: int) -> tuple[torch.Tensor, float]:
