@@ -48,6 +48,23 @@ from validator.evaluation import Candidate, EvalConfig, Evaluator  # noqa: E402
 from validator.scoring import ScoringConfig, score_round  # noqa: E402
 
 
+def encode_dense(run, delta: dict) -> bytes:
+    return encode_delta(delta)
+
+
+def encode_topk(run, delta: dict) -> bytes:
+    """``--sparse``: the Δ as a ``--compression topk`` peer publishes it in its first round (error
+    feedback starts at zero: top-k of Δ itself, the run's density)."""
+    from peer.training.sparse import TopK, encode_sparse_delta, sparsify
+
+    topk = TopK.from_train(run.train)
+    return encode_sparse_delta({n: sparsify(t, topk) for n, t in delta.items()}, topk)
+
+
+ENCODE = encode_dense
+"""How the ground-truth peers' Δs are published (``--sparse``: :func:`encode_topk`)."""
+
+
 def hotkey(name: str) -> str:
     from substrateinterface import Keypair
 
@@ -153,7 +170,7 @@ def spearman_round(run, store, trial: int):
         )
     ev = Evaluator(EvalConfig(), run, store)
     cands = [
-        Candidate(uid=i, hotkey=hotkey(tag + n), delta_blob=encode_delta(d))
+        Candidate(uid=i, hotkey=hotkey(tag + n), delta_blob=ENCODE(run, d))
         for i, (n, _, _, d) in enumerate(peers)
     ]
     rm, _ = ev.evaluate_round(1, seed1, base, cands)
@@ -363,7 +380,11 @@ def main() -> int:
         help="also score each trial's peers over this many rounds with sampling on (0 = skip)",
     )
     ap.add_argument("--max-peers", type=int, default=4, help="the sampling budget K of those rounds")
+    ap.add_argument("--sparse", action="store_true", help="score sparse top-k Δs (#17) instead of 8-bit")
     args = ap.parse_args()
+    if args.sparse:
+        global ENCODE
+        ENCODE = encode_topk
     torch.set_num_threads(args.threads)
     d = debug_part(args.threads, args.trials, args.sampled_rounds, args.max_peers, cost=not args.skip_cost)
     if args.sampled_rounds:

@@ -148,7 +148,51 @@ class TrainConfig:
     held-out loss rose (6.1 → 8.7 after the first averaged round): not the default until that is
     understood. Every peer of a swarm must use the same."""
 
+    topk_density: float = 0.015625
+    """``--compression topk`` only: fraction of each chunk's values a peer sends per round (k =
+    density × ``topk_chunk``, at least 1). Bytes per round scale with it (≈ 4 bytes per kept value on the
+    wire and in the published Δ); what is not sent waits in the peer's error-feedback buffer. Default
+    1/64 (64 of 4096), chosen by ``benchmarks/sparse.py`` (README "Sparse Δs"): lower it if uplinks are
+    the bottleneck, raise it if held-out loss falls behind 8-bit rounds. Validators check published
+    sparse Δs against it: every peer and validator of a swarm must use the same."""
+    topk_chunk: int = 4096
+    """``--compression topk`` only: values per top-k chunk of a flattened tensor (≤ 32768: positions are
+    int16). Smaller chunks spread the kept values more evenly over a tensor."""
+    topk_ef_decay: float = 0.95
+    """``--compression topk`` only: β in e ← β·e + Δ (the error-feedback buffer's decay per round; 1 =
+    nothing unsent is ever forgotten). With β < 1 the buffer is the momentum (SparseLoCo): a coordinate
+    that keeps getting the same push accumulates up to 1/(1−β) rounds of it before it is sent. Measured
+    on ``debug`` (``benchmarks/sparse.py``): β = 1 with Nesterov 0.9 overshoots (held-out loss rises for
+    rounds 2–5, +12 % after 12 rounds); 0.95 without outer momentum does not."""
+
+    topk_outer_momentum: float | None = 0.0
+    """``--compression topk`` only: the outer Nesterov momentum used instead of ``outer_momentum`` (None:
+    ``outer_momentum``). SparseLoCo drops outer momentum: the error-feedback buffer already carries
+    what was not applied yet, and momentum on top of it re-applies late mass (symptom: held-out loss
+    jumps up for a few rounds after the first ones). See ``benchmarks/sparse.py``."""
+    topk_outer_lr: float | None = 2.0
+    """``--compression topk`` only: the outer learning rate used instead of ``outer_lr`` (None:
+    ``outer_lr``). Without outer momentum a round applies lr × Δ̂ once, where Nesterov 0.9 applied ~10×
+    its lr in steady state, so it is larger: on ``debug`` 0.7 ended 8.5 % above 8-bit dense after 12
+    rounds, 2.0 2.8 %, 4.0 diverged for two rounds (+10 %). Lower it if held-out loss jumps up after a
+    round; raise it if loss falls steadily but slower than with 8-bit."""
+
+    @property
+    def topk_k(self) -> int:
+        """Values kept per top-k chunk."""
+        return max(1, min(self.topk_chunk, round(self.topk_density * self.topk_chunk)))
+
     def __post_init__(self) -> None:
+        if not 0 < self.topk_density <= 1:
+            raise ConfigError(f"train.topk_density must be in (0, 1], got {self.topk_density}")
+        if not 1 <= self.topk_chunk <= 32768:
+            raise ConfigError(f"train.topk_chunk must be in [1, 32768], got {self.topk_chunk}")
+        if self.topk_outer_lr is not None and not self.topk_outer_lr > 0:
+            raise ConfigError(f"train.topk_outer_lr must be > 0, got {self.topk_outer_lr}")
+        if self.topk_outer_momentum is not None and not 0 <= self.topk_outer_momentum < 1:
+            raise ConfigError("train.topk_outer_momentum must be in [0, 1)")
+        if not 0 < self.topk_ef_decay <= 1:
+            raise ConfigError(f"train.topk_ef_decay must be in (0, 1], got {self.topk_ef_decay}")
         if self.batch_size < 1:
             raise ConfigError("train.batch_size must be >= 1")
         for name in ("inner_lr", "outer_lr", "round_seconds", "averaging_timeout", "max_delta_norm"):

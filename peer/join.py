@@ -134,7 +134,10 @@ def register(sub) -> None:
         help="sync mode: samples the swarm accumulates per optimizer step (default 64 x batch size)",
     )
     g.add_argument(
-        "--compression", choices=["8bit", "fp16", "none"], default="8bit", help="all-reduce wire compression"
+        "--compression",
+        choices=["8bit", "fp16", "none", "topk"],
+        default="8bit",
+        help="all-reduce wire compression (topk: sparse Δs with error feedback, README 'Sparse Δs')",
     )
     g.add_argument("--round-seconds", type=float, default=None, help="override train.round_seconds")
     g.add_argument("--max-inner-steps", type=int, default=None, help="override train.max_inner_steps (H)")

@@ -41,8 +41,8 @@ from peer.config import RunConfig
 from peer.data.model import build_model, hash_tensors
 from peer.data.pages import PageStore, assign_pages, eval_pages
 from peer.errors import CheckpointError, ConfigError
-from peer.net.layout import delta_layout
-from peer.net.outbox import decode_delta
+from peer.net.layout import ArtifactLayouts, run_topk
+from peer.training.sparse import decode_contribution
 
 SKETCH_PURPOSE = "sketch"
 
@@ -115,6 +115,9 @@ class Candidate:
     claimed_pages: list[int] | None = None
     """Pages its manifest says it trained on (compared with the assignment; not used for evaluation)."""
     blob_sha256: str | None = None
+    delta_format: str | None = None
+    """The Δ format its signed manifest names (``ContributionManifest.delta_format``); a blob whose
+    header names another is malformed. None: not checked (the blob's own header decides)."""
 
 
 @dataclass(kw_only=True)
@@ -201,6 +204,18 @@ def sketch_indices(shapes: Sequence[tuple[str, int]], size: int) -> dict[str, tu
     return out
 
 
+def check_declared_format(blob: bytes, declared: str | None) -> None:
+    """Raise ``ArtifactRefused("bad_metadata")`` if a Δ blob's header names another format than its
+    manifest (``declared``; None skips the check). Reads the header only."""
+    if declared is None:
+        return
+    from peer.net.layout import ArtifactRefused, parse_header
+
+    found = parse_header(blob).metadata.get("format")
+    if found != declared:
+        raise ArtifactRefused("bad_metadata", f"Δ blob is {found!r}, its manifest says {declared!r}")
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     na, nb = float(a.norm()), float(b.norm())
     if na == 0 or nb == 0 or not math.isfinite(na) or not math.isfinite(nb):
@@ -226,8 +241,10 @@ class Evaluator:
         self.base_hash: str | None = None
         shapes = [(n, p.numel()) for n, p in self.params.items()]
         self.sketch_plan = sketch_indices(shapes, cfg.sketch_size)
-        self.delta_layout = delta_layout({n: tuple(p.shape) for n, p in self.params.items()})
-        """The exact tensors of an honest Δ of this model: a Δ is checked against it before decoding."""
+        shapes_by_name = {n: tuple(p.shape) for n, p in self.params.items()}
+        self.delta_layout = ArtifactLayouts.from_shapes(shapes_by_name, topk=run_topk(run)).contribution
+        """The exact tensors of an honest Δ of this model — 8-bit dense, or sparse (``delta_layout.sparse``,
+        the run's top-k) as the blob's ``format`` says: a Δ is checked against it before decoding."""
 
     # ---- base state
     def load_base(self, state: Mapping[str, torch.Tensor]) -> str:
@@ -293,10 +310,10 @@ class Evaluator:
 
     # ---- Δ handling
     def decode(self, blob: bytes) -> dict[str, torch.Tensor]:
-        """The Δ as fp32 tensors of the model's shapes; any malformed or oversized blob raises
-        :class:`~peer.errors.CheckpointError` (``ArtifactRefused`` with a reason code) before anything
-        beyond an honest Δ's size is allocated."""
-        delta = decode_delta(blob, self.delta_layout)
+        """The Δ (8-bit dense or sparse) as fp32 tensors of the model's shapes; any malformed or oversized
+        blob raises :class:`~peer.errors.CheckpointError` (``ArtifactRefused`` with a reason code) before
+        anything beyond an honest Δ's size is allocated (a sparse Δ: its entries, then the dense fp32 Δ)."""
+        delta = decode_contribution(blob, self.delta_layout)
         if set(delta) != set(self.params):
             raise CheckpointError(
                 f"Δ names {len(delta)} tensors that do not match the model's {len(self.params)}"
@@ -412,6 +429,7 @@ class Evaluator:
             m.status, m.reason = "rejected", c.rejected or "no contribution"
             return m
         try:
+            check_declared_format(c.delta_blob, c.delta_format)
             delta = self.decode(c.delta_blob)
         except CheckpointError as e:
             m.status, m.reason = "malformed", f"{getattr(e, 'reason', 'malformed')}: {e}"

@@ -395,7 +395,13 @@ def fetch_round(
             candidates.append(Candidate(uid=u, hotkey=rec.hotkey, rejected=rec.rejected))
             continue
         t, m = manifests[u]
-        cand = Candidate(uid=u, hotkey=t.hotkey, claimed_pages=list(m.pages), blob_sha256=m.blob.sha256)
+        cand = Candidate(
+            uid=u,
+            hotkey=t.hotkey,
+            claimed_pages=list(m.pages),
+            blob_sha256=m.blob.sha256,
+            delta_format=m.delta_format,
+        )
         got = blobs[u]
         if isinstance(got, FetchError):
             cand.rejected = rec.rejected = f"fetch: {got}"

@@ -83,6 +83,7 @@ def replay_round(
             rejected=c.rejected,
             blob_sha256=c.blob_sha256,
             claimed_pages=list(c.manifest["pages"]) if c.manifest else None,
+            delta_format=c.manifest.get("delta_format") if c.manifest else None,
         )
         if c.rejected is None and c.blob_sha256:
             cand.delta_blob = store.read_blob(c.blob_sha256)

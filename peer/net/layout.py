@@ -23,8 +23,16 @@ map of strings. Anything else raises :class:`ArtifactRefused` (a :class:`~peer.e
 with a ``reason`` code. Only a header that passed is handed to the safetensors loader, so decoding never
 allocates more than the blob (or, with a layout, the model) says.
 
+A **sparse Δ** (``--compression topk``, format :data:`SPARSE_DELTA_FORMAT`, see
+:mod:`peer.training.sparse`) holds per parameter ``n::idx`` (int16 positions inside each chunk) and
+``n::val`` (fp16), exactly ``k`` per full chunk of ``chunk`` values and ``min(k, rest)`` for a tensor's
+last chunk; ``__metadata__`` = ``{"format", "chunk", "k", "shapes"}``. :func:`sparse_delta_layout` is
+its exact layout for a model and a run's top-k; the model's contribution layout carries it as
+:attr:`Layout.sparse`, and :func:`check_blob_header` holds a Δ to the one its ``format`` names.
+
 Reason codes: ``truncated``, ``too_large``, ``header_too_large``, ``bad_header``, ``bad_dtype``,
-``bad_shape``, ``bad_offsets``, ``wrong_tensors``, ``bad_metadata``.
+``bad_shape``, ``bad_offsets``, ``wrong_tensors``, ``bad_metadata``, ``bad_index`` (a sparse Δ's
+position outside its chunk or not ascending).
 """
 
 from __future__ import annotations
@@ -33,13 +41,17 @@ import json
 import math
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from peer.errors import CheckpointError
 
 QUANT_BLOCK = 4096
 """Values per absmax scale in a published Δ."""
 DELTA_FORMAT = "gradswarm-delta-int8-blockwise"
+SPARSE_DELTA_FORMAT = "gradswarm-delta-topk-v1"
+"""A sparse Δ (chunk-wise top-k, int16 positions, fp16 values); the version is part of the name."""
+MAX_TOPK_CHUNK = 32768
+"""Largest top-k chunk (positions are int16)."""
 MAX_BLOCK = 1 << 20
 """Largest block size a Δ without an expected layout may declare."""
 
@@ -115,6 +127,11 @@ class Layout:
     param_shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     """Δ only: the parameter shapes its ``shapes`` metadata must name."""
     max_header_bytes: int = 0
+    topk: tuple[int, int] | None = None
+    """Sparse Δ only: ``(chunk, k)``."""
+    sparse: Layout | None = None
+    """A contribution layout only: the sparse Δ of the same model a peer may publish instead (the run's
+    top-k), or None when the run allows only the 8-bit Δ."""
 
     @property
     def data_bytes(self) -> int:
@@ -159,6 +176,38 @@ def delta_layout(param_shapes: Mapping[str, tuple[int, ...]], block: int = QUANT
     )
 
 
+def topk_entries(numel: int, chunk: int, k: int) -> int:
+    """Entries a sparse Δ keeps of a tensor of ``numel`` values: k per full chunk, min(k, rest) of the last."""
+    full, rest = divmod(numel, chunk)
+    return full * k + min(k, rest)
+
+
+def sparse_delta_layout(param_shapes: Mapping[str, tuple[int, ...]], chunk: int, k: int) -> Layout:
+    """The sparse Δ of a model with these parameter shapes, top-``k`` of every ``chunk`` values."""
+    if not 1 <= k <= chunk <= MAX_TOPK_CHUNK:
+        raise ValueError(f"top-k needs 1 <= k <= chunk <= {MAX_TOPK_CHUNK}, got k={k}, chunk={chunk}")
+    shapes = {n: tuple(int(d) for d in s) for n, s in param_shapes.items()}
+    tensors: dict[str, TensorSpec] = {}
+    for n, s in shapes.items():
+        e = topk_entries(math.prod(s), chunk, k)
+        tensors[f"{n}::idx"] = TensorSpec("I16", (e,))
+        tensors[f"{n}::val"] = TensorSpec("F16", (e,))
+    shapes_json = json.dumps({n: list(s) for n, s in shapes.items()})
+    meta = {"format": SPARSE_DELTA_FORMAT, "chunk": str(chunk), "k": str(k), "shapes": shapes_json}
+    est = _header_estimate(tensors, meta)
+    keys = frozenset(meta)
+    return Layout(
+        kind="contribution",
+        tensors=tensors,
+        required_metadata=keys,
+        allowed_metadata=keys,
+        max_metadata_value=2 * len(shapes_json) + 64,
+        param_shapes=shapes,
+        max_header_bytes=2 * est + HEADER_SLACK,
+        topk=(chunk, k),
+    )
+
+
 def state_layout(param_shapes: Mapping[str, tuple[int, ...]], *, momentum: bool = False) -> Layout:
     """A published state (fp32 parameters), or with ``momentum`` a checkpoint (``param/`` + ``momentum/``)."""
     shapes = {n: tuple(int(d) for d in s) for n, s in param_shapes.items()}
@@ -195,6 +244,11 @@ def model_param_shapes(run) -> dict[str, tuple[int, ...]]:
     return {n: tuple(p.shape) for n, p in model.named_parameters()}
 
 
+def run_topk(run) -> tuple[int, int]:
+    """``(chunk, k)`` of the sparse Δs of a :class:`~peer.config.RunConfig` (``train.topk_*``)."""
+    return run.train.topk_chunk, run.train.topk_k
+
+
 @dataclass(frozen=True, kw_only=True)
 class ArtifactLayouts:
     """The two blob kinds a publisher serves, for one model: what fetch and decode hold them to."""
@@ -203,12 +257,18 @@ class ArtifactLayouts:
     state: Layout
 
     @classmethod
-    def from_shapes(cls, param_shapes: Mapping[str, tuple[int, ...]]) -> ArtifactLayouts:
-        return cls(contribution=delta_layout(param_shapes), state=state_layout(param_shapes))
+    def from_shapes(
+        cls, param_shapes: Mapping[str, tuple[int, ...]], topk: tuple[int, int] | None = None
+    ) -> ArtifactLayouts:
+        """``topk`` = ``(chunk, k)``: a contribution may also be a sparse Δ of that top-k."""
+        contribution = delta_layout(param_shapes)
+        if topk is not None:
+            contribution = replace(contribution, sparse=sparse_delta_layout(param_shapes, *topk))
+        return cls(contribution=contribution, state=state_layout(param_shapes))
 
     @classmethod
     def for_run(cls, run) -> ArtifactLayouts:
-        return cls.from_shapes(model_param_shapes(run))
+        return cls.from_shapes(model_param_shapes(run), topk=run_topk(run))
 
     def for_kind(self, kind: str) -> Layout:
         if kind == "contribution":
@@ -486,11 +546,92 @@ def check_state_header(header: Header, layout: Layout | None = None) -> None:
                 raise ArtifactRefused("bad_dtype", f"state tensor {name[:80]!r} is {t.dtype}, not a float")
 
 
+def _peek_format(data: bytes, size: int | None, layouts: list[Layout]) -> str | None:
+    """The ``format`` a Δ header declares, read under the largest header cap of ``layouts``."""
+    size = len(data) if size is None else size
+    cap = max(v.max_header_bytes for v in layouts)
+    n = header_length(data[:8], size, cap)
+    raw = data[8 : 8 + n]
+    if len(raw) < n:
+        raise ArtifactRefused("truncated", f"header of {n} bytes but only {len(raw)} given")
+    containers = 4 * max(len(v.tensors) for v in layouts) + 8
+    doc = strict_json(raw, max_bytes=n, max_containers=containers, what="safetensors header")
+    meta = doc.get("__metadata__") if isinstance(doc, dict) else None
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    return fmt if isinstance(fmt, str) else None
+
+
+def delta_layout_for(data: bytes, size: int | None, layout: Layout | None) -> Layout | None:
+    """The layout a Δ blob is held to: ``layout.sparse`` when its header says it is sparse (and the run
+    allows sparse Δs), else ``layout`` itself."""
+    if layout is None or layout.sparse is None:
+        return layout
+    if _peek_format(data, size, [layout, layout.sparse]) == SPARSE_DELTA_FORMAT:
+        return layout.sparse
+    return layout
+
+
+def check_sparse_delta_header(
+    header: Header, layout: Layout | None = None
+) -> tuple[tuple[int, int], dict[str, tuple[int, ...]]]:
+    """A sparse Δ header's metadata and tensors agree (and match ``layout``); returns
+    ``((chunk, k), shapes)``. Without a layout the tensors are derived from its own metadata."""
+    meta = header.metadata
+    if meta.get("format") != SPARSE_DELTA_FORMAT:
+        raise ArtifactRefused("bad_metadata", "not a gradswarm sparse Δ (format metadata missing or wrong)")
+    nums = []
+    for key in ("chunk", "k"):
+        raw = meta.get(key, "")
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 6):
+            raise ArtifactRefused("bad_metadata", f"sparse Δ {key} {raw[:20]!r} is not a number")
+        nums.append(int(raw))
+    chunk, k = nums
+    if not 1 <= k <= chunk <= MAX_TOPK_CHUNK or (layout is not None and (chunk, k) != layout.topk):
+        want = layout.topk if layout is not None else f"1 <= k <= chunk <= {MAX_TOPK_CHUNK}"
+        raise ArtifactRefused("bad_metadata", f"sparse Δ chunk/k {chunk}/{k}, expected {want}")
+    raw_shapes = meta.get("shapes", "")
+    shapes = strict_json(
+        raw_shapes,
+        max_bytes=len(raw_shapes),
+        max_containers=len(header.tensors) // 2 + 2,
+        what="sparse Δ shapes metadata",
+    )
+    if not isinstance(shapes, dict) or not all(
+        isinstance(s, list) and len(s) <= MAX_NDIM and all(type(d) is int and 0 <= d <= MAX_DIM for d in s)
+        for s in shapes.values()
+    ):
+        raise ArtifactRefused("bad_metadata", "sparse Δ shapes metadata is not a map of name → list of sizes")
+    shapes = {n: tuple(s) for n, s in shapes.items()}
+    if layout is not None and shapes != dict(layout.param_shapes):
+        raise ArtifactRefused(
+            "bad_shape", "sparse Δ shapes metadata does not name the model's parameters and shapes"
+        )
+    expected = sparse_delta_layout(shapes, chunk, k).tensors
+    if set(expected) != set(header.tensors):
+        raise ArtifactRefused("wrong_tensors", "sparse Δ tensors do not match its shapes metadata")
+    for name, spec in expected.items():
+        t = header.tensors[name]
+        if t.dtype != spec.dtype or t.shape != spec.shape:
+            code = "bad_dtype" if t.dtype != spec.dtype else "bad_shape"
+            raise ArtifactRefused(
+                code,
+                f"sparse Δ tensor {name[:80]!r} is {t.dtype}{list(t.shape)[:4]}, top-{k} of {chunk} needs "
+                f"{spec.dtype}{list(spec.shape)}",
+            )
+    return (chunk, k), shapes
+
+
 def check_blob_header(data: bytes, size: int | None = None, *, kind: str, layout: Layout | None) -> Header:
-    """Parse + check a blob of ``kind`` (``contribution``/``state``) from its first bytes."""
+    """Parse + check a blob of ``kind`` (``contribution``/``state``) from its first bytes. A contribution
+    is held to the layout its ``format`` names (:func:`delta_layout_for`)."""
+    if kind == "contribution":
+        layout = delta_layout_for(data, size, layout)
     header = parse_header(data, size, layout=layout)
     if kind == "contribution":
-        check_delta_header(header, layout)
+        if header.metadata.get("format") == SPARSE_DELTA_FORMAT:
+            check_sparse_delta_header(header, layout)
+        else:
+            check_delta_header(header, layout)
     else:
         check_state_header(header, layout)
     return header

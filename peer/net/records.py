@@ -119,6 +119,11 @@ class ContributionManifest(SignedRecord):
     loss_after: float | None
     blob: BlobRef
     behaviour: Literal["honest"] | str = Field(default="honest", max_length=64)
+    delta_format: Literal["gradswarm-delta-int8-blockwise", "gradswarm-delta-topk-v1"] = (
+        "gradswarm-delta-int8-blockwise"
+    )
+    """The blob's format (``peer.net.layout.DELTA_FORMAT`` / ``SPARSE_DELTA_FORMAT``); validators refuse a
+    blob whose header says otherwise."""
 
 
 class StateManifest(SignedRecord):

@@ -21,6 +21,14 @@ dequantized values. :class:`ConsensusAllReduceRunner` therefore
 * fails loudly if any part could not be averaged (a reducer died), instead of silently keeping the
   local values for that part the way hivemind does — the caller then decides what a failed round means.
 
+With sparse Δs (``--compression topk``, :class:`peer.training.sparse.TopKWireCompression`) parts travel
+as their non-zero entries and are decoded with the part size the runner expects (before allocating);
+an incoming part with more non-zeros in a top-k chunk than k (an honest Δ̂ has at most k), or one that
+is not in the sparse wire format, is refused like a non-finite one (weight 0); a returned average with
+more than ``senders`` × k non-zeros in a chunk, or malformed, becomes zeros like an oversized one. The
+robust rule runs on the densified parts, unchanged (cost: the owner holds every sender's part dense,
+as with dense compression — memory ``senders`` × its share of the model, no extra bytes on the wire).
+
 :class:`ConsensusAverager` is a ``DecentralizedAverager`` that uses this runner and *copies* results
 into its tensors (instead of adding deltas), all at once after the all-reduce succeeded.
 """
@@ -52,6 +60,13 @@ from hivemind.utils.asyncio import (
 from hivemind.utils.timed_storage import get_dht_time
 
 from peer.training.robust import PLAIN, RobustRule, robust_mean
+from peer.training.sparse import (
+    TopKWireCompression,
+    WireRefused,
+    decode_wire_part,
+    encode_wire_part,
+    excess_entries,
+)
 
 logger = get_logger(__name__)
 
@@ -236,11 +251,19 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         container.return_deltas = (
             False  # a failed reducer's parts then fall back to local values (and we raise)
         )
-        my_index = self.ordered_peer_ids.index(self.peer_id)
+        my_index = self._my_index = self.ordered_peer_ids.index(self.peer_id)
         self._own_part_infos = [info for _, info in container._input_parts_by_peer[my_index]]
+        self.topk = (
+            container.compression.topk if isinstance(container.compression, TopKWireCompression) else None
+        )
+        """Sparse Δs: the swarm's top-k (parts are sparse on the wire and checked against it)."""
+        self._part_infos = [[info for _, info in parts] for parts in container._input_parts_by_peer]
+        self._part_numels = [[p.numel() for p, _ in parts] for parts in container._input_parts_by_peer]
 
     def _roundtrip(self, averaged_part: torch.Tensor, info) -> torch.Tensor:
         """Exactly what a remote peer reconstructs from the bytes we would send it."""
+        if self.topk is not None:
+            return decode_wire_part(encode_wire_part(averaged_part), averaged_part.numel())
         compression = self.tensor_part_container.compression
         serialized = compression.compress(averaged_part, info, allow_inplace=False)
         return deserialize_torch_tensor(serialized)
@@ -271,7 +294,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 )
                 info = self._own_part_infos[part_index]
                 result = await loop.run_in_executor(None, self._roundtrip, averaged_part, info)
-                result = self._check_average(result)
+                result = self._check_sparse_average(self._check_average(result), info)
                 self.tensor_part_container.register_processed_part(peer_index, part_index, result)
             return
         try:
@@ -282,18 +305,32 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 await done_sending.wait()
             part_index = 0
 
-            def _deserialize(msg):
+            numels = self._part_numels[peer_index]
+
+            def _deserialize(numbered):
+                index, msg = numbered
                 if msg.code != averaging_pb2.AVERAGED_PART:
                     raise AllreduceException(f"{peer_id} sent {averaging_pb2.MessageCode.Name(msg.code)}")
-                return deserialize_torch_tensor(msg.tensor_part), msg
+                if self.topk is None:
+                    return deserialize_torch_tensor(msg.tensor_part), msg
+                if index >= len(numels):
+                    raise AllreduceException(f"{peer_id} sent more than {len(numels)} parts")
+                try:
+                    return decode_wire_part(msg.tensor_part, numels[index]), msg
+                except WireRefused:
+                    return None, msg  # malformed average: zeros (see _check_average)
 
             async for averaged, msg in amap_in_executor(
                 _deserialize,
-                aiter_with_timeout(stream, self.reducer_timeout),
+                _numbered(aiter_with_timeout(stream, self.reducer_timeout)),
                 max_prefetch=self.tensor_part_container.prefetch,
             ):
                 self.counters.add(received=msg.ByteSize())
-                averaged = self._check_average(averaged)
+                if averaged is None:
+                    averaged = torch.full((numels[part_index],), float("nan"))
+                averaged = self._check_sparse_average(
+                    self._check_average(averaged), self._part_infos[peer_index][part_index]
+                )
                 self.tensor_part_container.register_processed_part(peer_index, part_index, averaged)
                 part_index += 1
             if part_index != self.tensor_part_container.num_parts_by_peer[peer_index]:
@@ -325,12 +362,27 @@ class ConsensusAllReduceRunner(AllReduceRunner):
             self.counters.add(rejected=rejected)
         return averaged
 
+    def _check_sparse_average(self, averaged: torch.Tensor, info) -> torch.Tensor:
+        """Sparse Δs: an average with more non-zeros in a top-k chunk than ``senders`` × k (what the
+        senders' Δ̂s can hold together) becomes zeros, like an oversized one (same decision everywhere)."""
+        if self.topk is not None and excess_entries(
+            averaged, info, self.topk, senders=len(self.sender_peer_ids)
+        ):
+            self.counters.add(rejected=1)
+            return torch.zeros_like(averaged)
+        return averaged
+
     def _screen(self, part: torch.Tensor, weight: float, part_index: int) -> tuple[torch.Tensor, float]:
         """Robust aggregation of an incoming part: drop non-finite parts, clip outsized ones.
 
         A part whose L2 norm exceeds ``clip_ratio`` × the norm of our own part (same slice of the same
         tensors) is scaled down to that bound, so one peer's ×100 pseudo-gradient cannot dominate.
         """
+        if part is None or (
+            self.topk is not None and excess_entries(part, self._own_part_infos[part_index], self.topk)
+        ):  # malformed sparse part, or more non-zeros in a chunk than an honest top-k Δ̂ has
+            self.counters.add(rejected=1)
+            return torch.zeros(self._part_numels[self._my_index][part_index]), 0.0
         part, weight, rejected = screen_part(
             part,
             weight,
@@ -347,16 +399,25 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         try:
             loop = asyncio.get_event_loop()
 
-            def _deserialize(msg):
-                return (
-                    deserialize_torch_tensor(msg.tensor_part),
-                    msg.weight,
-                    msg.tensor_part.compression,
-                    msg.ByteSize(),
-                )
+            own_numels = self._part_numels[self._my_index]
+
+            def _deserialize(numbered):
+                index, msg = numbered
+                if self.topk is None:
+                    tensor = deserialize_torch_tensor(msg.tensor_part)
+                else:
+                    if index >= len(own_numels):
+                        raise AllreduceException(
+                            f"sender {sender_index} sent more than {len(own_numels)} parts"
+                        )
+                    try:
+                        tensor = decode_wire_part(msg.tensor_part, own_numels[index])
+                    except WireRefused:
+                        tensor = None  # refused in _screen (weight 0)
+                return tensor, msg.weight, msg.tensor_part.compression, msg.ByteSize()
 
             async for tensor_part, weight, part_compression, nbytes in amap_in_executor(
-                _deserialize, stream, max_prefetch=self.tensor_part_container.prefetch
+                _deserialize, _numbered(stream), max_prefetch=self.tensor_part_container.prefetch
             ):
                 self.counters.add(received=nbytes)
                 tensor_part, weight = self._screen(tensor_part, weight, part_index)
@@ -368,15 +429,26 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 except BannedException:
                     logger.debug(f"Sender {sender_index} is already banned")
                     break
-                serialized = await loop.run_in_executor(
-                    None, serialize_torch_tensor, averaged_part, part_compression
-                )
+                if self.topk is not None:
+                    serialized = await loop.run_in_executor(None, encode_wire_part, averaged_part)
+                else:
+                    serialized = await loop.run_in_executor(
+                        None, serialize_torch_tensor, averaged_part, part_compression
+                    )
                 reply = averaging_pb2.AveragingData(code=averaging_pb2.AVERAGED_PART, tensor_part=serialized)
                 self.counters.add(sent=reply.ByteSize())
                 yield reply
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
                 await self._ban_sender(self.sender_peer_ids[sender_index])
+
+
+async def _numbered(stream):
+    """``(index, message)`` of an async stream: parts are decoded in a thread pool, possibly out of order."""
+    index = 0
+    async for msg in stream:
+        yield index, msg
+        index += 1
 
 
 def throttle_group_lookups(key_manager, min_interval: float) -> None:

@@ -8,6 +8,12 @@ norm-bounded). ``c_r`` is the *carry*: zero in blocking rounds; in overlapped ro
 CPU in fp32 from identical inputs, so every peer that averaged in the same group computes bit-identical
 θ (checked by :meth:`state_hash`). Which ḡ is applied when is the trainer's business (README,
 "How a round works").
+
+With sparse Δs (:meth:`enable_topk`, ``--compression topk``) :meth:`pseudo_gradient` returns Δ̂ =
+top-k(β·e + Δ) and keeps the rest in the error-feedback buffer e (:mod:`peer.training.sparse`). e is
+part of the checkpoint (:meth:`state_dict`, ``error_feedback/<name>``) and is reset whenever the peer
+adopts a state it did not compute itself (:meth:`load_state_tensors`: the residual belongs to the state
+it left).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from peer.config import TrainConfig
 from peer.data.model import hash_tensors
 from peer.errors import CheckpointError
+from peer.training.sparse import ErrorFeedback, TopK
 
 
 def make_inner_optimizer(name: str, params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -61,6 +68,12 @@ class DilocoState:
         """c_r: the part of the live start point that is not θ_r (None: x_r = θ_r)."""
         self.last_delta_norm: float | None = None
         """Norm of the last :meth:`pseudo_gradient` before the ``max_delta_norm`` bound."""
+        self.error_feedback: ErrorFeedback | None = None
+        """Sparse Δs only (:meth:`enable_topk`): what was not sent yet."""
+
+    def enable_topk(self, topk: TopK, decay: float = 1.0) -> None:
+        """Send sparse Δ̂s with error feedback from now on (module docstring)."""
+        self.error_feedback = ErrorFeedback([s.shape for s in self.snapshot], topk, decay)
 
     # -- the shared state -------------------------------------------------------------------------
 
@@ -75,6 +88,9 @@ class DilocoState:
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {f"param/{n}": s for n, s in zip(self.names, self.snapshot, strict=True)}
         out.update({f"momentum/{n}": m for n, m in zip(self.names, self.momentum, strict=True)})
+        if self.error_feedback is not None:
+            ef = self.error_feedback.buffers
+            out.update({f"error_feedback/{n}": e for n, e in zip(self.names, ef, strict=True)})
         return out
 
     def load_state_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
@@ -88,6 +104,8 @@ class DilocoState:
                     f"state tensor {name} has shape {tuple(t.shape)}, model needs {tuple(s.shape)}"
                 )
             s.copy_(t.to(torch.float32))
+        if self.error_feedback is not None:
+            self.error_feedback.reset()  # another state: our residual belongs to the one we left
         self._reset_params_to_snapshot()
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -96,6 +114,23 @@ class DilocoState:
         except KeyError as e:
             raise CheckpointError(f"checkpoint lacks tensor {e.args[0]}") from None
         self.load_state_tensors(tensors)
+        if self.error_feedback is not None:
+            self._load_error_feedback(state)
+
+    def _load_error_feedback(self, state: dict[str, torch.Tensor]) -> None:
+        """e from a checkpoint (zeros when it has none: e.g. written by an 8-bit run of this peer)."""
+        buffers = []
+        for n, s in zip(self.names, self.snapshot, strict=True):
+            e = state.get(f"error_feedback/{n}")
+            if e is None:
+                self.error_feedback.reset()
+                return
+            if e.shape != s.shape:
+                raise CheckpointError(
+                    f"checkpoint error_feedback/{n} has shape {tuple(e.shape)}, not {tuple(s.shape)}"
+                )
+            buffers.append(e.to(torch.float32).clone())
+        self.error_feedback.buffers = buffers
 
     @torch.no_grad()
     def _reset_params_to_snapshot(self) -> None:
@@ -128,7 +163,8 @@ class DilocoState:
 
     @torch.no_grad()
     def pseudo_gradient(self) -> list[torch.Tensor]:
-        """Δ = x_r − x_local = θ_r − carry − x_local (CPU fp32), its L2 norm clipped to ``max_delta_norm``.
+        """Δ = x_r − x_local = θ_r − carry − x_local (CPU fp32), its L2 norm clipped to ``max_delta_norm``;
+        with sparse Δs the Δ̂ of :meth:`ErrorFeedback.step` (also bounded by ``max_delta_norm``).
 
         The norm before clipping is kept in :attr:`last_delta_norm` (the trainer reports it per round, so
         an operator can see whether the bound bites honest work)."""
@@ -143,12 +179,19 @@ class DilocoState:
         if norm > self.cfg.max_delta_norm:
             scale = self.cfg.max_delta_norm / norm
             delta = [d * scale for d in delta]
+        if self.error_feedback is not None:
+            delta = self.error_feedback.step(delta, max_norm=self.cfg.max_delta_norm)
         return delta
 
     @torch.no_grad()
     def outer_step(self, avg_delta: Sequence[torch.Tensor]) -> None:
         """Nesterov SGD on an averaged pseudo-gradient; the result becomes the new θ (and live parameters)."""
         lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
+        if self.error_feedback is not None:  # sparse Δs: the error feedback carries the late mass
+            if self.cfg.topk_outer_momentum is not None:
+                mu = self.cfg.topk_outer_momentum
+            if self.cfg.topk_outer_lr is not None:
+                lr = self.cfg.topk_outer_lr
         for s, m, g in zip(self.snapshot, self.momentum, avg_delta, strict=True):
             g = g.to(torch.float32)
             m.mul_(mu).add_(g)

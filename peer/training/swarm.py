@@ -205,6 +205,7 @@ class SwarmAveraging:
         clip_ratio: float | None = 4.0,
         max_part_norm: float | None = None,
         target_group_size: int | None = None,
+        topk=None,
     ):
         import bitsandbytes  # noqa: F401  (must be imported before the averager for blockwise 8-bit)
 
@@ -219,7 +220,7 @@ class SwarmAveraging:
             self.buffers,
             dht=dht,
             prefix=f"{run_id}_diloco",
-            compression=make_compression(compression),
+            compression=make_compression(compression, topk),
             state_compression=make_compression("none"),
             state_provider=state_provider,
             clip_ratio=clip_ratio,
@@ -417,9 +418,15 @@ def choose_state(states: dict[str, str]) -> str | None:
     return min(counts, key=lambda h: (-counts[h], h))
 
 
-def make_compression(name: str):
+def make_compression(name: str, topk=None):
     """Wire compression: ``8bit`` (bitsandbytes blockwise for tensors ≥ 4096 values, fp16 below),
-    ``fp16`` or ``none``. 8-bit sends ~¼ of fp32's bytes; the consensus all-reduce keeps peers identical."""
+    ``fp16``, ``none`` or ``topk`` (sparse Δ̂s, :mod:`peer.training.sparse`; ``topk`` is the swarm's
+    :class:`~peer.training.sparse.TopK`). 8-bit sends ~¼ of fp32's bytes; the consensus all-reduce keeps
+    peers identical."""
+    if name == "topk":
+        from peer.training.sparse import TopK, TopKWireCompression
+
+        return TopKWireCompression(topk if topk is not None else TopK(chunk=4096, k=64))
     from hivemind.compression import (
         BlockwiseQuantization,
         Float16Compression,

@@ -39,6 +39,10 @@ def run_sync(
     import hivemind
 
     run = cfg.run
+    if cfg.compression == "topk":
+        from peer.errors import ConfigError
+
+        raise ConfigError("--compression topk works with --averaging diloco only; use 8bit for sync")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     store = open_page_store(cfg.data, cfg.data_dir, run.data, cfg.corpus_dir)

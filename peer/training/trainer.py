@@ -99,7 +99,9 @@ class TrainerConfig:
     optimizer: str = "adamw"
     """Inner optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes; ¼ of the optimizer-state memory)."""
     compression: str = "8bit"
-    """Wire compression of the all-reduce: ``8bit`` (blockwise, bitsandbytes), ``fp16`` or ``none``."""
+    """Wire compression of the all-reduce: ``8bit`` (blockwise, bitsandbytes), ``fp16``, ``none``, or
+    ``topk``: sparse Δs with error feedback (``train.topk_*``; README "Sparse Δs"), also published sparse.
+    Every peer of a swarm must use the same."""
     max_rounds: int | None = None
     """Stop after this many rounds (None: run until interrupted)."""
     max_seconds: float | None = None
@@ -135,8 +137,8 @@ class TrainerConfig:
         self.data_dir = Path(self.data_dir)
         if self.optimizer not in ("adamw", "adamw8bit"):
             raise ValueError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
-        if self.compression not in ("8bit", "fp16", "none"):
-            raise ValueError(f"compression must be 8bit, fp16 or none, got {self.compression!r}")
+        if self.compression not in ("8bit", "fp16", "none", "topk"):
+            raise ValueError(f"compression must be 8bit, fp16, none or topk, got {self.compression!r}")
 
 
 @dataclass
@@ -270,6 +272,7 @@ class Trainer:
         self.ranks = ranks  # peer.training.ranks.PeerRanks of a multi-rank peer (None: one process)
         self.model = build_model(run, cfg.device if ranks is None else "cpu")
         self.state = self._make_state()
+        self.topk = self._enable_topk()
         self.state_lock = threading.Lock()
         self._hash_lock = threading.Lock()
         self.round: int | None = None  # the round whose start state θ_r we hold
@@ -300,6 +303,7 @@ class Trainer:
             matchmaking_lead=cfg.matchmaking_lead_seconds,
             allreduce_timeout=run.train.averaging_timeout,
             max_part_norm=run.train.max_delta_norm,
+            topk=self.topk,
         )
         self.peer_id = self.swarm.peer_id
         labels = {getattr(dht, "pid", None): "dht", getattr(self.swarm.averager, "pid", None): "averager"}
@@ -335,6 +339,17 @@ class Trainer:
         if self.ranks is not None:
             return self.state.eval_loss(batch)
         return evaluate_loss(self.model, [batch], self.cfg.device)
+
+    def _enable_topk(self):
+        """``--compression topk``: the swarm's top-k, and error feedback in the DiLoCo state (before the
+        checkpoint is loaded: it holds the error-feedback buffer)."""
+        if self.cfg.compression != "topk":
+            return None
+        from peer.training.sparse import TopK
+
+        topk = TopK.from_train(self.cfg.run.train)
+        self.state.enable_topk(topk, self.cfg.run.train.topk_ef_decay)
+        return topk
 
     # ------------------------------------------------------------------------------------------------
     # state: hash, checkpoint, sharing
@@ -494,7 +509,15 @@ class Trainer:
         self, r: int, delta: list[torch.Tensor], pages: list[int], report: RoundReport, base_hash: str
     ) -> None:
         named = dict(zip(self.state.names, delta, strict=True))
-        blob = encode_delta(named)
+        from peer.net.layout import DELTA_FORMAT, SPARSE_DELTA_FORMAT
+
+        if self.topk is not None:
+            from peer.training.sparse import encode_sparse_delta
+
+            blob = encode_sparse_delta(named, self.topk)  # the very Δ̂ that was averaged
+            delta_format = SPARSE_DELTA_FORMAT
+        else:
+            blob, delta_format = encode_delta(named), DELTA_FORMAT
         manifest = ContributionManifest(
             run_id=self.cfg.run_id,
             round=r,
@@ -511,6 +534,7 @@ class Trainer:
             loss_after=report.loss_after,
             blob=BlobRef(name="contribution.safetensors", sha256=sha256_hex(blob), size=len(blob)),
             behaviour=self.cfg.behaviour.value,
+            delta_format=delta_format,
         ).signed(self.keypair)
         self.outbox.write_contribution(r, blob, json.loads(manifest.model_dump_json()))
 
