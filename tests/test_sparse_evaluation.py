@@ -83,13 +83,10 @@ def test_sparse_deltas_are_small_and_cheats_are_caught(sparse_round1, validator_
     assert "assigned pages" in scores["random-data"].reason, explained
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap (#17): on sparse Δs the assignment test loses power — in this fixture honest-c's "
-    "specificity is +0.0025 vs the 0.01 reference (factor 0.25 < 0.3) and it scores 0; a top-1/64 Δ "
-    "carrying error-feedback residue shows less of this round's pages than a dense one",
-)
 def test_every_honest_sparse_delta_scores(sparse_round1):
+    """With the held-out × assignment-factor rule (before #18) honest-c's sparse Δ failed the assignment
+    test here (specificity +0.0025 vs the 0.01 reference: factor 0.25 < 0.3); the work-proportional
+    rule pays it by its specificity, so every honest sparse Δ scores."""
     names, rm, _ = sparse_round1
     scores, explained = _scores(rm, names)
     for n in HONEST:
