@@ -192,3 +192,17 @@ def test_a_subcommand_imports_only_its_module():
         [sys.executable, "-c", code], capture_output=True, text=True, env=peer_env(), cwd=REPO
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_the_validator_never_imports_hivemind():
+    """The validator speaks py-libp2p; hivemind's protobufs in the same process break libp2p's import
+    (duplicate symbol 'crypto.pb.KeyType'). Every validator module, loaded together, leaves it out."""
+    code = (
+        "import sys, validator.cli, validator.loop, validator.evaluation, validator.replay, "
+        "validator.scoring, validator.sampling, peer.training.sparse, peer.net.fetch; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'hivemind'))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=peer_env(), cwd=REPO
+    )
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", (proc.stdout, proc.stderr[-2000:])

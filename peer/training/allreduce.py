@@ -48,9 +48,14 @@ import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
 from hivemind.averaging.partition import BannedException, TensorPartReducer
-from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
+from hivemind.compression import (
+    CompressionBase,
+    CompressionInfo,
+    deserialize_torch_tensor,
+    serialize_torch_tensor,
+)
 from hivemind.p2p import PeerID
-from hivemind.proto import averaging_pb2
+from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_logger
 from hivemind.utils.asyncio import (
     aiter_with_timeout,
@@ -61,7 +66,7 @@ from hivemind.utils.timed_storage import get_dht_time
 
 from peer.training.robust import PLAIN, RobustRule, robust_mean
 from peer.training.sparse import (
-    TopKWireCompression,
+    TopK,
     WireRefused,
     decode_wire_part,
     encode_wire_part,
@@ -69,6 +74,32 @@ from peer.training.sparse import (
 )
 
 logger = get_logger(__name__)
+
+
+class TopKWireCompression(CompressionBase):
+    """hivemind compression of sparse all-reduce parts: non-zero positions + fp16 values (module doc).
+
+    Lossless for a Δ̂ (fp16 values); an average is rounded to fp16 once. Its parts are decoded with
+    :func:`decode_wire_part` (hivemind's ``deserialize_torch_tensor`` does not know this format: the
+    consensus runner calls it, with the part size it expects)."""
+
+    compression_type = runtime_pb2.CompressionType.NONE
+
+    def __init__(self, topk: TopK):
+        self.topk = topk
+
+    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False):
+        return encode_wire_part(tensor)
+
+    def extract(self, serialized_tensor) -> torch.Tensor:
+        return decode_wire_part(serialized_tensor, math.prod(int(s) for s in serialized_tensor.size))
+
+    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
+        # shapes the part sizes (part_size_bytes / (4 · ratio) values): every peer must use the same
+        return 0.25
+
+    def __repr__(self) -> str:
+        return f"TopKWireCompression(chunk={self.topk.chunk}, k={self.topk.k})"
 
 
 class ByteCounters:

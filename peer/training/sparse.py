@@ -12,7 +12,7 @@ keeps an error-feedback buffer e (fp32, one per parameter tensor) and at the end
 Δ̂_r is what the peer both averages and publishes. As fp32 tensors it is zero outside the chosen
 entries, and its values are exactly fp16 numbers, so:
 
-* **on the wire** (:class:`TopKWireCompression`, a hivemind compression) a part is sent as its non-zero
+* **on the wire** (:class:`peer.training.allreduce.TopKWireCompression`, a hivemind compression) a part is sent as its non-zero
   entries: positions (uint16 within blocks of 65 536, plus an int32 count per block) and fp16 values —
   lossless for a peer's Δ̂, so the owner averages exactly the published values. The owner's average
   (the robust rule runs on the densified parts, unchanged) is sent back the same way: its support is the
@@ -32,13 +32,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from hivemind.compression import CompressionBase, CompressionInfo
-from hivemind.proto import runtime_pb2
 
 from peer.net.layout import SPARSE_DELTA_FORMAT, ArtifactRefused, Layout
+
+if TYPE_CHECKING:  # hivemind only where the all-reduce runs: validators import this module too
+    from hivemind.compression import CompressionInfo
 
 WIRE_DTYPE = "gradswarm-topk-wire-v1"
 """``runtime_pb2.Tensor.dtype`` of a sparse all-reduce part (hivemind's own codecs never write it)."""
@@ -281,35 +283,11 @@ def _declares_sparse(data: bytes) -> bool:
 # the all-reduce wire format
 
 
-class TopKWireCompression(CompressionBase):
-    """hivemind compression of sparse all-reduce parts: non-zero positions + fp16 values (module doc).
-
-    Lossless for a Δ̂ (fp16 values); an average is rounded to fp16 once. Its parts are decoded with
-    :func:`decode_wire_part` (hivemind's ``deserialize_torch_tensor`` does not know this format: the
-    consensus runner calls it, with the part size it expects)."""
-
-    compression_type = runtime_pb2.CompressionType.NONE
-
-    def __init__(self, topk: TopK):
-        self.topk = topk
-
-    def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False):
-        return encode_wire_part(tensor)
-
-    def extract(self, serialized_tensor) -> torch.Tensor:
-        return decode_wire_part(serialized_tensor, int(np.prod(serialized_tensor.size)))
-
-    def estimate_compression_ratio(self, info: CompressionInfo) -> float:
-        # shapes the part sizes (part_size_bytes / (4 · ratio) values): every peer must use the same
-        return 0.25
-
-    def __repr__(self) -> str:
-        return f"TopKWireCompression(chunk={self.topk.chunk}, k={self.topk.k})"
-
-
 def encode_wire_part(tensor: torch.Tensor):
     """``runtime_pb2.Tensor`` of a part's non-zero entries: int32 count per block of :data:`WIRE_BLOCK`,
     uint16 position inside the block, fp16 value (a value beyond fp16 becomes ±inf: refused downstream)."""
+    from hivemind.proto import runtime_pb2
+
     flat = tensor.detach().reshape(-1).to("cpu", torch.float32)
     n = flat.numel()
     blocks = -(-n // WIRE_BLOCK)

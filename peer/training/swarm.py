@@ -424,7 +424,8 @@ def make_compression(name: str, topk=None):
     :class:`~peer.training.sparse.TopK`). 8-bit sends ~¼ of fp32's bytes; the consensus all-reduce keeps
     peers identical."""
     if name == "topk":
-        from peer.training.sparse import TopK, TopKWireCompression
+        from peer.training.allreduce import TopKWireCompression
+        from peer.training.sparse import TopK
 
         return TopKWireCompression(topk if topk is not None else TopK(chunk=4096, k=64))
     from hivemind.compression import (
