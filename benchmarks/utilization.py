@@ -118,7 +118,7 @@ def run_swarm(
             "--config",
             config,
             "--run-id",
-            f"bench-{name}-{os.getpid()}",
+            f"bench-{name}-{os.getpid()}".replace(".", "_"),  # run ids: letters, digits, '_' or '-'
             "--home",
             str(home),
             "--data-dir",
@@ -146,6 +146,10 @@ def run_swarm(
         )
     for p in procs:
         p.wait(timeout=1800)
+    for i, p in enumerate(procs):
+        if p.returncode != 0:  # say why, instead of "finished 0 rounds" later
+            tail = (tmp / f"{name}-{i}.log").read_text()[-800:]
+            print(f"{name}-{i}: peer join exited {p.returncode}: {tail.strip()}", file=sys.stderr, flush=True)
     out = []
     for home in homes:
         path = home / "rounds.jsonl"
