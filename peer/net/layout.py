@@ -508,34 +508,47 @@ def check_delta_header(
     if not 1 <= block <= MAX_BLOCK or (layout is not None and block != layout.block):
         want = layout.block if layout is not None else f"1..{MAX_BLOCK}"
         raise ArtifactRefused("bad_metadata", f"Δ block size {block}, expected {want}")
-    raw_shapes = meta.get("shapes", "")
-    n_tensors = len(header.tensors) // 2 + 1
+    shapes = _shapes_metadata(header, layout, "Δ")
+    _match_tensors(header, delta_layout(shapes, block), "Δ", f"block {block}", " (codes + scales)")
+    return block, shapes
+
+
+def _shapes_metadata(header: Header, layout: Layout | None, what: str) -> dict[str, tuple[int, ...]]:
+    """The ``shapes`` metadata of a Δ header (``what``: "Δ" or "sparse Δ"): strict JSON, a map of name →
+    list of at most MAX_NDIM sizes ≤ MAX_DIM, the model's parameters exactly when ``layout`` is given."""
+    raw_shapes = header.metadata.get("shapes", "")
     shapes = strict_json(
-        raw_shapes, max_bytes=len(raw_shapes), max_containers=n_tensors + 1, what="Δ shapes metadata"
+        raw_shapes,
+        max_bytes=len(raw_shapes),
+        max_containers=len(header.tensors) // 2 + 2,
+        what=f"{what} shapes metadata",
     )
     if not isinstance(shapes, dict) or not all(
         isinstance(s, list) and len(s) <= MAX_NDIM and all(type(d) is int and 0 <= d <= MAX_DIM for d in s)
         for s in shapes.values()
     ):
-        raise ArtifactRefused("bad_metadata", "Δ shapes metadata is not a map of name → list of sizes")
+        raise ArtifactRefused("bad_metadata", f"{what} shapes metadata is not a map of name → list of sizes")
     shapes = {n: tuple(s) for n, s in shapes.items()}
     if layout is not None and shapes != dict(layout.param_shapes):
         raise ArtifactRefused(
-            "bad_shape", "Δ shapes metadata does not name the model's parameters and shapes"
+            "bad_shape", f"{what} shapes metadata does not name the model's parameters and shapes"
         )
-    expected = delta_layout(shapes, block).tensors
-    if set(expected) != set(header.tensors):
-        raise ArtifactRefused("wrong_tensors", "Δ tensors do not match its shapes metadata (codes + scales)")
-    for name, spec in expected.items():
+    return shapes
+
+
+def _match_tensors(header: Header, expected: Layout, what: str, needs: str, which: str = "") -> None:
+    """Every tensor of ``header`` is exactly one of ``expected`` (names, dtypes, shapes)."""
+    if set(expected.tensors) != set(header.tensors):
+        raise ArtifactRefused("wrong_tensors", f"{what} tensors do not match its shapes metadata{which}")
+    for name, spec in expected.tensors.items():
         t = header.tensors[name]
         if t.dtype != spec.dtype or t.shape != spec.shape:
             code = "bad_dtype" if t.dtype != spec.dtype else "bad_shape"
             raise ArtifactRefused(
                 code,
-                f"Δ tensor {name[:80]!r} is {t.dtype}{list(t.shape)[:4]}, block {block} needs "
+                f"{what} tensor {name[:80]!r} is {t.dtype}{list(t.shape)[:4]}, {needs} needs "
                 f"{spec.dtype}{list(spec.shape)}",
             )
-    return block, shapes
 
 
 def check_state_header(header: Header, layout: Layout | None = None) -> None:
@@ -589,35 +602,8 @@ def check_sparse_delta_header(
     if not 1 <= k <= chunk <= MAX_TOPK_CHUNK or (layout is not None and (chunk, k) != layout.topk):
         want = layout.topk if layout is not None else f"1 <= k <= chunk <= {MAX_TOPK_CHUNK}"
         raise ArtifactRefused("bad_metadata", f"sparse Δ chunk/k {chunk}/{k}, expected {want}")
-    raw_shapes = meta.get("shapes", "")
-    shapes = strict_json(
-        raw_shapes,
-        max_bytes=len(raw_shapes),
-        max_containers=len(header.tensors) // 2 + 2,
-        what="sparse Δ shapes metadata",
-    )
-    if not isinstance(shapes, dict) or not all(
-        isinstance(s, list) and len(s) <= MAX_NDIM and all(type(d) is int and 0 <= d <= MAX_DIM for d in s)
-        for s in shapes.values()
-    ):
-        raise ArtifactRefused("bad_metadata", "sparse Δ shapes metadata is not a map of name → list of sizes")
-    shapes = {n: tuple(s) for n, s in shapes.items()}
-    if layout is not None and shapes != dict(layout.param_shapes):
-        raise ArtifactRefused(
-            "bad_shape", "sparse Δ shapes metadata does not name the model's parameters and shapes"
-        )
-    expected = sparse_delta_layout(shapes, chunk, k).tensors
-    if set(expected) != set(header.tensors):
-        raise ArtifactRefused("wrong_tensors", "sparse Δ tensors do not match its shapes metadata")
-    for name, spec in expected.items():
-        t = header.tensors[name]
-        if t.dtype != spec.dtype or t.shape != spec.shape:
-            code = "bad_dtype" if t.dtype != spec.dtype else "bad_shape"
-            raise ArtifactRefused(
-                code,
-                f"sparse Δ tensor {name[:80]!r} is {t.dtype}{list(t.shape)[:4]}, top-{k} of {chunk} needs "
-                f"{spec.dtype}{list(spec.shape)}",
-            )
+    shapes = _shapes_metadata(header, layout, "sparse Δ")
+    _match_tensors(header, sparse_delta_layout(shapes, chunk, k), "sparse Δ", f"top-{k} of {chunk}")
     return (chunk, k), shapes
 
 
