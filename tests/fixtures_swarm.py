@@ -217,3 +217,22 @@ def wait_for(predicate, timeout: float, what: str, procs: list[Proc] = ()) -> No
             logs = "\n".join(f"--- {p.log_path.name}\n{p.log()[-2000:]}" for p in procs)
             raise AssertionError(f"timed out waiting for {what}\n{logs}")
         time.sleep(0.2)
+
+
+@pytest.fixture
+def dhts():
+    """Three hivemind DHT nodes on 127.0.0.1 (one process each), joined through the first."""
+    import hivemind
+
+    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    nodes = [first] + [
+        hivemind.DHT(
+            start=True, initial_peers=first.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"]
+        )
+        for _ in range(2)
+    ]
+    try:
+        yield nodes
+    finally:
+        for node in nodes:
+            node.shutdown()

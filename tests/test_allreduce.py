@@ -3,29 +3,10 @@
 from __future__ import annotations
 
 import bitsandbytes  # noqa: F401  (before the averagers: blockwise 8-bit)
-import pytest
 import torch
 
 from peer.data.model import hash_tensors
 from peer.training.swarm import make_compression
-
-
-@pytest.fixture
-def dhts():
-    import hivemind
-
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    nodes = [first] + [
-        hivemind.DHT(
-            start=True, initial_peers=first.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"]
-        )
-        for _ in range(2)
-    ]
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            node.shutdown()
 
 
 def _run(dhts, tensors, runner_cls, weights=(1.0, 1.0, 1.0), classes=None, **kwargs):

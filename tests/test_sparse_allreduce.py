@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import bitsandbytes  # noqa: F401  (before the averagers: blockwise 8-bit)
-import pytest
 import torch
 
 from peer.data.model import hash_tensors
@@ -11,24 +10,6 @@ from peer.training.sparse import TopK, sparsify
 from peer.training.swarm import make_compression
 
 TOPK = TopK(chunk=1024, k=16)
-
-
-@pytest.fixture
-def dhts():
-    import hivemind
-
-    first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    nodes = [first] + [
-        hivemind.DHT(
-            start=True, initial_peers=first.get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"]
-        )
-        for _ in range(2)
-    ]
-    try:
-        yield nodes
-    finally:
-        for node in nodes:
-            node.shutdown()
 
 
 def _run(dhts, tensors, classes=None, **kwargs):
