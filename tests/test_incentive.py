@@ -213,8 +213,8 @@ DEFAULT = ScoringConfig()
         ([2.0, 2.5], 1.0, True, 1.0 / 1.5, 5.5 / 3**0.5, 3),  # a weak round of a consistent peer: paid 2/3
         ([3.0, 3.0, 3.0], 0.3, True, 0.2, 9.3 / 2, 4),  # rides on history: paid only its own evidence
         ([0.2, -0.5, 0.4], 1.2, False, 0.0, 1.3 / 2, 4),  # noise history does not add up
-        ([-1.0, -1.0, -1.0], 2.0, False, 0.0, -0.5, 4),  # rounds without training hold it back
-        ([-1.0, -1.0, -1.0], 9.0, False, 0.0, 0.0, 4),  # … even a very clear round (clipped to 3)
+        ([-1.0, -1.0, -1.0], 2.0, True, 1.0, -0.5, 4),  # a round that proves itself passes alone
+        ([-1.0, -1.0, -1.0], 1.4, False, 0.0, -0.8, 4),  # … a weak one after weak rounds does not
         ([50.0], 0.5, True, 0.5 / 1.5, 3.5 / 2**0.5, 2),  # one huge t counts as 3
         ([1.0, 1.0, 1.0], 2.0, True, 1.0, 5.0 / 2, 4),
         ([], None, True, 1.0, None, 0),  # no per-page t (control-page fallback without t): not tested
@@ -290,14 +290,16 @@ def test_update_ema_keeps_each_hotkeys_evidence():
 
 def test_a_peer_that_does_not_train_earns_a_negligible_share():
     # Monte Carlo of benchmarks/incentive.py on an honest t distribution like a 13-step hotkey's
-    # (median 3.5, a few weak rounds): a peer that never trains earns a few % of an honest one, less
-    # than under the single-round test; one that coasts 3 rounds in 4 earns about its training share.
+    # (median 3.5, a few weak rounds): a peer that never trains earns a few % of an honest one (a bit more
+    # than under the single-round test: its lucky noise can pool too, at a shrunk pay); one that coasts
+    # 3 rounds in 4 earns about its training share.
     from benchmarks.incentive import non_trainer_pay
 
     honest = [-0.7, 0.75, 1.9, 2.6, 3.0, 3.5, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0]
     one = ScoringConfig(evidence_rounds=1)
     never = non_trainer_pay(DEFAULT, honest, (False,), rounds=20_000)
-    assert never["income"] < 0.04 and never["off_pass_rate"] < 0.08
-    assert never["income"] < non_trainer_pay(one, honest, (False,), rounds=20_000)["income"]
+    single = non_trainer_pay(one, honest, (False,), rounds=20_000)
+    assert never["income"] < 0.07 and never["off_pass_rate"] < 0.12
+    assert single["income"] < never["income"] < 1.5 * single["income"]
     coast = non_trainer_pay(DEFAULT, honest, (True, False, False, False), rounds=20_000)
     assert 0.25 <= coast["income"] < 0.25 + 0.75 * 0.12

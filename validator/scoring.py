@@ -386,21 +386,21 @@ def assignment_test(
     """(passes, pay factor, pooled t, rounds pooled) of the assignment test of a peer whose specificity
     is > 0, given its earlier t's (``prior``) and this round's (None: no per-page t, not tested).
 
-    Passes when the pooled t reaches ``min_specificity_t``; for a new hotkey that is this round's t alone
-    (the single-round test). The pay factor is 1 when this round's own t reaches ``min_specificity_t`` too,
-    else ``t_now ÷ min_specificity_t``: a round that passes on earlier evidence is paid in proportion to
-    its own evidence (no cliff for a small honest peer's weak round, and no full pay for a round without
-    training that rides on earlier ones). Earlier rounds without training (t ≈ 0) hold a hotkey back
-    until its new rounds outweigh them: the pooled test is also stricter on a peer that never trains
-    than the single-round one (benchmarks/incentive.py ``--analyse`` prints both).
+    Passes with pay factor 1 when this round's own t reaches ``min_specificity_t`` (the single-round
+    test: an honest peer's earlier weak or negative rounds never hold back a round that proves itself;
+    measured, a pooled-only test refused such rounds and over-paid big peers next to them). Otherwise
+    passes when the pooled t reaches ``min_specificity_t``, with pay factor ``t_now ÷
+    min_specificity_t``: a round that passes on earlier evidence is paid in proportion to its own
+    evidence (no cliff for a small honest peer's weak round, and no full pay for a round without
+    training that rides on earlier ones). For a new hotkey both are this round's t alone.
     """
     if t_now is None:
         return True, 1.0, None, 0
     pooled, k = pooled_evidence(prior, t_now, cfg.evidence_t_clip)
-    if pooled < cfg.min_specificity_t:
-        return False, 0.0, pooled, k
     if t_now >= cfg.min_specificity_t:
         return True, 1.0, pooled, k
+    if pooled < cfg.min_specificity_t:
+        return False, 0.0, pooled, k
     return True, max(0.0, t_now / cfg.min_specificity_t), pooled, k
 
 
