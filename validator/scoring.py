@@ -12,11 +12,13 @@ Round score of a peer (``explain`` keeps every term)::
                         there, from ``cross_gains``); without any, its own gain on unassigned control pages
     specificity       = assigned_gain − generic_gain                          it learned *its* pages
                         (computed per assigned page; its one-sample t statistic must reach
-                        ``min_specificity_t``: gains on nearly every assigned page, not noise)
+                        ``min_specificity_t``: gains on nearly every assigned page, not noise —
+                        in this round, or pooled with the hotkey's last rounds, Σt/√k)
     work              = min(specificity, max_specificity_ratio × heldout_gain × the round's median of
                             specificity / heldout_gain)                        the memorisation cap
     relative_gain     = heldout_gain / the round's median heldout_gain of eligible peers
-    score             = relative_gain × work ** q      (q = reward_exponent)    reward = "specificity"
+    evidence_factor   = 1 if this round's t ≥ min_specificity_t, else t ÷ min_specificity_t (passed pooled)
+    score             = relative_gain × work ** q × evidence_factor     (q = reward_exponent)
 
 Why this product (issue #18, measured in benchmarks/incentive.py on real local subnets, README
 "Rewards"): a Δ's held-out gain grows like steps^0.39 (median over 66 rounds), its own-page
@@ -41,12 +43,14 @@ round's median, a near-copy (cosine ≥ ``duplicate_cosine``) of an earlier roun
 its opposite (θ_r + α·Δ) lowering the held-out loss as much (the direction test),
 a near-copy of another peer's Δ this round that shows more specificity on its *own* pages (the
 original learned its pages; a copier did not — so "the later one earns nothing" without trusting
-timestamps), no specificity (≤ 0) or one that is not significant (t < ``min_specificity_t``).
+timestamps), no specificity (≤ 0) or one that is not significant (t < ``min_specificity_t``, in the
+round and pooled over the hotkey's last ``evidence_rounds`` rounds).
 
 EMA: ``ema ← β·score + (1 − β)·ema`` for every uid of the metagraph that was evaluated this round (a peer
 that sent nothing scores 0); a peer with a contribution that the budget left out (validator.sampling,
 ``not sampled``) keeps its EMA; a uid whose hotkey changed starts again from 0; a round is applied at most
-once.
+once. The state also keeps each hotkey's last assignment-test t's (the pooled evidence):
+``score_round(…, history=state)`` reads them, ``update_ema`` appends this round's.
 
 Weights: the EMA values normalised to shares, with an explicit burn policy (a fixed share to a burn uid,
 and all of it when nobody earned anything; without a burn uid such a round sets no weights), then
@@ -112,13 +116,16 @@ class ScoringConfig:
     """Floor of that reference (nats), so a round where nobody trained on its pages pays nobody for it."""
     min_specificity_t: float = 1.5
     """The assignment test must be significant: the per-page specificities (own gain − generic gain on
-    each assigned page) need a t statistic of at least this. A peer that trained on its pages gains on
-    nearly every one of them; noise does not. At 2.0, 5.1 % of honest peer-rounds were refused
-    (benchmarks/incentive.py; mostly hotkeys with 13 inner steps a round), at 1.5 1.9 %. A non-training
-    peer passes by chance in ~7 % of rounds (t tail, 23 degrees of freedom) and is then paid its
-    noise-sized specificity (estimated, not measured: a few % of an honest peer's round).
-    Lower it (or raise eval.assigned_pages) if honest peers fail with "not shown to have trained"; raise
-    it if non-training peers slip through."""
+    each assigned page) need a t statistic of at least this — in the round itself (full pay), or pooled
+    with the hotkey's earlier rounds (``evidence_rounds``; pay × t ÷ this). A peer that trained on its
+    pages gains on nearly every one of them; noise does not. Single-round test only (benchmarks/incentive.py):
+    at 2.0, 5–8 % of honest peer-rounds were refused, at 1.5 3.4–3.5 % out of sample (hotkeys with 13–21
+    inner steps a round: t grows like √(pages it touched)). A peer that never trains passes by chance in
+    ~7 % of rounds alone (t tail) and ~11 % with pooling, paid its noise-sized specificity (shrunk): ~5 %
+    of a 13-step honest peer's pay, ~3 % of a 64-step one's (Monte Carlo on measured t's,
+    ``benchmarks/incentive.py --analyse``). Symptom → tuning: honest peers fail with "not shown to have
+    trained" → raise ``evidence_rounds`` first (free), then ``eval.assigned_pages`` (validator time), then
+    lower this; non-training peers slip through → raise it."""
     evidence_rounds: int = 4
     """The assignment test pools this many of a hotkey's rounds: this round's per-page t statistic and
     those of its last ``evidence_rounds − 1`` rounds that reached the test (kept in the EMA state), combined
