@@ -28,7 +28,10 @@ function of the recorded measurements (``rounds/<r>/record.json``), every run is
 same measurements: with the scoring defaults before issue #18 (``BEFORE``: held-out gain × assignment
 factor) and with today's defaults (``AFTER``: validator.scoring), so "before" and "after" see the same
 rounds, the same Δs and the same noise. The live validator's own weights (on the ledger) are printed
-as well; they match the replay of the rule it ran with (the records keep its config). What a replay
+as well; they match the replay of the rule it ran with (the records keep its config). A third column,
+``1-round``, is today's rule with the single-round assignment test (``evidence_rounds = 1``), and
+``--analyse`` ends with a Monte Carlo of what a peer that never (or only sometimes) trains would earn
+under each rule, from the honest per-page t's measured in the runs (``non_trainer_pay``). What a replay
 cannot show is a change of the *averaging* weights (the swarm's dynamics): this benchmark changes only
 the reward.
 
