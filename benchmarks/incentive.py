@@ -28,7 +28,10 @@ function of the recorded measurements (``rounds/<r>/record.json``), every run is
 same measurements: with the scoring defaults before issue #18 (``BEFORE``: held-out gain × assignment
 factor) and with today's defaults (``AFTER``: validator.scoring), so "before" and "after" see the same
 rounds, the same Δs and the same noise. The live validator's own weights (on the ledger) are printed
-as well; they match the replay of the rule it ran with (the records keep its config). What a replay
+as well; they match the replay of the rule it ran with (the records keep its config). A third column,
+``1-round``, is today's rule with the single-round assignment test (``evidence_rounds = 1``), and
+``--analyse`` ends with a Monte Carlo of what a peer that never (or only sometimes) trains would earn
+under each rule, from the honest per-page t's measured in the runs (``non_trainer_pay``). What a replay
 cannot show is a change of the *averaging* weights (the swarm's dynamics): this benchmark changes only
 the reward.
 
@@ -58,6 +61,7 @@ from validator.evaluation import RoundMeasurements  # noqa: E402
 from validator.scoring import (  # noqa: E402
     EmaState,
     ScoringConfig,
+    assignment_test,
     normalize_weights,
     not_sampled_scores,
     score_round,
@@ -146,12 +150,17 @@ BEFORE = ScoringConfig(
 )
 """The scoring defaults before issue #18: held-out gain × assignment factor, norm ≤ 5× median, t ≥ 2,
 references scaled by any held-out ratio."""
+ONE_ROUND = ScoringConfig(evidence_rounds=1)
+"""Today's rule with the single-round assignment test (t ≥ 1.5 in the round itself), as before the
+pooled evidence of ``evidence_rounds``."""
 AFTER = ScoringConfig()
 """The scoring defaults now (validator.scoring)."""
 
 
-def replay(records: list[dict], cfg: ScoringConfig) -> tuple[dict[int, float], list[tuple[int, str, str]]]:
-    """Final weight shares (uid → share) and every (round, hotkey, reason) under ``cfg``."""
+def replay(records: list[dict], cfg: ScoringConfig) -> tuple[dict[int, float], list[tuple]]:
+    """Final weight shares (uid → share) and every (round, hotkey, reason, specificity t) under ``cfg``
+    (the EMA state, with its assignment-test evidence, carried from round to round as the validator
+    does)."""
     ema = EmaState()
     shares: dict[int, float] = {}
     reasons = []
@@ -163,12 +172,16 @@ def replay(records: list[dict], cfg: ScoringConfig) -> tuple[dict[int, float], l
         # without it skews the comparison: such a round is left out for everyone (and counted)
         unreached = {p.uid for p in rm.peers if p.status == "rejected"}
         if unreached:
-            reasons += [(rm.round, p.hotkey, "unreached") for p in rm.peers if p.uid in unreached]
+            reasons += [(rm.round, p.hotkey, "unreached", None) for p in rm.peers if p.uid in unreached]
             continue
-        scores = score_round(rm, cfg) + not_sampled_scores(ns, uids)
+        scores = score_round(rm, cfg, history=ema) + not_sampled_scores(ns, uids)
         ema = update_ema(ema, rm.round, scores, uids, cfg.ema_alpha, not_sampled=ns)
         shares = normalize_weights({u: e.value for u, e in ema.entries.items()}, cfg.burn).shares
-        reasons += [(rm.round, s.hotkey, s.reason) for s in scores if s.terms.get("status") == "ok"]
+        reasons += [
+            (rm.round, s.hotkey, s.reason, s.terms.get("specificity_t"))
+            for s in scores
+            if s.terms.get("status") == "ok"
+        ]
     return shares, reasons
 
 
@@ -218,12 +231,16 @@ def analyse_run(run_dir: Path, rules: dict[str, ScoringConfig]) -> dict | None:
         zero = [r for r in reasons if r[2] != "scored"]
         budget = {p["hotkey"]: p["budget"] for p in out["peers"]}
         by_budget: dict[int, list[int]] = {}
-        for _, hk, why in reasons:
+        t_by_budget: dict[int, list[float]] = {}
+        for _, hk, why, st in reasons:
+            if st is not None:
+                t_by_budget.setdefault(budget[hk], []).append(st)
             b = by_budget.setdefault(budget[hk], [0, 0])
             b[0] += why.startswith(ASSIGNMENT_REFUSALS)
             b[1] += 1
         out["rules"][rule_name] = {
             "refusals_by_budget": by_budget,
+            "t_by_budget": t_by_budget,
             "weights": w,
             "figures": figures(w, labels),
             "peer_rounds": len(reasons),
@@ -233,6 +250,83 @@ def analyse_run(run_dir: Path, rules: dict[str, ScoringConfig]) -> dict | None:
             "zero_reasons": sorted({r[2][:90] for r in zero}),
         }
     return out
+
+
+PATTERNS = {"never": (False,), "1 in 4": (True, False, False, False), "3 in 4": (True, True, True, False)}
+"""Which rounds a simulated peer trains in (repeating): never (a copier, random pages, a lazy peer),
+or intermittently (trains, then coasts on its evidence)."""
+
+
+def non_trainer_pay(
+    cfg: ScoringConfig, honest_t: list[float], pattern: tuple[bool, ...], rounds: int = 100_000, seed: int = 0
+) -> dict[str, float]:
+    """Expected pay of a peer that trains only in ``pattern``'s rounds, relative to an honest peer of the
+    same size that trains every round, under ``cfg``'s assignment test (Monte Carlo, pure).
+
+    Model: a training round's per-page t is drawn from ``honest_t`` (measured, this budget); a round
+    without training has t ~ N(0, 1) (its page differences are noise around 0: the generic reference
+    fits its pages as well as its own Δ); its specificity is t × the page noise, which both share, so
+    the pay is t^q × the evidence factor when the test passes (same held-out gain assumed: a copier of
+    the average has at least an honest peer's). Returns the pass rate and pay of its non-training
+    rounds and its income per round over the pattern, each ÷ the honest peer's per-round pay.
+    """
+    import random
+
+    rng = random.Random(seed)
+
+    def run(pat: tuple[bool, ...]) -> tuple[float, float, float, int]:
+        hist: list[float] = []
+        paid_off = passed_off = total = 0.0
+        n_off = 0
+        for i in range(rounds):
+            trains = pat[i % len(pat)]
+            t = rng.choice(honest_t) if trains else rng.gauss(0.0, 1.0)
+            pay = 0.0
+            if t > 0:
+                ok, factor, _, _ = assignment_test(
+                    hist[-(cfg.evidence_rounds - 1) :] if cfg.evidence_rounds > 1 else [], t, cfg
+                )
+                pay = t**cfg.reward_exponent * factor if ok else 0.0
+            total += pay
+            if not trains:
+                n_off += 1
+                paid_off += pay
+                passed_off += pay > 0
+            hist.append(max(-cfg.evidence_t_clip, min(cfg.evidence_t_clip, t)))
+        return paid_off, passed_off, total, n_off
+
+    _, _, honest_total, _ = run((True,))
+    unit = honest_total / rounds
+    paid_off, passed_off, total, n_off = run(pattern)
+    return {
+        "off_pass_rate": passed_off / n_off if n_off else 0.0,
+        "off_round_pay": paid_off / n_off / unit if n_off else 0.0,
+        "income": total / rounds / unit,
+    }
+
+
+def print_non_trainers(results: list[dict], rules: dict[str, ScoringConfig]) -> None:
+    """What a peer that does not train (or trains only some rounds) is expected to earn under each rule,
+    using the honest t's measured in ``results`` for the smallest and the largest budget."""
+    print(
+        "\nnon-training peers (Monte Carlo on the measured honest t's; pay ÷ an honest peer's of that budget):"
+    )
+    for rule, cfg in rules.items():
+        if cfg.reward != "specificity":
+            continue
+        t_by: dict[int, list[float]] = {}
+        for res in results:
+            for b, ts in res["rules"][rule]["t_by_budget"].items():
+                t_by.setdefault(int(b), []).extend(ts)
+        for b in sorted({min(t_by), max(t_by)} if t_by else ()):
+            parts = []
+            for name, pat in PATTERNS.items():
+                r = non_trainer_pay(cfg, t_by[b], pat)
+                parts.append(
+                    f"{name}: off-rounds pass {r['off_pass_rate']:.1%}, paid {r['off_round_pay']:.1%}, "
+                    f"income {r['income']:.1%}"
+                )
+            print(f"  {rule:>8} {b} steps ({len(t_by[b])} t's): " + " · ".join(parts))
 
 
 def figures(w: dict[str, float], labels: dict[str, str]) -> dict[str, float | None]:
@@ -346,7 +440,7 @@ def main() -> None:
     ap.add_argument("--analyse", default=None, metavar="DIR", help="only re-score the runs in DIR")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
     args = ap.parse_args()
-    rules = {"before": BEFORE, "after": AFTER}
+    rules = {"before": BEFORE, "1-round": ONE_ROUND, "after": AFTER}
     names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     for n in names:
         scenario_budgets(n, args.unit_steps)  # unknown names fail before anything runs
@@ -361,6 +455,7 @@ def main() -> None:
     results = [r for r in (analyse_run(d, rules) for d in run_dirs) if r is not None]
     table = report(results, list(rules))
     print_report(results, table)
+    print_non_trainers(results, rules)
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": results, "table": table}, indent=1))
 

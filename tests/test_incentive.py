@@ -13,7 +13,16 @@ import pytest
 
 from peer.errors import ConfigError
 from tests.test_scoring import BASE, HELDOUT, by_uid, peer, rm, table
-from validator.scoring import ScoringConfig, normalize_weights, score_round
+from validator.scoring import (
+    MAX_EVIDENCE,
+    EmaEntry,
+    EmaState,
+    ScoringConfig,
+    assignment_test,
+    normalize_weights,
+    score_round,
+    update_ema,
+)
 
 P = ScoringConfig().reward_exponent
 A = 0.39
@@ -189,3 +198,108 @@ def test_weak_references_are_scaled_up_at_most_max_reference_scale():
     assert unbounded[0].terms["specificity"] == pytest.approx(0.005)
     with pytest.raises(ConfigError):
         ScoringConfig(max_reference_scale=0.5)
+
+
+# ------------------------------------------------------------------- pooled assignment evidence (#18)
+
+DEFAULT = ScoringConfig()
+
+
+@pytest.mark.parametrize(
+    ("prior", "t_now", "passes", "factor", "pooled", "k"),
+    [
+        ([], 1.6, True, 1.0, 1.6, 1),  # a new hotkey: the single-round test
+        ([], 1.4, False, 0.0, 1.4, 1),
+        ([2.0, 2.5], 1.0, True, 1.0 / 1.5, 5.5 / 3**0.5, 3),  # a weak round of a consistent peer: paid 2/3
+        ([3.0, 3.0, 3.0], 0.3, True, 0.2, 9.3 / 2, 4),  # rides on history: paid only its own evidence
+        ([0.2, -0.5, 0.4], 1.2, False, 0.0, 1.3 / 2, 4),  # noise history does not add up
+        ([-1.0, -1.0, -1.0], 2.0, True, 1.0, -0.5, 4),  # a round that proves itself passes alone
+        ([-1.0, -1.0, -1.0], 1.4, False, 0.0, -0.8, 4),  # … a weak one after weak rounds does not
+        ([50.0], 0.5, True, 0.5 / 1.5, 3.5 / 2**0.5, 2),  # one huge t counts as 3
+        ([1.0, 1.0, 1.0], 2.0, True, 1.0, 5.0 / 2, 4),
+        ([], None, True, 1.0, None, 0),  # no per-page t (control-page fallback without t): not tested
+    ],
+)
+def test_assignment_test_table(prior, t_now, passes, factor, pooled, k):
+    got = assignment_test(prior, t_now, DEFAULT)
+    assert got[0] is passes and got[1] == pytest.approx(factor) and got[3] == k
+    assert got[2] == (None if pooled is None else pytest.approx(pooled))
+
+
+def test_one_evidence_round_is_the_single_round_test():
+    one = ScoringConfig(evidence_rounds=1)
+    assert assignment_test([], 1.0, one)[0] is False
+    s = score_round(rm(table()), ScoringConfig(min_specificity_t=3.0, evidence_rounds=1), history=history())
+    assert by_uid(s)[1].score == 0
+    for bad in ({"evidence_rounds": 0}, {"evidence_rounds": MAX_EVIDENCE + 2}, {"evidence_t_clip": 0.0}):
+        with pytest.raises(ConfigError):
+            ScoringConfig(**bad)
+
+
+def history(hotkey="hk1", evidence=(3.0, 3.0)) -> EmaState:
+    return EmaState(
+        last_round=2, entries={1: EmaEntry(hotkey=hotkey, value=0.1, rounds=2, evidence=list(evidence))}
+    )
+
+
+def test_score_round_pools_the_hotkeys_earlier_rounds():
+    # table(): u1 has t 2.5 this round (specificity 0.125, relative held-out gain 0.5). At a gate of 3 it
+    # fails alone; with two earlier rounds at t 3: pooled (3 + 3 + 2.5) / √3 = 4.907 ≥ 3, paid 2.5 / 3.
+    cfg = ScoringConfig(min_specificity_t=3.0)
+    alone = by_uid(score_round(rm(table()), cfg))[1]
+    assert alone.score == 0 and "t = 2.50 < 3.0" in alone.reason
+    s = by_uid(score_round(rm(table()), cfg, history=history()))
+    assert s[1].reason == "scored"
+    assert s[1].terms["pooled_t"] == pytest.approx(8.5 / 3**0.5) and s[1].terms["pooled_rounds"] == 3
+    assert s[1].terms["evidence_factor"] == pytest.approx(2.5 / 3.0)
+    assert s[1].score == pytest.approx(0.5 * 0.125**P * 2.5 / 3.0)
+    assert s[0].score == by_uid(score_round(rm(table()), cfg))[0].score  # others: no history, unchanged
+    # a weak history refuses with the pooled figure in the reason
+    weak = by_uid(score_round(rm(table()), cfg, history=history(evidence=(0.0, -1.0))))[1]
+    assert weak.score == 0 and "pooled over 3 rounds 0.87 < 3.0" in weak.reason
+    # another hotkey on the uid (re-registered) starts without evidence
+    assert by_uid(score_round(rm(table()), cfg, history=history(hotkey="other")))[1].score == 0
+    # the old rule ignores history
+    assert score_round(rm(table()), HELDOUT, history=history()) == score_round(rm(table()), HELDOUT)
+
+
+def test_update_ema_keeps_each_hotkeys_evidence():
+    uids = {u: f"hk{u}" for u in range(9)}
+    prev = EmaState(
+        last_round=2,
+        entries={
+            0: EmaEntry(hotkey="hk0", value=0.0, evidence=[1.0] * MAX_EVIDENCE),
+            1: EmaEntry(hotkey="old", value=0.3, evidence=[2.0]),
+            5: EmaEntry(hotkey="hk5", value=0.1, evidence=[1.5]),
+        },
+    )
+    scores = score_round(rm(table()), DEFAULT, history=prev)
+    new = update_ema(prev, 3, scores, uids, alpha=0.3, not_sampled={})
+    # u0's t 4.33 is kept clipped to 3, the oldest dropped; u1 changed hotkey: only this round's 2.5;
+    # u2 was refused (specificity 0) and its t 0 is kept too; u5 failed the norm gate: no new evidence
+    assert new.entries[0].evidence == [1.0] * (MAX_EVIDENCE - 1) + [3.0]
+    assert new.entries[1].evidence == [pytest.approx(2.5)]
+    assert new.entries[2].evidence == [0.0]
+    assert new.entries[5].evidence == [1.5] and new.entries[8].evidence == []
+    skipped = update_ema(new, 4, [], uids, alpha=0.3, not_sampled={0: "not sampled"})
+    assert skipped.entries[0].evidence == new.entries[0].evidence  # left out by the budget: kept
+    assert EmaState.from_json(new.to_json()) == new
+    old_json = {"last_round": 1, "entries": {"0": {"hotkey": "hk0", "value": 0.5, "rounds": 1}}}
+    assert EmaState.from_json(old_json).entries[0].evidence == []  # state written before the knob
+
+
+def test_a_peer_that_does_not_train_earns_a_negligible_share():
+    # Monte Carlo of benchmarks/incentive.py on an honest t distribution like a 13-step hotkey's
+    # (median 3.5, a few weak rounds): a peer that never trains earns a few % of an honest one (a bit more
+    # than under the single-round test: its lucky noise can pool too, at a shrunk pay); one that coasts
+    # 3 rounds in 4 earns about its training share.
+    from benchmarks.incentive import non_trainer_pay
+
+    honest = [-0.7, 0.75, 1.9, 2.6, 3.0, 3.5, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0]
+    one = ScoringConfig(evidence_rounds=1)
+    never = non_trainer_pay(DEFAULT, honest, (False,), rounds=20_000)
+    single = non_trainer_pay(one, honest, (False,), rounds=20_000)
+    assert never["income"] < 0.07 and never["off_pass_rate"] < 0.12
+    assert single["income"] < never["income"] < 1.5 * single["income"]
+    coast = non_trainer_pay(DEFAULT, honest, (True, False, False, False), rounds=20_000)
+    assert 0.25 <= coast["income"] < 0.25 + 0.75 * 0.12

@@ -597,7 +597,7 @@ def score(
     """Round scores of the evaluated peers (+ a ``not sampled`` row for each left-out one), the EMA moved
     for the evaluated only, and the weights from the EMA."""
     not_sampled = {u: r for u, r in (not_sampled or {}).items() if u in uids}
-    scores = score_round(rm, cfg) + not_sampled_scores(not_sampled, uids)
+    scores = score_round(rm, cfg, history=ema) + not_sampled_scores(not_sampled, uids)
     new_ema = update_ema(ema, rm.round, scores, uids, cfg.ema_alpha, not_sampled=not_sampled)
     weights = normalize_weights({u: e.value for u, e in new_ema.entries.items()}, cfg.burn)
     return scores, new_ema, weights

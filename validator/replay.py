@@ -99,7 +99,7 @@ def replay_round(
     ema_before = EmaState.from_json(rec.ema_before)
     uids = {int(u): e["hotkey"] for u, e in rec.ema_after["entries"].items()}
     not_sampled = {u: r for u, r in not_sampled.items() if u in uids}
-    scores = score_round(rm, scoring_cfg) + not_sampled_scores(not_sampled, uids)
+    scores = score_round(rm, scoring_cfg, history=ema_before) + not_sampled_scores(not_sampled, uids)
     ema_after = update_ema(
         ema_before, rec.round, scores, uids, scoring_cfg.ema_alpha, not_sampled=not_sampled
     )

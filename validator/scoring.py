@@ -12,11 +12,13 @@ Round score of a peer (``explain`` keeps every term)::
                         there, from ``cross_gains``); without any, its own gain on unassigned control pages
     specificity       = assigned_gain − generic_gain                          it learned *its* pages
                         (computed per assigned page; its one-sample t statistic must reach
-                        ``min_specificity_t``: gains on nearly every assigned page, not noise)
+                        ``min_specificity_t``: gains on nearly every assigned page, not noise —
+                        in this round, or pooled with the hotkey's last rounds, Σt/√k)
     work              = min(specificity, max_specificity_ratio × heldout_gain × the round's median of
                             specificity / heldout_gain)                        the memorisation cap
     relative_gain     = heldout_gain / the round's median heldout_gain of eligible peers
-    score             = relative_gain × work ** q      (q = reward_exponent)    reward = "specificity"
+    evidence_factor   = 1 if this round's t ≥ min_specificity_t, else t ÷ min_specificity_t (passed pooled)
+    score             = relative_gain × work ** q × evidence_factor     (q = reward_exponent)
 
 Why this product (issue #18, measured in benchmarks/incentive.py on real local subnets, README
 "Rewards"): a Δ's held-out gain grows like steps^0.39 (median over 66 rounds), its own-page
@@ -41,12 +43,14 @@ round's median, a near-copy (cosine ≥ ``duplicate_cosine``) of an earlier roun
 its opposite (θ_r + α·Δ) lowering the held-out loss as much (the direction test),
 a near-copy of another peer's Δ this round that shows more specificity on its *own* pages (the
 original learned its pages; a copier did not — so "the later one earns nothing" without trusting
-timestamps), no specificity (≤ 0) or one that is not significant (t < ``min_specificity_t``).
+timestamps), no specificity (≤ 0) or one that is not significant (t < ``min_specificity_t``, in the
+round and pooled over the hotkey's last ``evidence_rounds`` rounds).
 
 EMA: ``ema ← β·score + (1 − β)·ema`` for every uid of the metagraph that was evaluated this round (a peer
 that sent nothing scores 0); a peer with a contribution that the budget left out (validator.sampling,
 ``not sampled``) keeps its EMA; a uid whose hotkey changed starts again from 0; a round is applied at most
-once.
+once. The state also keeps each hotkey's last assignment-test t's (the pooled evidence):
+``score_round(…, history=state)`` reads them, ``update_ema`` appends this round's.
 
 Weights: the EMA values normalised to shares, with an explicit burn policy (a fixed share to a burn uid,
 and all of it when nobody earned anything; without a burn uid such a round sets no weights), then
@@ -65,6 +69,9 @@ from validator.evaluation import PeerMeasurement, RoundMeasurements
 U16_MAX = 65535
 REWARDS = ("specificity", "heldout")
 T_CAP = 1000.0
+MAX_EVIDENCE = 15
+"""Earlier assignment-test t statistics kept per hotkey in the EMA state (``evidence_rounds`` uses the last
+``evidence_rounds − 1`` of them)."""
 
 
 @dataclass(kw_only=True)
@@ -109,13 +116,33 @@ class ScoringConfig:
     """Floor of that reference (nats), so a round where nobody trained on its pages pays nobody for it."""
     min_specificity_t: float = 1.5
     """The assignment test must be significant: the per-page specificities (own gain − generic gain on
-    each assigned page) need a t statistic of at least this. A peer that trained on its pages gains on
-    nearly every one of them; noise does not. At 2.0, 5.1 % of honest peer-rounds were refused
-    (benchmarks/incentive.py; mostly hotkeys with 13 inner steps a round), at 1.5 1.9 %. A non-training
-    peer passes by chance in ~7 % of rounds (t tail, 23 degrees of freedom) and is then paid its
-    noise-sized specificity (estimated, not measured: a few % of an honest peer's round).
-    Lower it (or raise eval.assigned_pages) if honest peers fail with "not shown to have trained"; raise
-    it if non-training peers slip through."""
+    each assigned page) need a t statistic of at least this — in the round itself (full pay), or pooled
+    with the hotkey's earlier rounds (``evidence_rounds``; pay × t ÷ this). A peer that trained on its
+    pages gains on nearly every one of them; noise does not. Single-round test only (benchmarks/incentive.py):
+    at 2.0, 5–8 % of honest peer-rounds were refused, at 1.5 3.4–3.5 % out of sample (hotkeys with 13–21
+    inner steps a round: t grows like √(pages it touched)). A peer that never trains passes by chance in
+    ~7 % of rounds alone (t tail) and ~11 % with pooling, paid its noise-sized specificity (shrunk): ~5 %
+    of a 13-step honest peer's pay, ~3 % of a 64-step one's (Monte Carlo on measured t's,
+    ``benchmarks/incentive.py --analyse``). Symptom → tuning: honest peers fail with "not shown to have
+    trained" → raise ``evidence_rounds`` first (free), then ``eval.assigned_pages`` (validator time), then
+    lower this; non-training peers slip through → raise it."""
+    evidence_rounds: int = 4
+    """The assignment test pools this many of a hotkey's rounds: this round's per-page t statistic and
+    those of its last ``evidence_rounds − 1`` rounds that reached the test (kept in the EMA state), combined
+    as Σt / √k (Stouffer; each t clipped to ± ``evidence_t_clip``); the pooled value must reach
+    ``min_specificity_t``. A non-trainer's t's are noise around 0, so their pooled value is N(0, 1)-like
+    however many rounds are pooled: its chance to pass stays the single-round one. A small honest peer's
+    t's are all positive (t ≈ √pages-it-touched), so pooling k rounds multiplies its evidence by ~√k.
+    Symptom → tuning: small honest hotkeys (13–21 steps a round) refused with "not shown to have
+    trained" → raise it (costs nothing at evaluation); a peer that stops training keeps passing on its
+    history → lower it (its rounds without training are still paid only their noise-sized specificity
+    × the shrink below). 1 = the single-round test (before this knob, issue #18)."""
+    evidence_t_clip: float = 3.0
+    """Each round's t enters the pooled test clipped to [−this, this], so one very clear round (t in the
+    tens on a big peer) cannot carry later rounds without training; with 3.0 and 4 pooled rounds, three
+    clear rounds let a round with t ≥ −4.5 pass the pooled test, which is why a round whose own t is
+    below ``min_specificity_t`` is paid only ``t ÷ min_specificity_t`` of its score (no cliff, no free
+    ride)."""
     max_assignment_factor: float = 2.0
     """Cap of the assignment factor. Above 1 a peer that learned its own pages better than the reference
     earns more for the same held-out gain (with norm-clipped Δs, more inner steps and cleaner data show up
@@ -177,6 +204,12 @@ class ScoringConfig:
             raise ConfigError("scoring.max_reference_scale must be >= 1")
         if self.max_specificity_ratio <= 1:
             raise ConfigError("scoring.max_specificity_ratio must be > 1")
+        if not 1 <= self.evidence_rounds <= MAX_EVIDENCE + 1:
+            raise ConfigError(
+                f"scoring.evidence_rounds must be in [1, {MAX_EVIDENCE + 1}], got {self.evidence_rounds}"
+            )
+        if not self.evidence_t_clip > 0:
+            raise ConfigError("scoring.evidence_t_clip must be > 0")
 
 
 @dataclass(kw_only=True)
@@ -218,8 +251,10 @@ def _diff(a: float | None, b: float | None) -> float | None:
 # ------------------------------------------------------------------------------------------- a round
 
 
-def score_round(m: RoundMeasurements, cfg: ScoringConfig) -> list[PeerScore]:
-    """Round scores of every measured peer, in the order of ``m.peers``."""
+def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | None = None) -> list[PeerScore]:
+    """Round scores of every measured peer, in the order of ``m.peers``. ``history`` is the EMA state
+    before this round: its per-hotkey assignment-test evidence is pooled with this round's
+    (``evidence_rounds``); None = no earlier evidence (every hotkey is new)."""
     terms: dict[tuple[int, str], dict] = {}
     for p in m.peers:
         heldout_gain = _diff(m.heldout_loss_base, p.heldout_loss)
@@ -295,7 +330,8 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig) -> list[PeerScore]:
         if cfg.reward == "heldout":
             t["assignment_reference"] = reference
         if reason is None and cfg.reward == "specificity":
-            score, reason = _specificity_reward(t, cfg, ratio_median, heldout_median)
+            prior = prior_evidence(history, p.uid, p.hotkey, cfg.evidence_rounds - 1)
+            score, reason = _specificity_reward(t, cfg, ratio_median, heldout_median, prior)
         elif reason is None:
             factor = min(cfg.max_assignment_factor, max(0.0, t["specificity"] / reference))
             t["assignment_factor"] = factor
@@ -335,26 +371,79 @@ def _heldout_median(terms: dict, reasons: dict) -> float | None:
     return median(gains) if gains else None
 
 
+def prior_evidence(history: EmaState | None, uid: int, hotkey: str, n: int) -> list[float]:
+    """The last ``n`` assignment-test t statistics of ``hotkey`` on ``uid`` in ``history`` (oldest first;
+    empty for a new or changed hotkey, or ``n`` = 0)."""
+    if history is None or n <= 0:
+        return []
+    e = history.entries.get(uid)
+    return list(e.evidence[-n:]) if e is not None and e.hotkey == hotkey else []
+
+
+def pooled_evidence(prior: Sequence[float], t_now: float, clip: float) -> tuple[float, int]:
+    """(Σ t / √k, k) over the earlier t's and this round's, each clipped to [−clip, clip] (Stouffer's
+    combination: N(0, 1)-like for a peer whose t's are noise, whatever k)."""
+    ts = [max(-clip, min(clip, x)) for x in (*prior, t_now)]
+    return sum(ts) / math.sqrt(len(ts)), len(ts)
+
+
+def assignment_test(
+    prior: Sequence[float], t_now: float | None, cfg: ScoringConfig
+) -> tuple[bool, float, float | None, int]:
+    """(passes, pay factor, pooled t, rounds pooled) of the assignment test of a peer whose specificity
+    is > 0, given its earlier t's (``prior``) and this round's (None: no per-page t, not tested).
+
+    Passes with pay factor 1 when this round's own t reaches ``min_specificity_t`` (the single-round
+    test: an honest peer's earlier weak or negative rounds never hold back a round that proves itself;
+    measured, a pooled-only test refused such rounds and over-paid big peers next to them). Otherwise
+    passes when the pooled t reaches ``min_specificity_t``, with pay factor ``t_now ÷
+    min_specificity_t``: a round that passes on earlier evidence is paid in proportion to its own
+    evidence (no cliff for a small honest peer's weak round, and no full pay for a round without
+    training that rides on earlier ones). For a new hotkey both are this round's t alone.
+    """
+    if t_now is None:
+        return True, 1.0, None, 0
+    pooled, k = pooled_evidence(prior, t_now, cfg.evidence_t_clip)
+    if t_now >= cfg.min_specificity_t:
+        return True, 1.0, pooled, k
+    if pooled < cfg.min_specificity_t:
+        return False, 0.0, pooled, k
+    return True, max(0.0, t_now / cfg.min_specificity_t), pooled, k
+
+
 def _specificity_reward(
-    t: dict, cfg: ScoringConfig, ratio_median: float | None, heldout_median: float | None
+    t: dict,
+    cfg: ScoringConfig,
+    ratio_median: float | None,
+    heldout_median: float | None,
+    prior: Sequence[float] = (),
 ) -> tuple[float, str]:
     """(score, reason) of an eligible peer under ``reward = "specificity"``; fills the terms it used.
 
     work = min(specificity, max_specificity_ratio × heldout_gain × ratio_median);
-    score = heldout_gain / heldout_median × work ** q. The assignment test (t statistic) is a gate; no
-    cliff above it: less specificity, less pay.
+    score = heldout_gain / heldout_median × work ** q × evidence factor. The assignment test (this
+    round's t pooled with the hotkey's earlier ones, :func:`assignment_test`) is a gate; no cliff above
+    it: less specificity (and a weaker round), less pay.
     """
     spec, st = t["specificity"], t["specificity_t"]
+    if st is not None:
+        # this round's evidence, recorded whatever the outcome (update_ema keeps it for later rounds)
+        t["evidence_t"] = max(-cfg.evidence_t_clip, min(cfg.evidence_t_clip, st))
+    t["evidence_prior"] = list(prior)
     if spec is None or spec <= 0:
         return 0.0, (
             "not trained on its assigned pages (specificity "
             + ("unknown" if spec is None else f"{spec:+.4f}")
             + " ≤ 0: its Δ does no more on its pages than other peers' Δs do)"
         )
-    if st is not None and st < cfg.min_specificity_t:
+    passes, factor, pooled, k = assignment_test(prior, st, cfg)
+    t["pooled_t"], t["pooled_rounds"], t["evidence_factor"] = pooled, k, factor
+    if not passes:
         return 0.0, (
             f"not shown to have trained on its assigned pages (specificity {spec:+.4f} over "
-            f"{t['specificity_pages']} pages, t = {st:.2f} < {cfg.min_specificity_t})"
+            f"{t['specificity_pages']} pages, t = {st:.2f}"
+            + (f", pooled over {k} rounds {pooled:.2f}" if k > 1 else "")
+            + f" < {cfg.min_specificity_t})"
         )
     cap = None if ratio_median is None else cfg.max_specificity_ratio * t["heldout_gain"] * ratio_median
     work = spec if cap is None else min(spec, cap)
@@ -364,7 +453,7 @@ def _specificity_reward(
     t["heldout_median"] = heldout_median
     t["relative_heldout_gain"] = rel = t["heldout_gain"] / heldout_median if heldout_median else 1.0
     t["reward_exponent"] = cfg.reward_exponent
-    return rel * work**cfg.reward_exponent, "scored"
+    return rel * work**cfg.reward_exponent * factor, "scored"
 
 
 def _t_one(xs: Sequence[float]) -> float | None:
@@ -474,6 +563,9 @@ class EmaEntry:
     """Rounds this hotkey has been scored on this uid."""
     last_evaluated: int | None = None
     """Last round this hotkey was evaluated on this uid (None: never); the sampling priority."""
+    evidence: list[float] = field(default_factory=list)
+    """Its last assignment-test t statistics (clipped, oldest first, at most ``MAX_EVIDENCE``): the
+    earlier rounds that ``score_round`` pools with the current one (``evidence_rounds``)."""
 
 
 @dataclass(kw_only=True)
@@ -504,7 +596,8 @@ def update_ema(
 ) -> EmaState:
     """The EMA after round ``round_``: every uid of the metagraph (``uid → hotkey``) moves towards its score
     (0 when it has none), except the uids in ``not_sampled`` (left out by the validator's budget), which
-    keep their value. A round at or before ``state.last_round`` is not applied again."""
+    keep their value. A round at or before ``state.last_round`` is not applied again. A score whose terms
+    hold an ``evidence_t`` (its assignment test ran) appends it to the hotkey's evidence."""
     if state.last_round is not None and round_ <= state.last_round:
         return state
     by_uid = {s.uid: s for s in scores}
@@ -516,13 +609,23 @@ def update_ema(
         old = prev.value if same else 0.0
         rounds = prev.rounds if same else 0
         last = prev.last_evaluated if same else None
+        evidence = list(prev.evidence) if same else []
         if uid in skip:
-            entries[uid] = EmaEntry(hotkey=hotkey, value=old, rounds=rounds, last_evaluated=last)
+            entries[uid] = EmaEntry(
+                hotkey=hotkey, value=old, rounds=rounds, last_evaluated=last, evidence=evidence
+            )
             continue
         s = by_uid.get(uid)
-        score = s.score if s is not None and s.hotkey == hotkey else 0.0
+        mine = s is not None and s.hotkey == hotkey
+        score = s.score if mine else 0.0
+        if mine and s.terms.get("evidence_t") is not None:
+            evidence = (evidence + [float(s.terms["evidence_t"])])[-MAX_EVIDENCE:]
         entries[uid] = EmaEntry(
-            hotkey=hotkey, value=alpha * score + (1 - alpha) * old, rounds=rounds + 1, last_evaluated=round_
+            hotkey=hotkey,
+            value=alpha * score + (1 - alpha) * old,
+            rounds=rounds + 1,
+            last_evaluated=round_,
+            evidence=evidence,
         )
     return EmaState(last_round=round_, entries=entries)
 
