@@ -201,7 +201,7 @@ def sampled_part(run, store, peers, cands, base, seed1, trial: int, rounds: int,
         key = sampling_key(hashlib.sha256(f"bench-end-block-{trial}-{r}".encode()).digest(), r)
         sel = select_peers(uids, last_evaluated(ema, uids), k, key)
         rm, _ = ev.evaluate_round(1, seed1, base, [c for c in cands if c.uid in set(sel.selected)])
-        scores = score_round(rm, cfg) + not_sampled_scores(sel.not_sampled, uids)
+        scores = score_round(rm, cfg, history=ema) + not_sampled_scores(sel.not_sampled, uids)
         ema = update_ema(ema, r, scores, uids, cfg.ema_alpha, not_sampled=sel.not_sampled)
         for u in sel.selected:
             evaluated[u] += 1
