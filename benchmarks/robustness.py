@@ -40,6 +40,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import random
 import statistics
@@ -85,6 +86,7 @@ class Sim:
     rounds: int
     steps: int
     eval_pages: int
+    flat: bool = True  # one flat buffer (ConsensusAverager's default) or per-tensor parts
 
 
 def _seed(run: int, r: int) -> bytes:
@@ -109,17 +111,24 @@ class _Counter:
         self.rejected += rejected
 
 
-def consensus_average(inputs, weights, rule: RobustRule, max_part_norm: float, rng: random.Random):
+def consensus_average(
+    inputs, weights, rule: RobustRule, max_part_norm: float, rng: random.Random, flat: bool = True
+):
     """The consensus all-reduce of ``inputs`` (one list of tensors per sender), without the network.
 
-    Returns the tensors every peer ends with and the number of parts the owners clipped or dropped."""
+    ``flat``: average one flat buffer of all tensors, as :class:`ConsensusAverager` does by default
+    (False: every tensor split into its own parts, as before). Returns the tensors every peer ends with
+    and the number of parts the owners clipped or dropped."""
     from hivemind.compression import deserialize_torch_tensor
 
-    from peer.training.allreduce import RobustPartReducer, check_average, screen_part
+    from peer.training.allreduce import RobustPartReducer, check_average, flatten_tensors, screen_part
     from peer.training.swarm import make_compression
 
     compression = make_compression("8bit")
     n = len(inputs)
+    tensor_shapes = [t.shape for t in inputs[0]]
+    if flat:
+        inputs = [[flatten_tensors(tensors)] for tensors in inputs]
     split = [_split(tensors, n, compression) for tensors in inputs]  # [sender][owner] → [(part, info)]
     rejected = 0
     counter = _Counter()
@@ -167,11 +176,12 @@ def consensus_average(inputs, weights, rule: RobustRule, max_part_norm: float, r
             rejected += rej
             flat_out.append(out.reshape(-1))
     rejected += counter.rejected
-    flat = torch.cat(flat_out)
+    out = torch.cat(flat_out)
     result, offset = [], 0
-    for t in inputs[0]:
-        result.append(flat[offset : offset + t.numel()].view_as(t).clone())
-        offset += t.numel()
+    for shape in tensor_shapes:
+        numel = math.prod(shape)
+        result.append(out[offset : offset + numel].view(shape).clone())
+        offset += numel
     return result, rejected
 
 
@@ -207,7 +217,9 @@ def simulate(sim: Sim, data_dir: str) -> dict:
             tensors, w = bh.averaging_input(Behaviour(b), st.pseudo_gradient())
             inputs.append(tensors)
             weights.append(w)
-        averaged, rejected = consensus_average(inputs, weights, rule, run.train.max_delta_norm, rng)
+        averaged, rejected = consensus_average(
+            inputs, weights, rule, run.train.max_delta_norm, rng, flat=sim.flat
+        )
         rejected_total += rejected
         for st in states:
             st.outer_step(averaged)
@@ -425,6 +437,12 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="simulations in parallel (one thread each)")
     p.add_argument("--timing-reps", type=int, default=3)
     p.add_argument("--timing-values", type=int, default=8_000_000, help="values all-reduced in the timing")
+    p.add_argument(
+        "--per-tensor",
+        action="store_true",
+        help="simulate the old split: every tensor in its own parts (default: one flat buffer)",
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip the honest-only plain-mean runs")
     p.add_argument("--only-timing", action="store_true")
     p.add_argument("--real-swarm", type=int, default=0, metavar="PAIRS", help="also run real swarms (pairs)")
     p.add_argument("--real-rounds", type=int, default=12)
@@ -449,10 +467,16 @@ def main() -> int:
         for h in honest_counts:
             for k in range(args.runs):
                 common = dict(
-                    honest=h, run=k, rounds=args.rounds, steps=args.steps, eval_pages=args.eval_pages
+                    honest=h,
+                    run=k,
+                    rounds=args.rounds,
+                    steps=args.steps,
+                    eval_pages=args.eval_pages,
+                    flat=not args.per_tensor,
                 )
                 sims.append(Sim(attack=None, rule="robust", **common))
-                sims.append(Sim(attack=None, rule="plain", **common))
+                if not args.no_baseline:
+                    sims.append(Sim(attack=None, rule="plain", **common))
                 for a in attacks:
                     for rule in ["robust", *extra]:
                         sims.append(Sim(attack=a, rule=rule, **common))
