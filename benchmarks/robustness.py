@@ -242,8 +242,24 @@ def _simulate_star(args):
 # ---------------------------------------------------------------------------------- timing part
 
 
-def allreduce_timing(reps: int, values: int) -> dict:
-    """Seconds of the real consensus all-reduce (3 averagers), robust rule vs plain mean, alternating."""
+def model_shapes(config: str) -> list[torch.Size]:
+    """Parameter shapes of a shipped model config, in the model's order (built on the meta device)."""
+    from peer.data.model import llama_config
+
+    with torch.device("meta"):
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(llama_config(load_run_config(config)))
+    return [p.shape for p in model.parameters()]
+
+
+def allreduce_timing(reps: int, values: int, config: str | None = None, flat: bool = True) -> dict:
+    """Seconds of the real consensus all-reduce (3 averagers), robust rule vs plain mean, alternating.
+
+    Inputs: one tensor of ``values`` values, or (``config``) one tensor per parameter of that model
+    config, averaged as one flat buffer (``flat``, the default) or split per tensor."""
+    import os
+
     import bitsandbytes  # noqa: F401  (before the averagers: blockwise 8-bit)
     import hivemind
 
@@ -252,8 +268,11 @@ def allreduce_timing(reps: int, values: int) -> dict:
     from peer.training.swarm import make_compression
 
     g = torch.Generator().manual_seed(0)
-    common = torch.randn(values, generator=g)
-    inputs = [[common + torch.randn(values, generator=g)] for _ in range(3)]
+    shapes = model_shapes(config) if config else [torch.Size([values])]
+    values = sum(math.prod(s) for s in shapes)
+    common = [torch.randn(s, generator=g) for s in shapes]
+    inputs = [[c + torch.randn(c.shape, generator=g) for c in common] for _ in range(3)]
+    load_before = os.getloadavg()
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     dhts = [first] + [
         hivemind.DHT(
@@ -275,6 +294,7 @@ def allreduce_timing(reps: int, values: int) -> dict:
                         min_matchmaking_time=2.0,
                         request_timeout=1.0,
                         rule=RULES[name],
+                        flat=flat,
                     )
                     for ts, d in zip(inputs, dhts, strict=True)
                 ]
@@ -293,20 +313,33 @@ def allreduce_timing(reps: int, values: int) -> dict:
     finally:
         for d in dhts:
             d.shutdown()
-    # the rule alone on one default-size part (2^19 bytes of 8-bit wire = 524,288 values), 5 senders
-    parts = [common[: 2**19] + torch.randn(2**19, generator=g) for _ in range(5)]
+    load_after = os.getloadavg()
+    # the rule alone on one default-size part (2^19 bytes of 8-bit wire = 524,288 values), 3 and 5 senders
+    base = torch.randn(2**19, generator=g)
     rule_s = {}
-    for name in ("plain", "robust"):
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            rule_executor().submit(
-                robust_mean, parts, [1.0] * 5, RULES[name]
-            ).result()  # as the reducer runs it
-            best = min(best, time.perf_counter() - t0)
-        rule_s[name] = best
+    for n in (3, 5):
+        parts = [base + torch.randn(2**19, generator=g) for _ in range(n)]
+        for name in ("plain", "robust"):
+            best = float("inf")
+            for _ in range(10):
+                t0 = time.perf_counter()
+                rule_executor().submit(
+                    robust_mean, parts, [1.0] * n, RULES[name]
+                ).result()  # as the reducer runs it
+                best = min(best, time.perf_counter() - t0)
+            rule_s[f"{name}/{n}"] = best
     ratios = [r / p for r, p in zip(times["robust"], times["plain"], strict=True)]
-    return {"values": values, "seconds": times, "ratios": ratios, "rule_seconds_one_part": rule_s}
+    return {
+        "values": values,
+        "tensors": len(shapes),
+        "config": config,
+        "flat": flat,
+        "seconds": times,
+        "ratios": ratios,
+        "rule_seconds_one_part": rule_s,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+    }
 
 
 # ------------------------------------------------------------------------------- real swarm part
@@ -443,6 +476,11 @@ def main() -> int:
         help="simulate the old split: every tensor in its own parts (default: one flat buffer)",
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the honest-only plain-mean runs")
+    p.add_argument(
+        "--timing-config",
+        default=None,
+        help="time a model config's parameter shapes (e.g. small: ~30M values) instead of --timing-values",
+    )
     p.add_argument("--only-timing", action="store_true")
     p.add_argument("--real-swarm", type=int, default=0, metavar="PAIRS", help="also run real swarms (pairs)")
     p.add_argument("--real-rounds", type=int, default=12)
@@ -501,16 +539,23 @@ def main() -> int:
                     f"  {name:55s} worst {max(vals):.4f}  median {statistics.median(vals):.4f}  ({len(vals)} runs)"
                 )
     if not args.skip_timing:
-        timing = allreduce_timing(args.timing_reps, args.timing_values)
+        timing = allreduce_timing(
+            args.timing_reps, args.timing_values, args.timing_config, flat=not args.per_tensor
+        )
         out["timing"] = timing
+        fmt = lambda xs: " ".join(f"{x:.3f}" for x in xs)  # noqa: E731
         print(
-            f"\nall-reduce of {timing['values']:,} values, 3 peers: robust {timing['seconds']['robust']} s, "
-            f"plain {timing['seconds']['plain']} s; ratio worst {max(timing['ratios']):.3f} "
+            f"\nall-reduce of {timing['values']:,} values in {timing['tensors']} tensors "
+            f"({'flat buffer' if timing['flat'] else 'per tensor'}), 3 peers, load average "
+            f"{fmt(timing['loadavg_before'])} → {fmt(timing['loadavg_after'])}:\n"
+            f"  robust {fmt(timing['seconds']['robust'])} s\n  plain  {fmt(timing['seconds']['plain'])} s\n"
+            f"  ratio per rep {fmt(timing['ratios'])}: worst {max(timing['ratios']):.3f} "
             f"median {statistics.median(timing['ratios']):.3f}"
         )
         rs = timing["rule_seconds_one_part"]
         print(
-            f"rule alone on one 524,288-value part, 5 senders: robust {rs['robust']:.4f} s, plain {rs['plain']:.4f} s"
+            "rule alone on one 524,288-value part (best of 10): "
+            + ", ".join(f"{k} senders {v * 1e3:.2f} ms" for k, v in rs.items())
         )
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))

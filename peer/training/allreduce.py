@@ -275,9 +275,12 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         self.counters = counters or ByteCounters()
         self.clip_ratio = clip_ratio
         self.max_part_norm = max_part_norm
+        stock = self.tensor_part_reducer
+        stock.current_part_future.cancel()
+        stock.finished.set()  # replaced unused: its __del__ would log "received 0.0% of input tensors"
         self.tensor_part_reducer = RobustPartReducer(
-            self.tensor_part_reducer.part_shapes,
-            self.tensor_part_reducer.num_senders,
+            stock.part_shapes,
+            stock.num_senders,
             rule=rule,
             counters=self.counters,
         )
