@@ -296,8 +296,8 @@ def allreduce_timing(reps: int, values: int, config: str | None = None, flat: bo
                         prefix=f"timing{rep}{name}",
                         compression=make_compression("8bit"),
                         start=True,
-                        min_matchmaking_time=3.0,
-                        request_timeout=3.0,  # a loaded box answers slowly
+                        min_matchmaking_time=4.0,
+                        request_timeout=2.0,  # < min_matchmaking_time (hivemind warns otherwise)
                         rule=RULES[name],
                         flat=flat,
                     )
@@ -305,7 +305,7 @@ def allreduce_timing(reps: int, values: int, config: str | None = None, flat: bo
                 ]
                 try:
                     controls = [a.step(wait=False, timeout=120, require_trigger=True) for a in averagers]
-                    time.sleep(7.0)  # matchmaking done: time the all-reduce itself
+                    time.sleep(8.0)  # matchmaking done: time the all-reduce itself
                     t0 = time.perf_counter()
                     for c in controls:
                         c.allow_allreduce()
