@@ -69,7 +69,12 @@ from peer.training.behaviour import Behaviour  # noqa: E402
 from peer.training.diloco import DilocoState  # noqa: E402
 from peer.training.robust import MEDIAN_NORM_CLIP, PLAIN, RobustRule  # noqa: E402
 
-RULES = {"robust": RobustRule(), "plain": PLAIN, "median-clip": MEDIAN_NORM_CLIP}
+RULES = {
+    "robust": RobustRule(),
+    "plain": PLAIN,
+    "median-clip": MEDIAN_NORM_CLIP,
+    "robust-dir": RobustRule(direction_screen=True),  # experimental: + drop parts pointing away
+}
 ATTACKS = {  # scenario → behaviours of the extra peers
     "sign-flip": ["sign-flip"],
     "sign-flip-3": ["sign-flip-3"],
@@ -453,6 +458,11 @@ def _summary(results: list[dict], honest: int) -> list[tuple[str, list[float]]]:
     plain = {k: by[(None, "plain", k)] for k in runs if (None, "plain", k) in by}
     if base and plain:
         rows.append(("honest only: robust ÷ plain", [base[k] / plain[k] for k in runs if k in plain]))
+    for rule in RULES:
+        if rule.startswith("robust-"):
+            vals = [by[(None, rule, k)] / base[k] for k in runs if (None, rule, k) in by and k in base]
+            if vals:
+                rows.append((f"honest only: {rule} ÷ robust", vals))
     for attack in ATTACKS:
         for rule in RULES:
             vals = [by[(attack, rule, k)] / base[k] for k in runs if (attack, rule, k) in by and k in base]
@@ -482,6 +492,11 @@ def main() -> int:
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the honest-only plain-mean runs")
     p.add_argument(
+        "--skip-robust-attacks",
+        action="store_true",
+        help="run the attacks with --extra-rules only (the robust ones were measured before: same seeds)",
+    )
+    p.add_argument(
         "--timing-config",
         default=None,
         help="time a model config's parameter shapes (e.g. small: ~30M values) instead of --timing-values",
@@ -506,6 +521,7 @@ def main() -> int:
         honest_counts = [int(x) for x in args.honest.split(",")]
         attacks = [a for a in args.attacks.split(",") if a]
         extra = [r for r in args.extra_rules.split(",") if r]
+        attack_rules = ["robust", *extra] if not args.skip_robust_attacks else extra
         sims = []
         for h in honest_counts:
             for k in range(args.runs):
@@ -520,8 +536,11 @@ def main() -> int:
                 sims.append(Sim(attack=None, rule="robust", **common))
                 if not args.no_baseline:
                     sims.append(Sim(attack=None, rule="plain", **common))
+                for rule in extra:
+                    if rule.startswith("robust-"):  # a robust variant: its honest-only cost too
+                        sims.append(Sim(attack=None, rule=rule, **common))
                 for a in attacks:
-                    for rule in ["robust", *extra]:
+                    for rule in attack_rules:
                         sims.append(Sim(attack=a, rule=rule, **common))
         t0 = time.time()
         with mp.get_context("spawn").Pool(args.jobs) as pool:

@@ -75,6 +75,12 @@ class RobustRule:
     that copy one vector sit at 0. Raise it if colluders add a little noise to their copies; it must
     stay well below the honest spread (≤ 0.3)."""
 
+    direction_screen: bool = False
+    """Experimental (off): also leave out a sender whose part points away from the biweight centre
+    (``⟨x_i, c⟩ < 0``). Honest Δs of one round share a direction (cosine ≈ 0.6 with each other, ≈ 0.8 with
+    their mean); a ×−1 sign flip has ≈ −0.8, whatever the distances. Measured in RESULTS.md (round 3)
+    as ``robust-dir``; turn on only after it passes the whole scenario table."""
+
     def __post_init__(self) -> None:
         if self.dedup is not None and not 0 <= self.dedup < 1:
             raise ValueError(f"dedup must be in [0, 1), got {self.dedup}")
@@ -279,7 +285,7 @@ def _biweight(
 
 
 def screened_mean(
-    x: torch.Tensor, omega: torch.Tensor, d: torch.Tensor, cutoff: float
+    x: torch.Tensor, omega: torch.Tensor, d: torch.Tensor, cutoff: float, exclude: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, int]:
     """The ``ω``-weighted mean of the *inliers*: rows of ``x`` within ``cutoff`` × the median of the
     distances ``d`` to the biweight centre.
@@ -287,10 +293,13 @@ def screened_mean(
     The biweight finds the centre and who is far from it; averaging the inliers with their own weights
     (instead of the biweight's tapered ones) makes the result exactly the plain mean when nobody is an
     outlier — the taper otherwise shrinks the update by down-weighting the farthest honest sender.
-    Returns ``(mean, dropped)``. Sender order, one gemv: deterministic given the inputs."""
+    ``exclude`` (bool per row) drops rows on top of the distance test (the scale ``s`` still counts
+    them). Returns ``(mean, dropped)``. Sender order, one gemv: deterministic given the inputs."""
     pos = omega > 0
     s = _median(d[pos])
     inlier = (d <= cutoff * s) & pos if s > 0 else (d == 0) & pos
+    if exclude is not None and bool((inlier & ~exclude).any()):  # never all of them
+        inlier = inlier & ~exclude
     a = omega * inlier.double()
     total = float(a.sum())
     return (a / total).float() @ x, int((pos & ~inlier).sum())  # the median sender is an inlier: total > 0
@@ -355,7 +364,10 @@ def robust_mean(
         omega = torch.tensor([max(float(w), 0.0) for w in weights], dtype=torch.float64)
         center, a, d = _biweight(x, omega, cutoff=rule.cutoff, iters=rule.iters, gram=gram)
         if rule.inlier_mean:
-            averaged, dropped = screened_mean(x, omega, d, rule.cutoff)
+            exclude = None
+            if rule.direction_screen and float(a.sum()) > 0:  # ⟨x_i, c⟩ = (G κ)_i: from the Gram matrix
+                exclude = (gram @ (a / a.sum())) < 0
+            averaged, dropped = screened_mean(x, omega, d, rule.cutoff, exclude)
             return averaged.reshape(shape), rejected + dropped
         center, a = center.reshape(shape), a / max(float(a.sum()), 1e-300)
         rejected += int(
