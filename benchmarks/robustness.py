@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/robustness.py --honest 3 --runs 3              # the scenario table
     .venv/bin/python benchmarks/robustness.py --only-timing                    # all-reduce seconds only
+    .venv/bin/python benchmarks/robustness.py --only-timing --timing-config small   # a ~30M model's shapes
 
 Prints, measured in this run:
 
@@ -12,7 +13,9 @@ Prints, measured in this run:
    baseline see the same seeds. Worst and median over runs. Targets: ≤ 1.02 and ≤ 1.01.
 2. **all-reduce seconds**, robust rule ÷ plain mean, on the real consensus all-reduce (three
    ``ConsensusAverager`` processes with their DHTs on 127.0.0.1, 8-bit wire, default part size), alternating
-   the two, ``--timing-reps`` times each; plus the rule's own CPU time on one default-size part. Target ≤ 1.2.
+   the two, ``--timing-reps`` times each, of ``--timing-values`` values or of a model config's parameter
+   shapes (``--timing-config``); plus the rule's own time on one default-size part (3 and 5 senders) and
+   the load average before and after (the timing is load-sensitive). Target ≤ 1.2.
 
 The simulation is faithful where it matters and says where it is not:
 
@@ -23,15 +26,17 @@ The simulation is faithful where it matters and says where it is not:
 * attackers train as well and send what ``peer.training.behaviour`` makes of their Δ (``sign-flip``,
   ``sign-flip-3/10/100``, ``scaled``, ``noise``); ``collude-flip`` is two attackers sending one identical
   vector (−Δ of the first attacker), ``collude`` two ``collude`` peers (one seeded direction);
-* the all-reduce is the real one minus the network: hivemind's ``TensorPartContainer`` splits every
-  sender's Δ into the same parts with the same 8-bit/fp16 wire compression, each part's owner screens
+* the all-reduce is the real one minus the network: every sender's Δ is laid out as one flat buffer
+  (:func:`peer.training.allreduce.flatten_tensors`, as ``ConsensusAverager`` does; ``--per-tensor``: the
+  old split, every tensor its own parts), hivemind's ``TensorPartContainer`` splits it into the same
+  parts with the same 8-bit/fp16 wire compression, each part's owner screens
   the dequantized parts (``screen_part``: 4× its own part, ``max_part_norm``), feeds them in a shuffled
   arrival order to the real ``RobustPartReducer``, and every peer applies ``check_average`` of the owner's
   dequantized result. Owners (attackers included) run honest reducer code, as ``peer join --behaviour``
   does; a lying part owner is not simulated (see README, open gap).
 * Every simulated peer applies the outer step itself and the benchmark asserts that all of them hold
   the same state hash after every round. Here that holds by construction (one owner computes each part);
-  the bit-identity across real processes is what ``tests/test_robust_swarm.py`` checks.
+  the bit-identity across real processes is what ``tests/test_allreduce.py`` and the swarm tests check.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import random
 import statistics
@@ -63,7 +69,12 @@ from peer.training.behaviour import Behaviour  # noqa: E402
 from peer.training.diloco import DilocoState  # noqa: E402
 from peer.training.robust import MEDIAN_NORM_CLIP, PLAIN, RobustRule  # noqa: E402
 
-RULES = {"robust": RobustRule(), "plain": PLAIN, "median-clip": MEDIAN_NORM_CLIP}
+RULES = {
+    "robust": RobustRule(),
+    "plain": PLAIN,
+    "median-clip": MEDIAN_NORM_CLIP,
+    "robust-dir": RobustRule(direction_screen=True),  # experimental: + drop parts pointing away
+}
 ATTACKS = {  # scenario → behaviours of the extra peers
     "sign-flip": ["sign-flip"],
     "sign-flip-3": ["sign-flip-3"],
@@ -85,6 +96,7 @@ class Sim:
     rounds: int
     steps: int
     eval_pages: int
+    flat: bool = True  # one flat buffer (ConsensusAverager's default) or per-tensor parts
 
 
 def _seed(run: int, r: int) -> bytes:
@@ -109,17 +121,24 @@ class _Counter:
         self.rejected += rejected
 
 
-def consensus_average(inputs, weights, rule: RobustRule, max_part_norm: float, rng: random.Random):
+def consensus_average(
+    inputs, weights, rule: RobustRule, max_part_norm: float, rng: random.Random, flat: bool = True
+):
     """The consensus all-reduce of ``inputs`` (one list of tensors per sender), without the network.
 
-    Returns the tensors every peer ends with and the number of parts the owners clipped or dropped."""
+    ``flat``: average one flat buffer of all tensors, as :class:`ConsensusAverager` does by default
+    (False: every tensor split into its own parts, as before). Returns the tensors every peer ends with
+    and the number of parts the owners clipped or dropped."""
     from hivemind.compression import deserialize_torch_tensor
 
-    from peer.training.allreduce import RobustPartReducer, check_average, screen_part
+    from peer.training.allreduce import RobustPartReducer, check_average, flatten_tensors, screen_part
     from peer.training.swarm import make_compression
 
     compression = make_compression("8bit")
     n = len(inputs)
+    tensor_shapes = [t.shape for t in inputs[0]]
+    if flat:
+        inputs = [[flatten_tensors(tensors)] for tensors in inputs]
     split = [_split(tensors, n, compression) for tensors in inputs]  # [sender][owner] → [(part, info)]
     rejected = 0
     counter = _Counter()
@@ -167,11 +186,12 @@ def consensus_average(inputs, weights, rule: RobustRule, max_part_norm: float, r
             rejected += rej
             flat_out.append(out.reshape(-1))
     rejected += counter.rejected
-    flat = torch.cat(flat_out)
+    out = torch.cat(flat_out)
     result, offset = [], 0
-    for t in inputs[0]:
-        result.append(flat[offset : offset + t.numel()].view_as(t).clone())
-        offset += t.numel()
+    for shape in tensor_shapes:
+        numel = math.prod(shape)
+        result.append(out[offset : offset + numel].view(shape).clone())
+        offset += numel
     return result, rejected
 
 
@@ -207,7 +227,9 @@ def simulate(sim: Sim, data_dir: str) -> dict:
             tensors, w = bh.averaging_input(Behaviour(b), st.pseudo_gradient())
             inputs.append(tensors)
             weights.append(w)
-        averaged, rejected = consensus_average(inputs, weights, rule, run.train.max_delta_norm, rng)
+        averaged, rejected = consensus_average(
+            inputs, weights, rule, run.train.max_delta_norm, rng, flat=sim.flat
+        )
         rejected_total += rejected
         for st in states:
             st.outer_step(averaged)
@@ -230,8 +252,24 @@ def _simulate_star(args):
 # ---------------------------------------------------------------------------------- timing part
 
 
-def allreduce_timing(reps: int, values: int) -> dict:
-    """Seconds of the real consensus all-reduce (3 averagers), robust rule vs plain mean, alternating."""
+def model_shapes(config: str) -> list[torch.Size]:
+    """Parameter shapes of a shipped model config, in the model's order (built on the meta device)."""
+    from peer.data.model import llama_config
+
+    with torch.device("meta"):
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(llama_config(load_run_config(config)))
+    return [p.shape for p in model.parameters()]
+
+
+def allreduce_timing(reps: int, values: int, config: str | None = None, flat: bool = True) -> dict:
+    """Seconds of the real consensus all-reduce (3 averagers), robust rule vs plain mean, alternating.
+
+    Inputs: one tensor of ``values`` values, or (``config``) one tensor per parameter of that model
+    config, averaged as one flat buffer (``flat``, the default) or split per tensor."""
+    import os
+
     import bitsandbytes  # noqa: F401  (before the averagers: blockwise 8-bit)
     import hivemind
 
@@ -240,8 +278,11 @@ def allreduce_timing(reps: int, values: int) -> dict:
     from peer.training.swarm import make_compression
 
     g = torch.Generator().manual_seed(0)
-    common = torch.randn(values, generator=g)
-    inputs = [[common + torch.randn(values, generator=g)] for _ in range(3)]
+    shapes = model_shapes(config) if config else [torch.Size([values])]
+    values = sum(math.prod(s) for s in shapes)
+    common = [torch.randn(s, generator=g) for s in shapes]
+    inputs = [[c + torch.randn(c.shape, generator=g) for c in common] for _ in range(3)]
+    load_before = os.getloadavg()
     first = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
     dhts = [first] + [
         hivemind.DHT(
@@ -260,20 +301,21 @@ def allreduce_timing(reps: int, values: int) -> dict:
                         prefix=f"timing{rep}{name}",
                         compression=make_compression("8bit"),
                         start=True,
-                        min_matchmaking_time=2.0,
-                        request_timeout=1.0,
+                        min_matchmaking_time=4.0,
+                        request_timeout=2.0,  # < min_matchmaking_time (hivemind warns otherwise)
                         rule=RULES[name],
+                        flat=flat,
                     )
                     for ts, d in zip(inputs, dhts, strict=True)
                 ]
                 try:
                     controls = [a.step(wait=False, timeout=120, require_trigger=True) for a in averagers]
-                    time.sleep(4.0)  # matchmaking done: time the all-reduce itself
+                    time.sleep(8.0)  # matchmaking done: time the all-reduce itself
                     t0 = time.perf_counter()
                     for c in controls:
                         c.allow_allreduce()
                     for c in controls:
-                        assert c.result(timeout=300) is not None
+                        assert c.result(timeout=120) is not None
                     times[name].append(time.perf_counter() - t0)
                 finally:
                     for a in averagers:
@@ -281,20 +323,33 @@ def allreduce_timing(reps: int, values: int) -> dict:
     finally:
         for d in dhts:
             d.shutdown()
-    # the rule alone on one default-size part (2^19 bytes of 8-bit wire = 524,288 values), 5 senders
-    parts = [common[: 2**19] + torch.randn(2**19, generator=g) for _ in range(5)]
+    load_after = os.getloadavg()
+    # the rule alone on one default-size part (2^19 bytes of 8-bit wire = 524,288 values), 3 and 5 senders
+    base = torch.randn(2**19, generator=g)
     rule_s = {}
-    for name in ("plain", "robust"):
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            rule_executor().submit(
-                robust_mean, parts, [1.0] * 5, RULES[name]
-            ).result()  # as the reducer runs it
-            best = min(best, time.perf_counter() - t0)
-        rule_s[name] = best
+    for n in (3, 5):
+        parts = [base + torch.randn(2**19, generator=g) for _ in range(n)]
+        for name in ("plain", "robust"):
+            best = float("inf")
+            for _ in range(10):
+                t0 = time.perf_counter()
+                rule_executor().submit(
+                    robust_mean, parts, [1.0] * n, RULES[name]
+                ).result()  # as the reducer runs it
+                best = min(best, time.perf_counter() - t0)
+            rule_s[f"{name}/{n}"] = best
     ratios = [r / p for r, p in zip(times["robust"], times["plain"], strict=True)]
-    return {"values": values, "seconds": times, "ratios": ratios, "rule_seconds_one_part": rule_s}
+    return {
+        "values": values,
+        "tensors": len(shapes),
+        "config": config,
+        "flat": flat,
+        "seconds": times,
+        "ratios": ratios,
+        "rule_seconds_one_part": rule_s,
+        "loadavg_before": load_before,
+        "loadavg_after": load_after,
+    }
 
 
 # ------------------------------------------------------------------------------- real swarm part
@@ -403,6 +458,11 @@ def _summary(results: list[dict], honest: int) -> list[tuple[str, list[float]]]:
     plain = {k: by[(None, "plain", k)] for k in runs if (None, "plain", k) in by}
     if base and plain:
         rows.append(("honest only: robust ÷ plain", [base[k] / plain[k] for k in runs if k in plain]))
+    for rule in RULES:
+        if rule.startswith("robust-"):
+            vals = [by[(None, rule, k)] / base[k] for k in runs if (None, rule, k) in by and k in base]
+            if vals:
+                rows.append((f"honest only: {rule} ÷ robust", vals))
     for attack in ATTACKS:
         for rule in RULES:
             vals = [by[(attack, rule, k)] / base[k] for k in runs if (attack, rule, k) in by and k in base]
@@ -425,6 +485,22 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=2, help="simulations in parallel (one thread each)")
     p.add_argument("--timing-reps", type=int, default=3)
     p.add_argument("--timing-values", type=int, default=8_000_000, help="values all-reduced in the timing")
+    p.add_argument(
+        "--per-tensor",
+        action="store_true",
+        help="simulate the old split: every tensor in its own parts (default: one flat buffer)",
+    )
+    p.add_argument("--no-baseline", action="store_true", help="skip the honest-only plain-mean runs")
+    p.add_argument(
+        "--skip-robust-attacks",
+        action="store_true",
+        help="run the attacks with --extra-rules only (the robust ones were measured before: same seeds)",
+    )
+    p.add_argument(
+        "--timing-config",
+        default=None,
+        help="time a model config's parameter shapes (e.g. small: ~30M values) instead of --timing-values",
+    )
     p.add_argument("--only-timing", action="store_true")
     p.add_argument("--real-swarm", type=int, default=0, metavar="PAIRS", help="also run real swarms (pairs)")
     p.add_argument("--real-rounds", type=int, default=12)
@@ -445,16 +521,26 @@ def main() -> int:
         honest_counts = [int(x) for x in args.honest.split(",")]
         attacks = [a for a in args.attacks.split(",") if a]
         extra = [r for r in args.extra_rules.split(",") if r]
+        attack_rules = ["robust", *extra] if not args.skip_robust_attacks else extra
         sims = []
         for h in honest_counts:
             for k in range(args.runs):
                 common = dict(
-                    honest=h, run=k, rounds=args.rounds, steps=args.steps, eval_pages=args.eval_pages
+                    honest=h,
+                    run=k,
+                    rounds=args.rounds,
+                    steps=args.steps,
+                    eval_pages=args.eval_pages,
+                    flat=not args.per_tensor,
                 )
                 sims.append(Sim(attack=None, rule="robust", **common))
-                sims.append(Sim(attack=None, rule="plain", **common))
+                if not args.no_baseline:
+                    sims.append(Sim(attack=None, rule="plain", **common))
+                for rule in extra:
+                    if rule.startswith("robust-"):  # a robust variant: its honest-only cost too
+                        sims.append(Sim(attack=None, rule=rule, **common))
                 for a in attacks:
-                    for rule in ["robust", *extra]:
+                    for rule in attack_rules:
                         sims.append(Sim(attack=a, rule=rule, **common))
         t0 = time.time()
         with mp.get_context("spawn").Pool(args.jobs) as pool:
@@ -477,16 +563,23 @@ def main() -> int:
                     f"  {name:55s} worst {max(vals):.4f}  median {statistics.median(vals):.4f}  ({len(vals)} runs)"
                 )
     if not args.skip_timing:
-        timing = allreduce_timing(args.timing_reps, args.timing_values)
+        timing = allreduce_timing(
+            args.timing_reps, args.timing_values, args.timing_config, flat=not args.per_tensor
+        )
         out["timing"] = timing
+        fmt = lambda xs: " ".join(f"{x:.3f}" for x in xs)  # noqa: E731
         print(
-            f"\nall-reduce of {timing['values']:,} values, 3 peers: robust {timing['seconds']['robust']} s, "
-            f"plain {timing['seconds']['plain']} s; ratio worst {max(timing['ratios']):.3f} "
+            f"\nall-reduce of {timing['values']:,} values in {timing['tensors']} tensors "
+            f"({'flat buffer' if timing['flat'] else 'per tensor'}), 3 peers, load average "
+            f"{fmt(timing['loadavg_before'])} → {fmt(timing['loadavg_after'])}:\n"
+            f"  robust {fmt(timing['seconds']['robust'])} s\n  plain  {fmt(timing['seconds']['plain'])} s\n"
+            f"  ratio per rep {fmt(timing['ratios'])}: worst {max(timing['ratios']):.3f} "
             f"median {statistics.median(timing['ratios']):.3f}"
         )
         rs = timing["rule_seconds_one_part"]
         print(
-            f"rule alone on one 524,288-value part, 5 senders: robust {rs['robust']:.4f} s, plain {rs['plain']:.4f} s"
+            "rule alone on one 524,288-value part (best of 10): "
+            + ", ".join(f"{k} senders {v * 1e3:.2f} ms" for k, v in rs.items())
         )
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))

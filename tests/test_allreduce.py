@@ -9,10 +9,11 @@ from peer.data.model import hash_tensors
 from peer.training.swarm import make_compression
 
 
-def _run(dhts, tensors, runner_cls, weights=(1.0, 1.0, 1.0), classes=None, **kwargs):
+def _run(dhts, tensors, runner_cls, weights=None, classes=None, **kwargs):
     from peer.training.allreduce import ConsensusAverager
 
     classes = classes or [runner_cls] * len(tensors)
+    weights = weights or [1.0] * len(tensors)
     averagers = [
         cls(
             t,
@@ -205,3 +206,64 @@ def test_sign_flipped_sender_is_left_out_and_peers_stay_identical(dhts):
     want = torch.cat([t.reshape(-1) for t in mean])
     assert float((got - want).norm() / want.norm()) < 0.05, float((got - want).norm() / want.norm())
     assert sum(c[2] for c in counters) >= 2  # the flipped parts were counted as rejected
+
+
+def _model_like_deltas(seed: int, n: int) -> list[list[torch.Tensor]]:
+    """``n`` Δs shaped like a small transformer's: two big matrices on which the senders agree (a shared
+    direction, cosine ≈ 0.6) and norms / a small matrix on which they barely do (cosine ≈ 0.05), as
+    measured on real debug-model Δs; entries of one scale (8-bit blocks mix tensors in the flat buffer)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(300, 64), (64,), (16, 64), (64,), (300, 64), (64,), (64,)]
+    agree = [0.6 if len(s) == 2 and s[0] > 100 else 0.05 for s in shapes]
+    common = [torch.randn(s, generator=g) for s in shapes]
+    return [
+        [
+            c * a**0.5 + torch.randn(c.shape, generator=g) * (1 - a) ** 0.5
+            for c, a in zip(common, agree, strict=True)
+        ]
+        for _ in range(n)
+    ]
+
+
+def test_sign_flip_among_three_honest_is_left_out_of_every_tensor_with_the_flat_buffer(dhts):
+    """Four real averagers (three honest, one sending −1 × its own Δ) over a model with small tensors.
+
+    With the flat buffer (default) every part mixes the big and the small tensors, so the flipped Δ is far
+    from the honest ones in every part and is left out everywhere, the small tensors included: all four
+    end bit-identical at the honest senders' mean. Split per tensor (``flat=False``, hivemind's way), a
+    64-value norm is a part of its own where the honest Δs barely agree, the flipped slice lands inside
+    the cut-off and pulls that tensor — the failure the flat buffer fixes."""
+    import hivemind
+
+    from peer.training.allreduce import ConsensusAverager
+
+    deltas = _model_like_deltas(seed=11, n=4)
+    honest, inputs = deltas[:3], [*deltas[:3], [-t for t in deltas[3]]]
+    want = [torch.stack(ts).mean(0) for ts in zip(*honest, strict=True)]
+    with_flip = [torch.stack(ts).mean(0) for ts in zip(*inputs, strict=True)]
+    small = [i for i, t in enumerate(want) if t.numel() <= 1024]
+    fourth = hivemind.DHT(
+        start=True, initial_peers=dhts[0].get_visible_maddrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"]
+    )
+    try:
+        nodes = [*dhts, fourth]
+        results, counters = _run(nodes, [[t.clone() for t in ts] for ts in inputs], ConsensusAverager)
+        per_tensor, _ = _run(
+            nodes,
+            [[t.clone() for t in ts] for ts in inputs],
+            ConsensusAverager,
+            weights=(1.0,) * 4,
+            flat=False,
+        )
+    finally:
+        fourth.shutdown()
+    assert len({hash_tensors((str(i), t) for i, t in enumerate(r)) for r in results}) == 1
+    assert [t.shape for t in results[0]] == [t.shape for t in want]
+    for i, (got, m, f) in enumerate(zip(results[0], want, with_flip, strict=True)):
+        err = float((got - m).norm() / m.norm())
+        assert err < 0.05, (i, err)  # the honest mean, up to 8-bit rounding (≤ 2.6 %): the flip is out
+        assert float((got - f).norm() / f.norm()) > 0.2, i  # and not the mean with the flip in
+    assert sum(c[2] for c in counters) >= 1  # the flipped sender counted as rejected
+    # per tensor, the flip gets into the small tensors (measured 45–55 % off the honest mean there)
+    assert len({hash_tensors((str(i), t) for i, t in enumerate(r)) for r in per_tensor}) == 1
+    assert max(float((per_tensor[0][i] - want[i]).norm() / want[i].norm()) for i in small) > 0.1

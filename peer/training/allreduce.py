@@ -36,6 +36,7 @@ into its tensors (instead of adding deltas), all at once after the all-reduce su
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import math
 import multiprocessing as mp
@@ -47,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.allreduce import AllreduceException, AllReduceRunner, AveragingMode
+from hivemind.averaging.averager import compute_schema_hash
 from hivemind.averaging.partition import BannedException, TensorPartReducer
 from hivemind.compression import (
     CompressionBase,
@@ -54,6 +56,7 @@ from hivemind.compression import (
     deserialize_torch_tensor,
     serialize_torch_tensor,
 )
+from hivemind.dht.routing import DHTID
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2, runtime_pb2
 from hivemind.utils import get_logger
@@ -272,9 +275,12 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         self.counters = counters or ByteCounters()
         self.clip_ratio = clip_ratio
         self.max_part_norm = max_part_norm
+        stock = self.tensor_part_reducer
+        stock.current_part_future.cancel()
+        stock.finished.set()  # replaced unused: its __del__ would log "received 0.0% of input tensors"
         self.tensor_part_reducer = RobustPartReducer(
-            self.tensor_part_reducer.part_shapes,
-            self.tensor_part_reducer.num_senders,
+            stock.part_shapes,
+            stock.num_senders,
             rule=rule,
             counters=self.counters,
         )
@@ -508,11 +514,58 @@ def throttle_group_lookups(key_manager, min_interval: float) -> None:
     key_manager._gradswarm_throttled = True
 
 
+FLAT_SCHEMA = "gradswarm-flat-v1"
+"""Marks the schema hash of a flat-buffer averager (a peer that splits per tensor must not join its group)."""
+
+
+def flat_offsets(numels: Sequence[int], align: int = 1) -> tuple[list[int], int]:
+    """Start of each tensor in the one flat buffer the swarm averages, and the buffer's length.
+
+    Tensors follow each other in the given (canonical: the model's parameter) order; each starts at a
+    multiple of ``align`` (sparse Δs: the top-k chunk, so a chunk never straddles two tensors and the
+    k-per-chunk checks hold on the flat buffer), the gap is zeros."""
+    if align < 1:
+        raise ValueError(f"align must be >= 1, got {align}")
+    offsets, end = [], 0
+    for n in numels:
+        offsets.append(end)
+        end += -(-int(n) // align) * align
+    return offsets, end
+
+
+def flatten_tensors(tensors: Sequence[torch.Tensor], align: int = 1) -> torch.Tensor:
+    """The tensors in one fp32 flat buffer laid out by :func:`flat_offsets` (a copy)."""
+    offsets, total = flat_offsets([t.numel() for t in tensors], align)
+    flat = torch.zeros(total, dtype=torch.float32)
+    for t, o in zip(tensors, offsets, strict=True):
+        flat[o : o + t.numel()].copy_(t.reshape(-1))
+    return flat
+
+
+def flat_views(flat: torch.Tensor, shapes: Sequence[torch.Size], align: int = 1) -> list[torch.Tensor]:
+    """Views of ``flat`` with the given shapes, where :func:`flatten_tensors` put them."""
+    numels = [math.prod(s) for s in shapes]
+    offsets, total = flat_offsets(numels, align)
+    if flat.numel() != total:
+        raise ValueError(f"flat buffer has {flat.numel()} values, the layout needs {total}")
+    return [flat[o : o + n].view(s) for o, n, s in zip(offsets, numels, shapes, strict=True)]
+
+
 class ConsensusAverager(DecentralizedAverager):
     """A DecentralizedAverager whose all-reduce leaves every group member with identical tensors.
 
     ``state_provider`` (called in the trainer process) returns ``(metadata, tensors)`` that peers may
     download with :meth:`load_state_from_peers` — the swarm's shared state, not the averaged buffers.
+
+    ``flat=True`` (default) averages **one flat buffer**: the given tensors, in the given order, laid
+    end to end (:func:`flat_offsets`; aligned to the top-k chunk for sparse Δs). hivemind splits every
+    averaged tensor into its own parts, so per tensor a 64-value norm or a small matrix is a part of its
+    own, where a few honest Δs barely agree and the robust rule cannot tell a sign-flipped slice from an
+    honest one; in the flat buffer every part is ``part_size_bytes`` of consecutive values across tensors
+    (the debug model is one part) and carries the whole model's signal. :meth:`get_tensors` still yields
+    tensors of the given shapes — views of the flat buffer, so nothing is copied. The given tensors'
+    values are copied in once; the averager does not keep them. The schema hash names the flat layout,
+    so flat and per-tensor peers never form one group.
     """
 
     runner_class: type[ConsensusAllReduceRunner] = ConsensusAllReduceRunner
@@ -526,6 +579,7 @@ class ConsensusAverager(DecentralizedAverager):
         max_part_norm: float | None = None,
         rule: RobustRule | None = DEFAULT_RULE,
         matchmaking_poll_interval: float = 0.25,
+        flat: bool = True,
         **kwargs,
     ):
         self.counters = ByteCounters()
@@ -534,7 +588,30 @@ class ConsensusAverager(DecentralizedAverager):
         self.clip_ratio = clip_ratio
         self.max_part_norm = max_part_norm
         self.rule = rule
-        super().__init__(averaged_tensors, **kwargs)
+        self._views: list[torch.Tensor] | None = None
+        if not flat:
+            super().__init__(averaged_tensors, **kwargs)
+            return
+        if kwargs.get("tensor_infos") is not None:
+            raise ValueError("flat=True averages one buffer: per-tensor tensor_infos do not apply")
+        compression = kwargs.get("compression")
+        align = compression.topk.chunk if isinstance(compression, TopKWireCompression) else 1
+        shapes = [t.shape for t in averaged_tensors]
+        buffer = flatten_tensors([t.detach().to("cpu", torch.float32) for t in averaged_tensors], align)
+        start = kwargs.pop("start", False)
+        super().__init__([buffer], start=False, **kwargs)  # share_memory_() moves the buffer in place
+        self._views = flat_views(self._averaged_tensors[0], shapes, align)
+        self.schema_hash = DHTID.generate(
+            source=[FLAT_SCHEMA, align, compute_schema_hash(self._views)]
+        ).to_bytes()
+        if start:
+            self.run_in_background(await_ready=True)
+
+    @contextlib.contextmanager
+    def get_tensors(self):
+        """The averaged tensors, in the shapes given (views of the flat buffer when ``flat``), locked."""
+        with super().get_tensors() as tensors:
+            yield tensors if self._views is None else self._views
 
     async def _step(self, *, step, future_for_init):
         throttle_group_lookups(self._matchmaking.group_key_manager, self.matchmaking_poll_interval)
@@ -542,6 +619,8 @@ class ConsensusAverager(DecentralizedAverager):
 
     async def _run_allreduce_inplace_(self, tensors, group_info, group_id=None, **kwargs):
         group_id = group_info.group_id if group_id is None else group_id
+        if self._views is not None:  # hivemind hands us get_tensors(): the views; average their buffer
+            tensors = list(self._averaged_tensors)
         runner = self.runner_class(
             p2p=self._p2p,
             servicer_type=type(self),
