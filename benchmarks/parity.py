@@ -187,7 +187,9 @@ def swarm_curve(result) -> dict[int, float]:
     return curve
 
 
-def variant_config(tmp: Path, config: str, outer_lr: float | None, outer_momentum: float | None) -> Path | None:
+def variant_config(
+    tmp: Path, config: str, outer_lr: float | None, outer_momentum: float | None
+) -> Path | None:
     """A copy of ``config`` with other outer-optimizer values (same file stem: same run config name)."""
     import yaml
 
@@ -251,7 +253,9 @@ def run_swarm_parity(args) -> int:
                 "samples": curve[-1]["samples"] if curve else 0,
                 "rounds_averaged_identical": identical,
                 "statuses": {s: statuses.count(s) for s in set(statuses)},
-                "mean_inner_steps": round(sum(x["inner_steps"] for r in res.rounds for x in r) / len(statuses), 1),
+                "mean_inner_steps": round(
+                    sum(x["inner_steps"] for r in res.rounds for x in r) / len(statuses), 1
+                ),
                 **summary(curve),
                 "curve": curve,
             }
@@ -277,7 +281,6 @@ def sim_batches(store, cfg, peers: int, rounds: int, inner: int) -> dict[int, li
 
 def warm_start(cfg, store, steps: int) -> list:
     """θ_0: the seed's initial weights, then ``steps`` plain AdamW steps on pages of its own draw (never held-out ones)."""
-    import torch
 
     from peer.data.model import build_model
     from peer.data.pages import assign_pages, round_batches
@@ -328,7 +331,9 @@ def simulate_swarm(cfg, theta0, batches, mode: str, lr: float, mu: float, heldou
         for peer, peer_batches in zip(peers, batches[r], strict=True):
             model = peer["model"]
             with torch.no_grad():  # x_r = θ_r − c_r
-                for p, s, c in zip(model.parameters(), theta, peer["carry"] or [None] * len(theta), strict=True):
+                for p, s, c in zip(
+                    model.parameters(), theta, peer["carry"] or [None] * len(theta), strict=True
+                ):
                     p.copy_(s if c is None else s - c)
                 start = [p.detach().clone() for p in model.parameters()]
             model.train()
