@@ -1,19 +1,20 @@
 """Loss parity: a DiLoCo swarm against one process trained on exactly the same samples.
 
-    .venv/bin/python benchmarks/parity.py swarm [--config debug] [--peers 2,4] [--rounds 24]
+    .venv/bin/python benchmarks/parity.py swarm [--config debug] [--peers 2,4] [--rounds 12]
         [--rounds-mode blocking|overlapped] [--outer-lr 0.7] [--outer-momentum 0.9] [--peer-args='…']
-    .venv/bin/python benchmarks/parity.py sim [--config debug] [--peers 2,4] [--rounds 24] [--inner 60]
+    .venv/bin/python benchmarks/parity.py sim [--config debug] [--peers 2,4] [--rounds 12] [--inner 60]
         [--rounds-mode blocking|overlapped] [--arms 0.7:0.9,0.4:0.9,1.0:0] [--warm-start 0]
 
 ``swarm``: for each swarm size k, k real ``peer join`` processes (8-bit all-reduce, DiLoCo rounds, one
 thread each) and a bootstrap on 127.0.0.1 train ``--rounds`` rounds; after each round every peer logs the
-held-out loss of its θ on the same fixed held-out pages (``--eval-pages``). ``--outer-lr`` /
+held-out loss of its θ on the same 16 fixed held-out pages. ``--outer-lr`` /
 ``--outer-momentum`` run the peers on a copy of the config with those outer-optimizer values;
 ``--peer-args`` goes to every peer as is. A peer's samples are a pure function of what it logged (round
 r's pages are ``assign_pages(hotkey, r, seed_r)``, their order ``round_batches(…, seed_r + hotkey)``, and it
 trained the first ``inner_steps`` batches of that order, cycling): the benchmark rebuilds exactly those
-batches for every peer and round (checked against the logged ``samples``). Asserts bit-identical state
-hashes after every averaged round.
+batches for every peer and round (checked against the logged ``samples``); samples of rounds a peer
+could not average (alone, failed) count too: the swarm spent them. Asserts bit-identical state hashes
+after every averaged round.
 
 ``sim``: the same algorithm in one process, fast and deterministic, to tune the outer optimizer: k
 peers train ``--inner`` AdamW steps per round on their ``assign_pages`` batches (inner optimizer kept across
@@ -426,7 +427,7 @@ def main() -> int:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", default="debug")
     common.add_argument("--peers", default="2,4", help="swarm sizes, comma-separated")
-    common.add_argument("--rounds", type=int, default=24)
+    common.add_argument("--rounds", type=int, default=12)
     common.add_argument("--rounds-mode", choices=["blocking", "overlapped"], default="blocking")
     sw = sub.add_parser("swarm", parents=[common], help="real peer processes on 127.0.0.1")
     sw.add_argument("--round-seconds", type=float, default=None, help="default: the config's")
