@@ -114,9 +114,14 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Clip the global grad norm of each inner step to this value."""
     outer_lr: float = 0.7
-    """Outer Nesterov SGD learning rate applied to the averaged pseudo-gradient (DiLoCo uses 0.7)."""
+    """Outer Nesterov SGD learning rate applied to the averaged pseudo-gradient (DiLoCo uses 0.7, at
+    H = 500 and from a pre-trained start). Symptom of too much outer step (lr and momentum together):
+    held-out loss rises for a few rounds after the first averaged ones. On ``debug`` from scratch with
+    H ≈ 50–100, ``outer_lr: 1.0`` with ``outer_momentum: 0.0`` (the plain average) stayed closest to
+    synchronous data parallelism, and kept overlapped rounds stable (benchmarks/RESULTS.md, "Loss
+    parity"; ``benchmarks/parity.py sim`` compares settings in minutes)."""
     outer_momentum: float = 0.9
-    """Outer Nesterov momentum (DiLoCo uses 0.9)."""
+    """Outer Nesterov momentum (DiLoCo uses 0.9). See ``outer_lr`` for when to lower it."""
     round_seconds: float = 10.0
     """Wall-clock length of a round (local clock; on a chain, round_blocks * block time).
     Longer rounds mean more inner steps per averaging (less communication, more drift)."""
