@@ -73,7 +73,8 @@ RULES = {
     "robust": RobustRule(),
     "plain": PLAIN,
     "median-clip": MEDIAN_NORM_CLIP,
-    "robust-dir": RobustRule(direction_screen=True),  # experimental: + drop parts pointing away
+    "robust-nodir": RobustRule(direction_screen=False),  # the rule before the direction screen
+    "robust-dir": RobustRule(direction_screen=True),  # = robust (the default since round 3)
 }
 ATTACKS = {  # scenario → behaviours of the extra peers
     "sign-flip": ["sign-flip"],
