@@ -203,8 +203,10 @@ def variant_config(
     train = raw.setdefault("train", {})
     if outer_lr is not None:
         train["outer_lr"] = outer_lr
+        train["overlapped_outer_lr"] = None  # the given value holds in overlapped rounds too
     if outer_momentum is not None:
         train["outer_momentum"] = outer_momentum
+        train["overlapped_outer_momentum"] = None
     path = tmp / "variant" / src.name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
@@ -228,7 +230,15 @@ def run_swarm_parity(args) -> int:
         tmp = Path(t)
         variant = variant_config(tmp, args.config, args.outer_lr, args.outer_momentum)
         cfg = load_run_config(str(variant) if variant else args.config)
-        results["outer"] = {"lr": cfg.train.outer_lr, "momentum": cfg.train.outer_momentum}
+        tr, ovl = cfg.train, args.rounds_mode == "overlapped"
+        results["outer"] = {  # what the peers' outer step uses in this round mode
+            "lr": tr.overlapped_outer_lr if ovl and tr.overlapped_outer_lr is not None else tr.outer_lr,
+            "momentum": (
+                tr.overlapped_outer_momentum
+                if ovl and tr.overlapped_outer_momentum is not None
+                else tr.outer_momentum
+            ),
+        }
         round_s = args.round_seconds or cfg.train.round_seconds
         store = PageStore(data_dir(args.config), cfg.data)
         heldout = heldout_batches(store)

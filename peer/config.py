@@ -145,13 +145,25 @@ class TrainConfig:
     """Seed of the model's initial weights; every peer in a swarm must use the same."""
     rounds: str = "blocking"
     """``blocking`` (default): training stops ``averaging_reserve_seconds`` before the round's end and
-    waits for the all-reduce (θ_{r+1} = OuterStep(θ_r, ḡ_r)). ``overlapped`` (experimental, opt-in):
-    the all-reduce of round r's Δ runs in the background while round r+1 trains, and
-    its outer step is applied one round late (θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}); the peer's own Δ_r
-    stands in for ḡ_r meanwhile): no training time is lost to communication, but in the merged suite
-    a swarm with a peer killed mid all-reduce and a late joiner ran into failed/unapplied rounds and
-    held-out loss rose (6.1 → 8.7 after the first averaged round): not the default until that is
-    understood. Every peer of a swarm must use the same."""
+    waits for the all-reduce (θ_{r+1} = OuterStep(θ_r, ḡ_r)). ``overlapped`` (opt-in): the all-reduce of
+    round r's Δ runs in the background while round r+1 trains, and its outer step is applied one round
+    late (θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}); the peer's own Δ_r stands in for ḡ_r meanwhile): no
+    training time is lost to communication. Its outer step uses ``overlapped_outer_lr`` /
+    ``overlapped_outer_momentum``. Still opt-in: 4-peer overlapped swarms on a loaded 2-core box lost
+    all-reduces (failed / unapplied rounds) where blocking ones did not (README "How a round works").
+    Every peer of a swarm must use the same."""
+    overlapped_outer_lr: float | None = 1.0
+    """``rounds: overlapped`` only: the outer learning rate used instead of ``outer_lr`` (None:
+    ``outer_lr``). See ``overlapped_outer_momentum``."""
+    overlapped_outer_momentum: float | None = 0.0
+    """``rounds: overlapped`` only: the outer Nesterov momentum used instead of ``outer_momentum`` (None:
+    ``outer_momentum``). A one-round-late outer step with momentum 0.9 feeds back a round late and
+    overshoots: on ``debug`` with 2 honest peers, every round averaged and bit-identical, held-out loss
+    went 6.2 → 8.6 after the first averaged rounds (``benchmarks/parity.py``; the in-process sim shows
+    the same bump, 6.4 → 7.7), which is what the suite's sigkill/late-join swarm had shown. With the
+    plain average (lr 1.0, momentum 0) the overlapped 2-peer swarm stayed within 1.018 of synchronous
+    data parallelism on the same samples (3 runs). Symptom of too much: held-out loss rises for a few
+    rounds after the first averaged ones → lower either; topk's own settings take precedence."""
 
     topk_density: float = 0.015625
     """``--compression topk`` only: fraction of each chunk's values a peer sends per round (k =
@@ -196,6 +208,10 @@ class TrainConfig:
             raise ConfigError(f"train.topk_outer_lr must be > 0, got {self.topk_outer_lr}")
         if self.topk_outer_momentum is not None and not 0 <= self.topk_outer_momentum < 1:
             raise ConfigError("train.topk_outer_momentum must be in [0, 1)")
+        if self.overlapped_outer_lr is not None and not self.overlapped_outer_lr > 0:
+            raise ConfigError(f"train.overlapped_outer_lr must be > 0, got {self.overlapped_outer_lr}")
+        if self.overlapped_outer_momentum is not None and not 0 <= self.overlapped_outer_momentum < 1:
+            raise ConfigError("train.overlapped_outer_momentum must be in [0, 1)")
         if not 0 < self.topk_ef_decay <= 1:
             raise ConfigError(f"train.topk_ef_decay must be in (0, 1], got {self.topk_ef_decay}")
         if self.batch_size < 1:

@@ -151,3 +151,27 @@ def test_matchmaking_lookups_are_spaced():
     asyncio.run(spin())
     gaps = [b - a for a, b in zip(keys.calls, keys.calls[1:], strict=False)]
     assert 3 <= len(keys.calls) <= 8 and min(gaps) >= 0.045, gaps
+
+
+def test_overlapped_rounds_take_the_plain_average_as_outer_step():
+    """A one-round-late Nesterov step overshoots (TrainConfig.overlapped_outer_momentum): in overlapped
+    rounds the outer step uses ``overlapped_outer_lr`` / ``_momentum`` (default: θ ← θ − 1.0·ḡ, no
+    momentum); None falls back to ``outer_lr`` / ``outer_momentum``; blocking rounds are unchanged."""
+    import dataclasses
+
+    cfg = load_run_config("debug")
+    ovl = dataclasses.replace(cfg.train, rounds="overlapped")
+    fallback = dataclasses.replace(ovl, overlapped_outer_lr=None, overlapped_outer_momentum=None)
+    g = [torch.full_like(p, 0.01) for p in build_model(cfg).parameters()]
+    results = {}
+    for name, train in (("blocking", cfg.train), ("overlapped", ovl), ("fallback", fallback)):
+        s = DilocoState(build_model(cfg), train)
+        before = s.snapshot[0].clone()
+        s.outer_step(g)
+        s.outer_step(g)
+        results[name] = before - s.snapshot[0]
+    lr, mu = cfg.train.outer_lr, cfg.train.outer_momentum
+    nesterov_two_steps = lr * (0.01 * (1 + mu) + 0.01 * (1 + mu * (1 + mu)))
+    assert torch.allclose(results["blocking"], torch.full_like(g[0], nesterov_two_steps), atol=1e-6)
+    assert torch.allclose(results["fallback"], results["blocking"], atol=1e-7)
+    assert torch.allclose(results["overlapped"], torch.full_like(g[0], 2 * 0.01), atol=1e-6)

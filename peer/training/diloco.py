@@ -187,6 +187,11 @@ class DilocoState:
     def outer_step(self, avg_delta: Sequence[torch.Tensor]) -> None:
         """Nesterov SGD on an averaged pseudo-gradient; the result becomes the new θ (and live parameters)."""
         lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
+        if self.cfg.rounds == "overlapped":  # a one-round-late step: momentum overshoots (TrainConfig)
+            if self.cfg.overlapped_outer_momentum is not None:
+                mu = self.cfg.overlapped_outer_momentum
+            if self.cfg.overlapped_outer_lr is not None:
+                lr = self.cfg.overlapped_outer_lr
         if self.error_feedback is not None:  # sparse Δs: the error feedback carries the late mass
             if self.cfg.topk_outer_momentum is not None:
                 mu = self.cfg.topk_outer_momentum
