@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import bitsandbytes  # noqa: F401  (before the averagers: blockwise 8-bit)
 import torch
 
@@ -14,11 +16,12 @@ def _run(dhts, tensors, runner_cls, weights=None, classes=None, **kwargs):
 
     classes = classes or [runner_cls] * len(tensors)
     weights = weights or [1.0] * len(tensors)
+    prefix = f"t-{uuid.uuid4().hex[:8]}"  # the DHTs are shared: no test matches a finished test's averagers
     averagers = [
         cls(
             t,
             dht=d,
-            prefix="t",
+            prefix=prefix,
             compression=make_compression("8bit"),
             start=True,
             min_matchmaking_time=1.0,
