@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import bitsandbytes  # noqa: F401  (before the averagers: blockwise 8-bit)
 import torch
 
@@ -16,11 +18,12 @@ def _run(dhts, tensors, classes=None, **kwargs):
     from peer.training.allreduce import ConsensusAverager
 
     classes = classes or [ConsensusAverager] * len(tensors)
+    prefix = f"sparse-{uuid.uuid4().hex[:8]}"  # shared DHTs: no test matches a finished test's averagers
     averagers = [
         cls(
             t,
             dht=d,
-            prefix="sparse",
+            prefix=prefix,
             compression=make_compression("topk", TOPK),
             start=True,
             min_matchmaking_time=1.0,
