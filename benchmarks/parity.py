@@ -41,6 +41,7 @@ Prints per round: cumulative samples, held-out loss of the swarm and the baselin
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -230,15 +231,8 @@ def run_swarm_parity(args) -> int:
         tmp = Path(t)
         variant = variant_config(tmp, args.config, args.outer_lr, args.outer_momentum)
         cfg = load_run_config(str(variant) if variant else args.config)
-        tr, ovl = cfg.train, args.rounds_mode == "overlapped"
-        results["outer"] = {  # what the peers' outer step uses in this round mode
-            "lr": tr.overlapped_outer_lr if ovl and tr.overlapped_outer_lr is not None else tr.outer_lr,
-            "momentum": (
-                tr.overlapped_outer_momentum
-                if ovl and tr.overlapped_outer_momentum is not None
-                else tr.outer_momentum
-            ),
-        }
+        lr, mu = dataclasses.replace(cfg.train, rounds=args.rounds_mode).outer_settings()
+        results["outer"] = {"lr": lr, "momentum": mu}  # what the peers' outer step uses in this mode
         round_s = args.round_seconds or cfg.train.round_seconds
         store = PageStore(data_dir(args.config), cfg.data)
         heldout = heldout_batches(store)

@@ -194,6 +194,23 @@ class TrainConfig:
     rounds, 2.0 2.8 %, 4.0 diverged for two rounds (+10 %). Lower it if held-out loss jumps up after a
     round; raise it if loss falls steadily but slower than with 8-bit."""
 
+    def outer_settings(self, sparse: bool = False) -> tuple[float, float]:
+        """(lr, momentum) of the outer step in this round mode: ``outer_lr`` / ``outer_momentum``, replaced by
+        the ``overlapped_outer_*`` values in overlapped rounds and then by the ``topk_outer_*`` values for
+        sparse Δs (each None: not replaced)."""
+        lr, mu = self.outer_lr, self.outer_momentum
+        overrides = (
+            [(self.overlapped_outer_lr, self.overlapped_outer_momentum)]
+            if self.rounds == "overlapped"
+            else []
+        )
+        if sparse:
+            overrides.append((self.topk_outer_lr, self.topk_outer_momentum))
+        for o_lr, o_mu in overrides:
+            lr = lr if o_lr is None else o_lr
+            mu = mu if o_mu is None else o_mu
+        return lr, mu
+
     @property
     def topk_k(self) -> int:
         """Values kept per top-k chunk."""

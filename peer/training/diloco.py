@@ -186,17 +186,7 @@ class DilocoState:
     @torch.no_grad()
     def outer_step(self, avg_delta: Sequence[torch.Tensor]) -> None:
         """Nesterov SGD on an averaged pseudo-gradient; the result becomes the new θ (and live parameters)."""
-        lr, mu = self.cfg.outer_lr, self.cfg.outer_momentum
-        if self.cfg.rounds == "overlapped":  # a one-round-late step: momentum overshoots (TrainConfig)
-            if self.cfg.overlapped_outer_momentum is not None:
-                mu = self.cfg.overlapped_outer_momentum
-            if self.cfg.overlapped_outer_lr is not None:
-                lr = self.cfg.overlapped_outer_lr
-        if self.error_feedback is not None:  # sparse Δs: the error feedback carries the late mass
-            if self.cfg.topk_outer_momentum is not None:
-                mu = self.cfg.topk_outer_momentum
-            if self.cfg.topk_outer_lr is not None:
-                lr = self.cfg.topk_outer_lr
+        lr, mu = self.cfg.outer_settings(sparse=self.error_feedback is not None)
         for s, m, g in zip(self.snapshot, self.momentum, avg_delta, strict=True):
             g = g.to(torch.float32)
             m.mul_(mu).add_(g)
