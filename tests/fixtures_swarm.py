@@ -236,3 +236,46 @@ def dhts():
     finally:
         for node in nodes:
             node.shutdown()
+
+
+def run_allreduce(dhts, tensors, runner_cls=None, *, compression, weights=None, classes=None, **kwargs):
+    """One all-reduce of ``tensors`` (one list per averager, each on its own DHT of ``dhts``) with averagers
+    of ``runner_cls`` (default :class:`ConsensusAverager`) or per-averager ``classes``. Returns every
+    averager's tensors afterwards and, for consensus averagers, their byte counters."""
+    import uuid
+
+    from peer.training.allreduce import ConsensusAverager
+
+    runner_cls = runner_cls or ConsensusAverager
+    classes = classes or [runner_cls] * len(tensors)
+    weights = weights or [1.0] * len(tensors)
+    prefix = f"t-{uuid.uuid4().hex[:8]}"  # no all-reduce can match a finished one's averagers
+    averagers = [
+        cls(
+            t,
+            dht=d,
+            prefix=prefix,
+            compression=compression,
+            start=True,
+            min_matchmaking_time=1.0,
+            request_timeout=0.5,
+            part_size_bytes=2**14,
+            **kwargs,
+        )
+        for cls, t, d in zip(classes, tensors, dhts, strict=True)
+    ]
+    try:
+        controls = [a.step(wait=False, timeout=60, weight=w) for a, w in zip(averagers, weights, strict=True)]
+        for c in controls:
+            assert c.result(timeout=120) is not None
+        results = []
+        for a in averagers:
+            with a.get_tensors() as ts:
+                results.append([t.clone() for t in ts])
+        counters = (
+            [a.counters.snapshot() for a in averagers] if issubclass(runner_cls, ConsensusAverager) else []
+        )
+        return results, counters
+    finally:
+        for a in averagers:
+            a.shutdown()

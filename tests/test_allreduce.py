@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
-
 import bitsandbytes  # noqa: F401  (before the averagers: blockwise 8-bit)
 import torch
 
 from peer.data.model import hash_tensors
 from peer.training.swarm import make_compression
+from tests.fixtures_swarm import run_allreduce
 
 
-def _run(dhts, tensors, runner_cls, weights=None, classes=None, **kwargs):
-    from peer.training.allreduce import ConsensusAverager
-
-    classes = classes or [runner_cls] * len(tensors)
-    weights = weights or [1.0] * len(tensors)
-    prefix = f"t-{uuid.uuid4().hex[:8]}"  # the DHTs are shared: no test matches a finished test's averagers
-    averagers = [
-        cls(
-            t,
-            dht=d,
-            prefix=prefix,
-            compression=make_compression("8bit"),
-            start=True,
-            min_matchmaking_time=1.0,
-            request_timeout=0.5,
-            part_size_bytes=2**14,
-            **kwargs,
-        )
-        for cls, t, d in zip(classes, tensors, dhts, strict=True)
-    ]
-    try:
-        controls = [a.step(wait=False, timeout=60, weight=w) for a, w in zip(averagers, weights, strict=True)]
-        for c in controls:
-            assert c.result(timeout=120) is not None
-        results = []
-        for a in averagers:
-            with a.get_tensors() as ts:
-                results.append([t.clone() for t in ts])
-        counters = (
-            [a.counters.snapshot() for a in averagers] if issubclass(runner_cls, ConsensusAverager) else []
-        )
-        return results, counters
-    finally:
-        for a in averagers:
-            a.shutdown()
+def _run(dhts, tensors, runner_cls, **kwargs):
+    return run_allreduce(dhts, tensors, runner_cls, compression=make_compression("8bit"), **kwargs)
 
 
 def _inputs(seed=0):

@@ -2,49 +2,19 @@
 
 from __future__ import annotations
 
-import uuid
-
 import bitsandbytes  # noqa: F401  (before the averagers: blockwise 8-bit)
 import torch
 
 from peer.data.model import hash_tensors
 from peer.training.sparse import TopK, sparsify
 from peer.training.swarm import make_compression
+from tests.fixtures_swarm import run_allreduce
 
 TOPK = TopK(chunk=1024, k=16)
 
 
 def _run(dhts, tensors, classes=None, **kwargs):
-    from peer.training.allreduce import ConsensusAverager
-
-    classes = classes or [ConsensusAverager] * len(tensors)
-    prefix = f"sparse-{uuid.uuid4().hex[:8]}"  # shared DHTs: no test matches a finished test's averagers
-    averagers = [
-        cls(
-            t,
-            dht=d,
-            prefix=prefix,
-            compression=make_compression("topk", TOPK),
-            start=True,
-            min_matchmaking_time=1.0,
-            request_timeout=0.5,
-            part_size_bytes=2**14,
-            **kwargs,
-        )
-        for cls, t, d in zip(classes, tensors, dhts, strict=True)
-    ]
-    try:
-        controls = [a.step(wait=False, timeout=60) for a in averagers]
-        for c in controls:
-            assert c.result(timeout=120) is not None
-        results = []
-        for a in averagers:
-            with a.get_tensors() as ts:
-                results.append([t.clone() for t in ts])
-        return results, [a.counters.snapshot() for a in averagers]
-    finally:
-        for a in averagers:
-            a.shutdown()
+    return run_allreduce(dhts, tensors, compression=make_compression("topk", TOPK), classes=classes, **kwargs)
 
 
 def _sparse_inputs(seed: int, common_weight: float = 1.0):
