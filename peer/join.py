@@ -115,6 +115,13 @@ def register(sub) -> None:
         "cuda, else 1)",
     )
     g.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="inner steps' arithmetic: bf16 autocast (fp32 weights and optimizer state) or fp32 "
+        "(default auto: bf16 on a GPU, fp32 on a CPU)",
+    )
+    g.add_argument(
         "--optimizer",
         choices=["adamw", "adamw8bit"],
         default=None,
@@ -263,6 +270,7 @@ def run(args) -> int:
         data=args.data,
         device=device,
         optimizer=optimizer,
+        precision=args.precision,
         compression=args.compression,
         max_rounds=args.max_rounds,
         max_seconds=args.max_seconds,

@@ -104,6 +104,30 @@ def test_bad_run_id(tmp_path, wallet, debug_data):
     )
 
 
+def test_bf16_on_a_cpu_is_refused(tmp_path, wallet, debug_data):
+    """bf16 autocast is the GPU default (``--precision auto``); asked for on a CPU it is a user error."""
+    assert_user_error(
+        run_peer(
+            "join",
+            "--run-id",
+            "bf16-cpu",
+            "--home",
+            str(tmp_path / "h"),
+            "--data-dir",
+            str(debug_data),
+            "--host-maddrs",
+            "/ip4/127.0.0.1/tcp/0",
+            "--device",
+            "cpu",
+            "--precision",
+            "bf16",
+            *wallet,
+        ),
+        "--precision bf16",
+        "--precision fp32",
+    )
+
+
 @pytest.mark.slow
 def test_unreachable_bootstrap_peer(tmp_path, wallet, debug_data):
     dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWBeG1iFi9JREmtVrBkDF7vhbsrzfHjiGa32ZkCfntSiUK"
@@ -206,3 +230,23 @@ def test_the_validator_never_imports_hivemind():
         [sys.executable, "-c", code], capture_output=True, text=True, env=peer_env(), cwd=REPO
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", (proc.stdout, proc.stderr[-2000:])
+
+
+def test_precision_resolves_per_device(tmp_path):
+    from peer.config import load_run_config
+    from peer.errors import ConfigError
+    from peer.training.trainer import TrainerConfig
+
+    def cfg(**kw):
+        return TrainerConfig(run=load_run_config("debug"), run_id="p", home=tmp_path, data_dir=tmp_path, **kw)
+
+    assert cfg(device="cpu").bf16 is False  # auto on a CPU: fp32
+    assert cfg(device="cpu", precision="fp32").bf16 is False
+    assert cfg(device="cuda", precision="bf16").bf16 is True  # asked for explicitly
+    assert cfg(device="cuda", precision="fp32").bf16 is False
+    for bad, why in (
+        ({"device": "cpu", "precision": "bf16"}, "needs a GPU"),
+        ({"precision": "fp16"}, "auto, bf16"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            cfg(**bad)

@@ -44,3 +44,28 @@ def test_adamw8bit_on_cpu_matches_adamw(debug_data, debug_config):
 def test_adamw8bit_on_cuda_matches_adamw(debug_data, debug_config):
     store = PageStore(debug_data, debug_config.data)
     _compare(debug_config, store, "cuda", 200)
+
+
+@pytest.mark.gpu
+def test_bf16_autocast_trains_like_fp32_on_cuda(debug_data, debug_config):
+    """``--precision bf16`` (the GPU default): the same batches give the same loss curve as fp32 within
+    bf16's rounding, and the weights stay fp32."""
+    store = PageStore(debug_data, debug_config.data)
+    batches = store.batches(store.train_pages[:16], debug_config.train.batch_size)
+    curves = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = build_model(debug_config, "cuda")
+        opt = make_inner_optimizer("adamw", model.parameters(), debug_config.train)
+        losses = []
+        for i in range(60):
+            loss = lm_loss(model, batches[i % len(batches)].to("cuda"), bf16=bf16)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        curves[bf16] = losses
+    assert curves[True][-1] < curves[True][0] - 1.0
+    tail_fp32, tail_bf16 = sum(curves[False][-10:]) / 10, sum(curves[True][-10:]) / 10
+    assert abs(tail_bf16 - tail_fp32) < 0.05 * tail_fp32

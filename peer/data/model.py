@@ -102,8 +102,16 @@ def evaluate_loss(
     return total / count
 
 
-def lm_loss(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=batch[:, :-1]).logits
+def lm_loss(model: torch.nn.Module, batch: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``batch`` [B, seq_len + 1]; the loss itself is taken in fp32.
+
+    ``bf16``: run the forward (and so the backward) under CUDA autocast to bfloat16 — the weights,
+    gradients and optimizer state stay fp32 (mixed precision, as the sharded peer's FSDP2 policy does)."""
+    if bf16:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(input_ids=batch[:, :-1]).logits
+    else:
+        logits = model(input_ids=batch[:, :-1]).logits
     return torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1)
     )

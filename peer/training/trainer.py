@@ -96,6 +96,11 @@ class TrainerConfig:
     """Sharded data set (manifest URL or path, ``peer join --data``); None = the built-in corpus."""
     device: str = "cpu"
     """``cpu`` or ``cuda[:i]``."""
+    precision: str = "auto"
+    """Inner steps' arithmetic: ``bf16`` (CUDA autocast to bfloat16; weights, gradients, optimizer state and
+    Δ stay fp32), ``fp32``, or ``auto`` (bf16 on a GPU that supports it, fp32 on a CPU). On an H200 bf16
+    steps of llama-125m/1b run several times faster than fp32 (benchmarks/RESULTS.md "GPU inner steps");
+    use ``fp32`` only to rule out mixed precision when a GPU peer's loss diverges."""
     optimizer: str = "adamw"
     """Inner optimizer: ``adamw`` (torch) or ``adamw8bit`` (bitsandbytes; ¼ of the optimizer-state memory)."""
     compression: str = "8bit"
@@ -139,6 +144,21 @@ class TrainerConfig:
             raise ValueError(f"optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         if self.compression not in ("8bit", "fp16", "none", "topk"):
             raise ValueError(f"compression must be 8bit, fp16, none or topk, got {self.compression!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"--precision {self.precision!r}: use auto, bf16 or fp32")
+        if self.precision == "bf16" and not self.device.startswith("cuda"):
+            raise ConfigError("--precision bf16 needs a GPU (--device cuda); on a CPU use --precision fp32")
+
+    @property
+    def bf16(self) -> bool:
+        """Whether inner steps run under bf16 autocast (``precision``, resolved for ``device``)."""
+        if self.precision == "auto":
+            return (
+                self.device.startswith("cuda")
+                and torch.cuda.is_available()
+                and torch.cuda.is_bf16_supported()
+            )
+        return self.precision == "bf16"
 
 
 @dataclass
@@ -331,7 +351,7 @@ class Trainer:
         """One inner step on ``batch`` (a sharded peer splits it over its ranks); the batch's mean loss."""
         if self.ranks is not None:
             return self.state.train_step(batch)
-        loss = lm_loss(self.model, batch.to(self.cfg.device))
+        loss = lm_loss(self.model, batch.to(self.cfg.device), bf16=self.cfg.bf16)
         self.state.inner_step(loss)
         return float(loss.detach())
 
