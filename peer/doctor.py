@@ -62,6 +62,8 @@ class DoctorInputs:
     config: str = "debug"
     device: str | None = None
     optimizer: str | None = None
+    precision: str = "auto"
+    """As ``peer join --precision``: ``auto`` is bf16 autocast on a GPU, fp32 on a CPU."""
     data_dir: Path | None = None
     timeout_s: float = 10.0
     """Per dial (publisher, DHT, each validator)."""
@@ -97,16 +99,22 @@ def llama_parameters(model) -> int:
     return n * per_layer + h  # + the final norm; embeddings are added by the caller (they need vocab)
 
 
-def training_memory_bytes(run, optimizer: str) -> int:
+def training_memory_bytes(run, optimizer: str, bf16: bool = False) -> int:
     """Peak training memory of a peer, estimated: fp32 weights, gradients, AdamW state (2 fp32 moments,
     or ~2 bytes for bitsandbytes 8-bit), θ_start and outer momentum for DiLoCo, Δ for averaging, plus
-    activations of one batch (no recompute) and logits. Errs high by design (x1.2)."""
+    activations of one batch (no recompute; 2 bytes a value under ``bf16`` autocast, else 4) and logits.
+    In fp32 the attention scores (batch × heads × seq² per layer) are counted too: fp32 attention cannot
+    use the flash kernels (measured on an H200: llama-1b in fp32 asks for 4 GiB score blocks and does not
+    fit 140 GiB at its batch size; in bf16 it peaks at 56.6 GiB). Errs high by design (x1.2)."""
     m, d, t = run.model, run.data, run.train
     params = llama_parameters(m) + d.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
     state = 8 if optimizer == "adamw" else 2
     per_param = 4 + 4 + state + 4 + 4 + 4
     tokens = t.batch_size * d.seq_len
-    acts = tokens * m.num_hidden_layers * (16 * m.hidden_size + 3 * m.intermediate_size) * 4
+    width = 2 if bf16 else 4
+    acts = tokens * m.num_hidden_layers * (16 * m.hidden_size + 3 * m.intermediate_size) * width
+    if not bf16:
+        acts += tokens * d.seq_len * m.num_attention_heads * m.num_hidden_layers * 4
     logits = tokens * d.vocab_size * 4 * 3
     return int(1.2 * (params * per_param + acts + logits))
 
@@ -384,6 +392,11 @@ def check_dht_reachable(inp: DoctorInputs, f: _Found, client) -> Check:
     )
 
 
+def _bf16(inp: DoctorInputs, device: str) -> bool:
+    """Whether ``peer join`` would train under bf16 autocast (``--precision``, resolved as it does)."""
+    return inp.precision == "bf16" or (inp.precision == "auto" and device.startswith("cuda"))
+
+
 def _device_and_optimizer(inp: DoctorInputs) -> tuple[str, str, object | None]:
     try:
         import torch
@@ -454,7 +467,8 @@ def check_memory(inp: DoctorInputs, f: _Found) -> Check:
             fix="--config: a name from model_configs/ or a YAML path",
         )
     device, optimizer, torch = _device_and_optimizer(inp)
-    need = training_memory_bytes(run, optimizer)
+    bf16 = _bf16(inp, device)
+    need = training_memory_bytes(run, optimizer, bf16=bf16)
     if device.startswith("cuda") and torch is not None and torch.cuda.is_available():
         idx = int(device.split(":")[1]) if ":" in device else 0
         free, _total = torch.cuda.mem_get_info(idx)
@@ -466,13 +480,15 @@ def check_memory(inp: DoctorInputs, f: _Found) -> Check:
         return Check(
             name="model fits device", status=WARN, detail=f"needs ~{_gib(need)}; free memory unknown"
         )
-    detail = f"{run.name}: needs ~{_gib(need)} ({optimizer}), {_gib(free)} {where}"
+    detail = (
+        f"{run.name}: needs ~{_gib(need)} ({optimizer}, {'bf16' if bf16 else 'fp32'}), {_gib(free)} {where}"
+    )
     if need > free:
         return Check(
             name="model fits device",
             status=FAIL,
             detail=detail,
-            fix="a smaller --config, a smaller --batch-size, or --optimizer adamw8bit on CUDA",
+            fix="a smaller --config, a smaller --batch-size, or on CUDA --optimizer adamw8bit and --precision auto",
         )
     if need > 0.8 * free:
         return Check(
@@ -683,6 +699,7 @@ def register(subparsers) -> None:
     p.add_argument("--config", default="debug", help="model config you run (for the memory and disk checks)")
     p.add_argument("--device", default=None, help="device you train on (default: cuda if available)")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default=None)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="as peer join's")
     p.add_argument("--data-dir", type=Path, default=None, help="prepared data folder")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per dial")
     p.add_argument("--rounds", type=int, default=3, help="explained rounds shown per validator")
@@ -708,6 +725,7 @@ def _cmd_doctor(args) -> int:
         config=args.config,
         device=args.device,
         optimizer=args.optimizer,
+        precision=args.precision,
         data_dir=args.data_dir,
         timeout_s=args.timeout,
         explain_rounds=max(1, args.rounds),

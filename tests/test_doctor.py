@@ -172,6 +172,27 @@ def test_memory_estimate_counts_the_real_model():
     assert training_memory_bytes(big, "adamw") > 16 << 30  # a 1B model does not fit a 16 GiB GPU
 
 
+@pytest.mark.parametrize(
+    "config, bf16, measured_gib, fits",
+    [  # peak GPU memory of the peer's own AdamW steps on an H200 (benchmarks/gpu_step.py, RESULTS.md)
+        ("llama-125m", False, 18.9, True),
+        ("llama-125m", True, 15.3, True),
+        ("llama-1b", False, 139.8, False),  # out of memory at its batch size on a 139.8 GiB GPU
+        ("llama-1b", True, 56.6, True),
+    ],
+)
+def test_memory_estimate_covers_what_an_h200_measured(config, bf16, measured_gib, fits):
+    """The estimate errs high, not low (a FAIL must not let a peer start that dies of OOM), and under bf16
+    it stays within 1.6x of the measured peak (a WARN must not turn away a GPU that fits)."""
+    from peer.config import load_run_config
+    from peer.doctor import training_memory_bytes
+
+    need = training_memory_bytes(load_run_config(config), "adamw", bf16=bf16) / 2**30
+    assert need >= measured_gib, (need, measured_gib)
+    if fits and bf16:
+        assert need <= 1.6 * measured_gib, (need, measured_gib)
+
+
 # ------------------------------------------------------------------------------------------- processes
 
 
