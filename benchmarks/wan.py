@@ -84,6 +84,28 @@ def baseline_samples_per_s(config: str, seconds: float, threads: int) -> float:
     return n * cfg.train.batch_size / (time.time() - t0)
 
 
+def concurrent_baseline_samples_per_s(config: str, seconds: float, procs: int) -> float:
+    """``procs`` plain-torch processes (1 thread each) training at once, aggregate samples/s: what the box
+    does with the swarm's process layout and no communication at all. Two processes on two cores share
+    the memory bandwidth and caches, which a single process measured alone does not see; this baseline
+    separates that from the swarm's own overhead."""
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); from wan import baseline_samples_per_s; "
+        f"print(json.dumps(baseline_samples_per_s({config!r}, {seconds!r}, 1)))"
+    )
+    children = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env(), cwd=REPO)
+        for _ in range(procs)
+    ]
+    rates = []
+    for child in children:
+        out, _ = child.communicate(timeout=seconds * 4 + 300)
+        if child.returncode != 0:
+            raise RuntimeError(f"a baseline process exited with {child.returncode}")
+        rates.append(float(out.strip().splitlines()[-1]))
+    return sum(rates)
+
+
 @dataclass
 class SwarmResult:
     run_id: str
@@ -232,6 +254,11 @@ def main() -> int:
     parser.add_argument(
         "--baseline-threads", default="1,2", help="thread counts tried for the baseline (the best counts)"
     )
+    parser.add_argument(
+        "--baselines-only",
+        action="store_true",
+        help="measure the baselines only: 1 and 2 threads alone, and 2 one-thread processes at once",
+    )
     parser.add_argument("--mode-args", default="", help="extra `peer join` flags (e.g. overlapped rounds)")
     parser.add_argument("--label", default=None, help="name of the mode in the output (default: the args)")
     args = parser.parse_args()
@@ -240,6 +267,19 @@ def main() -> int:
     from peer.config import load_run_config
     from peer.data.model import build_model, count_parameters
 
+    if args.baselines_only:
+        for rep in range(args.repeats):
+            row = {
+                "repeat": rep,
+                "load": os.getloadavg(),
+                "one_thread": baseline_samples_per_s(args.config, args.baseline_seconds, 1),
+                "two_threads": baseline_samples_per_s(args.config, args.baseline_seconds, 2),
+                "two_procs_one_thread_each": concurrent_baseline_samples_per_s(
+                    args.config, args.baseline_seconds, 2
+                ),
+            }
+            print(json.dumps(row), flush=True)
+        return 0
     reason = lab_unavailable()
     if reason:
         print(f"wan benchmark skipped: {reason}", file=sys.stderr)
