@@ -236,3 +236,56 @@ def test_sign_flip_among_three_honest_is_left_out_of_every_tensor_with_the_flat_
     # per tensor, the flip gets into the small tensors (measured 45–55 % off the honest mean there)
     assert len({hash_tensors((str(i), t) for i, t in enumerate(r)) for r in per_tensor}) == 1
     assert max(float((per_tensor[0][i] - want[i]).norm() / want[i].norm()) for i in small) > 0.1
+
+
+def test_a_sender_that_stops_mid_way_fails_the_all_reduce_for_everyone(dhts):
+    """hivemind drops a sender whose stream ends mid-way and averages the later parts without it. A peer
+    that then completed would hold a Δ mixing parts with and without that sender, one the dropped peer
+    never applies (two peers part ways: seen in benchmarks/wan.py). Every peer must fail instead and keep
+    its tensors untouched (all or nothing)."""
+    import uuid
+
+    from peer.training.allreduce import ConsensusAllReduceRunner, ConsensusAverager
+
+    class QuittingRunner(ConsensusAllReduceRunner):
+        async def _generate_input_for_peer(self, peer_index):
+            sent = 0
+            async for msg in super()._generate_input_for_peer(peer_index):
+                if sent == 2:
+                    return  # the stream ends after 2 parts, as a dropped connection's would
+                sent += 1
+                yield msg
+
+    Quitting = type("ConsensusAverager", (ConsensusAverager,), {"runner_class": QuittingRunner})
+    inputs = _inputs(7)
+    classes = [ConsensusAverager, ConsensusAverager, Quitting]
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    averagers = [
+        cls(
+            [t.clone() for t in ts],
+            dht=d,
+            prefix=prefix,
+            compression=make_compression("8bit"),
+            start=True,
+            min_matchmaking_time=1.0,
+            request_timeout=0.5,
+            part_size_bytes=2**14,
+            next_chunk_timeout=10.0,
+        )
+        for cls, ts, d in zip(classes, inputs, dhts, strict=True)
+    ]
+    try:
+        controls = [a.step(wait=False, timeout=30, allow_retries=False) for a in averagers]
+        outcomes = []
+        for c in controls:
+            try:
+                outcomes.append(c.result(timeout=90) is not None)
+            except Exception:  # the all-reduce failed for this peer: what the test wants
+                outcomes.append(False)
+        assert outcomes == [False, False, False], outcomes
+        for a, ts in zip(averagers, inputs, strict=True):
+            with a.get_tensors() as got:
+                assert all(torch.equal(g, t) for g, t in zip(got, ts, strict=True))
+    finally:
+        for a in averagers:
+            a.shutdown()

@@ -329,6 +329,10 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 averaged_part = await self.tensor_part_reducer.accumulate_part(
                     sender_index, part_index, tensor_part, weight=weight
                 )
+                partial = self._partial_part(part_index)
+                if partial is not None:  # our own result would mix parts with and without that sender
+                    self.tensor_part_container.register_failed_reducer(peer_index)
+                    raise AllreduceException(partial)
                 info = self._own_part_infos[part_index]
                 result = await loop.run_in_executor(None, self._roundtrip, averaged_part, info)
                 result = self._check_sparse_average(self._check_average(result), info)
@@ -385,6 +389,26 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         async for msg in super()._generate_input_for_peer(peer_index):
             self.counters.add(sent=msg.ByteSize())
             yield msg
+
+    def _partial_part(self, part_index: int) -> str | None:
+        """Why the average of our part ``part_index`` must not be used, or None.
+
+        hivemind drops a sender that stops sending mid-way (``sender_timeout``, a broken stream) and goes
+        on averaging the remaining parts without it. Then every peer that completes would hold a Δ whose
+        parts before the drop include that sender and whose later parts do not, and with two peers the
+        one that completes keeps an average the other never applies: their states part (seen in
+        benchmarks/wan.py under load). So a part averaged without one of the group's senders is never
+        handed out: every sender of the group gets an error for it and fails the all-reduce, which each
+        peer then discards as a whole (all or nothing, for everyone)."""
+        dropped = [
+            i for i, after in enumerate(self.tensor_part_reducer.sender_failed_after) if after <= part_index
+        ]
+        if not dropped:
+            return None
+        return (
+            f"sender(s) {dropped} of this group stopped sending before part {part_index}; "
+            "the all-reduce fails for every peer rather than leave some with a partial average"
+        )
 
     def _check_average(self, averaged: torch.Tensor) -> torch.Tensor:
         """An averaged part nobody honest could have produced becomes zeros (no update for that slice).
@@ -462,10 +486,13 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                     averaged_part = await self.tensor_part_reducer.accumulate_part(
                         sender_index, part_index, tensor_part, weight=weight
                     )
-                    part_index += 1
                 except BannedException:
                     logger.debug(f"Sender {sender_index} is already banned")
                     break
+                partial = self._partial_part(part_index)
+                if partial is not None:  # the sender gets an error, its all-reduce fails: all or nothing
+                    raise AllreduceException(partial)
+                part_index += 1
                 if self.topk is not None:
                     serialized = await loop.run_in_executor(None, encode_wire_part, averaged_part)
                 else:
