@@ -86,46 +86,22 @@ def test_missing_wallet(tmp_path):
     assert "--wallet.create" in last
 
 
-def test_bad_run_id(tmp_path, wallet, debug_data):
-    assert_user_error(
-        run_peer(
-            "join",
-            "--run-id",
-            "a.b/c",
-            "--home",
-            str(tmp_path / "h"),
-            "--data-dir",
-            str(debug_data),
-            "--host-maddrs",
-            "/ip4/127.0.0.1/tcp/0",
-            *wallet,
-        ),
-        "--run-id",
+def join_locally(tmp_path, debug_data, wallet, run_id: str, *flags: str) -> subprocess.CompletedProcess:
+    """``peer join`` with a home under ``tmp_path``, the debug data and a loopback address, plus ``flags``."""
+    return run_peer(
+        *("join", "--run-id", run_id, "--home", str(tmp_path / "h"), "--data-dir", str(debug_data)),
+        *("--host-maddrs", "/ip4/127.0.0.1/tcp/0", *flags, *wallet),
     )
+
+
+def test_bad_run_id(tmp_path, wallet, debug_data):
+    assert_user_error(join_locally(tmp_path, debug_data, wallet, "a.b/c"), "--run-id")
 
 
 def test_bf16_on_a_cpu_is_refused(tmp_path, wallet, debug_data):
     """bf16 autocast is the GPU default (``--precision auto``); asked for on a CPU it is a user error."""
-    assert_user_error(
-        run_peer(
-            "join",
-            "--run-id",
-            "bf16-cpu",
-            "--home",
-            str(tmp_path / "h"),
-            "--data-dir",
-            str(debug_data),
-            "--host-maddrs",
-            "/ip4/127.0.0.1/tcp/0",
-            "--device",
-            "cpu",
-            "--precision",
-            "bf16",
-            *wallet,
-        ),
-        "--precision bf16",
-        "--precision fp32",
-    )
+    proc = join_locally(tmp_path, debug_data, wallet, "bf16-cpu", "--device", "cpu", "--precision", "bf16")
+    assert_user_error(proc, "--precision bf16", "--precision fp32")
 
 
 @pytest.mark.slow
