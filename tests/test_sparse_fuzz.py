@@ -160,3 +160,43 @@ def test_fuzz_mutated_wire_parts(raw, expected, offset):
     assert isinstance(out, torch.Tensor | WireRefused), repr(out)
     if isinstance(out, torch.Tensor):
         assert out.numel() == expected
+
+
+@st.composite
+def crafted_wire_parts(draw):
+    """Honest wire structure (count + scale per chunk, position + code per entry), hostile values:
+    counts beyond the chunk, scales NaN/inf/negative/huge/subnormal/not canonical, codes 0 or -128,
+    positions out of range or repeated."""
+    part = encode_wire_part(PART, TOPK)
+    blocks = -(-PART.numel() // TOPK.chunk)
+    buf = bytearray(part.buffer)
+    m = (len(buf) - 6 * blocks) // 3
+    for _ in range(draw(st.integers(1, 3))):
+        what = draw(st.sampled_from(["count", "scale", "code", "pos"]))
+        if what == "count":
+            i = draw(st.integers(0, blocks - 1))
+            struct.pack_into("<H", buf, 2 * i, draw(st.sampled_from([0, 1, 17, 1024, 1025, 65535])))
+        elif what == "scale":
+            i = draw(st.integers(0, blocks - 1))
+            bad = draw(st.sampled_from([float("nan"), float("inf"), -1.0, 3e38, 1e-45, 0.1, 0.0, 2.0**-20]))
+            struct.pack_into("<f", buf, 2 * blocks + 4 * i, bad)
+        elif what == "code":
+            buf[6 * blocks + 2 * m + draw(st.integers(0, m - 1))] = draw(
+                st.sampled_from([0, 0x80, 0x7F, 0x81])
+            )
+        else:
+            i = draw(st.integers(0, m - 1))
+            struct.pack_into("<H", buf, 6 * blocks + 2 * i, draw(st.sampled_from([0, 1023, 1024, 65535])))
+    part.buffer = bytes(buf)
+    return part
+
+
+@FUZZ
+@given(crafted_wire_parts())
+def test_fuzz_crafted_wire_parts(msg):
+    limit = 3 * 4 * PART.numel() + 6 * len(msg.buffer) + (256 << 10)
+    out = bounded(lambda: decode_wire_part(msg, PART.numel(), TOPK), limit)
+    assert isinstance(out, torch.Tensor | WireRefused), repr(out)
+    if isinstance(out, torch.Tensor):  # whatever got through is finite and at most k a chunk
+        assert bool(torch.isfinite(out).all())
+        assert int((out != 0).sum()) <= int((PART != 0).sum()) + 3
