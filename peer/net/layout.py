@@ -26,8 +26,8 @@ allocates more than the blob (or, with a layout, the model) says.
 A **sparse Δ** (``--compression topk``, format :data:`SPARSE_DELTA_FORMAT`, see
 :mod:`peer.training.sparse`) holds per parameter ``n::idx`` (int16 positions inside each chunk) and
 ``n::val`` (int8 codes), exactly ``k`` per full chunk of ``chunk`` values and ``min(k, rest)`` for a
-tensor's last chunk, and ``n::scale`` (fp32, one per chunk); ``__metadata__`` = ``{"format", "chunk", "k", "shapes"}``. :func:`sparse_delta_layout` is
-its exact layout for a model and a run's top-k; the model's contribution layout carries it as
+tensor's last chunk, and ``n::scale`` (fp32, one per chunk); ``__metadata__`` = ``{"format", "chunk",
+"k", "shapes"}``. :func:`sparse_delta_layout` is its exact layout for a model and a run's top-k; the model's contribution layout carries it as
 :attr:`Layout.sparse`, and :func:`check_blob_header` holds a Δ to the one its ``format`` names.
 
 Reason codes: ``truncated``, ``too_large``, ``header_too_large``, ``bad_header``, ``bad_dtype``,

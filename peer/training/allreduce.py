@@ -85,9 +85,9 @@ class TopKWireCompression(CompressionBase):
     """hivemind compression of sparse all-reduce parts: non-zero positions + int8 codes with a scale per
     top-k chunk (module doc).
 
-    Lossless for a Δ̂ (its values are already code × scale); an average is rounded to int8 once. Its parts are decoded with
-    :func:`decode_wire_part` (hivemind's ``deserialize_torch_tensor`` does not know this format: the
-    consensus runner calls it, with the part size it expects)."""
+    Lossless for a Δ̂ (its values are already code × scale); an average is rounded to int8 once. Its
+    parts are decoded with :func:`decode_wire_part` (hivemind's ``deserialize_torch_tensor`` does not
+    know this format: the consensus runner calls it, with the part size and offset it expects)."""
 
     compression_type = runtime_pb2.CompressionType.NONE
 
