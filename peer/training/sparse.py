@@ -431,8 +431,12 @@ def encode_wire_part(tensor: torch.Tensor, topk: TopK, offset: int = 0):
     pos = torch.nonzero(flat).view(-1)  # NaN counts as non-zero: its block's scale becomes NaN
     block_of = (pos + r) // c
     codes, scales = quantize_blocks(flat[pos], block_of, blocks)
-    partial = {b for b in (0, blocks - 1) if blocks and (b == 0 and r or b == blocks - 1 and (r + n) % c)}
-    for b in sorted(partial):  # a chunk cut by the part boundary: its absmax may lie in the other part
+    partial = set()  # chunks cut by the part's boundaries: their absmax may lie in the neighbour part
+    if blocks and r:
+        partial.add(0)
+    if blocks and (r + n) % c:
+        partial.add(blocks - 1)
+    for b in sorted(partial):
         sel = block_of == b
         scale = _exact_scale(flat[pos[sel]])
         if scale is not None:
