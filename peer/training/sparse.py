@@ -59,7 +59,8 @@ SCALE_FREE_BITS = 7
 MAX_SCALE = 2.0**120
 """Largest scale a decoder accepts (127 × it is finite in fp32)."""
 MAX_EXPANSION = 1024
-"""Without a model layout, a sparse Δ may expand to at most this × its bytes (density ≥ ~1/256)."""
+"""Without a model layout, a sparse Δ may expand to at most this × its bytes (3 bytes an entry and a
+4-byte scale a chunk: density ≥ ~1/700)."""
 
 
 @dataclass(frozen=True)
