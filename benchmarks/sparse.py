@@ -11,13 +11,16 @@ its inner optimizer kept across rounds like a real peer's): only the communicate
 * ``8bit``: each Δ through the published 8-bit blockwise codec (int8 + absmax per 4096 values — the
   same error class as the all-reduce's bitsandbytes blockwise 8-bit), averaged, Nesterov outer step;
 * ``topk:<density>[:<β>[:<μ>[:<lr>]]]``: Δ̂ = top-k(β·e + Δ) per 4096-value chunk with error feedback
-  (:class:`peer.training.sparse.ErrorFeedback`, fp16 values), averaged, outer step with momentum μ and
-  learning rate lr (default: the config's). SparseLoCo's variant is β = 0.95, μ = 0.
+  (:class:`peer.training.sparse.ErrorFeedback`, int8 values with one fp32 scale per chunk), averaged,
+  the average rounded exactly as the wire rounds it (:func:`peer.training.sparse.wire_roundtrip`), outer
+  step with momentum μ and learning rate lr (default: the config's). SparseLoCo's variant is β = 0.95,
+  μ = 0; the shipped default is ``topk:0.015625:0.95:0:2.0``.
 
 Averages use the swarm's robust rule (:func:`peer.training.robust.robust_mean`, the default rule) on
 parts of 2¹⁷ values. After each round: held-out loss of θ on 16 fixed held-out pages. Bytes: every
-peer's Δ̂ and the averages are encoded with the real wire codec over an n-way butterfly split
-(:func:`peer.training.sparse.encode_wire_part`), so "sent per peer per round ÷ fp32 floor
+peer's Δ̂ and the averages are encoded with the real wire codec over an n-way butterfly split of the
+chunk-aligned flat buffer the swarm averages (:func:`peer.training.sparse.encode_wire_part`, parts of
+2¹⁷ values at their offsets), so "sent per peer per round ÷ fp32 floor
 2(n−1)/n·4P" is exact for the sparse arms; the published blob (:func:`encode_sparse_delta`) ÷ the
 dense fp32 Δ (4P) is the validator's download. Prints one JSON line per arm and a SUMMARY.
 
@@ -61,17 +64,19 @@ def parse_arm(text: str, cfg) -> dict:
     return {"name": text, "kind": "topk", "density": density, "decay": decay, "momentum": momentum, "lr": lr}
 
 
-def wire_bytes(deltas, averaged, n: int) -> float:
+def wire_bytes(deltas, averaged, n: int, topk) -> float:
     """Bytes each peer sends in an n-way butterfly of sparse Δ̂s (mean over peers): its parts for the
-    other owners, and its own part's average to the other n−1 peers (protobuf framing left out)."""
-    import torch
-
+    other owners, and its own part's average to the other n−1 peers (protobuf framing left out). The
+    flat buffer is laid out as the swarm lays it out (every tensor on a chunk boundary); owners' ranges
+    start on chunk boundaries (hivemind assigns whole parts)."""
+    from peer.training.allreduce import flatten_tensors
     from peer.training.sparse import encode_wire_part
 
-    flats = [torch.cat([t.reshape(-1) for t in d]) for d in deltas]
-    avg = torch.cat([t.reshape(-1) for t in averaged])
+    flats = [flatten_tensors(d, topk.chunk) for d in deltas]
+    avg = flatten_tensors(averaged, topk.chunk)
     total = avg.numel()
-    bounds = [round(total * i / n) for i in range(n + 1)]
+    bounds = [min(total, round(total * i / n / topk.chunk) * topk.chunk) for i in range(n + 1)]
+    bounds[-1] = total
     sent = [0] * n
     for owner in range(n):
         lo, hi = bounds[owner], bounds[owner + 1]
@@ -79,8 +84,8 @@ def wire_bytes(deltas, averaged, n: int) -> float:
             end = min(hi, start + PART)
             for peer in range(n):
                 if peer != owner:
-                    sent[peer] += len(encode_wire_part(flats[peer][start:end]).buffer)
-            sent[owner] += (n - 1) * len(encode_wire_part(avg[start:end]).buffer)
+                    sent[peer] += len(encode_wire_part(flats[peer][start:end], topk, start).buffer)
+            sent[owner] += (n - 1) * len(encode_wire_part(avg[start:end], topk, start).buffer)
     return sum(sent) / n
 
 
@@ -113,7 +118,7 @@ def simulate(args, arm: dict) -> dict:
     from peer.net.outbox import dequantize_blockwise, encode_delta, quantize_blockwise
     from peer.training.clock import WallClock
     from peer.training.diloco import make_inner_optimizer
-    from peer.training.sparse import ErrorFeedback, TopK, encode_sparse_delta
+    from peer.training.sparse import ErrorFeedback, TopK, encode_sparse_delta, wire_roundtrip
 
     torch.set_num_threads(args.threads)
     cfg = load_run_config(args.config)
@@ -173,9 +178,10 @@ def simulate(args, arm: dict) -> dict:
             deltas.append(delta)
         avg = robust_average(deltas)
         if topk is not None:
-            avg = [a.to(torch.float16).to(torch.float32) for a in avg]  # the wire rounds averages to fp16
+            # the wire rounds averages to int8 × a scale per chunk (tensors start on chunk boundaries)
+            avg = [wire_roundtrip(a.reshape(-1), topk).view(a.shape) for a in avg]
             floor = 2 * (args.peers - 1) / args.peers * params * 4
-            sent_ratio.append(wire_bytes(deltas, avg, args.peers) / floor)
+            sent_ratio.append(wire_bytes(deltas, avg, args.peers, topk) / floor)
         with torch.no_grad():
             for s, m, g in zip(theta, momentum, avg, strict=True):
                 m.mul_(arm["momentum"]).add_(g)

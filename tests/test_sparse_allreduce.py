@@ -6,7 +6,7 @@ import bitsandbytes  # noqa: F401  (before the averagers: blockwise 8-bit)
 import torch
 
 from peer.data.model import hash_tensors
-from peer.training.sparse import TopK, sparsify
+from peer.training.sparse import TopK, sparsify, wire_roundtrip
 from peer.training.swarm import make_compression
 from tests.fixtures_swarm import run_allreduce
 
@@ -42,8 +42,10 @@ def test_sparse_allreduce_is_bit_identical_mean_of_the_sent_entries_and_small(dh
     for a, m, *ins in zip(results[0], mean, *inputs, strict=True):
         support = sum((t != 0).int() for t in ins) > 0
         assert not bool(a[~support].any()), "the average is zero outside the union of the senders' entries"
-        # fp16 rounding of the average, plus the robust rule's re-weighting of unrelated senders
+        # int8 rounding of the average, plus the robust rule's re-weighting of unrelated senders
         assert float((a - m).norm() / m.norm()) < 0.2
+        # what every peer applied is exactly int8 code × its chunk's scale, as decoded from the wire
+        assert torch.equal(wire_roundtrip(a.reshape(-1), TOPK).view(a.shape), a)
     total = sum(t.numel() for t in inputs[0])
     floor = 2 * (3 - 1) / 3 * total * 4
     for sent, received, rejected in counters:

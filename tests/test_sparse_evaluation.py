@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from peer.net.layout import SPARSE_DELTA_FORMAT
 from peer.training.sparse import ErrorFeedback, TopK, encode_sparse_delta
 from tests.fixtures_validator import HONEST, validator_world  # noqa: F401
 from validator.evaluation import Candidate, EvalConfig, Evaluator
@@ -56,7 +57,7 @@ def sparse_round1(validator_world):  # noqa: F811
             hotkey=w.hotkeys[n],
             delta_blob=blobs[1][n],
             claimed_pages=w.pages[1][n],
-            delta_format="gradswarm-delta-topk-v1",
+            delta_format=SPARSE_DELTA_FORMAT,
         )
         for i, n in enumerate(names)
     ]

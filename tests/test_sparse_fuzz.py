@@ -42,7 +42,7 @@ DENSE_BYTES = 4 * sum(math.prod(s) for s in SHAPES.values())
 _g = torch.Generator().manual_seed(0)
 BLOB = encode_sparse_delta({n: sparsify(torch.randn(s, generator=_g), TOPK) for n, s in SHAPES.items()}, TOPK)
 PART = sparsify(torch.randn(70_000, generator=_g), TOPK)
-WIRE = encode_wire_part(PART).SerializeToString()
+WIRE = encode_wire_part(PART, TOPK).SerializeToString()
 
 
 def bounded(fn, limit: int):
@@ -106,7 +106,7 @@ def crafted_headers(draw):
     header = json.loads(BLOB[8 : 8 + n])
     data = BLOB[8 + n :]
     meta = header["__metadata__"]
-    field = draw(st.sampled_from(["k", "chunk", "shapes", "dtype", "shape", "offsets"]))
+    field = draw(st.sampled_from(["k", "chunk", "shapes", "dtype", "shape", "offsets", "scale", "format"]))
     if field in ("k", "chunk"):
         meta[field] = draw(st.sampled_from(["0", "1", "32768", "99999999", "-1", "1e3", "16 ", ""]))
     elif field == "shapes":
@@ -114,10 +114,18 @@ def crafted_headers(draw):
         name = draw(st.sampled_from(sorted(shapes)))
         shapes[name] = draw(st.sampled_from([[1 << 40], [0], [10**6, 10**6], [], [-1]]))
         meta["shapes"] = json.dumps(shapes)
+    elif field == "format":
+        meta["format"] = draw(st.sampled_from(["gradswarm-delta-topk-v1", "gradswarm-delta-topk-v3", ""]))
+    elif field == "scale":  # a hostile scale value: NaN, ±inf, negative, huge, subnormal, not canonical
+        name = draw(st.sampled_from(sorted(k for k in header if k.endswith("::scale"))))
+        lo, hi = header[name]["data_offsets"]
+        i = draw(st.integers(0, (hi - lo) // 4 - 1))
+        bad = draw(st.sampled_from([float("nan"), float("inf"), -float("inf"), -1.0, 3e38, 1e-45, 0.1, 0.0]))
+        data = data[: lo + 4 * i] + struct.pack("<f", bad) + data[lo + 4 * i + 4 :]
     else:
         name = draw(st.sampled_from(sorted(k for k in header if k != "__metadata__")))
         if field == "dtype":
-            header[name]["dtype"] = draw(st.sampled_from(["I32", "U16", "F32", "I8", "BF16"]))
+            header[name]["dtype"] = draw(st.sampled_from(["I32", "U16", "F32", "I8", "F16", "BF16"]))
         elif field == "shape":
             header[name]["shape"] = [draw(st.integers(0, 1 << 40))]
         else:
@@ -133,8 +141,12 @@ def test_fuzz_crafted_sparse_headers(blob):
 
 
 @FUZZ
-@given(mutated(WIRE), st.sampled_from([PART.numel(), 1, 65536, 200_000]))
-def test_fuzz_mutated_wire_parts(raw, expected):
+@given(
+    mutated(WIRE),
+    st.sampled_from([PART.numel(), 1, 65536, 200_000]),
+    st.sampled_from([0, 1024, 100, 1023]),
+)
+def test_fuzz_mutated_wire_parts(raw, expected, offset):
     from google.protobuf.message import DecodeError
     from hivemind.proto import runtime_pb2
 
@@ -144,7 +156,47 @@ def test_fuzz_mutated_wire_parts(raw, expected):
     except DecodeError:
         return  # the RPC layer refuses it before the runner sees it
     limit = 3 * 4 * expected + 6 * len(raw) + (256 << 10)
-    out = bounded(lambda: decode_wire_part(msg, expected), limit)
+    out = bounded(lambda: decode_wire_part(msg, expected, TOPK, offset), limit)
     assert isinstance(out, torch.Tensor | WireRefused), repr(out)
     if isinstance(out, torch.Tensor):
         assert out.numel() == expected
+
+
+@st.composite
+def crafted_wire_parts(draw):
+    """Honest wire structure (count + scale per chunk, position + code per entry), hostile values:
+    counts beyond the chunk, scales NaN/inf/negative/huge/subnormal/not canonical, codes 0 or -128,
+    positions out of range or repeated."""
+    part = encode_wire_part(PART, TOPK)
+    blocks = -(-PART.numel() // TOPK.chunk)
+    buf = bytearray(part.buffer)
+    m = (len(buf) - 6 * blocks) // 3
+    for _ in range(draw(st.integers(1, 3))):
+        what = draw(st.sampled_from(["count", "scale", "code", "pos"]))
+        if what == "count":
+            i = draw(st.integers(0, blocks - 1))
+            struct.pack_into("<H", buf, 2 * i, draw(st.sampled_from([0, 1, 17, 1024, 1025, 65535])))
+        elif what == "scale":
+            i = draw(st.integers(0, blocks - 1))
+            bad = draw(st.sampled_from([float("nan"), float("inf"), -1.0, 3e38, 1e-45, 0.1, 0.0, 2.0**-20]))
+            struct.pack_into("<f", buf, 2 * blocks + 4 * i, bad)
+        elif what == "code":
+            buf[6 * blocks + 2 * m + draw(st.integers(0, m - 1))] = draw(
+                st.sampled_from([0, 0x80, 0x7F, 0x81])
+            )
+        else:
+            i = draw(st.integers(0, m - 1))
+            struct.pack_into("<H", buf, 6 * blocks + 2 * i, draw(st.sampled_from([0, 1023, 1024, 65535])))
+    part.buffer = bytes(buf)
+    return part
+
+
+@FUZZ
+@given(crafted_wire_parts())
+def test_fuzz_crafted_wire_parts(msg):
+    limit = 3 * 4 * PART.numel() + 6 * len(msg.buffer) + (256 << 10)
+    out = bounded(lambda: decode_wire_part(msg, PART.numel(), TOPK), limit)
+    assert isinstance(out, torch.Tensor | WireRefused), repr(out)
+    if isinstance(out, torch.Tensor):  # whatever got through is finite and at most k a chunk
+        assert bool(torch.isfinite(out).all())
+        assert int((out != 0).sum()) <= int((PART != 0).sum()) + 3

@@ -25,14 +25,15 @@ allocates more than the blob (or, with a layout, the model) says.
 
 A **sparse Δ** (``--compression topk``, format :data:`SPARSE_DELTA_FORMAT`, see
 :mod:`peer.training.sparse`) holds per parameter ``n::idx`` (int16 positions inside each chunk) and
-``n::val`` (fp16), exactly ``k`` per full chunk of ``chunk`` values and ``min(k, rest)`` for a tensor's
-last chunk; ``__metadata__`` = ``{"format", "chunk", "k", "shapes"}``. :func:`sparse_delta_layout` is
-its exact layout for a model and a run's top-k; the model's contribution layout carries it as
+``n::val`` (int8 codes), exactly ``k`` per full chunk of ``chunk`` values and ``min(k, rest)`` for a
+tensor's last chunk, and ``n::scale`` (fp32, one per chunk); ``__metadata__`` = ``{"format", "chunk",
+"k", "shapes"}``. :func:`sparse_delta_layout` is its exact layout for a model and a run's top-k; the model's contribution layout carries it as
 :attr:`Layout.sparse`, and :func:`check_blob_header` holds a Δ to the one its ``format`` names.
 
 Reason codes: ``truncated``, ``too_large``, ``header_too_large``, ``bad_header``, ``bad_dtype``,
 ``bad_shape``, ``bad_offsets``, ``wrong_tensors``, ``bad_metadata``, ``bad_index`` (a sparse Δ's
-position outside its chunk or not ascending).
+position outside its chunk or not ascending), ``bad_value`` (a sparse Δ's scale not finite or not
+canonical, or an int8 code of −128).
 """
 
 from __future__ import annotations
@@ -48,8 +49,11 @@ from peer.errors import CheckpointError
 QUANT_BLOCK = 4096
 """Values per absmax scale in a published Δ."""
 DELTA_FORMAT = "gradswarm-delta-int8-blockwise"
-SPARSE_DELTA_FORMAT = "gradswarm-delta-topk-v1"
-"""A sparse Δ (chunk-wise top-k, int16 positions, fp16 values); the version is part of the name."""
+SPARSE_DELTA_FORMAT = "gradswarm-delta-topk-v2"
+"""A sparse Δ (chunk-wise top-k, int16 positions, int8 codes, one fp32 scale per chunk); the version is
+part of the name."""
+SPARSE_DELTA_FORMAT_V1 = "gradswarm-delta-topk-v1"
+"""The retired sparse Δ (fp16 values): refused with a reason that says so."""
 MAX_TOPK_CHUNK = 32768
 """Largest top-k chunk (positions are int16)."""
 MAX_BLOCK = 1 << 20
@@ -191,7 +195,8 @@ def sparse_delta_layout(param_shapes: Mapping[str, tuple[int, ...]], chunk: int,
     for n, s in shapes.items():
         e = topk_entries(math.prod(s), chunk, k)
         tensors[f"{n}::idx"] = TensorSpec("I16", (e,))
-        tensors[f"{n}::val"] = TensorSpec("F16", (e,))
+        tensors[f"{n}::val"] = TensorSpec("I8", (e,))
+        tensors[f"{n}::scale"] = TensorSpec("F32", (-(-math.prod(s) // chunk),))
     shapes_json = json.dumps({n: list(s) for n, s in shapes.items()})
     meta = {"format": SPARSE_DELTA_FORMAT, "chunk": str(chunk), "k": str(k), "shapes": shapes_json}
     est = _header_estimate(tensors, meta)
@@ -579,9 +584,18 @@ def delta_layout_for(data: bytes, size: int | None, layout: Layout | None) -> La
     allows sparse Δs), else ``layout`` itself."""
     if layout is None or layout.sparse is None:
         return layout
-    if _peek_format(data, size, [layout, layout.sparse]) == SPARSE_DELTA_FORMAT:
+    fmt = _peek_format(data, size, [layout, layout.sparse])
+    if fmt == SPARSE_DELTA_FORMAT_V1:
+        raise ArtifactRefused("bad_metadata", _V1_RETIRED)
+    if fmt == SPARSE_DELTA_FORMAT:
         return layout.sparse
     return layout
+
+
+_V1_RETIRED = (
+    f"sparse Δ format {SPARSE_DELTA_FORMAT_V1} (fp16 values) is retired; this version publishes and "
+    f"scores {SPARSE_DELTA_FORMAT} (int8 values): upgrade the peer that published it"
+)
 
 
 def check_sparse_delta_header(
@@ -590,6 +604,8 @@ def check_sparse_delta_header(
     """A sparse Δ header's metadata and tensors agree (and match ``layout``); returns
     ``((chunk, k), shapes)``. Without a layout the tensors are derived from its own metadata."""
     meta = header.metadata
+    if meta.get("format") == SPARSE_DELTA_FORMAT_V1:
+        raise ArtifactRefused("bad_metadata", _V1_RETIRED)
     if meta.get("format") != SPARSE_DELTA_FORMAT:
         raise ArtifactRefused("bad_metadata", "not a gradswarm sparse Δ (format metadata missing or wrong)")
     nums = []
@@ -614,7 +630,7 @@ def check_blob_header(data: bytes, size: int | None = None, *, kind: str, layout
         layout = delta_layout_for(data, size, layout)
     header = parse_header(data, size, layout=layout)
     if kind == "contribution":
-        if header.metadata.get("format") == SPARSE_DELTA_FORMAT:
+        if header.metadata.get("format") in (SPARSE_DELTA_FORMAT, SPARSE_DELTA_FORMAT_V1):
             check_sparse_delta_header(header, layout)
         else:
             check_delta_header(header, layout)

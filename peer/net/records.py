@@ -119,11 +119,12 @@ class ContributionManifest(SignedRecord):
     loss_after: float | None
     blob: BlobRef
     behaviour: Literal["honest"] | str = Field(default="honest", max_length=64)
-    delta_format: Literal["gradswarm-delta-int8-blockwise", "gradswarm-delta-topk-v1"] = (
-        "gradswarm-delta-int8-blockwise"
-    )
+    delta_format: Literal[
+        "gradswarm-delta-int8-blockwise", "gradswarm-delta-topk-v2", "gradswarm-delta-topk-v1"
+    ] = "gradswarm-delta-int8-blockwise"
     """The blob's format (``peer.net.layout.DELTA_FORMAT`` / ``SPARSE_DELTA_FORMAT``); validators refuse a
-    blob whose header says otherwise."""
+    blob whose header says otherwise. ``-topk-v1`` (fp16 values, retired) still parses, so such a
+    contribution is refused with the reason that names the upgrade rather than as a malformed record."""
 
 
 class StateManifest(SignedRecord):

@@ -74,17 +74,20 @@ from peer.training.sparse import (
     decode_wire_part,
     encode_wire_part,
     excess_entries,
+    part_offset,
+    wire_roundtrip,
 )
 
 logger = get_logger(__name__)
 
 
 class TopKWireCompression(CompressionBase):
-    """hivemind compression of sparse all-reduce parts: non-zero positions + fp16 values (module doc).
+    """hivemind compression of sparse all-reduce parts: non-zero positions + int8 codes with a scale per
+    top-k chunk (module doc).
 
-    Lossless for a Δ̂ (fp16 values); an average is rounded to fp16 once. Its parts are decoded with
-    :func:`decode_wire_part` (hivemind's ``deserialize_torch_tensor`` does not know this format: the
-    consensus runner calls it, with the part size it expects)."""
+    Lossless for a Δ̂ (its values are already code × scale); an average is rounded to int8 once. Its
+    parts are decoded with :func:`decode_wire_part` (hivemind's ``deserialize_torch_tensor`` does not
+    know this format: the consensus runner calls it, with the part size and offset it expects)."""
 
     compression_type = runtime_pb2.CompressionType.NONE
 
@@ -92,10 +95,11 @@ class TopKWireCompression(CompressionBase):
         self.topk = topk
 
     def compress(self, tensor: torch.Tensor, info: CompressionInfo, allow_inplace: bool = False):
-        return encode_wire_part(tensor)
+        return encode_wire_part(tensor, self.topk, part_offset(info))
 
-    def extract(self, serialized_tensor) -> torch.Tensor:
-        return decode_wire_part(serialized_tensor, math.prod(int(s) for s in serialized_tensor.size))
+    def extract(self, serialized_tensor) -> torch.Tensor:  # a part at offset 0 (the runner passes its own)
+        numel = math.prod(int(s) for s in serialized_tensor.size)
+        return decode_wire_part(serialized_tensor, numel, self.topk)
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
         # shapes the part sizes (part_size_bytes / (4 · ratio) values): every peer must use the same
@@ -300,7 +304,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
     def _roundtrip(self, averaged_part: torch.Tensor, info) -> torch.Tensor:
         """Exactly what a remote peer reconstructs from the bytes we would send it."""
         if self.topk is not None:
-            return decode_wire_part(encode_wire_part(averaged_part), averaged_part.numel())
+            return wire_roundtrip(averaged_part, self.topk, part_offset(info))
         compression = self.tensor_part_container.compression
         serialized = compression.compress(averaged_part, info, allow_inplace=False)
         return deserialize_torch_tensor(serialized)
@@ -357,7 +361,8 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 if index >= len(numels):
                     raise AllreduceException(f"{peer_id} sent more than {len(numels)} parts")
                 try:
-                    return decode_wire_part(msg.tensor_part, numels[index]), msg
+                    offset = part_offset(self._part_infos[peer_index][index])
+                    return decode_wire_part(msg.tensor_part, numels[index], self.topk, offset), msg
                 except WireRefused:
                     return None, msg  # malformed average: zeros (see _check_average)
 
@@ -472,7 +477,8 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                             f"sender {sender_index} sent more than {len(own_numels)} parts"
                         )
                     try:
-                        tensor = decode_wire_part(msg.tensor_part, own_numels[index])
+                        offset = part_offset(self._own_part_infos[index])
+                        tensor = decode_wire_part(msg.tensor_part, own_numels[index], self.topk, offset)
                     except WireRefused:
                         tensor = None  # refused in _screen (weight 0)
                 return tensor, msg.weight, msg.tensor_part.compression, msg.ByteSize()
@@ -494,7 +500,10 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                     raise AllreduceException(partial)
                 part_index += 1
                 if self.topk is not None:
-                    serialized = await loop.run_in_executor(None, encode_wire_part, averaged_part)
+                    offset = part_offset(self._own_part_infos[part_index - 1])
+                    serialized = await loop.run_in_executor(
+                        None, encode_wire_part, averaged_part, self.topk, offset
+                    )
                 else:
                     serialized = await loop.run_in_executor(
                         None, serialize_torch_tensor, averaged_part, part_compression
