@@ -167,8 +167,8 @@ class TrainConfig:
 
     topk_density: float = 0.015625
     """``--compression topk`` only: fraction of each chunk's values a peer sends per round (k =
-    density × ``topk_chunk``, at least 1). Bytes per round scale with it (≈ 4 bytes per kept value on the
-    wire and in the published Δ); what is not sent waits in the peer's error-feedback buffer. Default
+    density × ``topk_chunk``, at least 1). Bytes per round scale with it (≈ 3 bytes per kept value — a uint16
+    position and an int8 code — plus a 4-byte scale per chunk, on the wire and in the published Δ); what is not sent waits in the peer's error-feedback buffer. Default
     1/64 (64 of 4096), chosen by ``benchmarks/sparse.py`` (README "Sparse Δs"): lower it if uplinks are
     the bottleneck, raise it if held-out loss falls behind 8-bit rounds. Validators check published
     sparse Δs against it: every peer and validator of a swarm must use the same."""
