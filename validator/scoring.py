@@ -108,6 +108,13 @@ class ScoringConfig:
     duplicate_cosine: float = 0.95
     """Cosine similarity at or above which two Δs count as copies. Honest peers' Δs share a direction
     (cosine ~0.4-0.7 measured on the debug model); raise it if honest peers are flagged as copies."""
+    combination_fraction: float | None = 0.95
+    """A Δ of which at least this fraction (of its squared sketch norm) lies in the span of other eligible
+    peers' Δs of the round and of the earlier rounds' Δs (least squares, ``PeerMeasurement.span``) is a
+    combination of their work — an average, a weighted mix, 2·A − B, plus a little noise — and earns
+    nothing. Dependence is symmetric (with C = (A + B)/2, A = 2·C − B), so the rule removes, one at a
+    time, the dependent peer with the least own-page evidence (assignment-test t, then specificity) and
+    measures again (:func:`combination_copies`). PLACEHOLDER. None: off (records made before this rule)."""
     min_heldout_gain: float = 0.0
     """Held-out gain (nats/token) a Δ must exceed to score anything."""
     reference_quantile: float = 0.75
@@ -188,6 +195,10 @@ class ScoringConfig:
             raise ConfigError("scoring.max_norm_ratio must be > 1")
         if not 0 < self.duplicate_cosine <= 1:
             raise ConfigError("scoring.duplicate_cosine must be in (0, 1]")
+        if self.combination_fraction is not None and not 0.5 <= self.combination_fraction <= 1:
+            raise ConfigError(
+                f"scoring.combination_fraction must be in [0.5, 1] (or None: off), got {self.combination_fraction}"
+            )
         if not 0 <= self.reference_quantile <= 1:
             raise ConfigError("scoring.reference_quantile must be in [0, 1]")
         if self.min_assignment_reference <= 0:
@@ -313,6 +324,8 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
                 )
                 terms[key]["duplicate_of"] = {"uid": s["uid"], "round": s["round"], "cosine": s["cosine"]}
                 break
+    # combinations within the round: a Δ (nearly) in the span of the others' is a copy of their work
+    _combination_gate(m.peers, terms, reasons, cfg)
     eligible = [terms[k]["specificity"] for k, r in reasons.items() if r is None]
     reference = (
         max(cfg.min_assignment_reference, quantile(eligible, cfg.reference_quantile)) if eligible else None
@@ -352,6 +365,154 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
         t["score"] = score
         out.append(PeerScore(uid=p.uid, hotkey=p.hotkey, score=score, reason=reason, terms=t))
     return out
+
+
+def _combination_gate(
+    peers: Sequence[PeerMeasurement], terms: dict, reasons: dict, cfg: ScoringConfig
+) -> None:
+    """Refuse the peers that :func:`combination_copies` finds among those still eligible; record every
+    measured peer's explained fraction in its terms."""
+    spans = {(p.uid, p.hotkey): p.span for p in peers if p.span is not None}
+    for key, sp in spans.items():
+        terms[key]["span_explained_all"] = sp["explained"]
+        terms[key]["span_earlier"] = sp["earlier"]
+    if cfg.combination_fraction is None:
+        return
+    pool = [k for k in spans if reasons[k] is None]
+    evidence = {k: (terms[k]["specificity_t"], terms[k]["specificity"]) for k in pool}
+    refused, explained = combination_copies(spans, pool, evidence, cfg.combination_fraction)
+    for key, frac in explained.items():
+        terms[key]["combination_explained"] = frac
+    for key, r in refused.items():
+        terms[key]["combination_explained"] = r["explained"]
+        terms[key]["combination_of"] = r["of"]
+        parts = [f"uid {o['uid']}" for o in r["of"]]
+        if r["earlier"] >= 0.01:
+            parts.append(f"earlier rounds' Δs (alone {r['earlier']:.1%})")
+        t_now = terms[key]["specificity_t"]
+        reasons[key] = (
+            f"a combination of other peers' Δs: {r['explained']:.2%} of it lies in the span of "
+            f"{', '.join(parts) or 'the others'} (limit {cfg.combination_fraction:.0%}), and it shows the "
+            "least evidence of training on its own pages among the dependent ones (t = "
+            + ("unknown" if t_now is None else f"{t_now:.2f}")
+            + ")"
+        )
+
+
+SPAN_ENERGY_TOL = 1e-12
+"""A residual (of a unit-norm sketch) with less squared norm than this spans no direction: rounding, as
+``validator.evaluation.SPAN_TOL`` (its square)."""
+
+
+def span_residual(gram: Sequence[Sequence[float]], i: int, others: Sequence[int]) -> float:
+    """Squared norm of column ``i`` left after projecting it on the span of the columns ``others``, from
+    their Gram matrix (inner products). Cholesky with symmetric pivoting on the ``others`` (the largest
+    remaining diagonal first) and a drop tolerance (``SPAN_ENERGY_TOL``), so a rank-deficient set of
+    others — a copy among them — is handled; the Schur complement of ``i`` is the residual.
+    O(len(others)³); pure Python (a round's sample is at most a few dozen peers)."""
+    idx = [*others, i]
+    a = [[float(gram[r][c]) for c in idx] for r in idx]
+    last = len(others)
+    active = list(range(last))
+    while active:
+        p = max(active, key=lambda r: a[r][r])
+        d = a[p][p]
+        if d <= SPAN_ENERGY_TOL:
+            break
+        active.remove(p)
+        rows = [*active, last]
+        for r in rows:
+            f = a[r][p] / d
+            if f == 0.0:
+                continue
+            row_p = a[p]
+            row_r = a[r]
+            for c in rows:
+                row_r[c] -= f * row_p[c]
+    return max(0.0, a[last][last])
+
+
+def _span_geometry(spans: Mapping[tuple[int, str], dict], pool: Sequence[tuple[int, str]]):
+    """``explained(i, others) → fraction`` over the ``pool`` keys, from the recorded span measurements:
+    the shared Gram matrix (every peer's ``products`` row) or, for a sparse Δ, its own ``support_gram``."""
+    where = {k: n for n, k in enumerate(pool)}
+    shared = [[0.0] * len(pool) for _ in pool]
+    for a in pool:
+        for prod in spans[a]["products"]:
+            b = (prod["uid"], prod["hotkey"])
+            if b in where:
+                shared[where[a]][where[b]] = float(prod["dot"])
+    own: dict[tuple[int, str], list[list[float]]] = {}
+    for a in pool:
+        sg = spans[a].get("support_gram")
+        if sg is None:
+            continue
+        order = [(prod["uid"], prod["hotkey"]) for prod in spans[a]["products"]]
+        pos = {k: n for n, k in enumerate(order)}
+        own[a] = [[float(sg[pos[r]][pos[c]]) if r in pos and c in pos else 0.0 for c in pool] for r in pool]
+
+    def explained(i: tuple[int, str], others: Sequence[tuple[int, str]]) -> float:
+        # unit sketches, earlier span projected out: what is left of i beyond both is the residual
+        residual = span_residual(own.get(i, shared), where[i], [where[o] for o in others])
+        return min(1.0, max(0.0, 1.0 - residual))
+
+    return explained
+
+
+def combination_copies(
+    spans: Mapping[tuple[int, str], dict],
+    pool: Sequence[tuple[int, str]],
+    evidence: Mapping[tuple[int, str], tuple[float | None, float | None]],
+    threshold: float,
+) -> tuple[dict[tuple[int, str], dict], dict[tuple[int, str], float]]:
+    """Which Δs of ``pool`` (``(uid, hotkey)`` keys of the eligible peers) are combinations of the others'.
+
+    Linear dependence is symmetric — with C = (A + B)/2, A = 2·C − B lies in the span of {B, C} too — so
+    the test alone cannot say who copied. Greedy: while some peer's explained fraction (the share of its
+    unit sketch in the span of the other remaining peers' and the earlier rounds' sketches) is at least
+    ``threshold``, refuse the one among those with the least own-page evidence (``evidence``: (assignment
+    t, specificity), None lowest; then the higher uid), remove it and measure again. The original
+    learned its pages, a copier did not; once the copy is gone the originals are independent again.
+
+    Returns (refused key → {"explained" (when it was refused), "earlier" (the earlier rounds' share
+    alone), "of": whose Δs it combines, :func:`_sources`}, the survivors' final explained fractions).
+    """
+    explained = _span_geometry(spans, pool)
+    active = sorted(pool)
+    found: dict[tuple[int, str], float] = {}
+    while True:
+        fractions = {k: explained(k, [o for o in active if o != k]) for k in active}
+        dependent = [k for k in active if fractions[k] >= threshold]
+        if not dependent:
+            break
+        victim = min(dependent, key=lambda k: (*(_low(x) for x in evidence.get(k, (None, None))), -k[0]))
+        found[victim] = fractions[victim]
+        active = [o for o in active if o != victim]
+    refused = {
+        k: {"explained": frac, "earlier": spans[k]["earlier"], "of": _sources(explained, spans[k], k, active)}
+        for k, frac in found.items()
+    }
+    return refused, fractions
+
+
+def _sources(explained, span: dict, key: tuple[int, str], originals: list[tuple[int, str]]) -> list[dict]:
+    """Whose Δs a refused one combines, among the peers left after every copy was removed: those whose
+    removal lowers its explained fraction by at least 1 % (``share``), largest first, at most 5; when
+    none does alone, the 3 its sketch leans on most (``share`` 0)."""
+    full = explained(key, originals)
+    drops = sorted(
+        ((full - explained(key, [x for x in originals if x != o]), o) for o in originals),
+        key=lambda d: (-d[0], d[1]),
+    )
+    named = [(d, o) for d, o in drops if d >= 0.01][:5]
+    if not named:
+        lean = {(p["uid"], p["hotkey"]): abs(p["dot"]) for p in span["products"]}
+        named = sorted(((0.0, o) for o in originals), key=lambda d: (-lean.get(d[1], 0.0), d[1]))[:3]
+    return [{"uid": o[0], "hotkey": o[1], "share": d} for d, o in named]
+
+
+def _low(x: float | None) -> float:
+    return -math.inf if x is None else x
 
 
 def _specificity_ratio_median(terms: dict, reasons: dict) -> float | None:
