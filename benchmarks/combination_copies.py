@@ -1,6 +1,6 @@
 """Span margins of the combination copy test: how much of an honest Δ lies in the span of the others'?
 
-    .venv/bin/python benchmarks/combination_copies.py                 # 3 trials, 3 rounds, 8 peers, ~4 min
+    .venv/bin/python benchmarks/combination_copies.py                 # 3 trials, 3 rounds, 16 peers, ~3 min
     .venv/bin/python benchmarks/combination_copies.py --trials 1 --rounds 2
 
 The validator refuses a Δ of which at least ``scoring.combination_fraction`` lies in the span of other
@@ -9,7 +9,7 @@ peers show. Honest Δs are trained with the real trainer (``DilocoState`` inner 
 hotkey's assigned pages of the debug model, 13–64 inner steps: a compute spread), round after round
 from the swarm's averaged outer step; the round's Δs go through the publish format (8-bit dense, and
 top-k with error feedback for the sparse figures) and the evaluator's sketch. Printed per peer count
-(3, 5, 8, 16): the honest peers' explained fractions (max, median), against this round's others
+(3, 5, 8, 16, and 32 with ``--peers 32``): the honest peers' explained fractions (max, median), against this round's others
 only and with the earlier rounds' Δs too; then what the copies of the same round show (mean of 2 and
 of 3, a weighted mix, 2A − B, a mix plus Gaussian noise of 10/20/30 % of its norm, a mix of earlier
 rounds' Δs, a top-k of a mix of sparse Δs). The figure: the smallest margin (threshold − honest max)
@@ -31,9 +31,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-STEPS = [40, 13, 64, 26, 40, 20, 64, 32] * 2
-"""Inner steps of the honest peers (a compute spread like benchmarks/incentive.py's budgets)."""
-PEER_COUNTS = (3, 5, 8, 16)
+STEP_CYCLE = [40, 13, 64, 26, 40, 20, 64, 32]
+"""Inner steps of the honest peers, cycled (a compute spread like benchmarks/incentive.py's budgets)."""
+PEER_COUNTS = (3, 5, 8, 16, 32)
 LOOKBACK = 3
 
 
@@ -41,6 +41,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=3, help="independent runs (other hotkeys → other pages)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--peers", type=int, default=16, help="honest peers a round (counts up to it are measured)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -59,9 +60,9 @@ def main() -> int:
     copies: dict[str, list[float]] = {}
     t0 = time.perf_counter()
     for trial in range(args.trials):
-        rounds = train_rounds(run, store, trial, args.rounds)
+        rounds = train_rounds(run, store, trial, args.rounds, args.peers)
         for dense in (True, False):
-            measure(ev, run, rounds, dense, honest, copies)
+            measure(ev, run, rounds, dense, honest, copies, [c for c in PEER_COUNTS if c <= args.peers])
         print(f"trial {trial}: {time.perf_counter() - t0:.0f} s", flush=True)
     print(f"\nload average {os.getloadavg()}")
     print(f"default scoring.combination_fraction = {thr}")
@@ -78,13 +79,15 @@ def main() -> int:
     return 0
 
 
-def train_rounds(run, store, trial: int, n_rounds: int) -> list[dict]:
-    """Per round: {"deltas": name → Δ, "base": θ_r}; 16 honest hotkeys, outer Nesterov between rounds."""
+def train_rounds(run, store, trial: int, n_rounds: int, n_peers: int) -> list[dict]:
+    """Per round: {"deltas": name → Δ, "base": θ_r}; ``n_peers`` honest hotkeys, outer Nesterov between
+    rounds."""
     from peer.data.model import build_model
     from peer.data.pages import assign_pages
     from tests.fixtures_validator import train_delta
 
-    names = [f"trial{trial}-peer{i}" for i in range(len(STEPS))]
+    steps = [STEP_CYCLE[i % len(STEP_CYCLE)] for i in range(n_peers)]
+    names = [f"trial{trial}-peer{i}" for i in range(n_peers)]
     base = {n: p.detach().clone() for n, p in build_model(run).named_parameters()}
     mom = {n: torch.zeros_like(t) for n, t in base.items()}
     mu, lr = run.train.outer_momentum, run.train.outer_lr
@@ -94,7 +97,7 @@ def train_rounds(run, store, trial: int, n_rounds: int) -> list[dict]:
         deltas = {}
         for i, n in enumerate(names):
             pages = assign_pages(n, r, seed, store.train_pages, run.data.pages_per_round)
-            deltas[n] = train_delta(run, store, base, pages, STEPS[i], seed=100 * r + i)
+            deltas[n] = train_delta(run, store, base, pages, steps[i], seed=100 * r + i)
         out.append({"deltas": deltas, "base": base})
         avg = {t: sum(d[t] for d in deltas.values()) / len(deltas) for t in base}
         mom = {t: mu * mom[t] + avg[t] for t in base}
@@ -102,7 +105,7 @@ def train_rounds(run, store, trial: int, n_rounds: int) -> list[dict]:
     return out
 
 
-def measure(ev, run, rounds, dense: bool, honest: dict, copies: dict) -> None:
+def measure(ev, run, rounds, dense: bool, honest: dict, copies: dict, counts: list[int]) -> None:
     from peer.net.outbox import encode_delta
     from peer.training.sparse import ErrorFeedback, TopK, encode_sparse_delta
     from validator.evaluation import span_measurements
@@ -144,7 +147,7 @@ def measure(ev, run, rounds, dense: bool, honest: dict, copies: dict) -> None:
                 }
             )
         sk = {n: ev.sketch(d) for n, d in sent[r].items()}
-        for count in PEER_COUNTS:
+        for count in counts:
             group = names[:count]
             earlier = [
                 sk_e for rr in range(max(0, r - LOOKBACK), r) for sk_e in _sketches(ev, sent[rr], group)

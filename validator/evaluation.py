@@ -617,7 +617,8 @@ def span_measurements(
     (``explained``). A sparse (top-k) sketch (nonzeros on < ``SPARSE_SUPPORT`` of it) is measured on its
     own support: there a top-k of a mix of sparse Δs *is* the mix of their values, while over all
     coordinates it keeps only part of each; its entry adds ``support`` (the share of coordinates) and
-    ``support_gram`` (the Gram matrix on that support, rows and columns in ``products`` order).
+    ``support_gram`` (the Gram matrix on that support, rows and columns in ``products`` order) and
+    ``support_overlap`` (the share of each sketch's squared norm on that support, same order).
 
     Cost: one QR of d × (m + n) (d = the sketch size, 65,536 by default, m earlier and n current
     sketches), ~2·d·(m + n)² flops, plus n SVDs of at most (m + n)-square matrices, and per sparse
@@ -661,6 +662,9 @@ def span_measurements(
         if sparse:
             out[k]["support"] = share
             out[k]["support_gram"] = [[float(g) for g in row] for row in gram]
+            out[k]["support_overlap"] = [
+                float(v[support].pow(2).sum() / v.pow(2).sum()) for v in vecs
+            ]  # a sketch with none of its energy here spans nothing here (and is not judged here)
     return out
 
 

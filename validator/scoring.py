@@ -432,31 +432,47 @@ def span_residual(gram: Sequence[Sequence[float]], i: int, others: Sequence[int]
     return max(0.0, a[last][last])
 
 
-def _span_geometry(spans: Mapping[tuple[int, str], dict], pool: Sequence[tuple[int, str]]):
-    """``explained(i, others) → fraction`` over the ``pool`` keys, from the recorded span measurements:
-    the shared Gram matrix (every peer's ``products`` row) or, for a sparse Δ, its own ``support_gram``."""
-    where = {k: n for n, k in enumerate(pool)}
-    shared = [[0.0] * len(pool) for _ in pool]
-    for a in pool:
-        for prod in spans[a]["products"]:
-            b = (prod["uid"], prod["hotkey"])
-            if b in where:
-                shared[where[a]][where[b]] = float(prod["dot"])
-    own: dict[tuple[int, str], list[list[float]]] = {}
-    for a in pool:
-        sg = spans[a].get("support_gram")
-        if sg is None:
-            continue
-        order = [(prod["uid"], prod["hotkey"]) for prod in spans[a]["products"]]
-        pos = {k: n for n, k in enumerate(order)}
-        own[a] = [[float(sg[pos[r]][pos[c]]) if r in pos and c in pos else 0.0 for c in pool] for r in pool]
+class _SpanGeometry:
+    """The explained fractions over the ``pool`` keys, from the recorded span measurements. Each peer is
+    judged in its own geometry: the shared Gram matrix (every peer's ``products`` row) or, for a sparse
+    Δ, the Gram matrix on its own support (``support_gram``; there only the sketches with some energy
+    on that support take part)."""
 
-    def explained(i: tuple[int, str], others: Sequence[tuple[int, str]]) -> float:
-        # unit sketches, earlier span projected out: what is left of i beyond both is the residual
-        residual = span_residual(own.get(i, shared), where[i], [where[o] for o in others])
+    def __init__(self, spans: Mapping[tuple[int, str], dict], pool: Sequence[tuple[int, str]]):
+        self.where = {k: n for n, k in enumerate(pool)}
+        self.shared = [[0.0] * len(pool) for _ in pool]
+        for a in pool:
+            for prod in spans[a]["products"]:
+                b = (prod["uid"], prod["hotkey"])
+                if b in self.where:
+                    self.shared[self.where[a]][self.where[b]] = float(prod["dot"])
+        self.own: dict[tuple[int, str], list[list[float]]] = {}
+        self.present: dict[tuple[int, str], set] = {}
+        for a in pool:
+            sg = spans[a].get("support_gram")
+            if sg is None:
+                continue
+            order = [(prod["uid"], prod["hotkey"]) for prod in spans[a]["products"]]
+            pos = {k: n for n, k in enumerate(order)}
+            self.own[a] = [
+                [float(sg[pos[r]][pos[c]]) if r in pos and c in pos else 0.0 for c in pool] for r in pool
+            ]
+            overlap = spans[a].get("support_overlap") or [1.0] * len(order)
+            self.present[a] = {k for k, o in zip(order, overlap, strict=True) if o > 0 and k in self.where}
+
+    def members(self, geometry: tuple[int, str], keys: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+        """The ``keys`` that take part in ``geometry``'s measurement."""
+        present = self.present.get(geometry)
+        return list(keys) if present is None else [k for k in keys if k in present or k == geometry]
+
+    def explained(
+        self, geometry: tuple[int, str], i: tuple[int, str], others: Sequence[tuple[int, str]]
+    ) -> float:
+        """Share of ``i``'s unit sketch (measured in ``geometry``'s) in the span of the ``others`` and the
+        earlier rounds' sketches."""
+        gram = self.own.get(geometry, self.shared)
+        residual = span_residual(gram, self.where[i], [self.where[o] for o in self.members(geometry, others)])
         return min(1.0, max(0.0, 1.0 - residual))
-
-    return explained
 
 
 def combination_copies(
@@ -468,46 +484,75 @@ def combination_copies(
     """Which Δs of ``pool`` (``(uid, hotkey)`` keys of the eligible peers) are combinations of the others'.
 
     Linear dependence is symmetric — with C = (A + B)/2, A = 2·C − B lies in the span of {B, C} too — so
-    the test alone cannot say who copied. Greedy: while some peer's explained fraction (the share of its
-    unit sketch in the span of the other remaining peers' and the earlier rounds' sketches) is at least
-    ``threshold``, refuse the one among those with the least own-page evidence (``evidence``: (assignment
-    t, specificity), None lowest; then the higher uid), remove it and measure again. The original
+    the test alone cannot say who copied. Greedy: a peer whose explained fraction (the share of its unit
+    sketch in the span of the other remaining peers' and the earlier rounds' sketches) is at least
+    ``threshold`` is refused when, among the peers that are that dependent in its geometry, it shows
+    the least own-page evidence (``evidence``: (assignment t, specificity), None lowest; then the higher
+    uid); the one such peer with the least evidence goes, and the rest is measured again. The original
     learned its pages, a copier did not; once the copy is gone the originals are independent again.
+
+    The geometry matters for sparse Δs, judged on their own support (:class:`_SpanGeometry`): there a Δ
+    that merely *contains* an honest sparse Δ's values (and more elsewhere) explains it fully while not
+    being explained itself over all of its coordinates; judged in the honest Δ's geometry, that Δ is as
+    dependent as the honest one and has less evidence, so the honest one is not refused. With dense
+    Δs only (one shared geometry) the rule is: refuse the least-evidence dependent peer, repeat.
 
     Returns (refused key → {"explained" (when it was refused), "earlier" (the earlier rounds' share
     alone), "of": whose Δs it combines, :func:`_sources`}, the survivors' final explained fractions).
     """
-    explained = _span_geometry(spans, pool)
+    geo = _SpanGeometry(spans, pool)
+
+    def rank(k: tuple[int, str]) -> tuple:
+        return (*(_low(x) for x in evidence.get(k, (None, None))), -k[0])
+
     active = sorted(pool)
     found: dict[tuple[int, str], float] = {}
     while True:
-        fractions = {k: explained(k, [o for o in active if o != k]) for k in active}
-        dependent = [k for k in active if fractions[k] >= threshold]
-        if not dependent:
+        fractions = {k: geo.explained(k, k, [o for o in active if o != k]) for k in active}
+        refusable = []
+        for k in active:
+            if fractions[k] < threshold:
+                continue
+            members = geo.members(k, active)
+            dependent = [k] + [
+                j
+                for j in members
+                if j != k and geo.explained(k, j, [o for o in members if o != j]) >= threshold
+            ]
+            if min(dependent, key=rank) == k:
+                refusable.append(k)
+        if not refusable:
             break
-        victim = min(dependent, key=lambda k: (*(_low(x) for x in evidence.get(k, (None, None))), -k[0]))
+        victim = min(refusable, key=rank)
         found[victim] = fractions[victim]
         active = [o for o in active if o != victim]
     refused = {
-        k: {"explained": frac, "earlier": spans[k]["earlier"], "of": _sources(explained, spans[k], k, active)}
+        k: {"explained": frac, "earlier": spans[k]["earlier"], "of": _sources(geo, spans[k], k, active)}
         for k, frac in found.items()
     }
     return refused, fractions
 
 
-def _sources(explained, span: dict, key: tuple[int, str], originals: list[tuple[int, str]]) -> list[dict]:
+def _sources(
+    geo: _SpanGeometry, span: dict, key: tuple[int, str], originals: list[tuple[int, str]]
+) -> list[dict]:
     """Whose Δs a refused one combines, among the peers left after every copy was removed: those whose
     removal lowers its explained fraction by at least 1 % (``share``), largest first, at most 5; when
-    none does alone, the 3 its sketch leans on most (``share`` 0)."""
-    full = explained(key, originals)
+    none does alone, the (at most 3) its sketch leans on most, with inner product ≥ 0.1 after the
+    earlier span is projected out (``share`` 0); none for a mix of earlier rounds' Δs alone."""
+    originals = geo.members(key, originals)
+    full = geo.explained(key, key, originals)
     drops = sorted(
-        ((full - explained(key, [x for x in originals if x != o]), o) for o in originals),
+        ((full - geo.explained(key, key, [x for x in originals if x != o]), o) for o in originals),
         key=lambda d: (-d[0], d[1]),
     )
     named = [(d, o) for d, o in drops if d >= 0.01][:5]
-    if not named:
+    if not named:  # redundant originals (none needed alone): those it leans on, if any (not: a stale mix)
         lean = {(p["uid"], p["hotkey"]): abs(p["dot"]) for p in span["products"]}
-        named = sorted(((0.0, o) for o in originals), key=lambda d: (-lean.get(d[1], 0.0), d[1]))[:3]
+        named = sorted(
+            ((0.0, o) for o in originals if lean.get(o, 0.0) >= 0.1), key=lambda d: (-lean[d[1]], d[1])
+        )
+        named = named[:3]
     return [{"uid": o[0], "hotkey": o[1], "share": d} for d, o in named]
 
 
