@@ -136,7 +136,7 @@ def test_honest_peers_alone_are_never_refused_and_score_as_without_the_rule(dens
         assert s_on.reason == s_off.reason == "scored", (s_on.reason, s_off.reason)
         assert s_on.score == s_off.score
         assert s_on.terms["combination_explained"] < 0.85  # the measured honest maximum is ~0.77
-    # the evaluator's least squares (QR over the sketches) and the rule's Gram form agree
+    # the evaluator's least squares (torch, eigen-coordinates) and the rule's pure-Python Gram form agree
     sketches = {
         (i, hk): evaluator.sketch(evaluator.decode(encode_delta(delta)))
         for i, (hk, delta) in enumerate(honest8.values())
