@@ -438,7 +438,9 @@ def test_a_combination_of_other_peers_deltas_earns_nothing(name, copy_vec, expla
     assert s[9].score == 0 and "a combination of other peers' Δs" in s[9].reason, name
     assert s[9].terms["combination_explained"] == pytest.approx(explained)
     assert [o["uid"] for o in s[9].terms["combination_of"]] in ([0, 1], [1, 0])
-    assert "uid 0" in s[9].reason and "uid 1" in s[9].reason and "t = -1000.00" in s[9].reason
+    assert (
+        "uid 0" in s[9].reason and "uid 1" in s[9].reason and "t = -3.00" in s[9].reason
+    )  # the pooled t (clipped) is its best
     for u in (0, 1):  # the originals keep their score; without the copy they are independent again
         assert s[u].reason == "scored" and s[u].terms["combination_explained"] == pytest.approx(
             0.0, abs=1e-12
@@ -569,6 +571,8 @@ def test_combination_fraction_is_checked():
     for bad in (0.3, 1.2):
         with pytest.raises(ConfigError, match="combination_fraction"):
             ScoringConfig(combination_fraction=bad)
+    with pytest.raises(ConfigError, match="combination_trust_t"):
+        ScoringConfig(combination_trust_t=0.0)
     assert ScoringConfig(combination_fraction=None).combination_fraction is None
 
 
@@ -586,3 +590,48 @@ def test_a_delta_that_contains_an_honest_sparse_delta_cannot_get_it_refused():
     s = by_uid(score_round(rm(ps), ScoringConfig()))
     assert s[0].reason == "scored" and s[1].reason == "scored"
     assert "combination" not in s[9].reason and s[9].terms["combination_explained"] == pytest.approx(0.5)
+
+
+def test_a_copy_of_everyone_including_refused_peers_is_refused_when_its_evidence_is_weak():
+    # u9 = the swarm's average (A, B and the refused u7, whose Δ has a direction of its own): only 2/3 of
+    # it lies in the span of the eligible peers; with the refused Δs in the span it is all there, and its
+    # own-page evidence (t −1000, pooled −3) is below combination_trust_t
+    vecs = {
+        0: [1.0, 0.0, 0.0, 0.0, 0.0],
+        1: [0.0, 1.0, 0.0, 0.0, 0.0],
+        2: [0.0, 0.0, 0.0, 0.0, 1.0],
+        7: [0.0, 0.0, 1.0, 0.0, 0.0],
+        9: [1.0, 1.0, 1.0, 0.0, 0.0],
+    }
+    refused = peer(7, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+    ps = _with_spans([*table()[:3], refused, _copy_peer(9)], vecs)
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert "norm" in s[7].reason
+    assert s[9].terms["combination_explained"] == pytest.approx(2 / 3)  # the first tier lets it pass
+    assert "refused ones included" in s[9].reason and s[9].terms[
+        "combination_explained_with_refused"
+    ] == pytest.approx(1.0)
+    assert all(f"uid {u}" in s[9].reason for u in (0, 1, 7))
+    assert s[0].reason == s[1].reason == "scored"
+    off = by_uid(score_round(rm(ps), ScoringConfig(combination_trust_t=None)))[9]
+    assert "combination" not in off.reason
+
+
+def test_refused_sybils_cannot_get_a_peer_with_clear_evidence_refused():
+    # R1 = A + B + X and R2 = A + B − X (both refused by their norm) put A = (R1 + R2)/2 − B in the span:
+    # u0 (t 4.33 ≥ 3) keeps its score; u1 (t 2.5 < combination_trust_t) is refused — the price of the
+    # second tier, documented at the knob
+    vecs = {
+        0: [1.0, 0.0, 0.0, 0.0, 0.0],
+        1: [0.0, 1.0, 0.0, 0.0, 0.0],
+        2: [0.0, 0.0, 0.0, 0.0, 1.0],
+        7: [1.0, 1.0, 1.0, 0.0, 0.0],
+        8: [1.0, 1.0, -1.0, 0.0, 0.0],
+    }
+    r1 = peer(7, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+    r2 = peer(8, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+    ps = _with_spans([*table()[:3], r1, r2], vecs)
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert s[0].reason == "scored"
+    assert "refused ones included" in s[1].reason
+    assert by_uid(score_round(rm(ps), ScoringConfig(combination_trust_t=2.0)))[1].reason == "scored"

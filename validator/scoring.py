@@ -115,7 +115,8 @@ class ScoringConfig:
     peers' Δs of the round and of the earlier rounds' Δs (least squares, ``PeerMeasurement.span``) is a
     combination of their work — an average, a weighted mix, 2·A − B, plus a little noise — and earns
     nothing. Dependence is symmetric (with C = (A + B)/2, A = 2·C − B), so the rule removes, one at a
-    time, the dependent peer with the least own-page evidence (assignment-test t, then specificity) and
+    time, the dependent peer with the least own-page evidence (assignment-test t: the best of this
+    round's and the pooled one; then specificity) and
     measures again (:func:`combination_copies`); a sparse (top-k) Δ is measured on its own support.
     Measured (benchmarks/combination_copies.py, debug model, Δs of 13–64 inner steps on each hotkey's
     pages, 3 rounds × 2–3 trials): honest peers' fraction grows with the round's sample — max 0.62 / 0.74 /
@@ -126,6 +127,17 @@ class ScoringConfig:
     a model whose Δs share more of a direction) → raise it towards 1 (after measuring with the
     benchmark); noisy mixes of others' Δs are paid → lower it, keeping it above the honest maximum.
     None: off (records made before this rule are replayed with it off)."""
+    combination_trust_t: float | None = 3.0
+    """Second tier of the combination test (:func:`weak_combinations`): a peer that survived the first
+    is refused when its Δ lies ≥ ``combination_fraction`` in the span of *every* other measured Δ —
+    those of peers refused by other gates included — and its own-page evidence (the best of this
+    round's assignment t and the pooled one) is below this. It catches a copier of the swarm's averaged
+    Δ, to which refused peers contributed, when it passes the assignment test by chance (t is noise for
+    it: ≥ 1.5 in ~7 % of rounds, ≥ 3 in ~0.2 %). The price: refused sybils that combine honest Δs can
+    get an honest peer refused while its t stays below this (honest peers of 13–64 inner steps on the
+    debug model showed t 3.7–12 in tests/test_validator_swarm.py; small ones ~2–3 early in a run,
+    rising with the pooled evidence). Symptom → tuning: small honest peers refused with "refused ones
+    included" → lower it; copies of the swarm's average paid → raise it. None: only the first tier."""
     min_heldout_gain: float = 0.0
     """Held-out gain (nats/token) a Δ must exceed to score anything."""
     reference_quantile: float = 0.75
@@ -206,6 +218,10 @@ class ScoringConfig:
             raise ConfigError("scoring.max_norm_ratio must be > 1")
         if not 0 < self.duplicate_cosine <= 1:
             raise ConfigError("scoring.duplicate_cosine must be in (0, 1]")
+        if self.combination_trust_t is not None and not self.combination_trust_t > 0:
+            raise ConfigError(
+                f"scoring.combination_trust_t must be > 0 (or None), got {self.combination_trust_t}"
+            )
         if self.combination_fraction is not None and not 0.5 <= self.combination_fraction <= 1:
             raise ConfigError(
                 f"scoring.combination_fraction must be in [0.5, 1] (or None: off), got {self.combination_fraction}"
@@ -336,7 +352,7 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
                 terms[key]["duplicate_of"] = {"uid": s["uid"], "round": s["round"], "cosine": s["cosine"]}
                 break
     # combinations within the round: a Δ (nearly) in the span of the others' is a copy of their work
-    _combination_gate(m.peers, terms, reasons, cfg)
+    _combination_gate(m.peers, terms, reasons, cfg, history)
     eligible = [terms[k]["specificity"] for k, r in reasons.items() if r is None]
     reference = (
         max(cfg.min_assignment_reference, quantile(eligible, cfg.reference_quantile)) if eligible else None
@@ -379,10 +395,15 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
 
 
 def _combination_gate(
-    peers: Sequence[PeerMeasurement], terms: dict, reasons: dict, cfg: ScoringConfig
+    peers: Sequence[PeerMeasurement],
+    terms: dict,
+    reasons: dict,
+    cfg: ScoringConfig,
+    history: EmaState | None = None,
 ) -> None:
-    """Refuse the peers that :func:`combination_copies` finds among those still eligible; record every
-    measured peer's explained fraction in its terms."""
+    """Refuse the peers that :func:`combination_copies` finds among those still eligible, then those that
+    :func:`weak_combinations` finds with the refused peers' Δs in the span too; record every measured
+    peer's explained fraction in its terms."""
     spans = {(p.uid, p.hotkey): p.span for p in peers if p.span is not None}
     for key, sp in spans.items():
         terms[key]["span_explained_all"] = sp["explained"]
@@ -390,24 +411,81 @@ def _combination_gate(
     if cfg.combination_fraction is None:
         return
     pool = [k for k in spans if reasons[k] is None]
-    evidence = {k: (terms[k]["specificity_t"], terms[k]["specificity"]) for k in pool}
+    trust = {}  # own-page evidence: the best of this round's assignment t and the pooled one
+    for key in pool:
+        t_now = terms[key]["specificity_t"]
+        prior = prior_evidence(history, key[0], key[1], cfg.evidence_rounds - 1)
+        pooled = None if t_now is None else pooled_evidence(prior, t_now, cfg.evidence_t_clip)[0]
+        trust[key] = max(_low(t_now), _low(pooled))
+    evidence = {k: (trust[k], terms[k]["specificity"]) for k in pool}
     refused, explained = combination_copies(spans, pool, evidence, cfg.combination_fraction)
     for key, frac in explained.items():
         terms[key]["combination_explained"] = frac
     for key, r in refused.items():
         terms[key]["combination_explained"] = r["explained"]
         terms[key]["combination_of"] = r["of"]
-        parts = [f"uid {o['uid']}" for o in r["of"]]
-        if r["earlier"] >= 0.01:
-            parts.append(f"earlier rounds' Δs (alone {r['earlier']:.1%})")
-        t_now = terms[key]["specificity_t"]
+        t_key = trust[key]
         reasons[key] = (
             f"a combination of other peers' Δs: {r['explained']:.2%} of it lies in the span of "
-            f"{', '.join(parts) or 'the others'} (limit {cfg.combination_fraction:.0%}), and it shows the "
-            "least evidence of training on its own pages among the dependent ones (t = "
-            + ("unknown" if t_now is None else f"{t_now:.2f}")
+            f"{_names(r)} (limit {cfg.combination_fraction:.0%}), and it shows the least evidence of "
+            "training on its own pages among the dependent ones (t = "
+            + ("unknown" if t_key == -math.inf else f"{t_key:.2f}")
             + ")"
         )
+    if cfg.combination_trust_t is None:
+        return
+    survivors = [k for k in pool if k not in refused]
+    outside = [k for k in spans if reasons[k] is not None and k not in refused]
+    weak = weak_combinations(
+        spans, survivors, outside, trust, evidence, cfg.combination_fraction, cfg.combination_trust_t
+    )
+    for key, r in weak.items():
+        terms[key]["combination_explained_with_refused"] = r["explained"]
+        terms[key]["combination_of"] = r["of"]
+        reasons[key] = (
+            f"a combination of other peers' Δs, refused ones included: {r['explained']:.2%} of it lies in "
+            f"the span of {_names(r)} (limit {cfg.combination_fraction:.0%}), and its own-page evidence "
+            f"(t = {trust[key]:.2f}, best of this round's and pooled) is below {cfg.combination_trust_t}"
+        )
+
+
+def _names(r: dict) -> str:
+    parts = [f"uid {o['uid']}" for o in r["of"]]
+    if r["earlier"] >= 0.01:
+        parts.append(f"earlier rounds' Δs (alone {r['earlier']:.1%})")
+    return ", ".join(parts) or "the others"
+
+
+def weak_combinations(
+    spans: Mapping[tuple[int, str], dict],
+    survivors: Sequence[tuple[int, str]],
+    outside: Sequence[tuple[int, str]],
+    trust: Mapping[tuple[int, str], float],
+    evidence: Mapping[tuple[int, str], tuple[float | None, float | None]],
+    threshold: float,
+    trust_t: float,
+) -> dict[tuple[int, str], dict]:
+    """The second tier: :func:`combination_copies` over the ``survivors`` (eligible peers the first tier
+    kept) whose own-page evidence (``trust``: the best of this round's assignment t and the pooled one)
+    is below ``trust_t``, with the trusted survivors', the ``outside`` peers' (refused by other gates)
+    and the earlier rounds' Δs as fixed explainers.
+
+    Why: a copier who averages *everyone's* Δs — the swarm's averaged Δ, to which peers refused for
+    other reasons (random data, a scaled or sign-flipped Δ) contributed — lies in the span of the
+    eligible peers only in part (0.89 measured in tests/test_validator_swarm.py) and escapes the first
+    tier. Refused peers cannot join that greedy as equals: their evidence says nothing about originality
+    (a peer trained on other pages has none, and is still nobody's copy), and refused sybils that
+    combine honest Δs — R₁ = A + B + X, R₂ = A + B − X — would make honest peers "dependent" there. So
+    only peers whose own-page evidence is too weak to count are judged with refused Δs in the span: the
+    griefing above can reach an honest peer only while its t (this round and pooled) stays below
+    ``trust_t``, and a copier that passed the assignment test by chance (its t is noise: ≥ 1.5 in ~7 %
+    of rounds, ≥ 3 in ~0.2 %) is caught in nearly every round."""
+    weak = [k for k in survivors if trust.get(k, -math.inf) < trust_t]
+    if not weak:
+        return {}
+    fixed = [k for k in survivors if k not in weak] + list(outside)
+    refused, _ = combination_copies(spans, weak, evidence, threshold, fixed)
+    return refused
 
 
 SPAN_ENERGY_TOL = 1e-12
@@ -491,8 +569,10 @@ def combination_copies(
     pool: Sequence[tuple[int, str]],
     evidence: Mapping[tuple[int, str], tuple[float | None, float | None]],
     threshold: float,
+    fixed: Sequence[tuple[int, str]] = (),
 ) -> tuple[dict[tuple[int, str], dict], dict[tuple[int, str], float]]:
-    """Which Δs of ``pool`` (``(uid, hotkey)`` keys of the eligible peers) are combinations of the others'.
+    """Which Δs of ``pool`` (``(uid, hotkey)`` keys of the eligible peers) are combinations of the others'
+    (and of the ``fixed`` peers' Δs, which explain but are never judged nor removed).
 
     Linear dependence is symmetric — with C = (A + B)/2, A = 2·C − B lies in the span of {B, C} too — so
     the test alone cannot say who copied. Greedy: a peer whose explained fraction (the share of its unit
@@ -511,7 +591,8 @@ def combination_copies(
     Returns (refused key → {"explained" (when it was refused), "earlier" (the earlier rounds' share
     alone), "of": whose Δs it combines, :func:`_sources`}, the survivors' final explained fractions).
     """
-    geo = _SpanGeometry(spans, pool)
+    fixed = [k for k in fixed if k not in pool]
+    geo = _SpanGeometry(spans, [*pool, *fixed])
 
     def rank(k: tuple[int, str]) -> tuple:
         return (*(_low(x) for x in evidence.get(k, (None, None))), -k[0])
@@ -519,7 +600,8 @@ def combination_copies(
     active = sorted(pool)
     found: dict[tuple[int, str], float] = {}
     while True:
-        fractions = {k: geo.explained(k, k, [o for o in active if o != k]) for k in active}
+        span_keys = [*active, *fixed]
+        fractions = {k: geo.explained(k, k, _but(span_keys, k)) for k in active}
         refusable, shared_dependent = [], None
         for k in active:
             if fractions[k] < threshold:
@@ -529,14 +611,16 @@ def combination_copies(
                     shared_dependent = [
                         j
                         for j in active
-                        if (fractions[j] if j not in geo.own else geo.explained(k, j, _but(active, j)))
+                        if (fractions[j] if j not in geo.own else geo.explained(k, j, _but(span_keys, j)))
                         >= threshold
                     ]
                 dependent = shared_dependent
             else:
-                members = geo.members(k, active)
+                members = geo.members(k, span_keys)
                 dependent = [k] + [
-                    j for j in members if j != k and geo.explained(k, j, _but(members, j)) >= threshold
+                    j
+                    for j in members
+                    if j != k and j in active and geo.explained(k, j, _but(members, j)) >= threshold
                 ]
             if min(dependent, key=rank) == k:
                 refusable.append(k)
@@ -546,7 +630,11 @@ def combination_copies(
         found[victim] = fractions[victim]
         active = [o for o in active if o != victim]
     refused = {
-        k: {"explained": frac, "earlier": spans[k]["earlier"], "of": _sources(geo, spans[k], k, active)}
+        k: {
+            "explained": frac,
+            "earlier": spans[k]["earlier"],
+            "of": _sources(geo, spans[k], k, [*active, *fixed]),
+        }
         for k, frac in found.items()
     }
     return refused, fractions
