@@ -635,3 +635,21 @@ def test_refused_sybils_cannot_get_a_peer_with_clear_evidence_refused():
     assert s[0].reason == "scored"
     assert "refused ones included" in s[1].reason
     assert by_uid(score_round(rm(ps), ScoringConfig(combination_trust_t=2.0)))[1].reason == "scored"
+
+
+def test_a_refused_scaled_or_sign_flipped_copy_is_not_a_source():
+    # a sign-flip sybil publishes −B (u1, t 2.5 < combination_trust_t) and a scaled one 100·B: both are
+    # B's own work, so they do not make B "a combination" (B stays scored)
+    vecs = {
+        0: [1.0, 0.0, 0.0, 0.0],
+        1: [0.0, 1.0, 0.0, 0.0],
+        2: [0.0, 0.0, 0.0, 1.0],
+        7: [0.0, -1.0, 0.0, 0.0],
+        8: [0.0, 100.0, 0.0, 0.0],
+    }
+    flip = peer(7, heldout=5.2, before=5.0, after=5.1)
+    scaled = peer(8, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+    ps = _with_spans([*table()[:3], flip, scaled], vecs)
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert "held-out" in s[7].reason and "norm" in s[8].reason
+    assert s[1].reason == "scored" and s[0].reason == "scored"

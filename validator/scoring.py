@@ -476,14 +476,20 @@ def weak_combinations(
     tier. Refused peers cannot join that greedy as equals: their evidence says nothing about originality
     (a peer trained on other pages has none, and is still nobody's copy), and refused sybils that
     combine honest Δs — R₁ = A + B + X, R₂ = A + B − X — would make honest peers "dependent" there. So
-    only peers whose own-page evidence is too weak to count are judged with refused Δs in the span: the
-    griefing above can reach an honest peer only while its t (this round and pooled) stays below
-    ``trust_t``, and a copier that passed the assignment test by chance (its t is noise: ≥ 1.5 in ~7 %
-    of rounds, ≥ 3 in ~0.2 %) is caught in nearly every round."""
+    only peers whose own-page evidence is too weak to count are judged with refused Δs in the span, and
+    a refused Δ that is (nearly, ≥ ``threshold`` of it) a scaled copy of one survivor's — −A, 100·A —
+    is not a source (it is that survivor's work). The coordinated griefing above (two or more refused
+    sybils) can still reach an honest peer while its t (this round and pooled) stays below ``trust_t``;
+    a copier that passed the assignment test by chance (its t is noise: ≥ 1.5 in ~7 % of rounds, ≥ 3 in
+    ~0.2 %) is caught in nearly every round."""
     weak = [k for k in survivors if trust.get(k, -math.inf) < trust_t]
     if not weak:
         return {}
-    fixed = [k for k in survivors if k not in weak] + list(outside)
+    geo = _SpanGeometry(spans, [*survivors, *outside])
+    # a refused Δ that is (nearly) a scaled copy of one survivor's — a sign-flipped or ×100 copy — is
+    # that survivor's work, not a source: it would make its original "explained"
+    sources = [r for r in outside if all(geo.explained(r, r, [k]) < threshold for k in survivors)]
+    fixed = [k for k in survivors if k not in weak] + sources
     refused, _ = combination_copies(spans, weak, evidence, threshold, fixed)
     return refused
 
