@@ -435,7 +435,10 @@ def _combination_gate(
     if cfg.combination_trust_t is None:
         return
     survivors = [k for k in pool if k not in refused]
-    outside = [k for k in spans if reasons[k] is not None and k not in refused]
+    # refused peers as sources — not the copies found above nor near-copies (their work is another's)
+    outside = [
+        k for k in spans if reasons[k] is not None and k not in refused and "duplicate_of" not in terms[k]
+    ]
     weak = weak_combinations(
         spans, survivors, outside, trust, evidence, cfg.combination_fraction, cfg.combination_trust_t
     )
