@@ -41,7 +41,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trials", type=int, default=3, help="independent runs (other hotkeys → other pages)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--peers", type=int, default=16, help="honest peers a round (counts up to it are measured)")
+    ap.add_argument(
+        "--peers", type=int, default=16, help="honest peers a round (counts up to it are measured)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
 
