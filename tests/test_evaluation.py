@@ -47,7 +47,12 @@ def test_honest_work_beats_every_dishonest_behaviour(round1):
     assert "empty" in scores["free-rider"].reason
     assert "round 0" in scores["stale"].reason
     assert "copy of uid 0" in scores["dup"].reason
-    assert "assigned pages" in scores["copycat"].reason
+    # the swarm's average is a combination of the honest Δs (uids 0-2): refused as such, naming them
+    assert "combination of other peers' Δs" in scores["copycat"].reason, explained
+    assert all(f"uid {u}" in scores["copycat"].reason for u in (0, 1, 2)), explained
+    off = ScoringConfig(require_pages_match=False, combination_fraction=None)
+    copycat = dict(zip(names, score_round(rm, off), strict=True))["copycat"]
+    assert copycat.score == 0 and "assigned pages" in copycat.reason  # the assignment test catches it too
     assert "assigned pages" in scores["random-data"].reason
     # with the manifest check on, random-data's own declaration already disqualifies it
     strict = dict(zip(names, score_round(rm, ScoringConfig()), strict=True))

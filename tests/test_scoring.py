@@ -378,3 +378,278 @@ def test_sampling_key_is_the_end_of_round_hash_and_configs_are_checked():
     for bad in ({"max_peers": -1}, {"max_seconds": -1.0}, {"random_fraction": 1.5}):
         with pytest.raises(ConfigError):
             SamplingConfig(**bad)
+
+
+# ------------------------------------------------------------------------------- combination copies
+
+
+def _spans(vectors: dict, earlier=(), dense: bool = True) -> dict:
+    """uid → the evaluator's span measurement of these (tiny, hand-made) sketches. ``dense``: rotated by a
+    fixed random orthogonal matrix first (same geometry, no zero coordinates: dense Δs); else as given
+    (few nonzeros: sparse Δs, each measured on its own support)."""
+    import torch
+
+    from validator.evaluation import span_measurements
+
+    dim = len(next(iter(vectors.values())))
+    rot = torch.eye(dim, dtype=torch.float64)
+    if dense:
+        rot = torch.linalg.qr(torch.randn(dim, dim, generator=torch.Generator().manual_seed(7)).double())[0]
+
+    def t(v):
+        return rot @ torch.tensor(v, dtype=torch.float64)
+
+    sk = {(u, f"hk{u}"): t(v) for u, v in vectors.items()}
+    out = span_measurements(sk, [t(e) for e in earlier])
+    return {u: out[(u, f"hk{u}")] for u in vectors}
+
+
+def _copy_peer(uid):
+    """A peer that passes the solo gates but shows no work on its pages (t = −T_CAP, see the dup test)."""
+    return peer(
+        uid, heldout=4.8, before=5.0, after=4.9, own=[0.1, 0.1], cross=[(1, [0.1, 0.1]), (2, [0.1, 0.1])]
+    )
+
+
+def _with_spans(peers, vectors, earlier=(), dense=True):
+    spans = _spans(vectors, earlier, dense)
+    for p in peers:
+        p.span = spans.get(p.uid)
+    return peers
+
+
+@pytest.mark.parametrize(
+    "name, copy_vec, explained",
+    [
+        ("mean of 2", [0.5, 0.5, 0.0], 1.0),
+        ("weighted mix", [0.8, 0.2, 0.0], 1.0),
+        ("2·A − B", [2.0, -1.0, 0.0], 1.0),
+        ("mix + small noise", [1.0, 1.0, 0.1], 2 / 2.01),
+    ],
+)
+def test_a_combination_of_other_peers_deltas_earns_nothing(name, copy_vec, explained):
+    # u0 (t 4.33) = A, u1 (t 2.5) = B, u2 independent; u9 (t −1000) is the combination: A, B and u9 are all
+    # dependent (A = 2·u9 − B for the mean), and u9 shows the least evidence of own-page work
+    ps = _with_spans(
+        [*table()[:3], _copy_peer(9)],
+        {0: [1.0, 0.0, 0.0, 0.0], 1: [0.0, 1.0, 0.0, 0.0], 2: [0.0, 0.0, 0.0, 1.0], 9: [*copy_vec, 0.0]},
+    )
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert s[9].score == 0 and "a combination of other peers' Δs" in s[9].reason, name
+    assert s[9].terms["combination_explained"] == pytest.approx(explained)
+    assert [o["uid"] for o in s[9].terms["combination_of"]] in ([0, 1], [1, 0])
+    assert (
+        "uid 0" in s[9].reason and "uid 1" in s[9].reason and "t = -3.00" in s[9].reason
+    )  # the pooled t (clipped) is its best
+    for u in (0, 1):  # the originals keep their score; without the copy they are independent again
+        assert s[u].reason == "scored" and s[u].terms["combination_explained"] == pytest.approx(
+            0.0, abs=1e-12
+        )
+    assert s[0].score == by_uid(score_round(rm(table()[:3]), ScoringConfig()))[0].score
+
+
+def test_combination_threshold_and_off():
+    # u9 = A + B + 0.5·(a direction nobody has): 2 / 2.25 = 0.889 of it lies in the span of A and B
+    vecs = {
+        0: [1.0, 0.0, 0.0, 0.0],
+        1: [0.0, 1.0, 0.0, 0.0],
+        2: [0.0, 0.0, 0.0, 1.0],
+        9: [1.0, 1.0, 0.5, 0.0],
+    }
+    ps = _with_spans([*table()[:3], _copy_peer(9)], vecs)
+    assert ps[3].span["explained"] == pytest.approx(2 / 2.25)  # least squares on the sketches
+    default = by_uid(score_round(rm(ps), ScoringConfig()))[9]
+    assert "combination" not in default.reason  # 0.889 < 0.95: (the assignment test refuses it)
+    assert default.terms["combination_explained"] == pytest.approx(2 / 2.25)
+    assert "combination" in by_uid(score_round(rm(ps), ScoringConfig(combination_fraction=0.85)))[9].reason
+    off = by_uid(score_round(rm(ps), ScoringConfig(combination_fraction=None)))[9]
+    assert "combination" not in off.reason and "combination_explained" not in off.terms
+
+
+@pytest.mark.parametrize(
+    "evidence, victim",
+    [
+        ({0: (4.0, 0.3), 1: (3.0, 0.2), 9: (0.5, 0.01)}, 9),  # the copy has the least evidence
+        ({0: (4.0, 0.3), 1: (0.2, 0.2), 9: (0.5, 0.01)}, 1),  # ... unless an original shows less (by t)
+        ({0: (4.0, 0.3), 1: (0.5, 0.2), 9: (0.5, 0.01)}, 9),  # equal t: the smaller specificity
+        ({0: (4.0, 0.3), 1: (None, 0.5), 9: (0.5, 0.01)}, 1),  # no t at all counts as the least
+        ({0: (1.0, 0.3), 1: (1.0, 0.3), 9: (1.0, 0.3)}, 9),  # all equal: the higher uid
+    ],
+)
+def test_combination_copies_removes_the_dependent_peer_with_the_least_evidence(evidence, victim):
+    from validator.scoring import combination_copies
+
+    spans = {(u, f"hk{u}"): sp for u, sp in _spans({0: [1.0, 0.0], 1: [0.0, 1.0], 9: [1.0, 1.0]}).items()}
+    ev = {(u, f"hk{u}"): e for u, e in evidence.items()}
+    refused, left = combination_copies(spans, list(spans), ev, 0.95)
+    assert list(refused) == [(victim, f"hk{victim}")]  # one removal makes the other two independent
+    assert refused[(victim, f"hk{victim}")]["explained"] == pytest.approx(1.0)
+    # left: A and B (orthogonal, 0) or the copy and an original (at 45°: cos² = 0.5)
+    assert all(f == pytest.approx(0.0 if victim == 9 else 0.5, abs=1e-12) for f in left.values())
+
+
+def test_a_mix_with_earlier_rounds_deltas_is_a_combination_too():
+    # earlier round: E1, E2. u9 = E1 + A (A = u0 of this round); u8 = E1 + E2 (a stale mix, nobody's now)
+    earlier = [[1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]]
+    vecs = {
+        0: [0.0, 0.0, 1.0, 0.0, 0.0],
+        1: [0.0, 0.0, 0.0, 1.0, 0.0],
+        2: [0.3, 0.0, 0.0, 0.0, 1.0],
+        9: [1.0, 0.0, 1.0, 0.0, 0.0],
+        8: [1.0, 1.0, 0.0, 0.0, 0.0],
+    }
+    ps = _with_spans([*table()[:3], _copy_peer(9), _copy_peer(8)], vecs, earlier)
+    assert ps[2].span["earlier"] == pytest.approx(0.09 / 1.09)  # u2 leans on E1 a little: not a copy
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert (
+        "combination" in s[9].reason
+        and "uid 0" in s[9].reason
+        and "earlier rounds' Δs (alone 50.0%)" in s[9].reason
+    )
+    assert "combination" in s[8].reason and "earlier rounds' Δs (alone 100.0%)" in s[8].reason
+    assert s[8].terms["combination_of"] == []
+    assert s[0].reason == s[1].reason == "scored"
+
+
+def test_sparse_deltas_are_judged_on_their_own_support():
+    # On all coordinates the top-k copy u9 keeps only part of A's and B's entries (explained 0.5); on its
+    # support its values are exactly (A + B)/2 there. The evaluator measures it on its support.
+    vecs = {
+        0: [1.0, 1.0, 0.0, 0.0] + [0.0] * 12,
+        1: [0.0, 0.0, 1.0, 1.0] + [0.0] * 12,
+        2: [0.0] * 15 + [1.0],
+        9: [1.0, 0.0, 1.0, 0.0] + [0.0] * 12,
+    }
+    spans = _spans(vecs, dense=False)
+    assert spans[9]["support"] == pytest.approx(2 / 16) and spans[9]["explained"] == pytest.approx(1.0)
+    ps = _with_spans([*table()[:3], _copy_peer(9)], vecs, dense=False)
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert "combination" in s[9].reason and "uid 0" in s[9].reason and "uid 1" in s[9].reason
+    assert s[0].reason == s[1].reason == "scored"
+    for p in ps:  # without the support Gram (all coordinates) u9 is only half explained
+        p.span.pop("support_gram", None)
+        p.span.pop("support_overlap", None)
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert "combination" not in s[9].reason and s[9].terms["combination_explained"] == pytest.approx(0.5)
+
+
+def test_only_eligible_peers_span_and_old_records_score_as_before():
+    # a ×100 copy of u0 (refused by the norm gate) neither explains u0 nor is judged; an old record
+    # (no span) decodes and scores as before the rule
+    scaled = peer(9, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+    ps = _with_spans(
+        [*table()[:3], scaled],
+        {0: [1.0, 0.0, 0.0], 1: [0.0, 1.0, 0.0], 2: [0.0, 0.0, 1.0], 9: [100.0, 0.0, 0.0]},
+    )
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert "norm" in s[9].reason and s[0].reason == "scored"
+    assert s[0].terms["span_explained_all"] == pytest.approx(1.0)  # the measurement sees the copy ...
+    assert s[0].terms["combination_explained"] == pytest.approx(0.0, abs=1e-12)  # ... the rule does not
+    old = rm(table()).to_json()
+    for p in old["peers"]:
+        del p["span"]
+    before = score_round(RoundMeasurements.from_json(old), ScoringConfig())
+    assert [(x.score, x.reason) for x in before] == [
+        (x.score, x.reason) for x in score_round(rm(table()), ScoringConfig())
+    ]
+
+
+def test_span_residual_hand_computed():
+    from validator.scoring import span_residual
+
+    c = 0.5  # two unit vectors at 60°
+    gram = [[1.0, c, c], [c, 1.0, 1.0], [c, 1.0, 1.0]]  # columns 1 and 2 are the same vector
+    assert span_residual(gram, 0, [1]) == pytest.approx(1 - c * c)
+    assert span_residual(gram, 0, [1, 2]) == pytest.approx(1 - c * c)  # rank-deficient others
+    assert span_residual(gram, 1, [2]) == pytest.approx(0.0, abs=1e-12)
+    assert span_residual(gram, 0, []) == 1.0
+
+
+def test_combination_fraction_is_checked():
+    from peer.errors import ConfigError
+
+    for bad in (0.3, 1.2):
+        with pytest.raises(ConfigError, match="combination_fraction"):
+            ScoringConfig(combination_fraction=bad)
+    with pytest.raises(ConfigError, match="combination_trust_t"):
+        ScoringConfig(combination_trust_t=0.0)
+    assert ScoringConfig(combination_fraction=None).combination_fraction is None
+
+
+def test_a_delta_that_contains_an_honest_sparse_delta_cannot_get_it_refused():
+    # u9 = A's values plus entries of its own elsewhere: on A's support it explains A fully, but there it
+    # is as explained by A and has less evidence, so A stays; over its own support u9 is half A (< 95 %)
+    vecs = {
+        0: [1.0, 1.0] + [0.0] * 14,
+        1: [0.0, 0.0, 1.0, 1.0] + [0.0] * 12,
+        2: [0.0] * 15 + [1.0],
+        9: [1.0, 1.0, 0.0, 0.0, 1.0, 1.0] + [0.0] * 10,
+    }
+    ps = _with_spans([*table()[:3], _copy_peer(9)], vecs, dense=False)
+    assert ps[0].span["explained"] == pytest.approx(1.0)  # A alone would look like a copy of u9
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert s[0].reason == "scored" and s[1].reason == "scored"
+    assert "combination" not in s[9].reason and s[9].terms["combination_explained"] == pytest.approx(0.5)
+
+
+def test_a_copy_of_everyone_including_refused_peers_is_refused_when_its_evidence_is_weak():
+    # u9 = the swarm's average (A, B and the refused u7, whose Δ has a direction of its own): only 2/3 of
+    # it lies in the span of the eligible peers; with the refused Δs in the span it is all there, and its
+    # own-page evidence (t −1000, pooled −3) is below combination_trust_t
+    vecs = {
+        0: [1.0, 0.0, 0.0, 0.0, 0.0],
+        1: [0.0, 1.0, 0.0, 0.0, 0.0],
+        2: [0.0, 0.0, 0.0, 0.0, 1.0],
+        7: [0.0, 0.0, 1.0, 0.0, 0.0],
+        9: [1.0, 1.0, 1.0, 0.0, 0.0],
+    }
+    refused = peer(7, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+    ps = _with_spans([*table()[:3], refused, _copy_peer(9)], vecs)
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert "norm" in s[7].reason
+    assert s[9].terms["combination_explained"] == pytest.approx(2 / 3)  # the first tier lets it pass
+    assert "refused ones included" in s[9].reason and s[9].terms[
+        "combination_explained_with_refused"
+    ] == pytest.approx(1.0)
+    assert all(f"uid {u}" in s[9].reason for u in (0, 1, 7))
+    assert s[0].reason == s[1].reason == "scored"
+    off = by_uid(score_round(rm(ps), ScoringConfig(combination_trust_t=None)))[9]
+    assert "combination" not in off.reason
+
+
+def test_refused_sybils_cannot_get_a_peer_with_clear_evidence_refused():
+    # R1 = A + B + X and R2 = A + B − X (both refused by their norm) put A = (R1 + R2)/2 − B in the span:
+    # u0 (t 4.33 ≥ 3) keeps its score; u1 (t 2.5 < combination_trust_t) is refused — the price of the
+    # second tier, documented at the knob
+    vecs = {
+        0: [1.0, 0.0, 0.0, 0.0, 0.0],
+        1: [0.0, 1.0, 0.0, 0.0, 0.0],
+        2: [0.0, 0.0, 0.0, 0.0, 1.0],
+        7: [1.0, 1.0, 1.0, 0.0, 0.0],
+        8: [1.0, 1.0, -1.0, 0.0, 0.0],
+    }
+    r1 = peer(7, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+    r2 = peer(8, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+    ps = _with_spans([*table()[:3], r1, r2], vecs)
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert s[0].reason == "scored"
+    assert "refused ones included" in s[1].reason
+    assert by_uid(score_round(rm(ps), ScoringConfig(combination_trust_t=2.0)))[1].reason == "scored"
+
+
+def test_a_refused_scaled_or_sign_flipped_copy_is_not_a_source():
+    # a sign-flip sybil publishes −B (u1, t 2.5 < combination_trust_t) and a scaled one 100·B: both are
+    # B's own work, so they do not make B "a combination" (B stays scored)
+    vecs = {
+        0: [1.0, 0.0, 0.0, 0.0],
+        1: [0.0, 1.0, 0.0, 0.0],
+        2: [0.0, 0.0, 0.0, 1.0],
+        7: [0.0, -1.0, 0.0, 0.0],
+        8: [0.0, 100.0, 0.0, 0.0],
+    }
+    flip = peer(7, heldout=5.2, before=5.0, after=5.1)
+    scaled = peer(8, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+    ps = _with_spans([*table()[:3], flip, scaled], vecs)
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert "held-out" in s[7].reason and "norm" in s[8].reason
+    assert s[1].reason == "scored" and s[0].reason == "scored"

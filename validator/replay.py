@@ -53,6 +53,9 @@ def configs_from_record(rec: RoundRecord, device: str | None = None) -> tuple[Ev
     # records written before the work-proportional rule scored with the held-out rule, unbounded
     sc.setdefault("reward", "heldout")
     sc.setdefault("max_reference_scale", float("inf"))
+    # records written before the combination copy test scored without it
+    sc.setdefault("combination_fraction", None)
+    sc.setdefault("combination_trust_t", None)
     return EvalConfig(**ev), ScoringConfig(**sc)
 
 
