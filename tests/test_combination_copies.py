@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from peer.data.pages import assign_pages
+from peer.net.layout import SPARSE_DELTA_FORMAT
 from peer.net.outbox import encode_delta
 from peer.training.sparse import TopK, encode_sparse_delta
 from tests.fixtures_validator import HONEST, INNER_STEPS, keypair, train_delta, validator_world  # noqa: F401
@@ -162,7 +163,7 @@ def test_mixes_of_sparse_deltas_are_refused(honest8, evaluator, validator_world)
     blobs = {n: (five[n][0], encode_sparse_delta(x, topk)) for n, x in sparse.items()}
     # a copier must send a valid top-k Δ: the top-k of its mix
     blobs.update({n: (keypair(n).ss58_address, encode_sparse_delta(x, topk)) for n, x in copies.items()})
-    scores, rm = _evaluate(evaluator, w, blobs, fmt="gradswarm-delta-topk-v1")
+    scores, rm = _evaluate(evaluator, w, blobs, fmt=SPARSE_DELTA_FORMAT)
     explained = _explained(scores)
     for n in copies:
         assert scores[n].score == 0 and REASON in scores[n].reason, explained
