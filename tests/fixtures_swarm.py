@@ -247,9 +247,9 @@ def run_allreduce(
 
     A failed attempt is retried with fresh averagers and a fresh prefix, ``attempts`` times in all. On this
     2-core box under the full suite's load, a stream between two averagers' p2p daemons is now and then
-    closed mid all-reduce (the reader sees end-of-stream after some parts; seen in about 1 run in 5 of
-    tests/test_allreduce.py with one core busy, cause not found): that all-reduce fails, as a real peer's
-    round would (and is then discarded). What these tests check is the reduction on an all-reduce that
+    closed mid all-reduce (the reader sees end-of-stream after some parts, or the all-reduce stalls;
+    seen in 2 of 4 runs of tests/test_allreduce.py + test_sparse_allreduce.py with one core kept busy,
+    cause not found): that all-reduce fails for every peer, as a real round would (and is discarded). What these tests check is the reduction on an all-reduce that
     completes, so a transport failure is retried rather than failing the test; a failure every attempt
     still fails it. ``next_chunk_timeout`` turns a stalled all-reduce into a failure within seconds."""
     import uuid
