@@ -392,11 +392,6 @@ def check_dht_reachable(inp: DoctorInputs, f: _Found, client) -> Check:
     )
 
 
-def _bf16(inp: DoctorInputs, device: str) -> bool:
-    """Whether ``peer join`` would train under bf16 autocast (``--precision``, resolved as it does)."""
-    return inp.precision == "bf16" or (inp.precision == "auto" and device.startswith("cuda"))
-
-
 def _device_and_optimizer(inp: DoctorInputs) -> tuple[str, str, object | None]:
     try:
         import torch
@@ -467,7 +462,12 @@ def check_memory(inp: DoctorInputs, f: _Found) -> Check:
             fix="--config: a name from model_configs/ or a YAML path",
         )
     device, optimizer, torch = _device_and_optimizer(inp)
-    bf16 = _bf16(inp, device)
+    if torch is not None:  # as peer join resolves --precision
+        from peer.data.model import uses_bf16
+
+        bf16 = uses_bf16(inp.precision, device)
+    else:
+        bf16 = inp.precision == "bf16"
     need = training_memory_bytes(run, optimizer, bf16=bf16)
     if device.startswith("cuda") and torch is not None and torch.cuda.is_available():
         idx = int(device.split(":")[1]) if ":" in device else 0

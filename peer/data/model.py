@@ -102,6 +102,14 @@ def evaluate_loss(
     return total / count
 
 
+def uses_bf16(precision: str, device: str) -> bool:
+    """Whether inner steps run under bf16 autocast for ``--precision`` on ``device``: ``bf16`` always,
+    ``auto`` on a GPU that supports it (on a CPU, or where CUDA is missing, ``auto`` is fp32)."""
+    if precision == "auto":
+        return device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return precision == "bf16"
+
+
 def lm_loss(model: torch.nn.Module, batch: torch.Tensor, *, bf16: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy of ``batch`` [B, seq_len + 1]; the loss itself is taken in fp32.
 

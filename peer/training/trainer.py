@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from peer.config import RunConfig
-from peer.data.model import build_model, count_parameters, evaluate_loss, lm_loss
+from peer.data.model import build_model, count_parameters, evaluate_loss, lm_loss, uses_bf16
 from peer.data.pages import assign_pages, eval_pages, round_batches
 from peer.data.shards import open_page_store
 from peer.errors import CheckpointError, ConfigError
@@ -152,13 +152,7 @@ class TrainerConfig:
     @property
     def bf16(self) -> bool:
         """Whether inner steps run under bf16 autocast (``precision``, resolved for ``device``)."""
-        if self.precision == "auto":
-            return (
-                self.device.startswith("cuda")
-                and torch.cuda.is_available()
-                and torch.cuda.is_bf16_supported()
-            )
-        return self.precision == "bf16"
+        return uses_bf16(self.precision, self.device)
 
 
 @dataclass
