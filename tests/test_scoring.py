@@ -477,7 +477,7 @@ def test_combination_threshold_and_off():
     ],
 )
 def test_combination_copies_removes_the_dependent_peer_with_the_least_evidence(evidence, victim):
-    from validator.scoring import combination_copies
+    from validator.combinations import combination_copies
 
     spans = {(u, f"hk{u}"): sp for u, sp in _spans({0: [1.0, 0.0], 1: [0.0, 1.0], 9: [1.0, 1.0]}).items()}
     ev = {(u, f"hk{u}"): e for u, e in evidence.items()}
@@ -555,7 +555,7 @@ def test_only_eligible_peers_span_and_old_records_score_as_before():
 
 
 def test_span_residual_hand_computed():
-    from validator.scoring import span_residual
+    from validator.combinations import span_residual
 
     c = 0.5  # two unit vectors at 60°
     gram = [[1.0, c, c], [c, 1.0, 1.0], [c, 1.0, 1.0]]  # columns 1 and 2 are the same vector
