@@ -238,6 +238,30 @@ def dhts():
             node.shutdown()
 
 
+def start_averagers(dhts, tensors, classes, *, compression, **kwargs) -> list:
+    """One started averager of ``classes[i]`` per ``tensors[i]`` (each on ``dhts[i]``), under a fresh prefix
+    (no all-reduce can match a finished one's averagers), with the tests' short matchmaking and small
+    parts; ``next_chunk_timeout`` defaults to 10 s so a stalled all-reduce fails within seconds."""
+    import uuid
+
+    kwargs.setdefault("next_chunk_timeout", 10.0)
+    prefix = f"t-{uuid.uuid4().hex[:8]}"
+    return [
+        cls(
+            t,
+            dht=d,
+            prefix=prefix,
+            compression=compression,
+            start=True,
+            min_matchmaking_time=1.0,
+            request_timeout=0.5,
+            part_size_bytes=2**14,
+            **kwargs,
+        )
+        for cls, t, d in zip(classes, tensors, dhts, strict=True)
+    ]
+
+
 def run_allreduce(
     dhts, tensors, runner_cls=None, *, compression, weights=None, classes=None, attempts=2, **kwargs
 ):
@@ -252,32 +276,16 @@ def run_allreduce(
     cause not found): that all-reduce fails for every peer, as a real round would (and is discarded). What these tests check is the reduction on an all-reduce that
     completes, so a transport failure is retried rather than failing the test; a failure every attempt
     still fails it. ``next_chunk_timeout`` turns a stalled all-reduce into a failure within seconds."""
-    import uuid
 
     from peer.training.allreduce import ConsensusAverager
 
     runner_cls = runner_cls or ConsensusAverager
     classes = classes or [runner_cls] * len(tensors)
     weights = weights or [1.0] * len(tensors)
-    kwargs.setdefault("next_chunk_timeout", 10.0)
     originals = [[t.clone() for t in ts] for ts in tensors]
     for attempt in range(attempts):
-        prefix = f"t-{uuid.uuid4().hex[:8]}"  # no all-reduce can match a finished one's averagers
         inputs = [[t.clone() for t in ts] for ts in originals]
-        averagers = [
-            cls(
-                t,
-                dht=d,
-                prefix=prefix,
-                compression=compression,
-                start=True,
-                min_matchmaking_time=1.0,
-                request_timeout=0.5,
-                part_size_bytes=2**14,
-                **kwargs,
-            )
-            for cls, t, d in zip(classes, inputs, dhts, strict=True)
-        ]
+        averagers = start_averagers(dhts, inputs, classes, compression=compression, **kwargs)
         try:
             controls = [
                 a.step(wait=False, timeout=45, weight=w) for a, w in zip(averagers, weights, strict=True)

@@ -7,7 +7,7 @@ import torch
 
 from peer.data.model import hash_tensors
 from peer.training.swarm import make_compression
-from tests.fixtures_swarm import run_allreduce
+from tests.fixtures_swarm import run_allreduce, start_averagers
 
 
 def _run(dhts, tensors, runner_cls, **kwargs):
@@ -243,8 +243,6 @@ def test_a_sender_that_stops_mid_way_fails_the_all_reduce_for_everyone(dhts):
     that then completed would hold a Δ mixing parts with and without that sender, one the dropped peer
     never applies (two peers part ways: seen in benchmarks/wan.py). Every peer must fail instead and keep
     its tensors untouched (all or nothing)."""
-    import uuid
-
     from peer.training.allreduce import ConsensusAllReduceRunner, ConsensusAverager
 
     class QuittingRunner(ConsensusAllReduceRunner):
@@ -259,21 +257,9 @@ def test_a_sender_that_stops_mid_way_fails_the_all_reduce_for_everyone(dhts):
     Quitting = type("ConsensusAverager", (ConsensusAverager,), {"runner_class": QuittingRunner})
     inputs = _inputs(7)
     classes = [ConsensusAverager, ConsensusAverager, Quitting]
-    prefix = f"t-{uuid.uuid4().hex[:8]}"
-    averagers = [
-        cls(
-            [t.clone() for t in ts],
-            dht=d,
-            prefix=prefix,
-            compression=make_compression("8bit"),
-            start=True,
-            min_matchmaking_time=1.0,
-            request_timeout=0.5,
-            part_size_bytes=2**14,
-            next_chunk_timeout=10.0,
-        )
-        for cls, ts, d in zip(classes, inputs, dhts, strict=True)
-    ]
+    averagers = start_averagers(
+        dhts, [[t.clone() for t in ts] for ts in inputs], classes, compression=make_compression("8bit")
+    )
     try:
         controls = [a.step(wait=False, timeout=30, allow_retries=False) for a in averagers]
         outcomes = []
