@@ -333,6 +333,12 @@ def test_wire_parts_round_trip_and_refuse_what_no_honest_peer_sends():
     bad.dtype = WIRE_DTYPE_V1
     with pytest.raises(WireRefused, match="retired"):
         decode_wire_part(bad, part.numel(), TOPK)
+    wrapped = type(msg)()
+    wrapped.CopyFrom(msg)
+    del wrapped.size[:]
+    wrapped.size.extend([2422082636, 201750124, 151])  # product = 70 000 + 4·2^64: wraps in int64
+    with pytest.raises(WireRefused, match="expected 70000 values"):
+        decode_wire_part(wrapped, part.numel(), TOPK)
 
 
 def _wire_with(msg, blocks: int, *, scale=None, code=None, pos=None):

@@ -496,7 +496,8 @@ def decode_wire_part(msg, expected_numel: int, topk: TopK, offset: int = 0) -> t
         raise WireRefused(f"part in the retired format {WIRE_DTYPE_V1} (fp16 values): upgrade the peer")
     if msg.dtype != WIRE_DTYPE:
         raise WireRefused(f"part in format {msg.dtype[:40]!r}, the swarm sends {WIRE_DTYPE}")
-    if len(msg.size) > 8 or int(np.prod([int(s) for s in msg.size])) != expected_numel:
+    # exact Python ints: an int64 product wraps, and a crafted shape would pass as the expected size
+    if len(msg.size) > 8 or math.prod(int(s) for s in msg.size) != expected_numel:
         raise WireRefused(f"part of shape {list(msg.size)[:8]}, expected {expected_numel} values")
     n, c = expected_numel, topk.chunk
     r, blocks = _wire_blocks(n, offset, c)
