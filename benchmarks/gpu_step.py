@@ -73,7 +73,6 @@ def run_arm(cfg, arm: str, batches, steps: int, warmup: int, device: str = "cuda
             fused=cuda,
         )
     bf16 = arm.startswith("bf16") and cuda
-    losses = []
     t0 = None
     for i in range(warmup + steps):
         if i == warmup:
@@ -81,9 +80,9 @@ def run_arm(cfg, arm: str, batches, steps: int, warmup: int, device: str = "cuda
             t0 = time.perf_counter()
         loss = lm_loss(model, batches[i % len(batches)], bf16=bf16)
         state.inner_step(loss)
-        losses.append(float(loss.detach()) if i >= warmup + steps - 1 else None)
     _sync()
     seconds = time.perf_counter() - t0
+    loss_last = float(loss.detach())  # the last timed step's (read after timing: no sync inside the loop)
     batch = batches[0]
     samples = steps * batch.shape[0]
     tokens = samples * (batch.shape[1] - 1)
@@ -104,7 +103,7 @@ def run_arm(cfg, arm: str, batches, steps: int, warmup: int, device: str = "cuda
         "tokens_per_s": tokens / seconds,
         "mfu": 6 * params * tokens / seconds / PEAK_BF16,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
-        "loss_last": losses[-1],
+        "loss_last": loss_last,
         "pseudo_gradient_s": pg_s,
         "begin_round_s": begin_s,
         "delta_norm": float(torch.sqrt(sum((d.double() ** 2).sum() for d in delta))),
