@@ -275,3 +275,43 @@ def test_a_sender_that_stops_mid_way_fails_the_all_reduce_for_everyone(dhts):
     finally:
         for a in averagers:
             a.shutdown()
+
+
+def test_peers_that_hold_different_states_never_average_together(dhts):
+    """Two peers on θ ``aa…`` and one on ``bb…`` schedule the same round: the first two average, the
+    third averages alone (before, all three averaged and the outer steps left two different θs, each
+    reported as ``averaged``)."""
+    import time
+
+    from peer.training.swarm import SwarmAveraging
+
+    bases = ["aa" * 32, "aa" * 32, "bb" * 32]
+    swarms = [
+        SwarmAveraging(
+            d,
+            run_id="bases",
+            keypair=None,
+            shapes=[torch.Size([5000])],
+            compression="none",
+            state_provider=lambda: ({}, []),
+            matchmaking_seconds=2.0,
+            allreduce_timeout=20.0,
+        )
+        for i, d in enumerate(dhts)
+    ]
+    try:
+        start_at = time.time() + 3.0
+        for s, base in zip(swarms, bases, strict=True):
+            s.schedule(11, start_at=start_at, base=base, gather={"base": base})
+        pending = [s.start([torch.full((5000,), 1.0 + i / 10)]) for i, s in enumerate(swarms)]
+        outcomes = [p.result() for p in pending]
+    finally:
+        for s in swarms:
+            s.shutdown()
+    assert [o.status for o, _ in outcomes] == ["averaged", "averaged", "alone"], [o for o, _ in outcomes]
+    assert [o.group_size for o, _ in outcomes] == [2, 2, 1]
+    for o, avg in outcomes[:2]:
+        assert {g["base"] for g in o.gathered.values()} == {bases[0]}
+        assert torch.equal(avg[0], outcomes[0][1][0])
+        assert abs(float(avg[0].mean()) - 1.05) < 1e-4
+    assert torch.equal(outcomes[2][1][0], torch.full((5000,), 1.2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from peer.config import load_run_config
@@ -9,7 +10,7 @@ from peer.data.model import build_model, lm_loss
 from peer.training import behaviour as bh
 from peer.training.behaviour import Behaviour
 from peer.training.diloco import DilocoState
-from peer.training.swarm import choose_state
+from peer.training.swarm import choose_state, group_bits, sync_view
 
 
 def test_choose_state_majority_and_deterministic_ties():
@@ -17,6 +18,33 @@ def test_choose_state_majority_and_deterministic_ties():
     assert choose_state({"a": "h1", "b": "h1", "c": "h2"}) == "h1"
     assert choose_state({"a": "h2", "b": "h1"}) == "h1"  # tie: the smaller hash, the same on every peer
     assert choose_state({"a": "h9"}) == "h9"
+
+
+def test_sync_view_waits_while_a_peer_is_still_on_the_round_before():
+    # (announced, round) -> (hash to hold, still averaging round-1)
+    table = [
+        ({}, 5, (None, False)),  # a new swarm: nothing to wait for
+        ({"a": (4, "h4")}, 5, (None, True)),  # a is averaging round 4: θ_5 may yet come
+        ({"a": (5, "h5"), "b": (4, "h4")}, 5, ("h5", True)),
+        ({"a": (5, "h5"), "b": (5, "h5"), "c": (5, "h0")}, 5, ("h5", False)),
+        ({"a": (6, "h6")}, 5, (None, False)),  # the swarm moved past θ_5: it will not be announced
+        ({"a": (3, "h3")}, 5, (None, False)),  # a stale peer: not worth waiting for
+        ({"a": (5, "h9"), "b": (5, "h1")}, 5, ("h1", False)),  # a tie: the smaller hash
+    ]
+    for announced, r, want in table:
+        assert sync_view(announced, r) == want, (announced, r)
+
+
+def test_group_bits_join_the_round_and_the_state():
+    a, b = "0" * 64, "f" * 8 + "0" * 56
+    assert group_bits(5, a) == format(5, "024b") + "0" * 32
+    assert group_bits(5, b) == format(5, "024b") + "1" * 32
+    assert group_bits(5, a) != group_bits(6, a)  # another round: another group
+    assert group_bits(5, a) != group_bits(5, "0" * 7 + "1" + "0" * 56)  # another θ: another group
+    assert group_bits((1 << 24) + 5, a) == group_bits(5, a)  # the round wraps at 24 bits
+    for bad in ("", "xyz", "0123456"):
+        with pytest.raises(ValueError):
+            group_bits(1, bad)
 
 
 def test_behaviours_change_only_what_they_say():

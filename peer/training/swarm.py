@@ -2,8 +2,9 @@
 
 * :func:`start_dht` validates multiaddrs and joins the DHT (clear errors for bad or unreachable peers).
 * :class:`SwarmAveraging` owns the :class:`~peer.training.allreduce.ConsensusAverager` over the round's
-  pseudo-gradient buffers: matchmaking per round (the round number is part of the group key), 8-bit
-  blockwise compression on the wire (bitsandbytes), the all-reduce, byte counters.
+  pseudo-gradient buffers: matchmaking per round (the round number and the hash of the θ a peer
+  averages from form the group key, :func:`group_bits`), 8-bit blockwise compression on the wire
+  (bitsandbytes), the all-reduce, byte counters.
 * State agreement: each peer announces ``hash(θ_r)`` under ``<run>.state.<r>``; a peer whose hash
   is not the majority's (late join, failed round, restart) downloads θ_r from a peer that holds the
   majority hash (hivemind ``load_state_from_peers``) and checks the hash before adopting it.
@@ -249,9 +250,16 @@ class SwarmAveraging:
         return self.dht.peer_id.to_base58()
 
     def schedule(
-        self, round_: int, start_at: float, gather: dict, weight: float = 1.0, give_up_at: float | None = None
+        self,
+        round_: int,
+        start_at: float,
+        base: str,
+        gather: dict,
+        weight: float = 1.0,
+        give_up_at: float | None = None,
     ) -> None:
-        """Arrange the all-reduce of ``round_`` to start at ``start_at`` (unix time).
+        """Arrange the all-reduce of ``round_`` to start at ``start_at`` (unix time), in a group of peers
+        that all average from the θ hashed ``base`` (:func:`group_bits`).
 
         Matchmaking begins only ``matchmaking_seconds`` + ``matchmaking_lead`` before ``start_at`` (a
         timer thread calls hivemind's ``step(scheduled_time=…)`` then), not now: a peer looking for a
@@ -268,7 +276,7 @@ class SwarmAveraging:
 
         def begin() -> None:
             try:
-                slot["control"] = self._begin(round_, start_at, gather, weight, give_up_at)
+                slot["control"] = self._begin(group_bits(round_, base), start_at, gather, weight, give_up_at)
             except BaseException as e:  # noqa: BLE001 - handed to start(), which fails only this round
                 slot["error"] = e
             finally:
@@ -282,11 +290,11 @@ class SwarmAveraging:
             self._timer.daemon = True
             self._timer.start()
 
-    def _begin(self, round_: int, start_at: float, gather: dict, weight: float, give_up_at: float | None):
+    def _begin(self, bits: str, start_at: float, gather: dict, weight: float, give_up_at: float | None):
         from hivemind.utils.timed_storage import get_dht_time
 
         with self._pipe_lock:
-            self.averager.set_group_bits(format(round_ % (1 << 24), "024b"))
+            self.averager.set_group_bits(bits)
             now = time.time()
             scheduled = get_dht_time() + max(0.0, start_at - now)
             grace = (
@@ -348,19 +356,20 @@ class SwarmAveraging:
             key, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl, return_future=True
         )
 
-    def announced_states(self, round_: int) -> dict[str, str]:
-        """peer id → announced hash of θ_round (signatures verified; forged entries never count)."""
+    def announcements(self) -> dict[str, tuple[int, str]]:
+        """peer id → (round, hash) of the latest θ each peer announced, from one DHT read (signatures
+        verified; forged entries never count)."""
         from peer.net.dht_records import read_announcements
 
         key = dht_key(self.run_id, "state")
         found = self.dht.get(key, latest=True)
         entries = found.value if found is not None and isinstance(found.value, dict) else None
-        announcements = read_announcements(entries, key=key, run_id=self.run_id, round_=round_)
-        return {a.peer_id: str(a.value.get("hash")) for a in announcements.values()}
+        announcements = read_announcements(entries, key=key, run_id=self.run_id)
+        return {a.peer_id: (a.round, str(a.value.get("hash"))) for a in announcements.values()}
 
     def majority_state(self, round_: int) -> str | None:
         """The hash of θ_round the swarm agrees on (see :func:`choose_state`), or None if nobody announced."""
-        return choose_state(self.announced_states(round_))
+        return sync_view(self.announcements(), round_)[0]
 
     def download_state(self, want_hash: str, tries: int = 2) -> tuple[dict, list[torch.Tensor]] | None:
         """Load θ and outer momentum (``2 × params`` fp32 tensors) from a peer that serves the state hashed
@@ -407,6 +416,32 @@ def downloaded_state_problem(tensors, param_shapes: Sequence[torch.Size]) -> str
         if not bool(torch.isfinite(t).all()):
             return f"tensor {i} holds NaN or infinite values"
     return None
+
+
+def group_bits(round_: int, base: str) -> str:
+    """The averaging group key's bits for round ``round_`` from θ hashed ``base`` (hex): 24 bits of the
+    round, then the first 32 bits of the hash. Pure.
+
+    Peers that hold different θ never land in one group (hivemind's leader refuses a joiner whose key
+    differs). Averaged into one ḡ, their outer steps would give each a different θ while both report
+    ``averaged``: a late joiner that found no announcement of θ_r in time, or the two sides of a round that
+    failed for one peer only. Now such a peer averages with those on its θ (or alone) and takes the
+    majority's θ at the next round's sync. A hostile peer gains nothing by another key: it just is not
+    in our group."""
+    if len(base) < 8 or any(c not in "0123456789abcdef" for c in base[:8]):
+        raise ValueError(f"base {base!r} is not a hex state hash")
+    return format(round_ % (1 << 24), "024b") + format(int(base[:8], 16), "032b")
+
+
+def sync_view(announced: dict[str, tuple[int, str]], round_: int) -> tuple[str | None, bool]:
+    """From ``peer id → (round, hash)`` of each peer's latest announcement: the hash of θ_round to hold
+    (:func:`choose_state` over those who announced θ_round; None if nobody did) and whether a peer's latest
+    is θ_{round−1}, i.e. the swarm is still averaging round−1 and θ_round's announcements may yet come.
+
+    Both come from one read: a peer keeps one announcement, so two reads (θ_round, then θ_{round−1})
+    can miss a peer that moved on in between and tell a late joiner there is nothing to wait for. Pure."""
+    best = choose_state({p: h for p, (r, h) in announced.items() if r == round_})
+    return best, any(r == round_ - 1 for r, _ in announced.values())
 
 
 def choose_state(states: dict[str, str]) -> str | None:

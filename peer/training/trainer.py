@@ -59,6 +59,7 @@ from peer.training.behaviour import Behaviour
 from peer.training.clock import RoundClock
 from peer.training.cpu_usage import BackgroundCpu
 from peer.training.diloco import DilocoState, optimizer_state_bytes
+from peer.training.swarm import sync_view
 
 log = logging.getLogger("gradswarm.trainer")
 
@@ -430,13 +431,13 @@ class Trainer:
         If we did not hold θ_r, wait up to ``wait_seconds`` (default ``join_wait_seconds``) for the
         swarm's announcements of θ_r while the swarm is known to exist (θ_{r−1} was announced)."""
         swarm = self.swarm
-        best = swarm.majority_state(r)
+        best, averaging = sync_view(swarm.announcements(), r)
         if self.round != r:
             wait = self.cfg.join_wait_seconds if wait_seconds is None else wait_seconds
             deadline = time.time() + wait
-            while best is None and time.time() < deadline and swarm.majority_state(r - 1) is not None:
+            while best is None and averaging and time.time() < deadline:
                 time.sleep(0.25)  # the swarm is still averaging round r-1: wait for θ_r's announcements
-                best = swarm.majority_state(r)
+                best, averaging = sync_view(swarm.announcements(), r)
         downloaded = False
         if best is not None and best != self.state_hash():
             loaded = swarm.download_state(best)
@@ -647,10 +648,12 @@ class Trainer:
 
     def _schedule_averaging(self, r: int, start_at: float) -> None:
         weight = bh.averaging_input(self.cfg.behaviour, [torch.zeros(1)])[1]
+        base = self.state_hash()
         self.swarm.schedule(
             r,
             start_at=start_at,
-            gather={"round": r, "base": self.state_hash(), "hotkey": self.hotkey},
+            base=base,
+            gather={"round": r, "base": base, "hotkey": self.hotkey},
             weight=weight,
             give_up_at=start_at + min(self.cfg.matchmaking_seconds, self.cfg.run.train.round_seconds / 4),
         )
