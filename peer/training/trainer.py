@@ -626,22 +626,22 @@ class Trainer:
         if self._check_timer is not None:
             self._check_timer.cancel()
         delay = self.clock.round_end(r) - self.cfg.run.train.round_seconds / 2 - time.time()
-
-        def check() -> None:
-            from peer.errors import NetworkError
-
-            try:
-                best = self.swarm.majority_state(r)
-            except (NetworkError, TimeoutError, RuntimeError) as e:
-                log.info("state check of round %d skipped: %s", r, e)
-                return
-            if best is not None and best != state_hash:
-                self._off_majority = r
-                self.progress.event(f"round {r}: the swarm holds θ {best[:10]}, we hold {state_hash[:10]}")
-
-        self._check_timer = threading.Timer(max(0.0, delay), check)
+        self._check_timer = threading.Timer(max(0.0, delay), self._check_majority, (r, state_hash))
         self._check_timer.daemon = True
         self._check_timer.start()
+
+    def _check_majority(self, r: int, state_hash: str) -> None:
+        """Set ``_off_majority`` to r if the swarm's announced θ_r is not ours (unknown: left as it is)."""
+        from peer.errors import NetworkError
+
+        try:
+            best = self.swarm.majority_state(r)
+        except (NetworkError, TimeoutError, RuntimeError) as e:
+            log.info("state check of round %d skipped: %s", r, e)
+            return
+        if best is not None and best != state_hash:
+            self._off_majority = r
+            self.progress.event(f"round {r}: the swarm holds θ {best[:10]}, we hold {state_hash[:10]}")
 
     # ------------------------------------------------------------------------------------------------
     # rounds
@@ -775,6 +775,13 @@ class Trainer:
             # we stop after our first round: no average of the round before it reached us, so (as the
             # next round's sync would when nobody announced θ_{r+1}) take θ_{r+1} = θ_r
             self.round = previous.round + 1
+        if self._check_timer is not None:
+            self._check_timer.cancel()
+        if self.round == previous.round + 1 and self._off_majority != self.round:
+            # the mid-round check of θ_{r+1} that guards every other boundary has not run yet: run it
+            # now, or a peer whose θ_{r+1} parted from the swarm's (its all-reduce of round r−1 failed
+            # or ran alone) applies ḡ_r to it and records a state no one else holds as `averaged`
+            self._check_majority(self.round, self.state_hash())
         applied = self.round == previous.round + 1 and self._off_majority != previous.round + 1
         with self.state_lock:
             if applied:
