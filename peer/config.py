@@ -143,16 +143,15 @@ class TrainConfig:
     ``delta_norm`` honest peers report at the round length you run."""
     seed: int = 0
     """Seed of the model's initial weights; every peer in a swarm must use the same."""
-    rounds: str = "overlapped"
-    """``overlapped`` (default): the all-reduce of round r's Δ runs in the background while round r+1
-    trains, and its outer step is applied one round late (θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}); the peer's
-    own Δ_r stands in for ḡ_r meanwhile): no training time is lost to communication (at 20 Mbit/s on
-    ``small``: utilisation 0.97 against 0.76 blocking, ``benchmarks/wan.py``). Its outer step uses
-    ``overlapped_outer_lr`` / ``overlapped_outer_momentum``. ``blocking``: training stops
-    ``averaging_reserve_seconds`` before the round's end and waits for the all-reduce
-    (θ_{r+1} = OuterStep(θ_r, ḡ_r)); kept for comparison, and for a swarm whose all-reduce is fast
-    next to a round. Symptom to switch: ``unapplied`` rounds in ``rounds.jsonl`` (a peer fell off
-    the swarm's θ and resynced). Every peer of a swarm must use the same."""
+    rounds: str = "blocking"
+    """``blocking`` (default): training stops ``averaging_reserve_seconds`` before the round's end and
+    waits for the all-reduce (θ_{r+1} = OuterStep(θ_r, ḡ_r)). ``overlapped`` (opt-in): the all-reduce of
+    round r's Δ runs in the background while round r+1 trains, and its outer step is applied one round
+    late (θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}); the peer's own Δ_r stands in for ḡ_r meanwhile): no
+    training time is lost to communication. Its outer step uses ``overlapped_outer_lr`` /
+    ``overlapped_outer_momentum``. Still opt-in: validators evaluate Δ_r on θ_r, which in overlapped
+    rounds lacks round r−1's progress, so a peer replaying its previous Δ outscores honest ones (README
+    "How a round works"); do not run it on a paying subnet yet. Every peer of a swarm must use the same."""
     overlapped_outer_lr: float | None = 1.0
     """``rounds: overlapped`` only: the outer learning rate used instead of ``outer_lr`` (None:
     ``outer_lr``). See ``overlapped_outer_momentum``."""

@@ -12,11 +12,11 @@ round r's contributions on). Per round r (the clock says which round it is and w
 
 Two round modes (``train.rounds``; ``peer join --rounds``):
 
-* ``overlapped`` (the default; README "How a round works"): training runs to the round's
+* ``overlapped`` (opt-in, experimental: README "How a round works"): training runs to the round's
   end; the all-reduce of Δ_r runs in the background during round r+1; the outer step is applied one
   round late: θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}) and the next start point is x_{r+1} = θ_{r+1} − Δ_r
   (c_{r+1} = Δ_r: the peer's own, not yet averaged progress stands in for ḡ_r until ḡ_r arrives).
-* ``blocking`` (for comparison): training stops ``averaging_reserve_seconds`` before the round's end,
+* ``blocking`` (the default): training stops ``averaging_reserve_seconds`` before the round's end,
   the all-reduce of Δ_r runs while training waits, θ_{r+1} = OuterStep(θ_r, ḡ_r), x_{r+1} = θ_{r+1}.
 
 A failed all-reduce (a peer died mid-way) is never applied: θ takes no step for it (the local progress
@@ -181,7 +181,7 @@ class RoundReport:
     synced_from_peer: bool = False
     peak_rss_mb: float = 0.0
     """Peak resident memory of this process plus its averager child, MiB."""
-    rounds_mode: str = "overlapped"
+    rounds_mode: str = "blocking"
     """``overlapped`` or ``blocking`` (see the module docstring)."""
     state_round: int | None = None
     """The round whose start state ``state_hash`` is: the first θ that includes this round's average
