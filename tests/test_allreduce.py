@@ -315,3 +315,40 @@ def test_peers_that_hold_different_states_never_average_together(dhts):
         assert torch.equal(avg[0], outcomes[0][1][0])
         assert abs(float(avg[0].mean()) - 1.05) < 1e-4
     assert torch.equal(outcomes[2][1][0], torch.full((5000,), 1.2))
+
+
+def test_screen_part_bounds_by_the_owners_part_only_when_it_is_a_contribution():
+    from peer.training.allreduce import screen_part
+
+    x = torch.full((100,), 1.0)  # norm 10
+    own = torch.full((100,), 0.1)  # norm 1
+    # (own part, clip ratio) -> norm of the screened part, parts rejected
+    table = [
+        (own, 4.0, 4.0, 1),  # a ×10 part is scaled to 4 × our norm
+        (own * 100, 4.0, 10.0, 0),  # within the bound: unchanged
+        (torch.zeros(100), 4.0, 10.0, 0),  # we sent nothing: no reference (was: scaled to ~0)
+        (None, 4.0, 10.0, 0),  # we average with weight 0: no reference
+        (torch.full((100,), float("nan")), 4.0, 10.0, 0),
+        (own, None, 10.0, 0),
+    ]
+    for own_part, ratio, norm, rejected in table:
+        got, weight, n = screen_part(x, 1.0, own_part, clip_ratio=ratio, max_part_norm=None)
+        assert (round(float(got.norm()), 4), weight, n) == (norm, 1.0, rejected), (own_part, ratio)
+    got, _, n = screen_part(x, 1.0, None, clip_ratio=4.0, max_part_norm=2.0)
+    assert round(float(got.norm()), 4) == 2.0 and n == 1
+
+
+def test_a_peer_that_contributes_nothing_does_not_zero_the_parts_it_owns(dhts):
+    """A weight-0 peer with a zero Δ (a free-rider, a peer that did not train) owns a third of the parts.
+    Before, it scaled every sender's part to 4 × its own norm, 0: those parts averaged to ~0."""
+    from peer.training.allreduce import ConsensusAverager
+
+    inputs = _inputs(11)
+    inputs[2] = [torch.zeros_like(t) for t in inputs[2]]
+    results, _ = run_allreduce(
+        dhts, inputs, ConsensusAverager, compression=make_compression("none"), weights=[1.0, 1.0, 0.0]
+    )
+    mean = [(a + b) / 2 for a, b in zip(inputs[0], inputs[1], strict=True)]
+    for got in results:
+        for g, m in zip(got, mean, strict=True):
+            assert float((g - m).norm() / m.norm()) < 1e-5

@@ -159,15 +159,22 @@ def screen_part(
     """What a part owner does with one incoming part before the reducer sees it: ``(part, weight, rejected)``.
 
     Non-finite parts are dropped (weight 0); a part longer than ``clip_ratio`` × the norm of our own part
-    (same slice of the same tensors) or than ``max_part_norm`` is scaled down to that bound."""
+    (same slice of the same tensors) or than ``max_part_norm`` is scaled down to that bound.
+
+    Our own part is a reference only when it is a contribution: ``own_part`` None (we average with
+    weight 0), zero or non-finite gives no owner bound. An owner that contributes nothing (a free-rider,
+    a peer that did not train) once scaled every sender's part to ~0 (4 × 0), so every part it owned
+    lost the round: in a 9-peer swarm with 4 such peers, 4 of 10 rounds applied no average and the
+    outer momentum alone drove held-out loss up (``tests/test_validator_swarm.py``). The robust rule's
+    own bound (``RobustRule.norm_clip`` × the median norm of the contributing senders) still applies."""
     if not bool(torch.isfinite(part).all()):
         return torch.zeros_like(part), 0.0, 1
     rejected = 0
     if clip_ratio is not None and own_part is not None:
         own_norm = float(own_part.norm())
-        bound = clip_ratio * own_norm + 1e-12
+        bound = clip_ratio * own_norm
         norm = float(part.norm())
-        if math.isfinite(own_norm) and norm > bound:  # no reference if our own part is unusable
+        if math.isfinite(own_norm) and own_norm > 0 and norm > bound:
             rejected += 1
             part = part * (bound / norm)
     if max_part_norm is not None:
@@ -452,7 +459,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         part, weight, rejected = screen_part(
             part,
             weight,
-            self.parts_for_local_averaging[part_index],
+            self.parts_for_local_averaging[part_index] if self.weight > 0 else None,
             clip_ratio=self.clip_ratio,
             max_part_norm=self.max_part_norm,
         )
