@@ -64,5 +64,7 @@ def test_topk_swarm_stays_bit_identical_and_publishes_the_sparse_delta(
         assert ef and any(float(ckpt[k].abs().sum()) > 0 for k in ef)  # what was not sent survives a restart
     # the wire: far below the 8-bit all-reduce's ~0.27 of the fp32 floor 2(n−1)/n·4P
     floor = 2 * (2 - 1) / 2 * 4 * params
-    for r in both:
-        assert 0 < r["bytes_sent"] <= 0.05 * floor, r["bytes_sent"] / floor
+    # per peer and round on average: the debug model is one part, and its owner's reply can be counted
+    # after the owner's own all-reduce returned (in its next round), so one round alone may show 0
+    sent = [r["bytes_sent"] + by_round[r["round"]]["bytes_sent"] for r in both]
+    assert 0 < sum(sent) / (2 * len(both)) <= 0.05 * floor, [x / floor for x in sent]

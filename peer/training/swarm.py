@@ -131,7 +131,7 @@ class PendingAverage:
         self.started = time.time()
         self._outcome: tuple[RoundOutcome, list[torch.Tensor]] | None = None
         self.finished: float | None = None
-        self._counters0 = swarm.averager.counters.snapshot()
+        self._counters0 = swarm.counters_since()
         if control is not None:
             control.add_done_callback(self._mark_finished)
             control.allow_allreduce()
@@ -167,7 +167,7 @@ class PendingAverage:
                 error, status = f"{type(e).__name__}: {e}", "failed"
         seconds = (self.finished or time.time()) - self.started  # hand-over to the end of the all-reduce
         sent0, recv0, _ = self._counters0
-        sent1, recv1, _ = swarm.averager.counters.snapshot()
+        sent1, recv1, _ = swarm.counters_until()
         if status == "averaged":
             with swarm.averager.get_tensors() as buffers:
                 result = [b.clone() for b in buffers]
@@ -244,10 +244,22 @@ class SwarmAveraging:
         self._running: PendingAverage | None = None
         self._timer: threading.Timer | None = None
         self._pipe_lock = threading.Lock()  # the averager's pipe: the timer thread and the trainer
+        self._counters_end: tuple[int, int, int] | None = None
 
     @property
     def peer_id(self) -> str:
         return self.dht.peer_id.to_base58()
+
+    def counters_since(self) -> tuple[int, int, int]:
+        """Where a round's byte counts start: where the previous round's ended (now, for the first), so
+        a part owner's replies still being sent when its all-reduce returned count in the next round
+        instead of in none."""
+        return self._counters_end or self.averager.counters.snapshot()
+
+    def counters_until(self) -> tuple[int, int, int]:
+        """Where a round's byte counts end (and the next round's start)."""
+        self._counters_end = self.averager.counters.snapshot()
+        return self._counters_end
 
     def schedule(
         self,

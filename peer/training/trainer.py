@@ -171,6 +171,10 @@ class RoundReport:
     group_size: int = 1
     averaging_seconds: float = 0.0
     bytes_sent: int = 0
+    """All-reduce payload bytes this peer sent since the previous round's all-reduce returned. A part
+    owner's last replies can still be on their way when its own all-reduce returns: their bytes count
+    in its next round (with one part, e.g. ``debug``, an owner may show 0 for a round): sum over rounds
+    for a rate."""
     bytes_received: int = 0
     state_hash: str = ""
     heldout_loss: float | None = None
