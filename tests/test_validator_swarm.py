@@ -59,12 +59,12 @@ def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path
         recs[v] = {int(p.name): json.loads((p / "record.json").read_text()) for p in base.iterdir()
                    if (p / "record.json").exists()}  # fmt: skip
 
-    def measured(rec: dict) -> list[tuple[int, str]]:
-        return sorted((p["uid"], p["status"]) for p in rec["measurements"]["peers"])
+    def measured(rec: dict) -> list[int]:
+        return sorted(p["uid"] for p in rec["measurements"]["peers"] if p["status"] == "ok")
 
-    # scores are relative to the round's other peers: the same inputs give the same scores, so compare a
-    # round both validators measured the same peers in (one may not reach a peer in time: seen in round 5
-    # of a run, "fetch: cannot reach", and its scores then differ by 2e-3)
+    # scores are relative to the round's other measured peers: the same inputs give the same scores, so
+    # compare a round both validators measured the same peers in (one may not reach a peer in time: seen
+    # in round 5 of a run, "fetch: cannot reach", and its scores then differ by 2e-3)
     common = [
         r
         for r in sorted(set(recs["validator-0"]) & set(recs["validator-1"]))
