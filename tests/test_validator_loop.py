@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -175,9 +176,10 @@ def test_two_validators_score_served_contributions_and_replay_agrees(validator_w
         assert by_name[n]["score"] == 0, explained
     assert "no publisher commitment" in by_name["free-rider"]["reason"]
     # both validators: the same score for every peer (each also lists the other validator, with 0)
-    other = {s["uid"]: s["score"] for s in results["vb"]["scores"]}
+    other = {s["uid"]: s for s in results["vb"]["scores"]}
+    both = {n: (explained[n], (round(other[uids[n]]["score"], 4), other[uids[n]]["reason"])) for n in by_name}
     for n in [*SERVED, "free-rider"]:
-        assert other[uids[n]] == pytest.approx(by_name[n]["score"], rel=1e-6, abs=1e-9)
+        assert other[uids[n]]["score"] == pytest.approx(by_name[n]["score"], rel=1e-6, abs=1e-9), both
     # the weights are on the ledger: honest uids only
     va_uid = ledger.uid_of(netuid, validators["va"].ss58_address)
     on_chain = dict(ledger.weights(netuid)[va_uid])
@@ -192,3 +194,68 @@ def test_two_validators_score_served_contributions_and_replay_agrees(validator_w
     assert rp.returncode == 0, rp.stdout[-3000:] + rp.stderr[-2000:]
     assert "matches what the validator logged" in rp.stdout
     assert "specificity" in rp.stdout
+
+
+class _TrioRunner:
+    """What gather_bounded needs of a FetchClient: a way to run a trio function, and rejection counters."""
+
+    def __init__(self) -> None:
+        import collections
+
+        self.rejections = collections.Counter()
+
+    def _call(self, afn, *args):
+        import trio
+
+        return trio.run(afn, *args)
+
+
+@pytest.mark.parametrize(
+    "failures, reason, outcome, calls",
+    [
+        ([], None, "ok", 1),
+        (["dial_failed"], None, "ok", 2),  # a refused connection is tried again
+        (["stream_error", "dial_failed"], None, "ok", 3),
+        (["dial_failed"] * 3, "dial_failed", "error", 3),  # gives up after the retries
+        (["timeout"], "timeout", "error", 1),  # a staller is not retried
+        (["bad_signature"], "bad_signature", "error", 1),  # nor a peer that lies
+        (["dial_failed", "too_large"], "too_large", "error", 2),
+    ],
+)
+def test_gather_bounded_retries_refused_connections_only(monkeypatch, failures, reason, outcome, calls):
+    from peer.net.fetch import FetchError
+    from validator import loop
+
+    monkeypatch.setattr(loop, "RETRY_DELAYS_S", (0.01, 0.01))
+    seen = []
+
+    async def job():
+        seen.append(1)
+        if len(seen) <= len(failures):
+            raise FetchError(failures[len(seen) - 1], "refused")
+        return "ok"
+
+    client = _TrioRunner()
+    got = loop.gather_bounded(client, {"peer": job}, parallel=1, deadline_s=5.0)["peer"]
+    assert len(seen) == calls
+    if outcome == "ok":
+        assert got == "ok" and not client.rejections
+    else:
+        assert isinstance(got, FetchError) and got.reason == reason
+        assert client.rejections == {reason: 1}
+
+
+def test_gather_bounded_retries_stop_at_the_deadline(monkeypatch):
+    from peer.net.fetch import FetchError
+    from validator import loop
+
+    monkeypatch.setattr(loop, "RETRY_DELAYS_S", (10.0, 10.0))
+
+    async def job():
+        raise FetchError("dial_failed", "refused")
+
+    client = _TrioRunner()
+    t0 = time.perf_counter()
+    got = loop.gather_bounded(client, {"peer": job}, parallel=1, deadline_s=0.3)["peer"]
+    assert time.perf_counter() - t0 < 2.0
+    assert got.reason == loop.ROUND_DEADLINE and client.rejections == {loop.ROUND_DEADLINE: 1}

@@ -182,11 +182,19 @@ class NoBaseState(ChainError):
 
 
 ROUND_DEADLINE = "round_deadline"
+RETRIED_REASONS = frozenset({"dial_failed", "stream_error"})
+"""Fetch failures that are retried within the step's deadline: a refused or reset connection (a publisher
+restarting, a loaded machine's accept queue). Not timeouts: a publisher that stalls already cost its
+``io_timeout_s`` once, and retrying it would hold a slot of ``fetch_parallel`` other peers are waiting for."""
+RETRY_DELAYS_S = (0.5, 1.5)
+"""Pauses before the retries of a RETRIED_REASONS failure (one retry per entry), outside the parallel
+limit. A peer that keeps refusing costs at most these plus its failed attempts, within the deadline."""
 
 
 def gather_bounded(client, jobs: dict, *, parallel: int, deadline_s: float) -> dict:
     """Run ``jobs`` (key → zero-argument async function on the fetch client's trio loop) at most
-    ``parallel`` at a time; returns key → result or FetchError. Jobs still running after ``deadline_s``
+    ``parallel`` at a time; returns key → result or FetchError. A job failing for one of
+    RETRIED_REASONS runs again after each of RETRY_DELAYS_S. Jobs still running after ``deadline_s``
     are cancelled (their partial downloads are dropped) and answer FetchError(``round_deadline``)."""
     from peer.net.fetch import FetchError
 
@@ -197,12 +205,19 @@ def gather_bounded(client, jobs: dict, *, parallel: int, deadline_s: float) -> d
         limiter = trio.CapacityLimiter(parallel)
 
         async def one(key, job) -> None:
-            async with limiter:
-                try:
-                    results[key] = await job()
-                except FetchError as e:
-                    client.rejections[e.reason] += 1
-                    results[key] = e
+            for retry_in in (*RETRY_DELAYS_S, None):
+                async with limiter:
+                    try:
+                        results[key] = await job()
+                        return
+                    except FetchError as e:
+                        if retry_in is None or e.reason not in RETRIED_REASONS:
+                            client.rejections[e.reason] += 1
+                            results[key] = e
+                            return
+                        failed = e
+                log.info("%s: %s; retrying in %.1fs", key, failed, retry_in)
+                await trio.sleep(retry_in)
 
         with trio.move_on_after(deadline_s):
             async with trio.open_nursery() as nursery:
