@@ -259,3 +259,18 @@ def test_gather_bounded_retries_stop_at_the_deadline(monkeypatch):
     got = loop.gather_bounded(client, {"peer": job}, parallel=1, deadline_s=0.3)["peer"]
     assert time.perf_counter() - t0 < 2.0
     assert got.reason == loop.ROUND_DEADLINE and client.rejections == {loop.ROUND_DEADLINE: 1}
+
+
+@pytest.mark.parametrize(
+    "votes, expected",
+    [
+        ({}, None),
+        ({"aa": [1]}, "aa"),
+        ({"aa": [1], "bb": [2, 3]}, "bb"),  # the most voters
+        ({"bb": [1], "aa": [2]}, "aa"),  # a tie: the smallest hash, whatever the listing order
+    ],
+)
+def test_majority_hash(votes, expected):
+    from validator.loop import _majority_hash
+
+    assert _majority_hash(votes) == expected

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,14 +22,24 @@ from tests.test_launcher import launcher_factory  # noqa: F401  (the fixture: st
 DISHONEST = ["free-rider", "copycat", "random-data", "nan", "scaled", "sign-flip", "stale"]
 
 
+def overlapped_debug_config(path: Path) -> Path:
+    """The debug model config with ``train.rounds: overlapped`` (peers and validators read it)."""
+    text = (REPO / "model_configs" / "debug.yaml").read_text()
+    assert "\ntrain:\n" in text
+    path.write_text(text.replace("\ntrain:\n", "\ntrain:\n  rounds: overlapped\n"))
+    return path
+
+
 @pytest.mark.slow
-def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("rounds", ["blocking", "overlapped"])
+def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path, rounds):  # noqa: F811
     run_dir = tmp_path / "run"
+    model = ["--model-config", str(overlapped_debug_config(tmp_path / "debug-overlapped.yaml"))]
     launcher = launcher_factory(
         [
             "--peers", "2", "--behaviours", ",".join(DISHONEST), "--validators", "2", "--rounds", "3",
             "--round-blocks", "16", "--run-dir", str(run_dir), "--data-dir", str(debug_data),
-            "--wandb-mode", "disabled", "--timeout", "600",
+            "--wandb-mode", "disabled", "--timeout", "600", *(model if rounds == "overlapped" else []),
         ],
         tmp_path / "launcher.log",
     )  # fmt: skip
@@ -59,6 +70,22 @@ def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path
         recs[v] = {int(p.name): json.loads((p / "record.json").read_text()) for p in base.iterdir()
                    if (p / "record.json").exists()}  # fmt: skip
 
+    # which state each round was evaluated on: θ_r (blocking), θ_{r+1} while manifests name θ_r (overlapped)
+    for v, by_round in recs.items():
+        for r, rec in by_round.items():
+            assert rec["state_round"] == (r + 1 if rounds == "overlapped" else r), (v, r)
+            if rounds == "blocking":
+                assert rec["trained_from_state_hash"] == rec["base_state_hash"], (v, r)
+    honest_keys = {h["hotkey"] for h in honest}
+    unpaid = [
+        (v, r, s["reason"])
+        for v, by_round in recs.items()
+        for r, rec in sorted(by_round.items())
+        for s in rec["scores"]
+        if s["hotkey"] in honest_keys and s["score"] <= 0
+    ]
+    print("honest peer-rounds a validator paid nothing for:", unpaid)
+
     def measured(rec: dict) -> list[int]:
         return sorted(p["uid"] for p in rec["measurements"]["peers"] if p["status"] == "ok")
 
@@ -81,7 +108,8 @@ def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path
     last = max(recs["validator-0"])
     replay = subprocess.run(
         [sys.executable, "-m", "validator.cli", "replay", "--round", str(last),
-         "--state-dir", str(run_dir / "validators" / "validator-0"), "--data-dir", str(debug_data)],
+         "--state-dir", str(run_dir / "validators" / "validator-0"), "--data-dir", str(debug_data),
+         *(["--config", model[1]] if rounds == "overlapped" else [])],
         capture_output=True, text=True, timeout=300, cwd=REPO, env=peer_env(),
     )  # fmt: skip
     assert replay.returncode == 0, replay.stdout[-3000:] + replay.stderr[-2000:]

@@ -173,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prepared data (default: ~/.cache/gradswarm/data/<config>)",
     )
     r.add_argument("--corpus-dir", type=Path, default=None, help="offline corpus folder")
+    r.add_argument(
+        "--config",
+        default=None,
+        help="model config the round was scored with (default: the record's config name, looked up in "
+        "model_configs/); pass the YAML file when the validator ran one from elsewhere",
+    )
     r.add_argument("--data", default=None, help="sharded data set (manifest URL or path) the round used")
     r.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     r.add_argument("--json", action="store_true", help="print the replayed scores as JSON instead of a table")
@@ -365,7 +371,13 @@ def cmd_replay(args) -> int:
     rec = store.load_round(args.round)
     data_dir = args.data_dir or _default_data_dir(rec.config_name)
     result = replay_round(
-        store, args.round, data_dir, device=args.device, corpus_dir=args.corpus_dir, data=args.data
+        store,
+        args.round,
+        data_dir,
+        device=args.device,
+        corpus_dir=args.corpus_dir,
+        data=args.data,
+        config=args.config,
     )
     if args.json:
         print(

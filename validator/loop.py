@@ -167,6 +167,10 @@ class RoundInputs:
     base_sha256: str
     base_state_hash: str
     base_sources: list[str]
+    state_round: int
+    """The round whose state ``base_state`` is: ``round`` (blocking), ``round + 1`` (overlapped)."""
+    trained_from_state_hash: str
+    """θ_r's hash, which every usable manifest names as its base (= base_state_hash when blocking)."""
     candidates: list[Candidate]
     """Sampled peers first (priority order), then the ones refused before sampling; not the unsampled."""
     records: list[CandidateRecord]
@@ -296,13 +300,23 @@ def fetch_round(
     last_evaluated: dict[int, int | None] | None = None,
     parallel: int = 16,
     deadline_s: float = 60.0,
+    state_round: int | None = None,
 ) -> RoundInputs:
     """The sample (validator.sampling, among every reachable uid), listings of the sampled peers plus a
     few for the θ_r vote (everyone's if those disagree), θ_r (majority of signed state manifests,
     hash-checked), the sample redrawn without listed peers that have nothing usable, and the sampled
-    peers' verified Δ_r — all under one deadline of ``deadline_s`` seconds."""
+    peers' verified Δ_r — all under one deadline of ``deadline_s`` seconds.
+
+    ``state_round`` (default ``round_``) is the round whose state the Δs are evaluated on. Overlapped
+    swarms pass ``round_ + 1``: Δ_r was trained from θ_r − Δ_{r−1}, and θ_{r+1} = θ_r − ḡ_{r−1} (published
+    right after the boundary) is the shared state closest to it. Manifests must then still name θ_r (the
+    majority of round r's state manifests) as their base, and θ_{r+1} is voted, downloaded and
+    hash-checked as θ_r is in blocking swarms, waiting up to the listings' share of the deadline for it."""
     from peer.net.fetch import FetchError
 
+    state_round = round_ if state_round is None else state_round
+    if state_round not in (round_, round_ + 1):
+        raise ValueError(f"state_round must be {round_} or {round_ + 1}, not {state_round}")
     t0 = time.perf_counter()
     deadline = t0 + deadline_s
     sampling = sampling or SamplingConfig(max_peers=0)
@@ -340,17 +354,37 @@ def fetch_round(
         votes = _state_votes(listings, reachable, run, max_bytes)
 
     # 2. θ_r: the state most listed peers name, from one of them, checked against its hash
-    base = _find_base(client, votes, listings, evaluator, round_, key, deadline)
-    if base is None and len(listings) < len(reachable):  # no voter of the sample served it: ask everyone
-        list_peers(list(reachable))
-        votes = _state_votes(listings, reachable, run, max_bytes)
+    if state_round == round_:
         base = _find_base(client, votes, listings, evaluator, round_, key, deadline)
-    if base is None:
-        raise NoBaseState(
-            f"round {round_}: no peer served a verifiable θ_{round_} ({len(reachable)} reachable, "
-            f"{len(listings)} listed, {sum(len(v) for v in votes.values())} named a state)"
+        if base is None and len(listings) < len(reachable):  # no voter of the sample served it: ask all
+            list_peers(list(reachable))
+            votes = _state_votes(listings, reachable, run, max_bytes)
+            base = _find_base(client, votes, listings, evaluator, round_, key, deadline)
+        if base is None:
+            raise NoBaseState(
+                f"round {round_}: no peer served a verifiable θ_{round_} ({len(reachable)} reachable, "
+                f"{len(listings)} listed, {sum(len(v) for v in votes.values())} named a state)"
+            )
+        state, base_sha, base_hash, sources = base
+        trained_from = base_hash
+    else:  # overlapped: Δ_r is checked against θ_r's hash and evaluated on θ_{r+1}
+        trained_from = _majority_hash(votes)
+        if trained_from is None:
+            raise NoBaseState(f"round {round_}: no listed peer names a θ_{round_} ({len(listings)} listed)")
+        voters = [t.uid for t in votes[trained_from]]
+        state, base_sha, base_hash, sources = _find_next_state(
+            client,
+            reachable,
+            voters,
+            state_round,
+            run=run,
+            evaluator=evaluator,
+            key=key,
+            parallel=parallel,
+            listing_deadline=listing_deadline,
+            deadline=deadline,
+            max_bytes=max_bytes,
         )
-    state, base_sha, base_hash, sources = base
 
     # 3. the sample, drawn again without the listed peers that have no usable contribution (each is
     # refused with its reason, as a peer with nothing to evaluate), until every sampled peer is usable
@@ -366,7 +400,7 @@ def fetch_round(
                 records[u],
                 round_,
                 run=run,
-                base_hash=base_hash,
+                base_hash=trained_from,
                 fp=data_fingerprint,
                 max_bytes=max_bytes,
             )
@@ -445,6 +479,8 @@ def fetch_round(
         base_sha256=base_sha,
         base_state_hash=base_hash,
         base_sources=sources,
+        state_round=state_round,
+        trained_from_state_hash=trained_from,
         candidates=candidates,
         records=[records[u] for u in order],
         selection=selection,
@@ -496,6 +532,78 @@ def _find_base(client, votes: dict, listings: dict, evaluator, round_: int, key:
                 continue
             return state, listings[uid].state.blob.sha256, state_hash, [v.hotkey for v in voters]
     return None
+
+
+def _majority_hash(votes: dict[str, list]) -> str | None:
+    """The state hash most voters name (ties: the smallest hash), or None without votes."""
+    if not votes:
+        return None
+    return min(votes, key=lambda h: (-len(votes[h]), h))
+
+
+NEXT_STATE_POLL_S = 0.5
+"""Overlapped swarms: seconds between listings of round r+1 while no listed peer serves θ_{r+1} yet."""
+
+
+def _find_next_state(
+    client,
+    reachable: dict,
+    voters: list[int],
+    state_round: int,
+    *,
+    run: RunConfig,
+    evaluator,
+    key: bytes,
+    parallel: int,
+    listing_deadline: float,
+    deadline: float,
+    max_bytes: int,
+):
+    """Overlapped swarms: θ_{r+1} (``state_round``) as :func:`_find_base` finds θ_r, from round r+1's
+    listings of the peers that named the majority's θ_r (then everyone's), re-listing those that serve no
+    θ_{r+1} yet every NEXT_STATE_POLL_S until the listings' deadline (peers publish it right after the
+    boundary, in the background). NoBaseState if none serves a verifiable one."""
+    from peer.net.fetch import FetchError
+
+    listings: dict[int, object] = {}
+
+    def relist(uids) -> None:
+        todo = [
+            u
+            for u in uids
+            if isinstance(listings.get(u), (FetchError, type(None))) or listings[u].state is None
+        ]
+        if not todo:
+            return
+        now = time.perf_counter()
+        listings.update(
+            gather_bounded(
+                client,
+                {u: functools.partial(client.alist_round, reachable[u].target, state_round) for u in todo},
+                parallel=parallel,
+                deadline_s=max(0.0, min(deadline - now, max(listing_deadline - now, LISTING_WAVE_MIN_S))),
+            )
+        )
+
+    asked = list(voters)
+    relist(asked)
+    votes = _state_votes(listings, reachable, run, max_bytes)
+    while not votes and time.perf_counter() + NEXT_STATE_POLL_S < listing_deadline:
+        time.sleep(NEXT_STATE_POLL_S)
+        relist(asked)
+        votes = _state_votes(listings, reachable, run, max_bytes)
+    base = _find_base(client, votes, listings, evaluator, state_round, key, deadline)
+    if base is None and len(asked) < len(reachable):
+        asked = list(reachable)
+        relist(asked)
+        votes = _state_votes(listings, reachable, run, max_bytes)
+        base = _find_base(client, votes, listings, evaluator, state_round, key, deadline)
+    if base is None:
+        raise NoBaseState(
+            f"round {state_round - 1}: no peer served a verifiable θ_{state_round} to evaluate its Δs on "
+            f"(overlapped rounds; {len(listings)} listed, {sum(len(v) for v in votes.values())} named one)"
+        )
+    return base
 
 
 def _state_votes(listings: dict, reachable: dict, run: RunConfig, max_bytes: int) -> dict[str, list]:
@@ -674,6 +782,7 @@ def run_round(v: Validator, round_: int) -> RoundRecord:
         last_evaluated=last_evaluated(ema_before, uids),
         parallel=v.cfg.fetch_parallel,
         deadline_s=v.cfg.fetch_deadline_s,
+        state_round=round_ + 1 if v.run.train.rounds == "overlapped" else round_,
     )
     v.store.put_blob(inputs.base_sha256, _base_bytes(v.client, inputs))
     t1 = time.perf_counter()
@@ -693,6 +802,8 @@ def run_round(v: Validator, round_: int) -> RoundRecord:
         base_sha256=inputs.base_sha256,
         base_state_hash=inputs.base_state_hash,
         base_sources=inputs.base_sources,
+        state_round=inputs.state_round,
+        trained_from_state_hash=inputs.trained_from_state_hash,
         candidates=inputs.records,
         sketch_rounds=sketch_rounds,
         eval_config=asdict(v.eval_cfg),

@@ -68,9 +68,17 @@ def replay_round(
     corpus_dir: Path | None = None,
     evaluator: Evaluator | None = None,
     data: str | None = None,
+    config: str | None = None,
 ) -> ReplayResult:
+    """Recompute round ``round_`` from what the store kept. ``config``: the model config's name or YAML
+    path (default: the record's config name); it must be the config the round was scored with."""
     rec = store.load_round(round_)
-    run = load_run_config(rec.config_name)
+    run = load_run_config(config or rec.config_name)
+    if run.name != rec.config_name:
+        raise ReplayError(
+            f"--config {config} is model config {run.name!r}; round {round_} was scored with "
+            f"{rec.config_name!r}: pass that one"
+        )
     eval_cfg, scoring_cfg = configs_from_record(rec, device)
     pages = open_page_store(data, data_dir, run.data, corpus_dir)
     _check_same_data(rec, pages.fingerprint)

@@ -57,7 +57,13 @@ class RoundRecord:
     base_sha256: str
     base_state_hash: str
     base_sources: list[str] = field(default_factory=list)
-    """Hotkeys whose signed state manifests named this θ_r."""
+    """Hotkeys whose signed state manifests named the evaluated state."""
+    state_round: int | None = None
+    """The round whose state the Δs were evaluated on (``base_state_hash``): ``round`` in blocking swarms,
+    ``round + 1`` in overlapped ones (None: a record from before this field, blocking)."""
+    trained_from_state_hash: str | None = None
+    """θ_r's hash, the base every accepted manifest named (differs from ``base_state_hash`` when
+    overlapped)."""
     candidates: list[CandidateRecord] = field(default_factory=list)
     sketch_rounds: list[int] = field(default_factory=list)
     """Earlier rounds whose sketches were compared with this round's Δs."""

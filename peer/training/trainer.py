@@ -606,18 +606,20 @@ class Trainer:
         return evaluate_loss(self._eval_model, self.store.batches(pages, 32), self.cfg.device)
 
     def _after_state_change(self, report: RoundReport | None) -> None:
-        """Background job after θ changed (or was first taken up): hash, held-out loss, checkpoint, publish,
-        announce, prune, then write ``report`` (the round whose average this θ is the first to include)."""
+        """Background job after θ changed (or was first taken up): hash, announce, publish, held-out loss,
+        checkpoint, prune, then write ``report`` (the round whose average this θ is the first to include)."""
         state_hash = self.state_hash()
         r = self.round
         self.swarm.announce_state(r, state_hash, ttl=self._announce_ttl())  # first: others may wait for it
+        if self.cfg.publish_state and r not in self.outbox.rounds("state"):
+            # θ_r: the state validators evaluate round r's Δs on (blocking) or round r−1's (overlapped: they
+            # fetch it right after the boundary, so it goes out before the held-out loss and checkpoint)
+            self.publish_state()
         if report is not None:
             report.state_hash = state_hash
             report.state_round = r
             report.heldout_loss = self._heldout_loss()
         self._save_checkpoint()
-        if self.cfg.publish_state and r not in self.outbox.rounds("state"):
-            self.publish_state()  # θ_r: the base validators apply round r's contributions to
         self.outbox.prune()
         if report is not None:
             self._record(report)
