@@ -149,9 +149,10 @@ class TrainConfig:
     round r's Δ runs in the background while round r+1 trains, and its outer step is applied one round
     late (θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}); the peer's own Δ_r stands in for ḡ_r meanwhile): no
     training time is lost to communication. Its outer step uses ``overlapped_outer_lr`` /
-    ``overlapped_outer_momentum``. Still opt-in: validators evaluate Δ_r on θ_r, which in overlapped
-    rounds lacks round r−1's progress, while Δ_r was trained from θ_r − Δ_{r−1} (README "How a round
-    works": honest Δs can be refused, replays can pay); do not run it on a paying subnet yet. Every peer of a swarm must use the same."""
+    ``overlapped_outer_momentum``. Still opt-in: validators evaluate overlapped Δ_r on θ_{r+1}, but a
+    copycat of the late-arriving average was paid in 1 of 3 validator runs (README "How a round works");
+    do not run it on a paying subnet yet. Every peer of a swarm (and its validators' model config) must
+    use the same."""
     overlapped_outer_lr: float | None = 1.0
     """``rounds: overlapped`` only: the outer learning rate used instead of ``outer_lr`` (None:
     ``outer_lr``). See ``overlapped_outer_momentum``."""

@@ -194,6 +194,13 @@ def test_two_validators_score_served_contributions_and_replay_agrees(validator_w
     assert rp.returncode == 0, rp.stdout[-3000:] + rp.stderr[-2000:]
     assert "matches what the validator logged" in rp.stdout
     assert "specificity" in rp.stdout
+    # --config names the model config when it is a file outside model_configs/; another one is refused
+    wrong = run_cli(
+        ["replay", "--round", "1", "--state-dir", str(tmp_path / "state-va"), "--data-dir", str(w.data_dir),
+         "--config", "small"]
+    )  # fmt: skip
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr, wrong.stderr[-2000:]
+    assert "was scored with 'debug'" in wrong.stderr, wrong.stderr[-2000:]
 
 
 class _TrioRunner:
