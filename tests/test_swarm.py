@@ -181,13 +181,15 @@ def test_overlapped_rounds_two_peers(procs, bootstrap, debug_data, tmp_path):
             name=name,
             run_id=run_id,
             initial_peers=[bootstrap],
-            extra=["--rounds", "overlapped", "--max-rounds", "4", "--eval-pages", "0"],
+            # 6 rounds: an all-reduce that completes for one peer and fails for the other (its reply was
+            # lost; seen once in a full suite run, in round 1) costs ~3 rounds of resync in a 2-peer swarm
+            extra=["--rounds", "overlapped", "--max-rounds", "6", "--eval-pages", "0"],
         )
         peers.append(procs.start(name, args))
     for p in peers:
-        assert p.wait(timeout=120) == 0, p.log()[-3000:]
+        assert p.wait(timeout=150) == 0, p.log()[-3000:]
     r1, r2 = read_rounds(tmp_path / "k1"), read_rounds(tmp_path / "k2")
-    assert len(r1) == len(r2) == 4
+    assert len(r1) == len(r2) == 6
     by_round = {r["round"]: r for r in r1}
     both = [
         r

@@ -300,6 +300,8 @@ class ConsensusAllReduceRunner(AllReduceRunner):
             False  # a failed reducer's parts then fall back to local values (and we raise)
         )
         my_index = self._my_index = self.ordered_peer_ids.index(self.peer_id)
+        self._failures: list[str] = []
+        """Why parts could not be averaged (the owner's error), for the all-reduce's exception."""
         self._own_part_infos = [info for _, info in container._input_parts_by_peer[my_index]]
         self.topk = (
             container.compression.topk if isinstance(container.compression, TopKWireCompression) else None
@@ -321,8 +323,9 @@ class ConsensusAllReduceRunner(AllReduceRunner):
             yield averaged
         failed = self.tensor_part_container.failed_size
         if failed:
+            why = "; ".join(self._failures) or "a peer left"
             raise AllreduceException(
-                f"{failed} of {self.tensor_part_container.total_size} values could not be averaged (a peer left)"
+                f"{failed} of {self.tensor_part_container.total_size} values could not be averaged ({why})"
             )
 
     async def _communicate_with_peer(self, peer_id: PeerID):
@@ -342,6 +345,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
                 )
                 partial = self._partial_part(part_index)
                 if partial is not None:  # our own result would mix parts with and without that sender
+                    self._failures.append(partial)
                     self.tensor_part_container.register_failed_reducer(peer_index)
                     raise AllreduceException(partial)
                 info = self._own_part_infos[part_index]
@@ -394,6 +398,7 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         except BaseException as e:
             if isinstance(e, Exception):
                 logger.debug(f"Caught {e!r} when communicating to {peer_id}", exc_info=True)
+                self._failures.append(f"the owner of parts {peer_index}: {e!r}"[:300])
             self.tensor_part_container.register_failed_reducer(peer_index)
             raise
 
