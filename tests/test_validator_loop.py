@@ -231,7 +231,7 @@ class _TrioRunner:
 )
 def test_gather_bounded_retries_refused_connections_only(monkeypatch, failures, reason, outcome, calls):
     from peer.net.fetch import FetchError
-    from validator import loop
+    from validator import fetching as loop
 
     monkeypatch.setattr(loop, "RETRY_DELAYS_S", (0.01, 0.01))
     seen = []
@@ -254,7 +254,7 @@ def test_gather_bounded_retries_refused_connections_only(monkeypatch, failures, 
 
 def test_gather_bounded_retries_stop_at_the_deadline(monkeypatch):
     from peer.net.fetch import FetchError
-    from validator import loop
+    from validator import fetching as loop
 
     monkeypatch.setattr(loop, "RETRY_DELAYS_S", (10.0, 10.0))
 

@@ -43,6 +43,15 @@ from peer.errors import CheckpointError
 from peer.net.outbox import decode_state
 from peer.net.records import Commitment
 from validator.evaluation import Candidate, EvalConfig, Evaluator, PeerMeasurement, RoundMeasurements
+from validator.fetching import (
+    LISTING_MIN_S,
+    LISTING_SHARE,
+    ROUND_DEADLINE,
+    STATE_RACE,
+    gather_bounded,
+    list_wave,
+    race_first,
+)
 from validator.sampling import (
     NOT_SAMPLED,
     SamplingConfig,
@@ -185,101 +194,6 @@ class NoBaseState(ChainError):
     """No peer served a verifiable θ_r for this round (nothing to evaluate against)."""
 
 
-ROUND_DEADLINE = "round_deadline"
-RETRIED_REASONS = frozenset({"dial_failed", "stream_error"})
-"""Fetch failures that are retried within the step's deadline: a refused or reset connection (a publisher
-restarting, a loaded machine's accept queue). Not timeouts: a publisher that stalls already cost its
-``io_timeout_s`` once, and retrying it would hold a slot of ``fetch_parallel`` other peers are waiting for."""
-RETRY_DELAYS_S = (0.5, 1.5)
-"""Pauses before the retries of a RETRIED_REASONS failure (one retry per entry), outside the parallel
-limit. A peer that keeps refusing costs at most these plus its failed attempts, within the deadline."""
-
-
-def gather_bounded(client, jobs: dict, *, parallel: int, deadline_s: float) -> dict:
-    """Run ``jobs`` (key → zero-argument async function on the fetch client's trio loop) at most
-    ``parallel`` at a time; returns key → result or FetchError. A job failing for one of
-    RETRIED_REASONS runs again after each of RETRY_DELAYS_S. Jobs still running after ``deadline_s``
-    are cancelled (their partial downloads are dropped) and answer FetchError(``round_deadline``)."""
-    from peer.net.fetch import FetchError
-
-    async def main() -> dict:
-        import trio
-
-        results: dict = {}
-        limiter = trio.CapacityLimiter(parallel)
-
-        async def one(key, job) -> None:
-            for retry_in in (*RETRY_DELAYS_S, None):
-                async with limiter:
-                    try:
-                        results[key] = await job()
-                        return
-                    except FetchError as e:
-                        if retry_in is None or e.reason not in RETRIED_REASONS:
-                            client.rejections[e.reason] += 1
-                            results[key] = e
-                            return
-                        failed = e
-                log.info("%s: %s; retrying in %.1fs", key, failed, retry_in)
-                await trio.sleep(retry_in)
-
-        with trio.move_on_after(deadline_s):
-            async with trio.open_nursery() as nursery:
-                for key, job in jobs.items():
-                    nursery.start_soon(one, key, job)
-        for key in jobs:
-            if key not in results:
-                client.rejections[ROUND_DEADLINE] += 1
-                results[key] = FetchError(
-                    ROUND_DEADLINE,
-                    f"not done within the round's fetch deadline ({deadline_s:.1f}s left for this step)",
-                )
-        return results
-
-    if not jobs:
-        return {}
-    return client._call(main)
-
-
-LISTING_SHARE, LISTING_MIN_S, LISTING_WAVE_MIN_S = 0.25, 5.0, 2.0
-"""Listings (small signed answers) get this share of the round's fetch deadline, at least LISTING_MIN_S;
-a later wave (a sampled peer turned out unusable, its replacement is listed) at least LISTING_WAVE_MIN_S."""
-STATE_RACE = 3
-"""Publishers θ_r is downloaded from at once; the first complete, verified copy wins."""
-
-
-def race_first(client, jobs: dict, *, deadline_s: float):
-    """Run ``jobs`` (key → zero-argument async function) at once; return ``(key, result)`` of the first
-    that succeeds and cancel the others, or None if all fail or ``deadline_s`` passes."""
-    from peer.net.fetch import FetchError
-
-    async def main():
-        import trio
-
-        won = []
-
-        async def one(key, job, cancel) -> None:
-            try:
-                result = await job()
-            except FetchError as e:
-                client.rejections[e.reason] += 1
-                log.info("%s: %s", key, e)
-                return
-            if not won:
-                won.append((key, result))
-                cancel.cancel()
-
-        with trio.move_on_after(max(0.0, deadline_s)):
-            async with trio.open_nursery() as nursery:
-                for key, job in jobs.items():
-                    nursery.start_soon(one, key, job, nursery.cancel_scope)
-        return won[0] if won else None
-
-    if not jobs:
-        return None
-    return client._call(main)
-
-
 def max_artifact_bytes(run: RunConfig, numel: int) -> int:
     """Largest blob (state or Δ) a peer of this model can honestly publish: every parameter in fp32 plus
     1 MiB of header and quantisation scales. Anything declaring more is refused before a byte is fetched."""
@@ -328,20 +242,10 @@ def fetch_round(
     listings: dict[int, object] = {}
 
     def list_peers(uids) -> None:
-        """Signed listings of ``uids`` not listed yet. Small answers: a publisher that sits on one costs
-        the listing share of the deadline (a later wave at least LISTING_WAVE_MIN_S, within the round's)."""
+        """Signed listings of ``uids`` not listed yet (:func:`validator.fetching.list_wave`)."""
         todo = [u for u in uids if u not in listings]
-        if not todo:
-            return
-        now = time.perf_counter()
-        listings.update(
-            gather_bounded(
-                client,
-                {u: functools.partial(client.alist_round, reachable[u].target, round_) for u in todo},
-                parallel=parallel,
-                deadline_s=max(0.0, min(deadline - now, max(listing_deadline - now, LISTING_WAVE_MIN_S))),
-            )
-        )
+        list_wave(client, reachable, todo, round_, listings, parallel=parallel, deadline=deadline,
+                  listing_deadline=listing_deadline)  # fmt: skip
 
     # 1. the sample among every reachable uid, plus extras drawn by the key for the θ_r vote
     first = select_peers(hotkeys, last_evaluated, sampling.max_peers, key, sampling.random_fraction)
@@ -573,17 +477,8 @@ def _find_next_state(
             for u in uids
             if isinstance(listings.get(u), (FetchError, type(None))) or listings[u].state is None
         ]
-        if not todo:
-            return
-        now = time.perf_counter()
-        listings.update(
-            gather_bounded(
-                client,
-                {u: functools.partial(client.alist_round, reachable[u].target, state_round) for u in todo},
-                parallel=parallel,
-                deadline_s=max(0.0, min(deadline - now, max(listing_deadline - now, LISTING_WAVE_MIN_S))),
-            )
-        )
+        list_wave(client, reachable, todo, state_round, listings, parallel=parallel, deadline=deadline,
+                  listing_deadline=listing_deadline)  # fmt: skip
 
     asked = list(voters)
     relist(asked)
