@@ -12,8 +12,11 @@ top-k with error feedback for the sparse figures) and the evaluator's sketch. Pr
 (3, 5, 8, 16, and 32 with ``--peers 32``): the honest peers' explained fractions (max, median), against this round's others
 only and with the earlier rounds' Δs too; then what the copies of the same round show (mean of 2 and
 of 3, a weighted mix, 2A − B, a mix plus Gaussian noise of 10/20/30 % of its norm, a mix of earlier
-rounds' Δs, a top-k of a mix of sparse Δs). The figure: the smallest margin (threshold − honest max)
-and the copies' explained fractions next to the default threshold.
+rounds' Δs, a top-k of a mix of sparse Δs, and for sparse Δs the support mean of all the round's Δs,
+which a ``topk_aggregation: support`` swarm applies). For sparse Δs every figure is also given in the
+"support-mean" geometry (the others divided coordinate by coordinate by how many of them sent there:
+``span_measurements``' ``support_mean_explained``). The figure: the smallest margin (threshold − honest
+max) and the copies' explained fractions next to the default threshold.
 """
 
 from __future__ import annotations
@@ -160,6 +163,10 @@ def measure(ev, run, rounds, dense: bool, honest: dict, copies: dict, counts: li
                 )
                 label = f"{kind} {count} peers" + (" +earlier" if with_earlier else "")
                 honest.setdefault(label, []).extend(v["explained"] for v in res.values())
+                if not dense:  # the support-mean geometry (a copy of a "support" swarm's average)
+                    honest.setdefault(f"{label} support-mean", []).extend(
+                        v["support_mean_explained"] for v in res.values()
+                    )
         # copies among all the honest peers of this round
         a, b, c = (sent[r][n] for n in names[:3])
         rng = torch.Generator().manual_seed(r)
@@ -176,6 +183,15 @@ def measure(ev, run, rounds, dense: bool, honest: dict, copies: dict, counts: li
             noise = {t: torch.randn(v.shape, generator=rng) for t, v in mix.items()}
             scale = pct / 100 * norm / (total**0.5)
             mixes[f"mean of 2 + {pct}% noise"] = {t: mix[t] + scale * noise[t] for t in mix}
+        if not dense:  # the average a topk_aggregation "support" swarm applies, over all honest peers
+            from peer.training.robust import PLAIN, robust_mean
+
+            mixes["support mean of all"] = {
+                t: robust_mean(
+                    [sent[r][n][t] for n in names], [1.0] * len(names), PLAIN, aggregation="support"
+                )[0]
+                for t in a
+            }
         if r > 0:
             old = sent[r - 1]
             mixes["mean of 2 of last round"] = {t: (old[names[3]][t] + old[names[4]][t]) / 2 for t in a}
@@ -186,6 +202,10 @@ def measure(ev, run, rounds, dense: bool, honest: dict, copies: dict, counts: li
             earlier = [s for rr in range(max(0, r - LOOKBACK), r) for s in _sketches(ev, sent[rr], names)]
             res = span_measurements(group, earlier)
             copies.setdefault(f"{kind} {name}", []).append(res[(99, "copy")]["explained"])
+            if not dense:
+                copies.setdefault(f"{kind} {name} support-mean", []).append(
+                    res[(99, "copy")]["support_mean_explained"]
+                )
 
 
 def _sketches(ev, deltas: dict, names: list[str]) -> list[torch.Tensor]:

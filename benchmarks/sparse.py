@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/sparse.py sim   [--config debug] [--peers 4] [--rounds 10] [--inner 50]
                                                 [--arms 8bit,topk:0.015625,...]
-    .venv/bin/python benchmarks/sparse.py swarm [--config debug] [--peers 2] [--rounds 6]
+    .venv/bin/python benchmarks/sparse.py swarm [--config debug] [--peers 2] [--rounds 6] [--max-inner-steps H]
 
 ``sim``: n DiLoCo peers in one process, every arm from the same initial weights on exactly the same
 batches (peer i trains ``--inner`` AdamW steps on ``assign_pages(hotkey_i, r, seed_r)`` each round,
@@ -10,11 +10,13 @@ its inner optimizer kept across rounds like a real peer's): only the communicate
 
 * ``8bit``: each Δ through the published 8-bit blockwise codec (int8 + absmax per 4096 values — the
   same error class as the all-reduce's bitsandbytes blockwise 8-bit), averaged, Nesterov outer step;
-* ``topk:<density>[:<β>[:<μ>[:<lr>]]]``: Δ̂ = top-k(β·e + Δ) per 4096-value chunk with error feedback
+* ``topk:<density>[:<β>[:<μ>[:<lr>[:<support|mean>]]]]``: Δ̂ = top-k(β·e + Δ) per 4096-value chunk with error feedback
   (:class:`peer.training.sparse.ErrorFeedback`, int8 values with one fp32 scale per chunk), averaged,
   the average rounded exactly as the wire rounds it (:func:`peer.training.sparse.wire_roundtrip`), outer
-  step with momentum μ and learning rate lr (default: the config's). SparseLoCo's variant is β = 0.95,
-  μ = 0; the shipped default is ``topk:0.015625:0.95:0:2.0``.
+  step with momentum μ and learning rate lr (default: the config's). The last field is how the
+  average is formed (default: the config's ``train.topk_aggregation``; see
+  :func:`peer.training.robust.weighted_mean`). SparseLoCo's variant is β = 0.95,
+  μ = 0.
 
 Averages use the swarm's robust rule (:func:`peer.training.robust.robust_mean`, the default rule) on
 parts of 2¹⁷ values. After each round: held-out loss of θ on 16 fixed held-out pages. Bytes: every
@@ -22,7 +24,10 @@ peer's Δ̂ and the averages are encoded with the real wire codec over an n-way 
 chunk-aligned flat buffer the swarm averages (:func:`peer.training.sparse.encode_wire_part`, parts of
 2¹⁷ values at their offsets), so "sent per peer per round ÷ fp32 floor
 2(n−1)/n·4P" is exact for the sparse arms; the published blob (:func:`encode_sparse_delta`) ÷ the
-dense fp32 Δ (4P) is the validator's download. Prints one JSON line per arm and a SUMMARY.
+dense fp32 Δ (4P) is the validator's download; "average outside span" is the largest share (over
+rounds) of the average's norm outside the span of the peers' Δs — a copy of the average must stay a
+linear combination of them for the validator's combination test. Prints one JSON line per arm and a
+SUMMARY.
 
 ``swarm``: real ``peer join`` swarms on 127.0.0.1 (``--compression 8bit`` then ``topk``), the peers'
 own byte counters, contribution blob sizes and held-out losses; asserts identical state hashes.
@@ -61,7 +66,18 @@ def parse_arm(text: str, cfg) -> dict:
     decay = float(bits[2]) if len(bits) > 2 else 1.0
     momentum = float(bits[3]) if len(bits) > 3 else cfg.train.outer_momentum
     lr = float(bits[4]) if len(bits) > 4 else cfg.train.outer_lr
-    return {"name": text, "kind": "topk", "density": density, "decay": decay, "momentum": momentum, "lr": lr}
+    aggregation = bits[5] if len(bits) > 5 else cfg.train.topk_aggregation
+    if aggregation not in ("support", "mean"):
+        raise SystemExit(f"arm {text!r}: aggregation must be support or mean")
+    return {
+        "name": text,
+        "kind": "topk",
+        "density": density,
+        "decay": decay,
+        "momentum": momentum,
+        "lr": lr,
+        "aggregation": aggregation,
+    }
 
 
 def wire_bytes(deltas, averaged, n: int, topk) -> float:
@@ -89,8 +105,23 @@ def wire_bytes(deltas, averaged, n: int, topk) -> float:
     return sum(sent) / n
 
 
-def robust_average(deltas):
-    """The swarm's default robust rule, part by part (parts of 2¹⁷ values of the flat vector)."""
+def outside_span(deltas, averaged) -> float:
+    """Share of the average's norm outside the span of the peers' Δs (least squares over the whole
+    flat vectors): ~0 when a copy of the average is a linear combination of the Δs, which the
+    validator's combination test needs to catch a copier of the average."""
+    import torch
+
+    basis = torch.stack([torch.cat([t.reshape(-1) for t in d]).double() for d in deltas], dim=1)
+    v = torch.cat([t.reshape(-1) for t in averaged]).double()
+    if float(v.norm()) == 0:
+        return 0.0
+    coef = torch.linalg.lstsq(basis, v.unsqueeze(1)).solution
+    return float((basis @ coef).squeeze(1).sub(v).norm() / v.norm())
+
+
+def robust_average(deltas, aggregation: str = "mean"):
+    """The swarm's default robust rule, part by part (parts of 2¹⁷ values of the flat vector);
+    ``aggregation``: how the kept Δs are combined (:func:`peer.training.robust.weighted_mean`)."""
     import torch
 
     from peer.training.allreduce import DEFAULT_RULE
@@ -100,7 +131,9 @@ def robust_average(deltas):
     out = torch.empty_like(flats[0])
     for start in range(0, out.numel(), PART):
         parts = [f[start : start + PART] for f in flats]
-        out[start : start + PART], _ = robust_mean(parts, [1.0] * len(parts), DEFAULT_RULE)
+        out[start : start + PART], _ = robust_mean(
+            parts, [1.0] * len(parts), DEFAULT_RULE, aggregation=aggregation
+        )
     shaped, pos = [], 0
     for t in deltas[0]:
         shaped.append(out[pos : pos + t.numel()].view(t.shape))
@@ -140,7 +173,7 @@ def simulate(args, arm: dict) -> dict:
         opt = make_inner_optimizer("adamw", model.parameters(), train)
         ef = ErrorFeedback([t.shape for t in theta], topk, arm["decay"]) if topk else None
         peers.append({"hotkey": f"peer-{i}", "model": model, "opt": opt, "ef": ef, "steps": 0})
-    curve, sent_ratio, blob_ratio, t0 = [], [], [], time.time()
+    curve, sent_ratio, blob_ratio, outside, t0 = [], [], [], [], time.time()
     for r in range(args.rounds):
         seed = clock.seed(r)
         deltas = []
@@ -176,12 +209,13 @@ def simulate(args, arm: dict) -> dict:
                 blob = encode_sparse_delta(dict(zip(names, delta, strict=True)), topk)
                 blob_ratio.append(len(blob) / (4 * params))
             deltas.append(delta)
-        avg = robust_average(deltas)
+        avg = robust_average(deltas, aggregation=arm.get("aggregation", "mean"))
         if topk is not None:
             # the wire rounds averages to int8 × a scale per chunk (tensors start on chunk boundaries)
             avg = [wire_roundtrip(a.reshape(-1), topk).view(a.shape) for a in avg]
             floor = 2 * (args.peers - 1) / args.peers * params * 4
             sent_ratio.append(wire_bytes(deltas, avg, args.peers, topk) / floor)
+            outside.append(outside_span(deltas, avg))
         with torch.no_grad():
             for s, m, g in zip(theta, momentum, avg, strict=True):
                 m.mul_(arm["momentum"]).add_(g)
@@ -200,6 +234,7 @@ def simulate(args, arm: dict) -> dict:
         "final_heldout": curve[-1],
         "sent_per_peer_round_over_fp32_floor": (sum(sent_ratio) / len(sent_ratio)) if sent_ratio else None,
         "blob_over_dense_fp32": sum(blob_ratio) / len(blob_ratio) if blob_ratio else None,
+        "average_outside_span_max": max(outside) if outside else None,
         "seconds": round(time.time() - t0, 1),
     }
 
@@ -255,6 +290,8 @@ def run_real_swarm(args) -> int:
             ]
             if args.round_seconds:
                 extra += ["--round-seconds", str(args.round_seconds)]
+            if args.max_inner_steps:
+                extra += ["--max-inner-steps", str(args.max_inner_steps)]
             res = run_swarm(
                 tmp, name=f"sparse-{compression}", config=args.config, peers=args.peers, extra=extra
             )
@@ -299,6 +336,9 @@ def main() -> int:
     sw.add_argument("--peers", type=int, default=2)
     sw.add_argument("--rounds", type=int, default=6)
     sw.add_argument("--round-seconds", type=float, default=None)
+    sw.add_argument(
+        "--max-inner-steps", type=int, default=None, help="cap inner steps a round (H), as in `sim --inner`"
+    )
     sw.add_argument("--compressions", default="8bit,topk")
     args = parser.parse_args()
     return run_sim(args) if args.cmd == "sim" else run_real_swarm(args)

@@ -49,7 +49,7 @@ def data_dir(config: str) -> Path:
     from peer.config import load_run_config
     from peer.data.pages import prepare_data
 
-    path = BENCH_DATA / config
+    path = BENCH_DATA / (Path(config).stem if Path(config).suffix else config)  # a variant YAML: its stem
     prepare_data(load_run_config(config).data, path, REPO / ".cache" / "corpus")
     return path
 

@@ -188,12 +188,22 @@ class TrainConfig:
     ``outer_momentum``). SparseLoCo drops outer momentum: the error-feedback buffer already carries
     what was not applied yet, and momentum on top of it re-applies late mass (symptom: held-out loss
     jumps up for a few rounds after the first ones). See ``benchmarks/sparse.py``."""
-    topk_outer_lr: float | None = 2.0
+    topk_outer_lr: float | None = 1.0
     """``--compression topk`` only: the outer learning rate used instead of ``outer_lr`` (None:
-    ``outer_lr``). Without outer momentum a round applies lr × Δ̂ once, where Nesterov 0.9 applied ~10×
-    its lr in steady state, so it is larger: on ``debug`` 0.7 ended 8.5 % above 8-bit dense after 12
-    rounds, 2.0 2.8 %, 4.0 diverged for two rounds (+10 %). Lower it if held-out loss jumps up after a
-    round; raise it if loss falls steadily but slower than with 8-bit."""
+    ``outer_lr``). A round applies lr × the combined Δ̂s once (``topk_aggregation``; no momentum: the
+    error-feedback buffer is it). Measured on ``debug`` with ``support`` (``benchmarks/sparse.py``,
+    RESULTS "Sparse Δs: an outer step that does not depend on the group size"): 1.0 fell steadily at 2
+    and 4 peers, at 50, 110 and 200 inner steps a round, in simulation and in real 4-peer swarms; 2.0
+    jumped up in round 2. Lower it if held-out loss jumps up after a round; raise it (≤ 1.5) if loss
+    falls steadily but slower than with 8-bit."""
+    topk_aggregation: Literal["support", "mean"] = "support"
+    """``--compression topk`` only: how a part owner combines the senders' sparse Δ̂s
+    (:func:`peer.training.robust.weighted_mean`). ``support`` (SparseLoCo, Templar): each coordinate
+    averaged over the senders that sent it, so a round moves a coordinate by its senders' mean value
+    whatever the group size. ``mean``: over every sender, so a value only one of n peers kept is
+    applied ÷ n and the right ``topk_outer_lr`` depends on n (2.0, tuned at 4 peers, jumped at 2).
+    Only part owners use it; their averages reach everyone as bytes, so a swarm stays bit-identical
+    either way, but peers of one swarm should agree on it."""
 
     def outer_settings(self, sparse: bool = False) -> tuple[float, float]:
         """(lr, momentum) of the outer step in this round mode: ``outer_lr`` / ``outer_momentum``, replaced by
@@ -230,6 +240,10 @@ class TrainConfig:
             raise ConfigError(f"train.overlapped_outer_lr must be > 0, got {self.overlapped_outer_lr}")
         if self.overlapped_outer_momentum is not None and not 0 <= self.overlapped_outer_momentum < 1:
             raise ConfigError("train.overlapped_outer_momentum must be in [0, 1)")
+        if self.topk_aggregation not in ("support", "mean"):
+            raise ConfigError(
+                f"train.topk_aggregation must be support or mean, got {self.topk_aggregation!r}"
+            )
         if not 0 < self.topk_ef_decay <= 1:
             raise ConfigError(f"train.topk_ef_decay must be in (0, 1], got {self.topk_ef_decay}")
         if self.batch_size < 1:

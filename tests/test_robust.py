@@ -242,3 +242,87 @@ def test_direction_screen_leaves_out_a_flip_inside_the_cut_off():
     assert rejected == 1 and rel_err(screened, mean) < 1e-5
     out, rejected = robust_mean(honest, [1.0] * 5, RobustRule())
     assert rejected == 0 and rel_err(out, mean) < 1e-5
+
+
+SPARSE_TABLE = [
+    # (aggregation, senders' rows, weights, expected)
+    # support: each coordinate averaged over the senders that sent it
+    ("support", [[2.0, 0.0, 0.0], [0.0, 4.0, 0.0]], [1, 1], [2.0, 4.0, 0.0]),  # disjoint: own values
+    ("support", [[2.0, 1.0, 0.0], [4.0, 0.0, 0.0]], [1, 1], [3.0, 1.0, 0.0]),  # shared: their mean
+    ("support", [[2.0, 1.0], [4.0, 3.0]], [1, 1], [3.0, 2.0]),  # dense rows: exactly the plain mean
+    ("support", [[2.0, 0.0], [4.0, 3.0]], [3, 1], [2.5, 3.0]),  # weights count where the sender sent
+    ("support", [[2.0, 0.0], [0.0, 0.0]], [1, 1], [2.0, 0.0]),  # a free-rider's zeros dilute nobody
+    ("support", [[2.0, 5.0], [4.0, 0.0]], [1, 0], [2.0, 5.0]),  # weight 0: as if it had not sent
+    ("support", [[0.0, 0.0], [0.0, 0.0]], [1, 1], [0.0, 0.0]),  # nothing sent: zeros, not NaN
+]
+
+
+@pytest.mark.parametrize(("aggregation", "rows", "weights", "expected"), SPARSE_TABLE)
+@pytest.mark.parametrize("rule", [PLAIN, RobustRule()], ids=["plain", "robust"])
+def test_sparse_aggregations(aggregation, rows, weights, expected, rule):
+    parts = [torch.tensor(r) for r in rows]
+    out, _ = robust_mean(parts, weights, rule, aggregation=aggregation)
+    assert torch.allclose(out, torch.tensor(expected)), out
+
+
+def test_support_mean_keeps_the_robust_screen_on_sparse_parts():
+    """Sparse honest parts (top 1/8 of a shared direction plus noise) with a ×−10 sign-flipper: the
+    rule still leaves the flipper out, and the result is the honest senders' support mean."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(DIM, generator=g)
+    honest = []
+    for _ in range(5):
+        x = base + 0.6 * torch.randn(DIM, generator=g)
+        keep = x.abs().topk(DIM // 8).indices
+        honest.append(torch.zeros(DIM).index_copy_(0, keep, x[keep]))
+    flip = -10 * honest[0]
+    out, rejected = robust_mean([*honest, flip], [1.0] * 6, RobustRule(), aggregation="support")
+    ref, _ = robust_mean(honest, [1.0] * 5, PLAIN, aggregation="support")
+    assert rejected >= 1
+    assert rel_err(out, ref) < 1e-6
+    # and the support mean is not the plain mean: a value kept by one of 5 is not divided by 5
+    plain, _ = robust_mean(honest, [1.0] * 5, PLAIN)
+    assert float(out.norm()) > 1.5 * float(plain.norm())
+
+
+@given(
+    st.lists(
+        st.lists(st.sampled_from([0.0, -3.0, -1.0, 0.5, 2.0]), min_size=6, max_size=6), min_size=1, max_size=6
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_support_mean_never_exceeds_its_senders(rows):
+    """Each coordinate of the support mean lies between its senders' smallest and largest value (0 where
+    nobody sent), so an honest average is at most √senders × the longest sender's norm."""
+    parts = [torch.tensor(r) for r in rows]
+    out, _ = robust_mean(parts, [1.0] * len(parts), PLAIN, aggregation="support")
+    x = torch.stack(parts)
+    sent = x != 0
+    hi = torch.where(sent, x, torch.tensor(-1e9)).amax(0)
+    lo = torch.where(sent, x, torch.tensor(1e9)).amin(0)
+    any_sent = sent.any(0)
+    assert bool((out[~any_sent] == 0).all())
+    assert bool((out[any_sent] <= hi[any_sent] + 1e-6).all() and (out[any_sent] >= lo[any_sent] - 1e-6).all())
+    assert float(out.norm()) <= len(parts) ** 0.5 * float(x.norm(dim=1).max()) + 1e-5
+
+
+def test_a_copy_of_the_mean_stays_in_its_senders_span_and_the_support_mean_does_not():
+    """What the validator's combination test relies on (validator/combinations.py): a copier of the
+    round's average publishes a linear combination of the senders' Δs under ``mean``, not under
+    ``support`` (a per-coordinate divisor): the validator needs its own test for that one."""
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for _ in range(4):
+        x = torch.randn(DIM, generator=g)
+        keep = x.abs().topk(DIM // 16).indices
+        rows.append(torch.zeros(DIM).index_copy_(0, keep, x[keep]))
+    basis = torch.stack(rows, dim=1).double()
+
+    def outside_span(v: torch.Tensor) -> float:
+        coef = torch.linalg.lstsq(basis, v.double().unsqueeze(1)).solution
+        return float((basis @ coef).squeeze(1).sub(v.double()).norm() / v.norm())
+
+    mean, _ = robust_mean(rows, [1.0] * 4, RobustRule(), aggregation="mean")
+    support, _ = robust_mean(rows, [1.0] * 4, RobustRule(), aggregation="support")
+    assert outside_span(mean) < 1e-6
+    assert outside_span(support) > 0.05

@@ -653,3 +653,23 @@ def test_a_refused_scaled_or_sign_flipped_copy_is_not_a_source():
     s = by_uid(score_round(rm(ps), ScoringConfig()))
     assert "held-out" in s[7].reason and "norm" in s[8].reason
     assert s[1].reason == "scored" and s[0].reason == "scored"
+
+
+def test_a_copy_of_the_support_mean_of_sparse_deltas_earns_nothing():
+    """A ``topk_aggregation: support`` swarm applies each coordinate's mean over the peers that sent it.
+    A copy of that is not in the span of the sparse Δs (coordinate 2, sent by two peers, is halved and
+    the rest is not), so the span tiers miss it; the support-mean geometry (the others divided by how
+    many of them sent each coordinate) explains it fully, and the greedy refuses it, not the originals
+    it is made of (they are dependent on it there too, and show more evidence)."""
+    dim = 24
+    rows = {0: {0: 1.0, 1: 0.5, 2: 0.9, 5: 0.7}, 1: {2: 1.0, 3: 1.0, 5: -0.8}, 2: {5: 0.6, 6: 1.0, 7: 0.6}}
+    vecs = {u: [r.get(i, 0.0) for i in range(dim)] for u, r in rows.items()}
+    senders = [sum(1 for r in rows.values() if i in r) for i in range(dim)]
+    vecs[9] = [sum(r.get(i, 0.0) for r in rows.values()) / max(1, senders[i]) for i in range(dim)]
+    ps = _with_spans([*table()[:3], _copy_peer(9)], vecs, dense=False)
+    assert ps[3].span["explained"] < 0.95 and ps[3].span["support_mean_explained"] == pytest.approx(1.0)
+    s = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert s[9].score == 0 and "average over each coordinate's senders" in s[9].reason, s[9].reason
+    alone = by_uid(score_round(rm(table()[:3]), ScoringConfig()))
+    for u in (0, 1, 2):  # as without the copy (u2 shows no specificity in this table)
+        assert s[u].reason == alone[u].reason and s[u].score == pytest.approx(alone[u].score), s[u].reason

@@ -38,12 +38,16 @@ def test_sparse_allreduce_is_bit_identical_mean_of_the_sent_entries_and_small(dh
     inputs = _sparse_inputs(0)
     results, counters = _run(dhts, [[t.clone() for t in ts] for ts in inputs])
     assert len(_hashes(results)) == 1, "all peers must hold bit-identical averages"
-    mean = [torch.stack(ts).mean(0) for ts in zip(*inputs, strict=True)]
+    # TopK.aggregation "support": each coordinate averaged over the senders that sent it
+    mean = [
+        torch.stack(ts).sum(0) / torch.stack([(t != 0).float() for t in ts]).sum(0).clamp(min=1)
+        for ts in zip(*inputs, strict=True)
+    ]
     for a, m, *ins in zip(results[0], mean, *inputs, strict=True):
         support = sum((t != 0).int() for t in ins) > 0
         assert not bool(a[~support].any()), "the average is zero outside the union of the senders' entries"
         # int8 rounding of the average, plus the robust rule's re-weighting of unrelated senders
-        assert float((a - m).norm() / m.norm()) < 0.2
+        assert float((a - m).norm() / m.norm()) < 0.2, float((a - m).norm() / m.norm())
         # what every peer applied is exactly int8 code × its chunk's scale, as decoded from the wire
         assert torch.equal(wire_roundtrip(a.reshape(-1), TOPK).view(a.shape), a)
     total = sum(t.numel() for t in inputs[0])
@@ -51,6 +55,19 @@ def test_sparse_allreduce_is_bit_identical_mean_of_the_sent_entries_and_small(dh
     for sent, received, rejected in counters:
         assert 0 < sent < 0.06 * floor, sent / floor  # 8-bit dense sends ~0.27 of the floor
         assert received > 0 and rejected == 0
+
+
+def test_mean_aggregation_averages_over_every_sender(dhts):
+    """``train.topk_aggregation: mean`` reaches the part owners: the plain mean over all senders."""
+    topk = TopK(chunk=TOPK.chunk, k=TOPK.k, aggregation="mean")
+    inputs = _sparse_inputs(3)
+    results, _ = run_allreduce(
+        dhts, [[t.clone() for t in ts] for ts in inputs], compression=make_compression("topk", topk)
+    )
+    assert len(_hashes(results)) == 1
+    for a, *ins in zip(results[0], *inputs, strict=True):
+        plain = torch.stack(ins).mean(0)
+        assert float((a - plain).norm() / plain.norm()) < 0.2
 
 
 def test_dense_or_non_finite_sparse_contributions_are_refused(dhts):

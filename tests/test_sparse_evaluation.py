@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 
+from peer.data.pages import assign_pages
 from peer.net.layout import SPARSE_DELTA_FORMAT
+from peer.training.robust import PLAIN, robust_mean
 from peer.training.sparse import ErrorFeedback, TopK, encode_sparse_delta
-from tests.fixtures_validator import HONEST, validator_world  # noqa: F401
+from tests.fixtures_validator import HONEST, _hotkey, validator_world  # noqa: F401
 from validator.evaluation import Candidate, EvalConfig, Evaluator
 from validator.scoring import ScoringConfig, score_round
 
@@ -33,6 +35,12 @@ def _sparse_world(w):
     a = out[1][HONEST[0]]
     out[1]["dup"] = {t: v.clone() for t, v in a.items()}  # a verbatim copy of honest-a's sparse Δ
     out[1]["copycat"] = {t: sum(out[1][h][t] for h in HONEST) / len(HONEST) for t in a}  # the average
+    # the average a topk swarm applies with train.topk_aggregation "support" (each coordinate over the
+    # peers that sent it): not in the span of the honest Δs, caught by its own test
+    out[1]["copycat-support"] = {
+        t: robust_mean([out[1][h][t] for h in HONEST], [1.0] * len(HONEST), PLAIN, aggregation="support")[0]
+        for t in a
+    }
     out[1]["stale"] = out[0]["stale"]  # its round-0 sparse Δ replayed
     out[1]["sign-flip"] = {t: -v for t, v in out[1][HONEST[1]].items()}
     out[1]["scaled"] = {t: 100 * v for t, v in out[1][HONEST[2]].items()}
@@ -51,12 +59,18 @@ def sparse_round1(validator_world):  # noqa: F811
     _, sk0 = ev.evaluate_round(0, w.seeds[0], w.bases[0], r0)
     earlier = {(0, uid, hk): s for (uid, hk), s in sk0.items()}
     names = list(blobs[1])
+    hotkeys = {n: w.hotkeys.get(n) or _hotkey(n) for n in names}
+    pages = {
+        n: w.pages[1].get(n)
+        or assign_pages(hotkeys[n], 1, w.seeds[1], w.store.train_pages, w.run.data.pages_per_round)
+        for n in names
+    }
     cands = [
         Candidate(
             uid=i,
-            hotkey=w.hotkeys[n],
+            hotkey=hotkeys[n],
             delta_blob=blobs[1][n],
-            claimed_pages=w.pages[1][n],
+            claimed_pages=pages[n],
             delta_format=SPARSE_DELTA_FORMAT,
         )
         for i, n in enumerate(names)
@@ -77,11 +91,25 @@ def test_sparse_deltas_are_small_and_cheats_are_caught(sparse_round1, validator_
     assert len(blobs[1][HONEST[0]]) <= 0.05 * dense_fp32
     scores, explained = _scores(rm, names)
     assert sum(scores[n].score > 0 for n in HONEST) >= 2, explained
-    for n in ["dup", "stale", "random-data", "copycat", "nan", "free-rider", "sign-flip", "scaled"]:
+    for n in [
+        "dup",
+        "stale",
+        "random-data",
+        "copycat",
+        "copycat-support",
+        "nan",
+        "free-rider",
+        "sign-flip",
+    ]:
         assert scores[n].score == 0, explained
+    assert scores["scaled"].score == 0, explained
     assert "copy of uid" in scores["dup"].reason, explained
     assert "round 0" in scores["stale"].reason, explained
     assert "assigned pages" in scores["random-data"].reason, explained
+    # the copy of the support mean: outside the plain span, inside the span of the divided Δs (here the
+    # assignment test refuses it first; tests/test_scoring.py has the gate on its own)
+    span = {p.uid: p.span for p in rm.peers}[names.index("copycat-support")]
+    assert span["explained"] < 0.95 and span["support_mean_explained"] >= 0.95, span
 
 
 def test_every_honest_sparse_delta_scores(sparse_round1):

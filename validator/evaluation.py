@@ -632,7 +632,9 @@ def span_measurements(
     own support: there a top-k of a mix of sparse Δs *is* the mix of their values, while over all
     coordinates it keeps only part of each; its entry adds ``support`` (the share of coordinates) and
     ``support_gram`` (the Gram matrix on that support, rows and columns in ``products`` order) and
-    ``support_overlap`` (the share of each sketch's squared norm on that support, same order).
+    ``support_overlap`` (the share of each sketch's squared norm on that support, same order) and
+    ``support_mean_explained`` and ``support_mean_gram`` (:func:`_support_mean_geometry`: the copy test
+    for an average formed coordinate by coordinate over the senders that sent it).
 
     Cost: one Gram product of d × (m + n) (d = the sketch size, 65,536 by default, m earlier and n
     current sketches), d·(m + n)² flops, an eigendecomposition and n SVDs of at most (m + n)-square
@@ -674,12 +676,45 @@ def span_measurements(
             ],
         }
         if sparse:
+            explained_m, gram_m = _support_mean_geometry(
+                [o[support] for o in old], [v[support] for v in vecs], i
+            )
+            out[k]["support_mean_explained"] = explained_m
+            out[k]["support_mean_gram"] = [[float(g) for g in row] for row in gram_m]
             out[k]["support"] = share
             out[k]["support_gram"] = [[float(g) for g in row] for row in gram]
             out[k]["support_overlap"] = [
                 float(v[support].pow(2).sum() / v.pow(2).sum()) for v in vecs
             ]  # a sketch with none of its energy here spans nothing here (and is not judged here)
     return out
+
+
+def _support_mean_geometry(
+    old: Sequence[torch.Tensor], vecs: Sequence[torch.Tensor], i: int
+) -> tuple[float, torch.Tensor]:
+    """The copy test for an average taken coordinate by coordinate over its senders, on sketch ``i``'s
+    support (``vecs``: every sketch of the round restricted to it; ``old``: the earlier rounds').
+
+    A swarm that combines sparse Δs by ``support`` (``train.topk_aggregation``: each coordinate averaged
+    over the senders that sent it) applies Σ_j Δ_j ⊘ count, which is not in the span of the Δs
+    themselves. Here every other sketch is divided, coordinate by coordinate, by how many of the others
+    are non-zero there; a copier who publishes that average (re-sparsified) is then fully explained.
+    An honest sparse Δ alone is not: on the coordinates only it sent nothing else is non-zero, and
+    where others sent too the divisors change from one coordinate to the next. Returns ``i``'s explained
+    fraction and the Gram matrix of [the divided others, with ``i`` itself undivided at its position]
+    after the earlier span is projected out, so that scoring can redo the test over any subset
+    (:func:`validator.combinations.combination_copies`, as with ``support_gram``); linear dependence
+    is symmetric there too (the honest Δs a copy averages are dependent on it), and scoring's greedy
+    refuses the one with the least own-page evidence first."""
+    count = torch.zeros_like(vecs[i])
+    for j, v in enumerate(vecs):
+        if j != i:
+            count += (v != 0).double()
+    cols = [v if j == i else v / count.clamp(min=1) for j, v in enumerate(vecs)]
+    y = _residual_coords(old, cols)
+    rest = torch.cat([y[:, :i], y[:, i + 1 :]], dim=1)
+    resid = _project_out(_basis(rest), y[:, i : i + 1])
+    return min(1.0, max(0.0, 1.0 - float(resid.pow(2).sum()))), _symmetric_gram(y)
 
 
 def _symmetric_gram(x: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,7 @@ def configs_from_record(rec: RoundRecord, device: str | None = None) -> tuple[Ev
     # records written before the combination copy test scored without it
     sc.setdefault("combination_fraction", None)
     sc.setdefault("combination_trust_t", None)
+    sc.setdefault("support_mean_fraction", None)  # records before the support-mean copy test
     return EvalConfig(**ev), ScoringConfig(**sc)
 
 

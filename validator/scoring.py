@@ -139,6 +139,16 @@ class ScoringConfig:
     debug model showed t 3.7–12 in tests/test_validator_swarm.py; small ones ~2–3 early in a run,
     rising with the pooled evidence). Symptom → tuning: small honest peers refused with "refused ones
     included" → lower it; copies of the swarm's average paid → raise it. None: only the first tier."""
+    support_mean_fraction: float | None = 0.99
+    """Sparse Δs: the combination test in the support-mean geometry (each other Δ divided, coordinate by
+    coordinate, by how many of them sent there; ``_support_mean_copies``), which finds a copy of the
+    average a ``train.topk_aggregation: support`` swarm applies (1.0000 explained in
+    ``benchmarks/combination_copies.py``, where the plain span test saw 0.76–0.80). Higher than
+    ``combination_fraction`` because honest sparse Δs show more there: max 0.936 among 16 peers and 0.958
+    among 32 with the earlier rounds' Δs (0.77 / 0.85 in the plain geometry; RESULTS "Combination
+    copies"): re-measure before raising ``eval.max_peers`` beyond 32. Symptom → tuning: honest sparse peers refused with
+    "a copy of the round's average over each coordinate's senders" (larger samples) → raise it towards
+    1; None: off."""
     min_heldout_gain: float = 0.0
     """Held-out gain (nats/token) a Δ must exceed to score anything."""
     reference_quantile: float = 0.75
@@ -226,6 +236,11 @@ class ScoringConfig:
         if self.combination_fraction is not None and not 0.5 <= self.combination_fraction <= 1:
             raise ConfigError(
                 f"scoring.combination_fraction must be in [0.5, 1] (or None: off), got {self.combination_fraction}"
+            )
+        if self.support_mean_fraction is not None and not 0.5 <= self.support_mean_fraction <= 1:
+            raise ConfigError(
+                "scoring.support_mean_fraction must be in [0.5, 1] (or None: off), "
+                f"got {self.support_mean_fraction}"
             )
         if not 0 <= self.reference_quantile <= 1:
             raise ConfigError("scoring.reference_quantile must be in [0, 1]")
@@ -450,6 +465,34 @@ def _combination_gate(
             f"a combination of other peers' Δs, refused ones included: {r['explained']:.2%} of it lies in "
             f"the span of {source_names(r)} (limit {cfg.combination_fraction:.0%}), and its own-page evidence "
             f"(t = {trust[key]:.2f}, best of this round's and pooled) is below {cfg.combination_trust_t}"
+        )
+    _support_mean_copies(spans, [k for k in survivors if k not in weak], evidence, terms, reasons, cfg)
+
+
+def _support_mean_copies(spans, survivors, evidence, terms, reasons, cfg: ScoringConfig) -> None:
+    """Sparse Δs: the first tier again (:func:`combination_copies`: refuse, among the mutually dependent
+    peers, the one with the least own-page evidence, and measure again), in each sparse Δ's
+    ``support_mean_gram`` geometry, where the other Δs are divided coordinate by coordinate by how many
+    of them sent there. That finds a copy of the average a ``topk_aggregation: support`` swarm applies,
+    which is not a linear combination of the Δs and escapes the span tests above."""
+    pool = [k for k in survivors if "support_mean_gram" in spans[k]]
+    for key in pool:
+        terms[key]["support_mean_explained"] = spans[key]["support_mean_explained"]
+    if len(pool) < 2:
+        return
+    if cfg.support_mean_fraction is None:
+        return
+    geometry = {k: {**spans[k], "support_gram": spans[k]["support_mean_gram"]} for k in pool}
+    refused, _ = combination_copies(geometry, pool, evidence, cfg.support_mean_fraction)
+    for key, r in refused.items():
+        terms[key]["support_mean_explained"] = r["explained"]
+        terms[key]["combination_of"] = r["of"]
+        t_key = evidence[key][0]
+        reasons[key] = (
+            f"a copy of the round's average over each coordinate's senders: {r['explained']:.2%} of it lies "
+            f"in the span of {source_names(r)}, each divided by how many peers sent each coordinate (limit "
+            f"{cfg.support_mean_fraction:.0%}), and it shows the least evidence of training on its own pages "
+            "among the dependent ones (t = " + ("unknown" if t_key == -math.inf else f"{t_key:.2f}") + ")"
         )
 
 

@@ -206,9 +206,19 @@ class RobustPartReducer(TensorPartReducer):
     weighted mean.
     """
 
-    def __init__(self, part_shapes, num_senders: int, *, rule: RobustRule | None, counters=None):
+    def __init__(
+        self,
+        part_shapes,
+        num_senders: int,
+        *,
+        rule: RobustRule | None,
+        counters=None,
+        aggregation: str = "mean",
+    ):
         self.rule = rule
         self.counters = counters
+        self.aggregation = aggregation
+        """How the kept parts are combined (sparse Δs: ``TopK.aggregation``; :func:`robust_mean`)."""
         self._inputs: dict[int, tuple[torch.Tensor, float]] = {}
         super().__init__(part_shapes, num_senders)
 
@@ -264,7 +274,9 @@ class RobustPartReducer(TensorPartReducer):
             return torch.zeros(shape)
         parts = [t for t, _ in inputs]
         weights = [w for _, w in inputs]
-        averaged, rejected = robust_mean(parts, weights, self.rule if self.rule is not None else PLAIN)
+        averaged, rejected = robust_mean(
+            parts, weights, self.rule if self.rule is not None else PLAIN, aggregation=self.aggregation
+        )
         if rejected and self.counters is not None:
             self.counters.add(rejected=rejected)  # ByteCounters.add takes a lock: thread-safe
         return averaged
@@ -286,6 +298,11 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         self.counters = counters or ByteCounters()
         self.clip_ratio = clip_ratio
         self.max_part_norm = max_part_norm
+        container = self.tensor_part_container
+        self.topk = (
+            container.compression.topk if isinstance(container.compression, TopKWireCompression) else None
+        )
+        """Sparse Δs: the swarm's top-k (parts are sparse on the wire and checked against it)."""
         stock = self.tensor_part_reducer
         stock.current_part_future.cancel()
         stock.finished.set()  # replaced unused: its __del__ would log "received 0.0% of input tensors"
@@ -294,8 +311,8 @@ class ConsensusAllReduceRunner(AllReduceRunner):
             stock.num_senders,
             rule=rule,
             counters=self.counters,
+            aggregation="mean" if self.topk is None else self.topk.aggregation,
         )
-        container = self.tensor_part_container
         container.return_deltas = (
             False  # a failed reducer's parts then fall back to local values (and we raise)
         )
@@ -303,10 +320,6 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         self._failures: list[str] = []
         """Why parts could not be averaged (the owner's error), for the all-reduce's exception."""
         self._own_part_infos = [info for _, info in container._input_parts_by_peer[my_index]]
-        self.topk = (
-            container.compression.topk if isinstance(container.compression, TopKWireCompression) else None
-        )
-        """Sparse Δs: the swarm's top-k (parts are sparse on the wire and checked against it)."""
         self._part_infos = [[info for _, info in parts] for parts in container._input_parts_by_peer]
         self._part_numels = [[p.numel() for p, _ in parts] for parts in container._input_parts_by_peer]
 
@@ -434,8 +447,15 @@ class ConsensusAllReduceRunner(AllReduceRunner):
         average can be longer. The test depends only on the bytes received and the shared config, so all
         honest receivers of the same part decide the same way and stay bit-identical; only the part's
         (lying) owner ends up with another state, which the next round's state agreement corrects.
+
+        Sparse Δs combined by ``support`` (:func:`peer.training.robust.weighted_mean`): an honest average
+        is at most √senders × ``max_part_norm`` long (disjoint supports: each sender's values applied
+        whole).
         """
-        averaged, rejected = check_average(averaged, self.max_part_norm)
+        bound = self.max_part_norm
+        if bound is not None and self.tensor_part_reducer.aggregation != "mean":
+            bound *= math.sqrt(len(self.sender_peer_ids))
+        averaged, rejected = check_average(averaged, bound)
         if rejected:
             self.counters.add(rejected=rejected)
         return averaged

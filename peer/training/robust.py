@@ -289,8 +289,43 @@ def _biweight(
     return center, a, d2.clamp(min=0).sqrt()
 
 
+AGGREGATIONS = ("mean", "support")
+"""How the last step of :func:`robust_mean` combines the kept parts: see :func:`weighted_mean`."""
+
+
+def weighted_mean(x: torch.Tensor, a: torch.Tensor, *, aggregation: str = "mean") -> torch.Tensor:
+    """``a``-weighted combination of the rows of ``x`` (``a`` ≥ 0, not all 0): one gemv, sender order.
+
+    ``mean``: the ``a``-weighted mean. For sparse Δs a value that only one of n senders kept is then
+    applied ÷ n, so the outer step per sent value shrinks as groups grow (where supports do not
+    overlap) and a learning rate tuned at one group size overshoots or crawls at another.
+
+    ``support`` (sparse Δs): each coordinate averaged over the rows that hold a non-zero value there,
+    ``Σ a_i x_ij / Σ_{i: x_ij ≠ 0} a_i`` (0 where no row has one) — SparseLoCo's aggregation (Templar
+    scatters its peers' top-k values with ``reduce="mean"``): a coordinate moves by its senders' mean
+    value whatever n is. It is not linear in the rows, so a copy of it is not in the span of the
+    senders' Δs; the validator has a test of its own for that copy
+    (``validator.evaluation._support_mean_geometry``). A sender moves a coordinate by at most its own
+    value there, after the size bound on its row. Dense rows (no zeros) give exactly the mean."""
+    a = a.double()
+    weights = (a / float(a.sum())).float()
+    mean = weights @ x
+    if aggregation == "mean":
+        return mean
+    if aggregation != "support":
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    counts = weights @ (x != 0).float()
+    return torch.where(counts > 0, mean / counts.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+
+
 def screened_mean(
-    x: torch.Tensor, omega: torch.Tensor, d: torch.Tensor, cutoff: float, exclude: torch.Tensor | None = None
+    x: torch.Tensor,
+    omega: torch.Tensor,
+    d: torch.Tensor,
+    cutoff: float,
+    exclude: torch.Tensor | None = None,
+    *,
+    aggregation: str = "mean",
 ) -> tuple[torch.Tensor, int]:
     """The ``ω``-weighted mean of the *inliers*: rows of ``x`` within ``cutoff`` × the median of the
     distances ``d`` to the biweight centre.
@@ -299,15 +334,15 @@ def screened_mean(
     (instead of the biweight's tapered ones) makes the result exactly the plain mean when nobody is an
     outlier — the taper otherwise shrinks the update by down-weighting the farthest honest sender.
     ``exclude`` (bool per row) drops rows on top of the distance test (the scale ``s`` still counts
-    them). Returns ``(mean, dropped)``. Sender order, one gemv: deterministic given the inputs."""
+    them). ``aggregation``: see :func:`weighted_mean`. Returns ``(mean, dropped)``. Sender order, one gemv:
+    deterministic given the inputs."""
     pos = omega > 0
     s = _median(d[pos])
     inlier = (d <= cutoff * s) & pos if s > 0 else (d == 0) & pos
     if exclude is not None and bool((inlier & ~exclude).any()):  # never all of them
         inlier = inlier & ~exclude
-    a = omega * inlier.double()
-    total = float(a.sum())
-    return (a / total).float() @ x, int((pos & ~inlier).sum())  # the median sender is an inlier: total > 0
+    a = omega * inlier.double()  # the median sender is an inlier: Σa > 0
+    return weighted_mean(x, a, aggregation=aggregation), int((pos & ~inlier).sum())
 
 
 def centered_clip(
@@ -340,15 +375,20 @@ def centered_clip(
 
 
 def robust_mean(
-    parts: Sequence[torch.Tensor], weights: Sequence[float], rule: RobustRule
+    parts: Sequence[torch.Tensor], weights: Sequence[float], rule: RobustRule, *, aggregation: str = "mean"
 ) -> tuple[torch.Tensor, int]:
     """The part owner's average under ``rule``: duplicates merged, size bound, biweight-screened mean.
 
-    Returns the average and how many senders the rule merged, clipped or dropped (for the biweight
-    weights: a final weight below 1 % of an equal share), for the all-reduce's ``rejected`` counter."""
+    ``aggregation`` (``support`` for sparse Δs, :func:`weighted_mean`): how the last step
+    combines the kept parts; who is merged, clipped or screened out is decided on whole parts as for
+    dense ones. Returns the average and how many senders the rule merged, clipped or dropped (for
+    the biweight weights: a final weight below 1 % of an equal share), for the all-reduce's
+    ``rejected`` counter."""
     if not parts:
         raise ValueError("robust_mean needs at least one part")
     if rule.dedup is None and rule.norm_clip is None and rule.cutoff is None:
+        if aggregation != "mean":
+            return _sparse_plain_mean(parts, weights, aggregation), 0
         return _plain_mean(parts, weights), 0
     # one copy of the parts ([n, d], ours to scale in place) and one Gram matrix serve every step: the
     # duplicate test, the norms and every biweight distance; the part itself is touched by the stack,
@@ -372,14 +412,29 @@ def robust_mean(
             exclude = None
             if rule.direction_screen and float(a.sum()) > 0:  # ⟨x_i, c⟩ = (G κ)_i: from the Gram matrix
                 exclude = (gram @ (a / a.sum())) < 0
-            averaged, dropped = screened_mean(x, omega, d, rule.cutoff, exclude)
+            averaged, dropped = screened_mean(x, omega, d, rule.cutoff, exclude, aggregation=aggregation)
             return averaged.reshape(shape), rejected + dropped
+        if aggregation != "mean" and float(a.sum()) > 0:
+            center = weighted_mean(x, a, aggregation=aggregation)
         center, a = center.reshape(shape), a / max(float(a.sum()), 1e-300)
         rejected += int(
             sum(1 for ai, w in zip(a.tolist(), weights, strict=True) if w > 0 and ai < 0.01 / n_pos)
         )
         return center, rejected
+    if aggregation != "mean":
+        return _sparse_plain_mean(list(x.unbind(0)), weights, aggregation).reshape(shape), rejected
     return _plain_mean(list(x.unbind(0)), weights).reshape(shape), rejected
+
+
+def _sparse_plain_mean(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], aggregation: str
+) -> torch.Tensor:
+    """:func:`weighted_mean` over raw parts with a sparse ``aggregation`` (zeros where every weight is ≤ 0)."""
+    w = torch.tensor([max(float(v), 0.0) for v in weights], dtype=torch.float64)
+    if float(w.sum()) <= 0:
+        return torch.zeros_like(parts[0], dtype=torch.float32)
+    x = torch.stack([p.reshape(-1).float() for p in parts])
+    return weighted_mean(x, w, aggregation=aggregation).reshape(parts[0].shape)
 
 
 def _clip_rows_to_median_norm(

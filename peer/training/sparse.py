@@ -69,15 +69,21 @@ class TopK:
 
     chunk: int
     k: int
+    aggregation: str = "support"
+    """How a part owner combines the senders' Δ̂s (``TrainConfig.topk_aggregation``): ``support`` or
+    ``mean`` (:func:`peer.training.robust.weighted_mean`)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.chunk <= 32768:  # int16 positions inside a chunk
             raise ValueError(f"top-k needs 1 <= k <= chunk <= 32768, got k={self.k}, chunk={self.chunk}")
+        if self.aggregation not in ("support", "mean"):
+            raise ValueError(f"top-k aggregation must be support or mean, got {self.aggregation!r}")
 
     @classmethod
     def from_train(cls, train) -> TopK:
-        """The swarm's top-k from a :class:`peer.config.TrainConfig` (``topk_density``, ``topk_chunk``)."""
-        return cls(chunk=train.topk_chunk, k=train.topk_k)
+        """The swarm's top-k from a :class:`peer.config.TrainConfig` (``topk_density``, ``topk_chunk``,
+        ``topk_aggregation``)."""
+        return cls(chunk=train.topk_chunk, k=train.topk_k, aggregation=train.topk_aggregation)
 
     @property
     def density(self) -> float:
