@@ -205,13 +205,16 @@ def assert_identical(rounds: list[list[dict]]) -> int:
 
 
 def round_plan(
-    step_s: float, inner_steps: int, params: int, peers: int, rate_mbit: float
+    step_s: float, inner_steps: int, params: int, peers: int, rate_mbit: float, wire_fraction: float = 1.0
 ) -> tuple[float, float]:
     """(round seconds, averaging reserve) for ~``inner_steps`` steps and an 8-bit all-reduce at the rate.
 
-    Bytes each peer sends in a butterfly all-reduce of an 8-bit Δ: 2·(n−1)/n·P (≈ 1 byte per value).
+    Bytes each peer sends in a butterfly all-reduce of an 8-bit Δ: 2·(n−1)/n·P (≈ 1 byte per value),
+    × ``wire_fraction`` for other compressions (top-k at density 1/64 and 2 peers: ≈ 0.07).
     Reserve = matchmaking + 1.5× that at the rate + 2 s; rounds are estimates sized from measured steps."""
-    wire_s = 2 * (peers - 1) / peers * params * 8 / (rate_mbit * 1e6) if rate_mbit > 0 else 0.5
+    wire_s = (
+        2 * (peers - 1) / peers * params * 8 * wire_fraction / (rate_mbit * 1e6) if rate_mbit > 0 else 0.5
+    )
     reserve = round(3.0 + 1.5 * wire_s + 2.0, 1)
     train_s = max(
         inner_steps * step_s * 1.15, 3.0
@@ -250,6 +253,12 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="runs per rate (report worst and median)")
     parser.add_argument("--round-seconds", type=float, help="fix the round length instead of sizing it")
     parser.add_argument("--reserve", type=float, help="fix the averaging reserve instead of sizing it")
+    parser.add_argument(
+        "--wire-fraction",
+        type=float,
+        default=1.0,
+        help="bytes on the wire per value ÷ 8-bit's, to size the reserve (--compression topk: ~0.07)",
+    )
     parser.add_argument("--baseline-seconds", type=float, default=30.0)
     parser.add_argument(
         "--baseline-threads", default="1,2", help="thread counts tried for the baseline (the best counts)"
@@ -308,7 +317,7 @@ def main() -> int:
             step_s = cfg.train.batch_size / bases[min(threads)]
             print(json.dumps({"repeat": rep, "baseline_samples_per_s_by_threads": bases}), flush=True)
             for rate in rates:
-                round_s, reserve = round_plan(step_s, args.inner_steps, params, 2, rate)
+                round_s, reserve = round_plan(step_s, args.inner_steps, params, 2, rate, args.wire_fraction)
                 round_s = args.round_seconds or round_s
                 reserve = args.reserve if args.reserve is not None else reserve
                 extra = [
