@@ -670,6 +670,10 @@ def test_a_copy_of_the_support_mean_of_sparse_deltas_earns_nothing():
     assert ps[3].span["explained"] < 0.95 and ps[3].span["support_mean_explained"] == pytest.approx(1.0)
     s = by_uid(score_round(rm(ps), ScoringConfig()))
     assert s[9].score == 0 and "average over each coordinate's senders" in s[9].reason, s[9].reason
+    no_tier2 = by_uid(score_round(rm(ps), ScoringConfig(combination_trust_t=None)))[9]
+    assert "average over each coordinate's senders" in no_tier2.reason  # independent of the second tier
+    off = by_uid(score_round(rm(ps), ScoringConfig(support_mean_fraction=None)))[9]
+    assert "average over each coordinate's senders" not in off.reason
     alone = by_uid(score_round(rm(table()[:3]), ScoringConfig()))
     for u in (0, 1, 2):  # as without the copy (u2 shows no specificity in this table)
         assert s[u].reason == alone[u].reason and s[u].score == pytest.approx(alone[u].score), s[u].reason

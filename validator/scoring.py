@@ -448,9 +448,10 @@ def _combination_gate(
             + ("unknown" if t_key == -math.inf else f"{t_key:.2f}")
             + ")"
         )
-    if cfg.combination_trust_t is None:
-        return
     survivors = [k for k in pool if k not in refused]
+    if cfg.combination_trust_t is None:
+        _support_mean_copies(spans, survivors, evidence, terms, reasons, cfg)
+        return
     # refused peers as sources — not the copies found above nor near-copies (their work is another's)
     outside = [
         k for k in spans if reasons[k] is not None and k not in refused and "duplicate_of" not in terms[k]
