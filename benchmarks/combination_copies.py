@@ -112,6 +112,7 @@ def train_rounds(run, store, trial: int, n_rounds: int, n_peers: int) -> list[di
 
 def measure(ev, run, rounds, dense: bool, honest: dict, copies: dict, counts: list[int]) -> None:
     from peer.net.outbox import encode_delta
+    from peer.training.robust import PLAIN, robust_mean
     from peer.training.sparse import ErrorFeedback, TopK, encode_sparse_delta
     from validator.evaluation import span_measurements
 
@@ -184,8 +185,6 @@ def measure(ev, run, rounds, dense: bool, honest: dict, copies: dict, counts: li
             scale = pct / 100 * norm / (total**0.5)
             mixes[f"mean of 2 + {pct}% noise"] = {t: mix[t] + scale * noise[t] for t in mix}
         if not dense:  # the average a topk_aggregation "support" swarm applies, over all honest peers
-            from peer.training.robust import PLAIN, robust_mean
-
             mixes["support mean of all"] = {
                 t: robust_mean(
                     [sent[r][n][t] for n in names], [1.0] * len(names), PLAIN, aggregation="support"

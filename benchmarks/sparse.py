@@ -66,9 +66,11 @@ def parse_arm(text: str, cfg) -> dict:
     decay = float(bits[2]) if len(bits) > 2 else 1.0
     momentum = float(bits[3]) if len(bits) > 3 else cfg.train.outer_momentum
     lr = float(bits[4]) if len(bits) > 4 else cfg.train.outer_lr
+    from peer.training.robust import AGGREGATIONS
+
     aggregation = bits[5] if len(bits) > 5 else cfg.train.topk_aggregation
-    if aggregation not in ("support", "mean"):
-        raise SystemExit(f"arm {text!r}: aggregation must be support or mean")
+    if aggregation not in AGGREGATIONS:
+        raise SystemExit(f"arm {text!r}: aggregation must be one of {AGGREGATIONS}")
     return {
         "name": text,
         "kind": "topk",

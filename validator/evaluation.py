@@ -663,7 +663,9 @@ def span_measurements(
         support = vecs[i] != 0
         share = float(support.double().mean())
         sparse = share < SPARSE_SUPPORT
-        x = _residual_coords([o[support] for o in old], [v[support] for v in vecs]) if sparse else shared
+        if sparse:  # every sketch restricted to this one's support, for both geometries below
+            old_s, vecs_s = [o[support] for o in old], [v[support] for v in vecs]
+        x = _residual_coords(old_s, vecs_s) if sparse else shared
         gram = _symmetric_gram(x) if sparse else shared_gram
         rest = torch.cat([x[:, :i], x[:, i + 1 :]], dim=1)
         resid = _project_out(_basis(rest), x[:, i : i + 1])
@@ -676,15 +678,13 @@ def span_measurements(
             ],
         }
         if sparse:
-            explained_m, gram_m = _support_mean_geometry(
-                [o[support] for o in old], [v[support] for v in vecs], i
-            )
+            explained_m, gram_m = _support_mean_geometry(old_s, vecs_s, i)
             out[k]["support_mean_explained"] = explained_m
             out[k]["support_mean_gram"] = [[float(g) for g in row] for row in gram_m]
             out[k]["support"] = share
             out[k]["support_gram"] = [[float(g) for g in row] for row in gram]
             out[k]["support_overlap"] = [
-                float(v[support].pow(2).sum() / v.pow(2).sum()) for v in vecs
+                float(vs.pow(2).sum() / v.pow(2).sum()) for vs, v in zip(vecs_s, vecs, strict=True)
             ]  # a sketch with none of its energy here spans nothing here (and is not judged here)
     return out
 

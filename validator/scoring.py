@@ -449,16 +449,15 @@ def _combination_gate(
             + ")"
         )
     survivors = [k for k in pool if k not in refused]
-    if cfg.combination_trust_t is None:
-        _support_mean_copies(spans, survivors, evidence, terms, reasons, cfg)
-        return
-    # refused peers as sources — not the copies found above nor near-copies (their work is another's)
-    outside = [
-        k for k in spans if reasons[k] is not None and k not in refused and "duplicate_of" not in terms[k]
-    ]
-    weak = weak_combinations(
-        spans, survivors, outside, trust, evidence, cfg.combination_fraction, cfg.combination_trust_t
-    )
+    weak = {}
+    if cfg.combination_trust_t is not None:
+        # refused peers as sources — not the copies found above nor near-copies (their work is another's)
+        outside = [
+            k for k in spans if reasons[k] is not None and k not in refused and "duplicate_of" not in terms[k]
+        ]
+        weak = weak_combinations(
+            spans, survivors, outside, trust, evidence, cfg.combination_fraction, cfg.combination_trust_t
+        )
     for key, r in weak.items():
         terms[key]["combination_explained_with_refused"] = r["explained"]
         terms[key]["combination_of"] = r["of"]

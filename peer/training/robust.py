@@ -387,9 +387,7 @@ def robust_mean(
     if not parts:
         raise ValueError("robust_mean needs at least one part")
     if rule.dedup is None and rule.norm_clip is None and rule.cutoff is None:
-        if aggregation != "mean":
-            return _sparse_plain_mean(parts, weights, aggregation), 0
-        return _plain_mean(parts, weights), 0
+        return _plain_mean(parts, weights, aggregation), 0
     # one copy of the parts ([n, d], ours to scale in place) and one Gram matrix serve every step: the
     # duplicate test, the norms and every biweight distance; the part itself is touched by the stack,
     # the Gram product, the median, one gemv for the distances to it and one for the result
@@ -421,20 +419,7 @@ def robust_mean(
             sum(1 for ai, w in zip(a.tolist(), weights, strict=True) if w > 0 and ai < 0.01 / n_pos)
         )
         return center, rejected
-    if aggregation != "mean":
-        return _sparse_plain_mean(list(x.unbind(0)), weights, aggregation).reshape(shape), rejected
-    return _plain_mean(list(x.unbind(0)), weights).reshape(shape), rejected
-
-
-def _sparse_plain_mean(
-    parts: Sequence[torch.Tensor], weights: Sequence[float], aggregation: str
-) -> torch.Tensor:
-    """:func:`weighted_mean` over raw parts with a sparse ``aggregation`` (zeros where every weight is ≤ 0)."""
-    w = torch.tensor([max(float(v), 0.0) for v in weights], dtype=torch.float64)
-    if float(w.sum()) <= 0:
-        return torch.zeros_like(parts[0], dtype=torch.float32)
-    x = torch.stack([p.reshape(-1).float() for p in parts])
-    return weighted_mean(x, w, aggregation=aggregation).reshape(parts[0].shape)
+    return _plain_mean(list(x.unbind(0)), weights, aggregation).reshape(shape), rejected
 
 
 def _clip_rows_to_median_norm(
@@ -458,8 +443,17 @@ def _clip_rows_to_median_norm(
     return clipped
 
 
-def _plain_mean(parts: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """The ``ω``-weighted mean, summed in sender order (the result does not depend on arrival)."""
+def _plain_mean(
+    parts: Sequence[torch.Tensor], weights: Sequence[float], aggregation: str = "mean"
+) -> torch.Tensor:
+    """The ``ω``-weighted mean, summed in sender order (the result does not depend on arrival); a sparse
+    ``aggregation`` goes through :func:`weighted_mean` (zeros where every weight is ≤ 0)."""
+    if aggregation != "mean":
+        w = torch.tensor([max(float(v), 0.0) for v in weights], dtype=torch.float64)
+        if float(w.sum()) <= 0:
+            return torch.zeros_like(parts[0], dtype=torch.float32)
+        x = torch.stack([p.reshape(-1).float() for p in parts])
+        return weighted_mean(x, w, aggregation=aggregation).reshape(parts[0].shape)
     acc = torch.zeros_like(parts[0], dtype=torch.float32)
     denominator = 0.0
     for p, w in zip(parts, weights, strict=True):  # sender order: the sum does not depend on arrival

@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from peer.net.layout import SPARSE_DELTA_FORMAT, SPARSE_DELTA_FORMAT_V1, ArtifactRefused, Layout
+from peer.training.robust import AGGREGATIONS
 
 if TYPE_CHECKING:  # hivemind only where the all-reduce runs: validators import this module too
     from hivemind.compression import CompressionInfo
@@ -76,8 +77,8 @@ class TopK:
     def __post_init__(self) -> None:
         if not 1 <= self.k <= self.chunk <= 32768:  # int16 positions inside a chunk
             raise ValueError(f"top-k needs 1 <= k <= chunk <= 32768, got k={self.k}, chunk={self.chunk}")
-        if self.aggregation not in ("support", "mean"):
-            raise ValueError(f"top-k aggregation must be support or mean, got {self.aggregation!r}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"top-k aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
 
     @classmethod
     def from_train(cls, train) -> TopK:
