@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from validator.evaluation import PeerMeasurement, RoundMeasurements
@@ -12,6 +14,7 @@ from validator.scoring import (
     PeerScore,
     ScoringConfig,
     normalize_weights,
+    originality_evidence,
     quantile,
     score_round,
     update_ema,
@@ -439,8 +442,8 @@ def test_a_combination_of_other_peers_deltas_earns_nothing(name, copy_vec, expla
     assert s[9].terms["combination_explained"] == pytest.approx(explained)
     assert [o["uid"] for o in s[9].terms["combination_of"]] in ([0, 1], [1, 0])
     assert (
-        "uid 0" in s[9].reason and "uid 1" in s[9].reason and "t = -3.00" in s[9].reason
-    )  # the pooled t (clipped) is its best
+        "uid 0" in s[9].reason and "uid 1" in s[9].reason and "t = -1000.00" in s[9].reason
+    )  # this round's t is below its sustained one (−3 ÷ √4)
     for u in (0, 1):  # the originals keep their score; without the copy they are independent again
         assert s[u].reason == "scored" and s[u].terms["combination_explained"] == pytest.approx(
             0.0, abs=1e-12
@@ -631,10 +634,77 @@ def test_refused_sybils_cannot_get_a_peer_with_clear_evidence_refused():
     r1 = peer(7, heldout=4.0, before=5.0, after=4.0, norm=100.0)
     r2 = peer(8, heldout=4.0, before=5.0, after=4.0, norm=100.0)
     ps = _with_spans([*table()[:3], r1, r2], vecs)
-    s = by_uid(score_round(rm(ps), ScoringConfig()))
-    assert s[0].reason == "scored"
+    known = _history({0: [3.0, 3.0, 3.0], 1: [3.0, 3.0, 3.0]})  # both showed their work in earlier rounds
+    s = by_uid(score_round(rm(ps), ScoringConfig(), history=known))
+    assert s[0].reason == "scored" and s[0].terms["originality_t"] == pytest.approx(4.33, abs=0.01)
     assert "refused ones included" in s[1].reason
-    assert by_uid(score_round(rm(ps), ScoringConfig(combination_trust_t=2.0)))[1].reason == "scored"
+    assert (
+        by_uid(score_round(rm(ps), ScoringConfig(combination_trust_t=2.0), history=known))[1].reason
+        == "scored"
+    )
+    # new hotkeys are never trusted (evidence ≤ 3 ÷ √4): both are judged, the one with less evidence goes
+    # first, and without it u0 is no longer in the span
+    new = by_uid(score_round(rm(ps), ScoringConfig()))
+    assert new[0].reason == "scored" and "refused ones included" in new[1].reason
+
+
+def _history(evidence: dict[int, list[float]]) -> EmaState:
+    """An EMA state in which hotkey hk<u> of uid u has these earlier assignment-test t's."""
+    return EmaState(
+        last_round=2,
+        entries={
+            u: EmaEntry(hotkey=f"hk{u}", value=0.1, rounds=len(ts), evidence=ts) for u, ts in evidence.items()
+        },
+    )
+
+
+@pytest.mark.parametrize(
+    "prior, t_now, sustained, best",
+    [
+        ([], 4.33, 1.5, 4.33),  # a new hotkey: at most clip ÷ √evidence_rounds
+        ([3.0, 3.0, 3.0], 4.33, 4.33, 6.0),  # this round's t is the lower
+        ([3.0, 3.0, 3.0], 2.5, 2.5, 5.75),
+        ([-1.71, -3.0], 3.13, (-1.71 - 3.0 + 3.0) / 2, 3.13),  # the copycat paid 0.069 under `best`
+        ([2.26], 2.68, (2.26 + 2.68) / 2, (2.26 + 2.68) / 2**0.5),  # a copycat with a positive offset
+        (
+            [1.0, 3.0, 3.0, 3.0, 3.0],
+            3.0,
+            3.0,
+            16 / 6**0.5,
+        ),  # only the last evidence_rounds − 1 earlier rounds
+        ([], None, -math.inf, -math.inf),
+    ],
+)
+def test_originality_evidence_table(prior, t_now, sustained, best):
+    assert originality_evidence(prior, t_now, ScoringConfig()) == pytest.approx(sustained)
+    assert originality_evidence(prior, t_now, ScoringConfig(originality="best")) == pytest.approx(best)
+
+
+def test_a_copier_of_everyone_with_one_lucky_round_is_refused_and_its_t_is_kept():
+    # the run that failed tests/test_validator_swarm.py: the copycat's t reached 3.13 ≥ combination_trust_t
+    # in one round after −1.71 and −4.13; under `best` that round was trusted and paid
+    vecs = {
+        0: [1.0, 0.0, 0.0, 0.0, 0.0],
+        1: [0.0, 1.0, 0.0, 0.0, 0.0],
+        2: [0.0, 0.0, 0.0, 0.0, 1.0],
+        7: [0.0, 0.0, 1.0, 0.0, 0.0],
+        9: [1.0, 1.0, 1.0, 0.0, 0.0],
+    }
+    refused = peer(7, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+    lucky = peer(  # own pages gain 0.1 more than the others' (scaled) gains there: t high, no work behind it
+        9, heldout=4.8, before=5.0, after=4.7, own=[0.31, 0.3], cross=[(0, [0.1, 0.1]), (1, [0.1, 0.1])]
+    )
+    ps = _with_spans([*table()[:3], refused, lucky], vecs)
+    known = _history({0: [3.0, 3.0, 3.0], 1: [3.0, 3.0, 3.0], 9: [-1.71, -3.0]})
+    s = by_uid(score_round(rm(ps), ScoringConfig(), history=known))
+    assert s[9].terms["specificity_t"] >= 3
+    assert "refused ones included" in s[9].reason and s[9].score == 0
+    assert s[0].reason == s[1].reason == "scored"
+    assert s[9].terms["evidence_t"] == 3.0  # kept: its next rounds pool with it
+    after = update_ema(known, 3, list(s.values()), {u: f"hk{u}" for u in s}, 0.3)
+    assert after.entries[9].evidence == [-1.71, -3.0, 3.0]
+    old = by_uid(score_round(rm(ps), ScoringConfig(originality="best"), history=known))[9]
+    assert old.reason == "scored" and "evidence_t" in old.terms  # the hole, and the old rule's record
 
 
 def test_a_refused_scaled_or_sign_flipped_copy_is_not_a_source():

@@ -32,8 +32,8 @@ def weak_combinations(
     trust_t: float,
 ) -> dict[tuple[int, str], dict]:
     """The second tier: :func:`combination_copies` over the ``survivors`` (eligible peers the first tier
-    kept) whose own-page evidence (``trust``: the best of this round's assignment t and the pooled one)
-    is below ``trust_t``, with the trusted survivors', the ``outside`` peers' (refused by other gates)
+    kept) whose own-page evidence (``trust``: ``ScoringConfig.originality``, by default the lower of this
+    round's assignment t and the evidence sustained over the hotkey's recent rounds) is below ``trust_t``, with the trusted survivors', the ``outside`` peers' (refused by other gates)
     and the earlier rounds' Δs as fixed explainers.
 
     Why: a copier who averages *everyone's* Δs — the swarm's averaged Δ, to which peers refused for
@@ -45,9 +45,11 @@ def weak_combinations(
     only peers whose own-page evidence is too weak to count are judged with refused Δs in the span, and
     a refused Δ that is (nearly, ≥ ``threshold`` of it) a scaled copy of one survivor's — −A, 100·A —
     is not a source (it is that survivor's work). The coordinated griefing above (two or more refused
-    sybils) can still reach an honest peer while its t (this round and pooled) stays below ``trust_t``;
-    a copier that passed the assignment test by chance (its t is noise: ≥ 1.5 in ~7 % of rounds, ≥ 3 in
-    ~0.2 %) is caught in nearly every round."""
+    sybils) can still reach an honest peer while its evidence stays below ``trust_t`` (in a hotkey's
+    first round always), and only when it ranks below another dependent peer; a copier that passed the
+    assignment test by chance (its t has no own-page work behind it, but a round-level offset shared by
+    its pages: |t| ≥ 3 in 2 of 28 measured copycat rounds) is caught unless it also did so in its
+    recent rounds."""
     weak = [k for k in survivors if trust.get(k, -math.inf) < trust_t]
     if not weak:
         return {}

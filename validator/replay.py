@@ -57,6 +57,7 @@ def configs_from_record(rec: RoundRecord, device: str | None = None) -> tuple[Ev
     sc.setdefault("combination_fraction", None)
     sc.setdefault("combination_trust_t", None)
     sc.setdefault("support_mean_fraction", None)  # records before the support-mean copy test
+    sc.setdefault("originality", "best")  # records before sustained own-page evidence
     return EvalConfig(**ev), ScoringConfig(**sc)
 
 

@@ -66,13 +66,18 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from peer.errors import ConfigError
-from validator.combinations import combination_copies, none_lowest, source_names, weak_combinations
+from validator.combinations import combination_copies, source_names, weak_combinations
 from validator.evaluation import PeerMeasurement, RoundMeasurements
 
 U16_MAX = 65535
 REWARDS = ("specificity", "heldout")
 T_CAP = 1000.0
 MAX_EVIDENCE = 15
+ORIGINALITY = {
+    "sustained": "the lower of this round's and that sustained over its recent rounds",
+    "best": "best of this round's and pooled",
+}
+"""``ScoringConfig.originality`` → how a refusal names the evidence it used."""
 """Earlier assignment-test t statistics kept per hotkey in the EMA state (``evidence_rounds`` uses the last
 ``evidence_rounds − 1`` of them)."""
 
@@ -131,14 +136,29 @@ class ScoringConfig:
     combination_trust_t: float | None = 3.0
     """Second tier of the combination test (:func:`weak_combinations`): a peer that survived the first
     is refused when its Δ lies ≥ ``combination_fraction`` in the span of *every* other measured Δ —
-    those of peers refused by other gates included — and its own-page evidence (the best of this
-    round's assignment t and the pooled one) is below this. It catches a copier of the swarm's averaged
-    Δ, to which refused peers contributed, when it passes the assignment test by chance (t is noise for
-    it: ≥ 1.5 in ~7 % of rounds, ≥ 3 in ~0.2 %). The price: refused sybils that combine honest Δs can
+    those of peers refused by other gates included — and its own-page evidence (``originality``) is
+    below this. It catches a copier of the swarm's averaged Δ, to which refused peers contributed, when
+    it passes the assignment test by chance (its t has no work behind it but is not N(0, 1): ≥ 3 in 2 of
+    28 measured copycat rounds, see ``originality``). The price: refused sybils that combine honest Δs can
     get an honest peer refused while its t stays below this (honest peers of 13–64 inner steps on the
     debug model showed t 3.7–12 in tests/test_validator_swarm.py; small ones ~2–3 early in a run,
     rising with the pooled evidence). Symptom → tuning: small honest peers refused with "refused ones
     included" → lower it; copies of the swarm's average paid → raise it. None: only the first tier."""
+    originality: str = "sustained"
+    """The own-page evidence (``trust``) that the combination tests rank peers by, and that lets a peer
+    out of the second tier. ``sustained``: the lower of this round's assignment t and the hotkey's
+    evidence sustained over its last ``evidence_rounds`` rounds (Σ clipped t ÷ √evidence_rounds, a
+    round without a measured t counting 0; :func:`originality_evidence`), and every measured peer's t is
+    kept, also when a copy gate refuses it. ``best`` (the rule before): the higher of this round's t and
+    the pooled one, and only paid rounds' t's kept. Why: a copier of the swarm's average has no own-page
+    work, but its t is not N(0, 1): its per-page gains share a round-level offset (the average against
+    the references' scaled gains), so |t| reaches 3–4 (28 copycat rounds in tests/test_validator_swarm.py
+    runs: sd ≈ 1.8, 2 at ≥ 3). Under ``best`` one such round took it past ``combination_trust_t`` and
+    paid it (weight 0.069 on the ledger, the limit 0.05); under ``sustained`` it must show that in this
+    round *and* in earlier ones (about two rounds at ≥ 3), while an honest peer (t 4–14) is trusted from
+    its second round on. The price: a hotkey in its first round is never trusted, so refused sybils that
+    combine honest Δs can get a new honest peer refused in that round (only when it ranks below another
+    dependent peer)."""
     support_mean_fraction: float | None = 0.99
     """Sparse Δs: the combination test in the support-mean geometry (each other Δ divided, coordinate by
     coordinate, by how many of them sent there; ``_support_mean_copies``), which finds a copy of the
@@ -264,6 +284,10 @@ class ScoringConfig:
             )
         if not self.evidence_t_clip > 0:
             raise ConfigError("scoring.evidence_t_clip must be > 0")
+        if self.originality not in ORIGINALITY:
+            raise ConfigError(
+                f"scoring.originality {self.originality!r}: choose from {', '.join(ORIGINALITY)}"
+            )
 
 
 @dataclass(kw_only=True)
@@ -369,6 +393,12 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
                 break
     # combinations within the round: a Δ (nearly) in the span of the others' is a copy of their work
     _combination_gate(m.peers, terms, reasons, cfg, history)
+    if cfg.originality == "sustained":
+        # a copy gate's refusal keeps the peer's measured t as evidence (a copier's noisy t's then pool)
+        for key in eligible_keys:
+            st = terms[key]["specificity_t"]
+            if reasons[key] is not None and st is not None:
+                terms[key]["evidence_t"] = max(-cfg.evidence_t_clip, min(cfg.evidence_t_clip, st))
     eligible = [terms[k]["specificity"] for k, r in reasons.items() if r is None]
     reference = (
         max(cfg.min_assignment_reference, quantile(eligible, cfg.reference_quantile)) if eligible else None
@@ -427,12 +457,11 @@ def _combination_gate(
     if cfg.combination_fraction is None:
         return
     pool = [k for k in spans if reasons[k] is None]
-    trust = {}  # own-page evidence: the best of this round's assignment t and the pooled one
+    trust = {}  # own-page evidence (``cfg.originality``)
     for key in pool:
-        t_now = terms[key]["specificity_t"]
         prior = prior_evidence(history, key[0], key[1], cfg.evidence_rounds - 1)
-        pooled = None if t_now is None else pooled_evidence(prior, t_now, cfg.evidence_t_clip)[0]
-        trust[key] = max(none_lowest(t_now), none_lowest(pooled))
+        trust[key] = originality_evidence(prior, terms[key]["specificity_t"], cfg)
+        terms[key]["originality_t"] = None if trust[key] == -math.inf else trust[key]
     evidence = {k: (trust[k], terms[k]["specificity"]) for k in pool}
     refused, explained = combination_copies(spans, pool, evidence, cfg.combination_fraction)
     for key, frac in explained.items():
@@ -464,7 +493,7 @@ def _combination_gate(
         reasons[key] = (
             f"a combination of other peers' Δs, refused ones included: {r['explained']:.2%} of it lies in "
             f"the span of {source_names(r)} (limit {cfg.combination_fraction:.0%}), and its own-page evidence "
-            f"(t = {trust[key]:.2f}, best of this round's and pooled) is below {cfg.combination_trust_t}"
+            f"(t = {trust[key]:.2f}, {ORIGINALITY[cfg.originality]}) is below {cfg.combination_trust_t}"
         )
     _support_mean_copies(spans, [k for k in survivors if k not in weak], evidence, terms, reasons, cfg)
 
@@ -527,6 +556,22 @@ def pooled_evidence(prior: Sequence[float], t_now: float, clip: float) -> tuple[
     combination: N(0, 1)-like for a peer whose t's are noise, whatever k)."""
     ts = [max(-clip, min(clip, x)) for x in (*prior, t_now)]
     return sum(ts) / math.sqrt(len(ts)), len(ts)
+
+
+def originality_evidence(prior: Sequence[float], t_now: float | None, cfg: ScoringConfig) -> float:
+    """The own-page evidence the combination tests rank a peer by (−inf: no t measured), given its
+    earlier t's (``prior``, oldest first) and this round's. ``sustained``: min(t_now, Σ clip(t) ÷
+    √evidence_rounds) over this round and the last ``evidence_rounds − 1`` earlier ones, missing rounds
+    counting 0 (so a new hotkey's is at most clip ÷ √evidence_rounds); ``best``: max(t_now, the pooled
+    Σ clip(t) ÷ √k over the rounds it has)."""
+    if t_now is None:
+        return -math.inf
+    if cfg.originality == "best":
+        return max(t_now, pooled_evidence(prior, t_now, cfg.evidence_t_clip)[0])
+    c = cfg.evidence_t_clip
+    recent = [*(prior[-(cfg.evidence_rounds - 1) :] if cfg.evidence_rounds > 1 else ()), t_now]
+    sustained = sum(max(-c, min(c, x)) for x in recent) / math.sqrt(cfg.evidence_rounds)
+    return min(t_now, sustained)
 
 
 def assignment_test(
