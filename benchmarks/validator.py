@@ -47,6 +47,9 @@ from peer.training.diloco import DilocoState  # noqa: E402
 from validator.evaluation import Candidate, EvalConfig, Evaluator  # noqa: E402
 from validator.scoring import ScoringConfig, score_round  # noqa: E402
 
+EVAL_OVERRIDES: dict[str, int] = {}
+"""``--eval FIELD=INT``: EvalConfig fields the ranking figures use instead of the defaults."""
+
 
 def encode_dense(run, delta: dict) -> bytes:
     return encode_delta(delta)
@@ -168,7 +171,7 @@ def spearman_round(run, store, trial: int):
                 train(run, store, base, own, other, 40, frac, 1000 * trial + 100 + int(frac * 100)),
             )
         )
-    ev = Evaluator(EvalConfig(), run, store)
+    ev = Evaluator(EvalConfig(**EVAL_OVERRIDES), run, store)
     cands = [
         Candidate(uid=i, hotkey=hotkey(tag + n), delta_blob=ENCODE(run, d))
         for i, (n, _, _, d) in enumerate(peers)
@@ -193,7 +196,7 @@ def sampled_part(run, store, peers, cands, base, seed1, trial: int, rounds: int,
     )
 
     cfg = ScoringConfig()
-    ev = Evaluator(EvalConfig(), run, store)
+    ev = Evaluator(EvalConfig(**EVAL_OVERRIDES), run, store)
     uids = {c.uid: c.hotkey for c in cands}
     ema = EmaState()
     evaluated = {u: 0 for u in uids}
@@ -381,7 +384,19 @@ def main() -> int:
     )
     ap.add_argument("--max-peers", type=int, default=4, help="the sampling budget K of those rounds")
     ap.add_argument("--sparse", action="store_true", help="score sparse top-k Δs (#17) instead of 8-bit")
+    ap.add_argument(
+        "--eval",
+        nargs="*",
+        default=[],
+        metavar="FIELD=INT",
+        help="EvalConfig overrides for the ranking figures, e.g. assigned_pages=48 (integers)",
+    )
     args = ap.parse_args()
+    for kv in args.eval:
+        field_name, _, value = kv.partition("=")
+        if field_name not in EvalConfig.__dataclass_fields__ or not value.lstrip("-").isdigit():
+            ap.error(f"--eval {kv!r}: expected FIELD=INT with FIELD an EvalConfig field")
+        EVAL_OVERRIDES[field_name] = int(value)
     if args.sparse:
         global ENCODE
         ENCODE = encode_topk

@@ -191,11 +191,21 @@ def test_weak_references_are_scaled_up_at_most_max_reference_scale():
                  cross=[(0, [0.01, 0.01]), (1, [0.001, 0.001])]),
         ]  # fmt: skip
 
-    s = by_uid(score_round(rm(peers()), ScoringConfig()))
+    clip = ScoringConfig(reference_out_of_scale="clip")
+    s = by_uid(score_round(rm(peers()), clip))
     assert s[0].terms["generic_gain"] == pytest.approx(0.016)
     assert s[0].terms["specificity"] == pytest.approx(0.029)
     unbounded = by_uid(score_round(rm(peers()), ScoringConfig(max_reference_scale=float("inf"))))
     assert unbounded[0].terms["specificity"] == pytest.approx(0.005)
+    # the default drops both (a ×4 reference still under-estimates a 10× larger Δ's generic gain) and
+    # falls back to u0's own gain on control pages: 0.045 − 0.011
+    ps = peers()
+    ps[0].control_loss_before, ps[0].control_loss_after, ps[0].control_page_gains = 5.0, 4.989, [0.01, 0.012]
+    d = by_uid(score_round(rm(ps), ScoringConfig()))[0].terms
+    assert d["references_dropped"] == 2 and d["generic_basis"] == "its own gain on control pages"
+    assert d["specificity"] == pytest.approx(0.034)
+    # u1's reference u0 (0.005 / 0.05 = 1/10) is dropped too; u2 (ratio 1) stays
+    assert by_uid(score_round(rm(ps), ScoringConfig()))[1].terms["references_dropped"] == 1
     with pytest.raises(ConfigError):
         ScoringConfig(max_reference_scale=0.5)
 

@@ -58,6 +58,7 @@ def configs_from_record(rec: RoundRecord, device: str | None = None) -> tuple[Ev
     sc.setdefault("combination_trust_t", None)
     sc.setdefault("support_mean_fraction", None)  # records before the support-mean copy test
     sc.setdefault("originality", "best")  # records before sustained own-page evidence
+    sc.setdefault("reference_out_of_scale", "clip")  # records before out-of-scale references were dropped
     return EvalConfig(**ev), ScoringConfig(**sc)
 
 

@@ -234,6 +234,14 @@ class ScoringConfig:
     held-out loss (0.003–0.007 nats next to a 64-step peer's 0.046: a factor ~10 that multiplies their
     page noise into the reference and refused an honest 64-step peer). Honest compute spreads give
     factors of 4^0.39 ≈ 1.7 for 4× the steps. ``inf`` = unbounded (the rule before #18)."""
+    reference_out_of_scale: str = "drop"
+    """What a cross reference whose scale factor lies outside [1 / max_reference_scale,
+    max_reference_scale] does. ``drop``: it is not used (with none left, the peer's own control pages are
+    the reference). ``clip`` (the rule before): it is used, scaled by the bound. A clipped reference
+    under-estimates the generic gain of a larger Δ — a 5-step Δ's page gains × 4 are far below what a
+    40-step Δ gains on any page — so the larger Δ showed "specificity" it did not have: a sparse Δ
+    trained on none of its own pages passed the assignment test with t = 6.0 against references of 20
+    and 5 steps (``benchmarks/validator.py --sparse``, trial 1: Spearman by own-data share −0.100)."""
     max_specificity_ratio: float = 3.0
     """Memorisation cap: a peer's paid specificity is at most this × its held-out gain × the round's
     median (specificity ÷ held-out gain) over eligible peers. A Δ that memorises its pages without a
@@ -284,6 +292,10 @@ class ScoringConfig:
             )
         if not self.evidence_t_clip > 0:
             raise ConfigError("scoring.evidence_t_clip must be > 0")
+        if self.reference_out_of_scale not in ("drop", "clip"):
+            raise ConfigError(
+                f"scoring.reference_out_of_scale {self.reference_out_of_scale!r}: choose drop or clip"
+            )
         if self.originality not in ORIGINALITY:
             raise ConfigError(
                 f"scoring.originality {self.originality!r}: choose from {', '.join(ORIGINALITY)}"
@@ -369,7 +381,9 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
     # specificity: own gain on its pages minus what the other eligible peers' Δs achieve there
     eligible_keys = {k for k, r in reasons.items() if r is None}
     for p in m.peers:
-        _specificity(p, terms, eligible_keys, cfg.max_reference_scale)
+        _specificity(
+            p, terms, eligible_keys, cfg.max_reference_scale, drop=cfg.reference_out_of_scale == "drop"
+        )
     # copies within the round: among near-duplicates only the most specific one keeps its score
     for p in m.peers:
         key = (p.uid, p.hotkey)
@@ -399,7 +413,11 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
             st = terms[key]["specificity_t"]
             if reasons[key] is not None and st is not None:
                 terms[key]["evidence_t"] = max(-cfg.evidence_t_clip, min(cfg.evidence_t_clip, st))
-    eligible = [terms[k]["specificity"] for k, r in reasons.items() if r is None]
+    eligible = [
+        terms[k]["specificity"]
+        for k, r in reasons.items()
+        if r is None and terms[k]["specificity"] is not None
+    ]
     reference = (
         max(cfg.min_assignment_reference, quantile(eligible, cfg.reference_quantile)) if eligible else None
     )
@@ -671,12 +689,15 @@ def _t_welch(a: Sequence[float], b: Sequence[float]) -> float | None:
     return max(-T_CAP, min(T_CAP, (ma - mb) / se))
 
 
-def _specificity(p: PeerMeasurement, terms: dict, eligible_keys: set, max_scale: float = math.inf) -> None:
+def _specificity(
+    p: PeerMeasurement, terms: dict, eligible_keys: set, max_scale: float = math.inf, drop: bool = False
+) -> None:
     """Fill generic_gain, specificity, specificity_t and their basis into ``p``'s terms.
 
     With cross references (eligible peers' Δs evaluated on p's assigned pages): per page i,
     generic_i = median_j(gain_j(page i) × scale_j), scale_j = heldout_gain / heldout_gain_j bounded to
-    [1 / max_scale, max_scale], d_i = own gain_i − generic_i,
+    [1 / max_scale, max_scale] (``drop``: a reference outside that range is left out instead; the
+    number left out is ``references_dropped``), d_i = own gain_i − generic_i,
     specificity = mean(d), t = one-sample t of d. Otherwise: own gains on assigned vs control pages
     (difference of means, Welch's t).
     """
@@ -687,7 +708,11 @@ def _specificity(p: PeerMeasurement, terms: dict, eligible_keys: set, max_scale:
         for c in p.cross_gains:
             key = (c["uid"], c["hotkey"])
             if key in eligible_keys:
-                scale = min(max_scale, max(1 / max_scale, t["heldout_gain"] / terms[key]["heldout_gain"]))
+                ratio = t["heldout_gain"] / terms[key]["heldout_gain"]
+                if drop and not 1 / max_scale <= ratio <= max_scale:
+                    t["references_dropped"] = t.get("references_dropped", 0) + 1
+                    continue
+                scale = min(max_scale, max(1 / max_scale, ratio))
                 refs.append((c["gain"] * scale, [g * scale for g in c.get("page_gains", [])]))
     if refs:
         t["generic_basis"] = (
