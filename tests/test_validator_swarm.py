@@ -10,7 +10,6 @@ both scored, and `validator replay` reproduces a logged round.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,26 +30,8 @@ def overlapped_debug_config(path: Path) -> Path:
     return path
 
 
-OVERLAPPED_KNOWN_GAP = (
-    "overlapped swarms: in 1 of 3 runs validators that fell behind audited a round after the copycat had "
-    "published its copy of the late average, and paid it 0.18 (README 'How a round works'); "
-    "run with GRADSWARM_TEST_OVERLAPPED_VALIDATORS=1"
-)
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "rounds",
-    [
-        "blocking",
-        pytest.param(
-            "overlapped",
-            marks=pytest.mark.skipif(
-                os.environ.get("GRADSWARM_TEST_OVERLAPPED_VALIDATORS") != "1", reason=OVERLAPPED_KNOWN_GAP
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("rounds", ["blocking", "overlapped"])
 def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path, rounds):  # noqa: F811
     run_dir = tmp_path / "run"
     model = ["--model-config", str(overlapped_debug_config(tmp_path / "debug-overlapped.yaml"))]
