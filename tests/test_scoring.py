@@ -707,6 +707,29 @@ def test_a_copier_of_everyone_with_one_lucky_round_is_refused_and_its_t_is_kept(
     assert old.reason == "scored" and "evidence_t" in old.terms  # the hole, and the old rule's record
 
 
+def test_a_copier_that_adds_a_little_real_work_goes_before_the_originals():
+    # u9 = (A + B)/2 + a little training of its own (e3): its own-page gains sit 0.02 above the generic
+    # ones on every page, so its t (41) is far above A's (4.33) and B's (2.5), its specificity (0.0205)
+    # far below theirs. Ranked by t, B went first and the copier kept the average's held-out gain; with t
+    # capped at the trust bar, the amount of own-page work decides among peers that clear it
+    vecs = {
+        0: [1.0, 0.0, 0.0, 0.0],
+        1: [0.0, 1.0, 0.0, 0.0],
+        2: [0.0, 0.0, 0.0, 1.0],
+        9: [0.5, 0.5, 0.05, 0.0],
+    }
+    worker = peer(
+        9, heldout=4.8, before=5.0, after=4.8295, own=[0.17, 0.171], cross=[(0, [0.1, 0.1]), (1, [0.1, 0.1])]
+    )
+    ps = _with_spans([*table()[:3], worker], vecs)
+    known = _history({0: [3.0, 3.0, 3.0], 1: [3.0, 3.0, 3.0], 9: [3.0, 3.0, 3.0]})
+    cfg = ScoringConfig(combination_trust_t=2.0)
+    s = by_uid(score_round(rm(ps), cfg, history=known))
+    assert s[9].terms["specificity_t"] > 40 and s[9].terms["specificity"] == pytest.approx(0.0205)
+    assert "a combination of other peers' Δs" in s[9].reason and s[9].score == 0
+    assert s[0].reason == s[1].reason == "scored"
+
+
 def test_a_refused_scaled_or_sign_flipped_copy_is_not_a_source():
     # a sign-flip sybil publishes −B (u1, t 2.5 < combination_trust_t) and a scaled one 100·B: both are
     # B's own work, so they do not make B "a combination" (B stays scored)

@@ -152,7 +152,8 @@ def combination_copies(
     the test alone cannot say who copied. Greedy: a peer whose explained fraction (the share of its unit
     sketch in the span of the other remaining peers' and the earlier rounds' sketches) is at least
     ``threshold`` is refused when, among the peers that are that dependent in its geometry, it shows
-    the least own-page evidence (``evidence``: (assignment t, specificity), None lowest; then the higher
+    the least own-page evidence (``evidence``: (assignment t — scoring caps it at the trust bar, so among
+    peers that clear the bar their specificity decides —, specificity), None lowest; then the higher
     uid); the one such peer with the least evidence goes, and the rest is measured again. The original
     learned its pages, a copier did not; once the copy is gone the originals are independent again.
 

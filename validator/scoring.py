@@ -480,7 +480,11 @@ def _combination_gate(
         prior = prior_evidence(history, key[0], key[1], cfg.evidence_rounds - 1)
         trust[key] = originality_evidence(prior, terms[key]["specificity_t"], cfg)
         terms[key]["originality_t"] = None if trust[key] == -math.inf else trust[key]
-    evidence = {k: (trust[k], terms[k]["specificity"]) for k in pool}
+    # the rank among dependent peers: evidence up to the trust bar, then the amount of own-page work. Above
+    # the bar a higher t says "more consistent", not "more work": a copier that adds a little real training
+    # to the swarm's average (C = (A + B)/2 + ε·own) can show a t above an honest A's, never A's specificity
+    bar = math.inf if cfg.combination_trust_t is None else cfg.combination_trust_t
+    evidence = {k: (min(trust[k], bar), terms[k]["specificity"]) for k in pool}
     refused, explained = combination_copies(spans, pool, evidence, cfg.combination_fraction)
     for key, frac in explained.items():
         terms[key]["combination_explained"] = frac
