@@ -595,18 +595,27 @@ def test_a_delta_that_contains_an_honest_sparse_delta_cannot_get_it_refused():
     assert "combination" not in s[9].reason and s[9].terms["combination_explained"] == pytest.approx(0.5)
 
 
+EVERYONE = {
+    0: [1.0, 0.0, 0.0, 0.0, 0.0],
+    1: [0.0, 1.0, 0.0, 0.0, 0.0],
+    2: [0.0, 0.0, 0.0, 0.0, 1.0],
+    7: [0.0, 0.0, 1.0, 0.0, 0.0],
+    9: [1.0, 1.0, 1.0, 0.0, 0.0],
+}
+"""Sketches of a round where u9 is the swarm's average: A (u0), B (u1) and the refused u7, whose Δ has a
+direction of its own; u2 is independent."""
+
+
+def _refused_scaled_peer():
+    """u7: refused by the norm test (its Δ still fed the all-reduce, clipped)."""
+    return peer(7, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+
+
 def test_a_copy_of_everyone_including_refused_peers_is_refused_when_its_evidence_is_weak():
     # u9 = the swarm's average (A, B and the refused u7, whose Δ has a direction of its own): only 2/3 of
     # it lies in the span of the eligible peers; with the refused Δs in the span it is all there, and its
     # own-page evidence (t −1000, pooled −3) is below combination_trust_t
-    vecs = {
-        0: [1.0, 0.0, 0.0, 0.0, 0.0],
-        1: [0.0, 1.0, 0.0, 0.0, 0.0],
-        2: [0.0, 0.0, 0.0, 0.0, 1.0],
-        7: [0.0, 0.0, 1.0, 0.0, 0.0],
-        9: [1.0, 1.0, 1.0, 0.0, 0.0],
-    }
-    refused = peer(7, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+    vecs, refused = EVERYONE, _refused_scaled_peer()
     ps = _with_spans([*table()[:3], refused, _copy_peer(9)], vecs)
     s = by_uid(score_round(rm(ps), ScoringConfig()))
     assert "norm" in s[7].reason
@@ -683,14 +692,7 @@ def test_originality_evidence_table(prior, t_now, sustained, best):
 def test_a_copier_of_everyone_with_one_lucky_round_is_refused_and_its_t_is_kept():
     # the run that failed tests/test_validator_swarm.py: the copycat's t reached 3.13 ≥ combination_trust_t
     # in one round after −1.71 and −4.13; under `best` that round was trusted and paid
-    vecs = {
-        0: [1.0, 0.0, 0.0, 0.0, 0.0],
-        1: [0.0, 1.0, 0.0, 0.0, 0.0],
-        2: [0.0, 0.0, 0.0, 0.0, 1.0],
-        7: [0.0, 0.0, 1.0, 0.0, 0.0],
-        9: [1.0, 1.0, 1.0, 0.0, 0.0],
-    }
-    refused = peer(7, heldout=4.0, before=5.0, after=4.0, norm=100.0)
+    vecs, refused = EVERYONE, _refused_scaled_peer()
     lucky = peer(  # own pages gain 0.1 more than the others' (scaled) gains there: t high, no work behind it
         9, heldout=4.8, before=5.0, after=4.7, own=[0.31, 0.3], cross=[(0, [0.1, 0.1]), (1, [0.1, 0.1])]
     )
