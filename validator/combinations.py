@@ -33,8 +33,9 @@ def weak_combinations(
 ) -> dict[tuple[int, str], dict]:
     """The second tier: :func:`combination_copies` over the ``survivors`` (eligible peers the first tier
     kept) whose own-page evidence (``trust``: ``ScoringConfig.originality``, by default the lower of this
-    round's assignment t and the evidence sustained over the hotkey's recent rounds) is below ``trust_t``, with the trusted survivors', the ``outside`` peers' (refused by other gates)
-    and the earlier rounds' Δs as fixed explainers.
+    round's assignment t and the evidence sustained over the hotkey's recent rounds) is below
+    ``trust_t``, with the trusted survivors', the ``outside`` peers' (refused by other gates) and the
+    earlier rounds' Δs as fixed explainers.
 
     Why: a copier who averages *everyone's* Δs — the swarm's averaged Δ, to which peers refused for
     other reasons (random data, a scaled or sign-flipped Δ) contributed — lies in the span of the

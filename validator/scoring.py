@@ -73,13 +73,13 @@ U16_MAX = 65535
 REWARDS = ("specificity", "heldout")
 T_CAP = 1000.0
 MAX_EVIDENCE = 15
+"""Earlier assignment-test t statistics kept per hotkey in the EMA state (``evidence_rounds`` uses the last
+``evidence_rounds − 1`` of them)."""
 ORIGINALITY = {
     "sustained": "the lower of this round's and that sustained over its recent rounds",
     "best": "best of this round's and pooled",
 }
 """``ScoringConfig.originality`` → how a refusal names the evidence it used."""
-"""Earlier assignment-test t statistics kept per hotkey in the EMA state (``evidence_rounds`` uses the last
-``evidence_rounds − 1`` of them)."""
 
 
 @dataclass(kw_only=True)
@@ -412,7 +412,7 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
         for key in eligible_keys:
             st = terms[key]["specificity_t"]
             if reasons[key] is not None and st is not None:
-                terms[key]["evidence_t"] = max(-cfg.evidence_t_clip, min(cfg.evidence_t_clip, st))
+                terms[key]["evidence_t"] = clip_t(st, cfg.evidence_t_clip)
     eligible = [
         terms[k]["specificity"]
         for k, r in reasons.items()
@@ -573,10 +573,15 @@ def prior_evidence(history: EmaState | None, uid: int, hotkey: str, n: int) -> l
     return list(e.evidence[-n:]) if e is not None and e.hotkey == hotkey else []
 
 
+def clip_t(t: float, clip: float) -> float:
+    """An assignment-test t as it enters the evidence: clipped to [−clip, clip] (``evidence_t_clip``)."""
+    return max(-clip, min(clip, t))
+
+
 def pooled_evidence(prior: Sequence[float], t_now: float, clip: float) -> tuple[float, int]:
     """(Σ t / √k, k) over the earlier t's and this round's, each clipped to [−clip, clip] (Stouffer's
     combination: N(0, 1)-like for a peer whose t's are noise, whatever k)."""
-    ts = [max(-clip, min(clip, x)) for x in (*prior, t_now)]
+    ts = [clip_t(x, clip) for x in (*prior, t_now)]
     return sum(ts) / math.sqrt(len(ts)), len(ts)
 
 
@@ -590,9 +595,8 @@ def originality_evidence(prior: Sequence[float], t_now: float | None, cfg: Scori
         return -math.inf
     if cfg.originality == "best":
         return max(t_now, pooled_evidence(prior, t_now, cfg.evidence_t_clip)[0])
-    c = cfg.evidence_t_clip
     recent = [*(prior[-(cfg.evidence_rounds - 1) :] if cfg.evidence_rounds > 1 else ()), t_now]
-    sustained = sum(max(-c, min(c, x)) for x in recent) / math.sqrt(cfg.evidence_rounds)
+    sustained = sum(clip_t(x, cfg.evidence_t_clip) for x in recent) / math.sqrt(cfg.evidence_rounds)
     return min(t_now, sustained)
 
 
@@ -637,7 +641,7 @@ def _specificity_reward(
     spec, st = t["specificity"], t["specificity_t"]
     if st is not None:
         # this round's evidence, recorded whatever the outcome (update_ema keeps it for later rounds)
-        t["evidence_t"] = max(-cfg.evidence_t_clip, min(cfg.evidence_t_clip, st))
+        t["evidence_t"] = clip_t(st, cfg.evidence_t_clip)
     t["evidence_prior"] = list(prior)
     if spec is None or spec <= 0:
         return 0.0, (
