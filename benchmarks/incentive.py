@@ -57,15 +57,14 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from validator.ema import EmaState, update_ema  # noqa: E402
 from validator.evaluation import RoundMeasurements  # noqa: E402
 from validator.scoring import (  # noqa: E402
-    EmaState,
     ScoringConfig,
     assignment_test,
     normalize_weights,
     not_sampled_scores,
     score_round,
-    update_ema,
 )
 
 ASSIGNMENT_REFUSALS = ("not shown to have trained", "not trained on its assigned pages")

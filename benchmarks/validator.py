@@ -185,15 +185,9 @@ def sampled_part(run, store, peers, cands, base, seed1, trial: int, rounds: int,
     """The same 10 peers scored over ``rounds`` rounds by a validator that evaluates only ``k`` a round
     (validator.sampling: stalest first + keyed random slots, a fresh key per round), EMA over evaluated
     rounds only; returns Spearman(weight, truth) per group from the final weights (what goes on chain)."""
+    from validator.ema import EmaState, last_evaluated, update_ema
     from validator.sampling import sampling_key, select_peers
-    from validator.scoring import (
-        BurnPolicy,
-        EmaState,
-        last_evaluated,
-        normalize_weights,
-        not_sampled_scores,
-        update_ema,
-    )
+    from validator.scoring import BurnPolicy, normalize_weights, not_sampled_scores
 
     cfg = ScoringConfig()
     ev = Evaluator(EvalConfig(**EVAL_OVERRIDES), run, store)

@@ -6,18 +6,16 @@ import math
 
 import pytest
 
+from validator.ema import EmaEntry, EmaState, update_ema
 from validator.evaluation import PeerMeasurement, RoundMeasurements
 from validator.scoring import (
     BurnPolicy,
-    EmaEntry,
-    EmaState,
     PeerScore,
     ScoringConfig,
     normalize_weights,
     originality_evidence,
     quantile,
     score_round,
-    update_ema,
 )
 
 BASE = 5.0
@@ -305,8 +303,8 @@ def test_sample_random_slots_come_from_the_rest_by_keyed_hash():
 
 
 def test_sample_rotates_through_every_peer():
+    from validator.ema import last_evaluated
     from validator.sampling import sampling_key, select_peers
-    from validator.scoring import last_evaluated
 
     uids = _hk(range(10))
     ema = EmaState()
@@ -347,7 +345,8 @@ def test_ema_keeps_unsampled_peers_and_counts_only_evaluated_rounds():
         None,
     )  # new hotkey
     assert (new.entries[3].value, new.entries[3].last_evaluated) == (0.0, 3)  # sent nothing: evaluated, 0
-    from validator.scoring import last_evaluated, not_sampled_scores
+    from validator.ema import last_evaluated
+    from validator.scoring import not_sampled_scores
 
     assert last_evaluated(new, {0: "hk0", 1: "hk1", 2: "hk2", 3: "other"}) == {0: 3, 1: 1, 2: None, 3: None}
     rows = not_sampled_scores({1: "not sampled (budget)"}, {1: "hk1"})

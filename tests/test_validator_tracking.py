@@ -6,8 +6,9 @@ import time
 from dataclasses import asdict
 
 from tests.test_scoring import rm, table
+from validator.ema import EmaState, update_ema
 from validator.evaluation import EvalConfig
-from validator.scoring import EmaState, ScoringConfig, normalize_weights, score_round, update_ema
+from validator.scoring import ScoringConfig, normalize_weights, score_round
 from validator.store import RoundRecord
 from validator.tracking import explanation_table, log_round, round_metrics
 

@@ -42,6 +42,7 @@ from peer.data.pages import PageStore
 from peer.errors import CheckpointError
 from peer.net.outbox import decode_state
 from peer.net.records import Commitment
+from validator.ema import EmaState, last_evaluated, update_ema
 from validator.evaluation import Candidate, EvalConfig, Evaluator, PeerMeasurement, RoundMeasurements
 from validator.fetching import (
     LISTING_MIN_S,
@@ -62,15 +63,12 @@ from validator.sampling import (
     vote_extras,
 )
 from validator.scoring import (
-    EmaState,
     PeerScore,
     ScoringConfig,
     WeightVector,
-    last_evaluated,
     normalize_weights,
     not_sampled_scores,
     score_round,
-    update_ema,
 )
 from validator.store import CandidateRecord, RoundRecord, ValidatorStore
 from validator.weights import Outcome, WeightsConfig, WeightSetter

@@ -15,18 +15,10 @@ from pathlib import Path
 from peer.config import load_run_config
 from peer.data.shards import open_page_store
 from peer.net.outbox import decode_state
+from validator.ema import EmaState, last_evaluated, update_ema
 from validator.evaluation import Candidate, EvalConfig, Evaluator
 from validator.sampling import select_peers
-from validator.scoring import (
-    BurnPolicy,
-    EmaState,
-    ScoringConfig,
-    last_evaluated,
-    normalize_weights,
-    not_sampled_scores,
-    score_round,
-    update_ema,
-)
+from validator.scoring import BurnPolicy, ScoringConfig, normalize_weights, not_sampled_scores, score_round
 from validator.store import ReplayError, RoundRecord, ValidatorStore
 
 REL_TOL = 1e-4

@@ -14,7 +14,7 @@ Evaluating a peer costs ~1.7× the forward passes of its pages, so a validator w
   the rest, so "I was evaluated last round, I'm safe now" is never true.
 
 Ties (same last-evaluated round) are broken by a hash of (key, uid, hotkey), so the order among equals
-is unpredictable too. A peer not sampled keeps its EMA (validator.scoring.update_ema with ``evaluated``)
+is unpredictable too. A peer not sampled keeps its EMA (validator.ema.update_ema with ``evaluated``)
 and is explained as ``not sampled``.
 
 **Listing is sampled too.** Listing a peer (dial, handshake, a signed answer) costs the validator time

@@ -2,7 +2,7 @@
 
 Layout (``--state-dir``, by default ``~/.gradswarm/<run id>/validator-<wallet>-<hotkey>``)::
 
-    ema.json                         EMA of every uid (scoring.EmaState), written after each round
+    ema.json                         EMA of every uid (ema.EmaState), written after each round
     in_progress.json                 the round being evaluated (a restart finishes it first)
     weights_queue.json               weights not yet on chain, and intervals done (validator.weights)
     blobs/<sha256>.safetensors       fetched base states and contributions, content-addressed
@@ -27,7 +27,7 @@ from safetensors.torch import load, save
 
 from peer.errors import CheckpointError, UserError
 from peer.net.outbox import atomic_write_bytes, atomic_write_json
-from validator.scoring import EmaState
+from validator.ema import EmaState
 
 RECORD_FORMAT = 1
 
