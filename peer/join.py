@@ -158,8 +158,8 @@ def register(sub) -> None:
         "--rounds",
         choices=["overlapped", "blocking"],
         default=None,
-        help="override train.rounds: blocking (default; training waits for the all-reduce) or overlapped "
-        "(experimental: all-reduce runs while the next round trains, outer step one round late)",
+        help="override train.rounds: overlapped (default: the all-reduce runs while the next round trains, "
+        "outer step one round late) or blocking (training waits for the all-reduce)",
     )
     g.add_argument(
         "--probe-loss",

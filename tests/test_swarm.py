@@ -85,9 +85,9 @@ def test_swarm_trains_survives_sigkill_and_syncs_late_joiner(procs, bootstrap, d
     rounds_a, rounds_b, rounds_d = read_rounds(home_a), read_rounds(home_b), read_rounds(home_d)
     by_round_a = {r["round"]: r for r in rounds_a}
 
-    # blocking rounds (the default): a round's average lands in the next round's state
-    assert all(r["rounds_mode"] == "blocking" for r in rounds_a + rounds_b + rounds_d)
-    assert all(r["state_round"] == r["round"] + 1 for r in rounds_a if r["status"] != "unapplied")
+    # overlapped rounds (the default): a round's average lands in the state two rounds on
+    assert all(r["rounds_mode"] == "overlapped" for r in rounds_a + rounds_b + rounds_d)
+    assert all(r["state_round"] == r["round"] + 2 for r in rounds_a if r["status"] != "unapplied")
     # after every round in which both averaged, a and b hold bit-identical parameters
     both = [
         r
@@ -169,9 +169,9 @@ def test_sync_mode_two_peers(procs, bootstrap, debug_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_overlapped_rounds_two_peers(procs, bootstrap, debug_data, tmp_path):
-    """--rounds overlapped (experimental, opt-in): the average of round r lands in θ_{r+2}, bit-identical."""
-    run_id = f"overlapped-{uuid.uuid4().hex[:8]}"
+def test_blocking_rounds_two_peers(procs, bootstrap, debug_data, tmp_path):
+    """--rounds blocking (the non-default mode): the average of round r lands in θ_{r+1}, bit-identical."""
+    run_id = f"blocking-{uuid.uuid4().hex[:8]}"
     peers = []
     for name in ("k1", "k2"):
         args = join_args(
@@ -182,8 +182,8 @@ def test_overlapped_rounds_two_peers(procs, bootstrap, debug_data, tmp_path):
             run_id=run_id,
             initial_peers=[bootstrap],
             # 6 rounds: an all-reduce that completes for one peer and fails for the other (its reply was
-            # lost; seen once in a full suite run, in round 1) costs ~3 rounds of resync in a 2-peer swarm
-            extra=["--rounds", "overlapped", "--max-rounds", "6", "--eval-pages", "0"],
+            # lost; seen once in a full suite run, in round 1) costs a resync in a 2-peer swarm
+            extra=["--rounds", "blocking", "--max-rounds", "6", "--eval-pages", "0"],
         )
         peers.append(procs.start(name, args))
     for p in peers:
@@ -198,7 +198,7 @@ def test_overlapped_rounds_two_peers(procs, bootstrap, debug_data, tmp_path):
     ]
     assert len(both) >= 2, (r1, r2)
     for r in both:
-        assert r["rounds_mode"] == "overlapped" and r["state_round"] == r["round"] + 2
+        assert r["rounds_mode"] == "blocking" and r["state_round"] == r["round"] + 1
         assert r["state_hash"] == by_round[r["round"]]["state_hash"]
     for home in (tmp_path / "k1", tmp_path / "k2"):
         assert _check_outbox_intact(home) >= 3

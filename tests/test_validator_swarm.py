@@ -22,11 +22,11 @@ from tests.test_launcher import launcher_factory  # noqa: F401  (the fixture: st
 DISHONEST = ["free-rider", "copycat", "random-data", "nan", "scaled", "sign-flip", "stale"]
 
 
-def overlapped_debug_config(path: Path) -> Path:
-    """The debug model config with ``train.rounds: overlapped`` (peers and validators read it)."""
+def debug_config_with_rounds(path: Path, rounds: str) -> Path:
+    """The debug model config with ``train.rounds`` set explicitly (peers and validators read it)."""
     text = (REPO / "model_configs" / "debug.yaml").read_text()
-    assert "\ntrain:\n" in text
-    path.write_text(text.replace("\ntrain:\n", "\ntrain:\n  rounds: overlapped\n"))
+    assert "\ntrain:\n" in text and "rounds:" not in text.split("\ntrain:\n")[1]
+    path.write_text(text.replace("\ntrain:\n", f"\ntrain:\n  rounds: {rounds}\n"))
     return path
 
 
@@ -34,12 +34,12 @@ def overlapped_debug_config(path: Path) -> Path:
 @pytest.mark.parametrize("rounds", ["blocking", "overlapped"])
 def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path, rounds):  # noqa: F811
     run_dir = tmp_path / "run"
-    model = ["--model-config", str(overlapped_debug_config(tmp_path / "debug-overlapped.yaml"))]
+    model = ["--model-config", str(debug_config_with_rounds(tmp_path / f"debug-{rounds}.yaml", rounds))]
     launcher = launcher_factory(
         [
             "--peers", "2", "--behaviours", ",".join(DISHONEST), "--validators", "2", "--rounds", "3",
             "--round-blocks", "16", "--run-dir", str(run_dir), "--data-dir", str(debug_data),
-            "--wandb-mode", "disabled", "--timeout", "600", *(model if rounds == "overlapped" else []),
+            "--wandb-mode", "disabled", "--timeout", "600", *model,
         ],
         tmp_path / "launcher.log",
     )  # fmt: skip
