@@ -109,7 +109,7 @@ def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path
     replay = subprocess.run(
         [sys.executable, "-m", "validator.cli", "replay", "--round", str(last),
          "--state-dir", str(run_dir / "validators" / "validator-0"), "--data-dir", str(debug_data),
-         *(["--config", model[1]] if rounds == "overlapped" else [])],
+         "--config", model[1]],
         capture_output=True, text=True, timeout=300, cwd=REPO, env=peer_env(),
     )  # fmt: skip
     assert replay.returncode == 0, replay.stdout[-3000:] + replay.stderr[-2000:]
