@@ -20,6 +20,17 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+def debug_config_file(dest: Path, rounds: str) -> Path:
+    """``dest/debug.yaml``: the shipped debug config with ``train.rounds`` set to ``rounds`` (its name
+    stays ``debug``). For validator tests whose peers (or fixtures) run a given round mode."""
+    text = (REPO / "model_configs" / "debug.yaml").read_text()
+    assert "\ntrain:\n" in text and "rounds:" not in text.split("\ntrain:\n")[1]
+    dest.mkdir(parents=True, exist_ok=True)
+    path = dest / "debug.yaml"
+    path.write_text(text.replace("\ntrain:\n", f"\ntrain:\n  rounds: {rounds}\n"))
+    return path
+
+
 def peer_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(

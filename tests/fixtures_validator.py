@@ -1,5 +1,8 @@
 """A small, real world for validator tests: prepared data, a debug model, and real Δs of each behaviour.
 
+The world is a *blocking* swarm (``train.rounds: blocking``, ``World.config_path``): round 1's Δs are
+evaluated on θ_1. Validators run in these tests take ``--config w.config_path``.
+
 Δs are made the way peers make them (``peer.training.diloco.DilocoState``: inner AdamW steps, Δ = θ_r − θ_local,
 norm-clipped) on the debug model, for two rounds: round 0 from the initial weights (four honest peers,
 averaged and applied with the outer Nesterov step), then round 1 with every behaviour. Built once per
@@ -26,6 +29,7 @@ from peer.data.model import build_model, lm_loss
 from peer.data.pages import PageStore, assign_pages, eval_pages, prepare_data, round_batches
 from peer.net.outbox import encode_delta
 from peer.training.diloco import DilocoState
+from tests.fixtures_swarm import debug_config_file
 
 INNER_STEPS = 40
 ROUND_BLOCKS = 10
@@ -56,6 +60,8 @@ class World:
     """round → θ_r (name → fp32 tensor)."""
     hotkeys: dict[str, str]
     """behaviour name → ss58 hotkey (``keypair(name)`` is its key)."""
+    config_path: Path
+    """The debug config with ``rounds: blocking`` (named ``debug``): pass it to a validator's ``--config``."""
     ledger_path: Path
     """A LocalLedger (block time 10,000 s: its head stays at block 15) whose block hashes are the seeds
     of rounds 0 and 1 (``ROUND_BLOCKS`` blocks per round)."""
@@ -88,8 +94,9 @@ def train_delta(
 @functools.lru_cache(maxsize=1)
 def world() -> World:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    run = load_run_config("debug")
     data_dir = Path(tempfile.mkdtemp(prefix="gradswarm-validator-data-"))
+    config_path = debug_config_file(data_dir.parent / f"{data_dir.name}-config", "blocking")
+    run = load_run_config(str(config_path))
     prepare_data(run.data, data_dir)
     store = PageStore(data_dir, run.data)
     k = run.data.pages_per_round
@@ -111,6 +118,7 @@ def world() -> World:
         seeds=seeds,
         bases={0: base0},
         hotkeys=hotkeys,
+        config_path=config_path,
         ledger_path=ledger_path,
     )
 

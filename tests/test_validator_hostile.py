@@ -130,7 +130,7 @@ def _validator_hotkey(tmp_path: Path) -> str:
 
 def validator_cmd(w, run_id, state, netuid, wallets, *extra) -> list[str]:
     return [
-        sys.executable, "-m", "validator.cli", "run", "--config", "debug", "--data-dir", str(w.data_dir),
+        sys.executable, "-m", "validator.cli", "run", "--config", str(w.config_path), "--data-dir", str(w.data_dir),
         "--run-id", run_id, "--state-dir", str(state), "--ledger.path", str(w.ledger_path),
         "--netuid", str(netuid), "--round-blocks", str(ROUND_BLOCKS), "--max-rounds", "1",
         "--publish-grace", "0", "--wallet.name", "val", "--wallet.path", str(wallets), "--device", "cpu",

@@ -134,7 +134,7 @@ def test_two_validators_score_served_contributions_and_replay_agrees(validator_w
                 [
                     "run",
                     "--config",
-                    "debug",
+                    str(w.config_path),
                     "--data-dir",
                     str(w.data_dir),
                     "--run-id",

@@ -12,29 +12,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.fixtures_swarm import REPO, peer_env
+from tests.fixtures_swarm import REPO, debug_config_file, peer_env
 from tests.test_launcher import launcher_factory  # noqa: F401  (the fixture: stops every launcher it started)
 
 DISHONEST = ["free-rider", "copycat", "random-data", "nan", "scaled", "sign-flip", "stale"]
-
-
-def debug_config_with_rounds(path: Path, rounds: str) -> Path:
-    """The debug model config with ``train.rounds`` set explicitly (peers and validators read it)."""
-    text = (REPO / "model_configs" / "debug.yaml").read_text()
-    assert "\ntrain:\n" in text and "rounds:" not in text.split("\ntrain:\n")[1]
-    path.write_text(text.replace("\ntrain:\n", f"\ntrain:\n  rounds: {rounds}\n"))
-    return path
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rounds", ["blocking", "overlapped"])
 def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path, rounds):  # noqa: F811
     run_dir = tmp_path / "run"
-    model = ["--model-config", str(debug_config_with_rounds(tmp_path / f"debug-{rounds}.yaml", rounds))]
+    model = ["--model-config", str(debug_config_file(tmp_path / "config", rounds))]
     launcher = launcher_factory(
         [
             "--peers", "2", "--behaviours", ",".join(DISHONEST), "--validators", "2", "--rounds", "3",
