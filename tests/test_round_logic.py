@@ -68,8 +68,11 @@ def test_behaviours_change_only_what_they_say():
 
 
 def test_outer_step_is_deterministic_nesterov():
+    import dataclasses
+
     cfg = load_run_config("debug")
-    a, b = DilocoState(build_model(cfg), cfg.train), DilocoState(build_model(cfg), cfg.train)
+    train = dataclasses.replace(cfg.train, rounds="blocking")  # overlapped rounds default to μ = 0
+    a, b = DilocoState(build_model(cfg), train), DilocoState(build_model(cfg), train)
     assert a.state_hash() == b.state_hash()
     batch = torch.randint(0, cfg.data.vocab_size, (4, cfg.data.seq_len + 1))
     for s in (a, b):
@@ -188,11 +191,13 @@ def test_overlapped_rounds_take_the_plain_average_as_outer_step():
     import dataclasses
 
     cfg = load_run_config("debug")
-    ovl = dataclasses.replace(cfg.train, rounds="overlapped")
+    assert cfg.train.rounds == "overlapped"  # the default
+    ovl = cfg.train
+    blocking = dataclasses.replace(cfg.train, rounds="blocking")
     fallback = dataclasses.replace(ovl, overlapped_outer_lr=None, overlapped_outer_momentum=None)
     g = [torch.full_like(p, 0.01) for p in build_model(cfg).parameters()]
     results = {}
-    for name, train in (("blocking", cfg.train), ("overlapped", ovl), ("fallback", fallback)):
+    for name, train in (("blocking", blocking), ("overlapped", ovl), ("fallback", fallback)):
         s = DilocoState(build_model(cfg), train)
         before = s.snapshot[0].clone()
         s.outer_step(g)
