@@ -1,4 +1,4 @@
-"""The local-subnet launcher: a tiny subnet end to end, Ctrl-C, and its pure parts.
+"""The local-subnet launcher: what every completed run must show, Ctrl-C, and its pure parts.
 
 The end-to-end tests run ``python -m launch.local_subnet`` as a real process (which starts a real
 bootstrap DHT, ``peer join`` processes and a ``validator run`` on a LocalLedger) and watch every
@@ -108,60 +108,47 @@ def _wait_gone(pids: set[int], timeout: float = 10.0) -> set[int]:
     return left
 
 
-@pytest.mark.slow
-def test_tiny_subnet_end_to_end(launcher_factory, debug_data, tmp_path):
-    run_dir = tmp_path / "run"
-    launcher = launcher_factory(
-        [
-            "--peers", "2", "--behaviours", "free-rider", "--validators", "1", "--rounds", "3",
-            "--round-blocks", "12", "--run-dir", str(run_dir), "--data-dir", str(debug_data),
-            "--wandb-mode", "disabled", "--timeout", "400",
-        ],
-        tmp_path / "launcher.log",
-    )  # fmt: skip
-    code = launcher.wait(timeout=450)
-    out = launcher.output()
-    assert code == 0, out[-4000:]
+def assert_completed_run(launcher: Launcher, run_dir: Path, validators: int) -> dict:
+    """What every completed launcher run must show, whatever its scenario; returns the summary. Checked on
+    the subnets of ``tests/test_validator_swarm.py`` (2 honest peers, 7 dishonest ones, 2 validators).
 
+    The run completed with nobody killed or crashed; every peer registered and finished rounds; honest
+    peers trained tokens and a free-rider none, and it is paid less than them; every validator scored
+    the rounds asked for; the table the user sees names every peer; the report and every process's log
+    are written; and every process the launcher ever started (peers, p2pd daemons, publishers,
+    validators) is gone."""
+    out = launcher.output()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed", summary["stop_reason"]
     assert summary["killed"] == [] and summary["crashed"] == []
-    peers = {p["name"]: p for p in summary["peers"]}
-    assert [p["behaviour"] for p in summary["peers"]].count("free-rider") == 1
-    honest = [p for p in peers.values() if p["behaviour"] == "honest"]
-    rider = next(p for p in peers.values() if p["behaviour"] == "free-rider")
-    assert len(honest) == 2
-    for p in honest:
-        assert p["uid"] is not None and p["rounds"] >= 1 and p["tokens"] > 0
-        assert p["weight"] > rider["weight"], summary["peers"]
-        assert p["incentive"] >= rider["incentive"]
-    assert rider["tokens"] == 0 and rider["weight"] < 0.05
-    assert len(summary["validator_rounds"]["validator-0"]) == 3
+    peers = summary["peers"]
+    for p in peers:
+        assert p["uid"] is not None and p["rounds"] >= 1, p
+        assert p["name"] in out
+    honest = [p for p in peers if p["behaviour"] == "honest"]
+    assert honest and all(p["tokens"] > 0 for p in honest), peers
+    for rider in (p for p in peers if p["behaviour"] == "free-rider"):
+        assert rider["tokens"] == 0 and all(h["incentive"] >= rider["incentive"] for h in honest), peers
+    rounds = launch_rounds(launcher)
+    for v in range(validators):
+        assert len(summary["validator_rounds"][f"validator-{v}"]) == rounds, summary["validator_rounds"]
     assert summary["heldout_loss"] and summary["weights"]
-    # the table the user sees names every peer
-    for name in peers:
-        assert name in out
 
     png = (run_dir / "report.png").read_bytes()
     assert png.startswith(PNG_MAGIC) and len(png) > 10_000
-    for name in ("bootstrap", "peer-0", "peer-1", "peer-2", "validator-0"):
-        assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0
+    names = ["bootstrap", *(p["name"] for p in peers), *(f"validator-{v}" for v in range(validators))]
+    for name in names:
+        assert (run_dir / "logs" / f"{name}.log").stat().st_size > 0, name
 
-    # the README's replay command works on the run's records: anyone can re-check a round
-    scored = summary["validator_rounds"]["validator-0"][-1]["round"]
-    replay = subprocess.run(
-        [
-            sys.executable, "-m", "validator.cli", "replay", "--round", str(scored),
-            "--state-dir", str(run_dir / "validators" / "validator-0"), "--data-dir", str(debug_data),
-        ],
-        capture_output=True, text=True, timeout=120, cwd=REPO, env=peer_env(),
-    )  # fmt: skip
-    assert replay.returncode == 0, replay.stdout + replay.stderr
-    assert "matches what the validator logged" in replay.stdout
-
-    # every process the launcher ever started (peers, p2pd daemons, publishers, validator) is gone
-    assert len(launcher.seen) >= 5 + 3  # 5 children + at least a p2pd per peer
+    assert len(launcher.seen) >= len(names) + len(peers)  # the children + at least a p2pd per peer
     assert _wait_gone(launcher.seen, timeout=5) == set()
+    return summary
+
+
+def launch_rounds(launcher: Launcher) -> int:
+    """The ``--rounds`` the launcher was started with."""
+    args = launcher.popen.args
+    return int(args[args.index("--rounds") + 1])
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@
 Checks what the validators are responsible for: every honest peer ends with a higher weight *on the
 ledger* than every cheating one, whose weights are (near) zero; the swarm's held-out loss falls although
 sign-flip and ×100 peers feed the all-reduce; both validators give the same scores for a round they
-both scored, and `validator replay` reproduces a logged round.
+both scored, and `validator replay` reproduces a logged round. Each run is also checked for what every
+completed launcher run must show (``tests.test_launcher.assert_completed_run``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import sys
 import pytest
 
 from tests.fixtures_swarm import REPO, debug_config_file, peer_env
-from tests.test_launcher import launcher_factory  # noqa: F401  (the fixture: stops every launcher it started)
+from tests.test_launcher import (
+    assert_completed_run,
+    launcher_factory,  # noqa: F401  (the fixture: stops every launcher it started)
+)
 
 DISHONEST = ["free-rider", "copycat", "random-data", "nan", "scaled", "sign-flip", "stale"]
 
@@ -36,8 +40,7 @@ def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path
     )  # fmt: skip
     code = launcher.wait(timeout=660)
     assert code == 0, launcher.output()[-4000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed", summary["stop_reason"]
+    summary = assert_completed_run(launcher, run_dir, validators=2)
     peers = summary["peers"]
     honest = [p for p in peers if p["behaviour"] == "honest"]
     dishonest = [p for p in peers if p["behaviour"] != "honest"]
