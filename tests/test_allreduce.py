@@ -317,6 +317,51 @@ def test_peers_that_hold_different_states_never_average_together(dhts):
     assert torch.equal(outcomes[2][1][0], torch.full((5000,), 1.2))
 
 
+def test_a_peer_off_the_majority_rebases_its_group_before_matchmaking(dhts):
+    """The same three peers, but the one on ``bb…`` learns (the overlapped mid-round check) that the swarm
+    holds ``aa…`` and rebases its scheduled group before matchmaking: all three average together. Without
+    it a 2-peer overlapped swarm that once averaged alone went alone every other round for good (seen in
+    a suite run: 'could not find a group' in every odd round, 300 s). A rebase after matchmaking began
+    is refused."""
+    import time
+
+    from peer.training.swarm import SwarmAveraging
+
+    bases = ["aa" * 32, "aa" * 32, "bb" * 32]
+    swarms = [
+        SwarmAveraging(
+            d,
+            run_id="rebase",
+            keypair=None,
+            shapes=[torch.Size([5000])],
+            compression="none",
+            state_provider=lambda: ({}, []),
+            matchmaking_seconds=2.0,
+            allreduce_timeout=20.0,
+        )
+        for d in dhts
+    ]
+    try:
+        start_at = time.time() + 4.0
+        for s, base in zip(swarms, bases, strict=True):
+            s.schedule(12, start_at=start_at, base=base, gather={"base": base})
+        assert not swarms[2].rebase(11, bases[0])  # another round: nothing to rebase
+        assert not swarms[2].rebase(12, bases[2])  # the base it already has
+        assert swarms[2].rebase(12, bases[0])
+        time.sleep(max(0.0, start_at - 2.0 - time.time()) + 0.3)  # matchmaking has begun
+        assert not swarms[2].rebase(12, bases[2])
+        pending = [s.start([torch.full((5000,), 1.0 + i / 10)]) for i, s in enumerate(swarms)]
+        outcomes = [p.result() for p in pending]
+    finally:
+        for s in swarms:
+            s.shutdown()
+    assert [o.status for o, _ in outcomes] == ["averaged"] * 3, [o for o, _ in outcomes]
+    for o, avg in outcomes:
+        assert o.group_size == 3 and {g["base"] for g in o.gathered.values()} == {bases[0]}
+        assert torch.equal(avg[0], outcomes[0][1][0])
+        assert abs(float(avg[0].mean()) - 1.1) < 1e-4
+
+
 def test_screen_part_bounds_by_the_owners_part_only_when_it_is_a_contribution():
     from peer.training.allreduce import screen_part
 

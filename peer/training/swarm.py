@@ -243,6 +243,8 @@ class SwarmAveraging:
         self._pending: tuple[threading.Event, dict] | None = None
         self._running: PendingAverage | None = None
         self._timer: threading.Timer | None = None
+        self._scheduled: dict | None = None  # schedule()'s arguments, for rebase()
+        self._schedule_lock = threading.RLock()  # schedule()/rebase() against the timer's begin()
         self._pipe_lock = threading.Lock()  # the averager's pipe: the timer thread and the trainer
         self._counters_end: tuple[int, int, int] | None = None
 
@@ -280,27 +282,61 @@ class SwarmAveraging:
         A peer that has found no group by ``give_up_at`` (default: ``start_at`` + matchmaking time)
         averages alone, so a lone peer does not eat into the next round.
         """
-        self._cancel_timer()
-        ready = threading.Event()
-        slot: dict = {}
-        self._pending = (ready, slot)
+        with self._schedule_lock:
+            self._cancel_timer()
+            if self._pending is not None:
+                self._pending[1]["superseded"] = True
+            ready = threading.Event()
+            slot: dict = {}
+            self._pending = (ready, slot)
+            self._scheduled = dict(
+                round_=round_,
+                start_at=start_at,
+                base=base,
+                gather=gather,
+                weight=weight,
+                give_up_at=give_up_at,
+            )
         begin_at = start_at - self.matchmaking_seconds - self.matchmaking_lead
 
         def begin() -> None:
             try:
+                with self._schedule_lock:
+                    if slot.get("superseded"):
+                        return  # rebase() (or a later schedule()) replaced this group before it began
+                    slot["begun"] = True
                 slot["control"] = self._begin(group_bits(round_, base), start_at, gather, weight, give_up_at)
             except BaseException as e:  # noqa: BLE001 - handed to start(), which fails only this round
                 slot["error"] = e
             finally:
                 ready.set()
 
-        delay = begin_at - time.time()
-        if delay <= 0:
-            begin()
-        else:
-            self._timer = threading.Timer(delay, begin)
-            self._timer.daemon = True
-            self._timer.start()
+        with self._schedule_lock:
+            delay = begin_at - time.time()
+            if delay <= 0:
+                begin()
+            else:
+                self._timer = threading.Timer(delay, begin)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def rebase(self, round_: int, base: str) -> bool:
+        """Re-key the group scheduled for ``round_`` to the θ hashed ``base`` (the swarm's majority θ
+        when ours is not it), if its matchmaking has not begun yet. Returns whether it did.
+
+        Why (overlapped rounds): a peer whose θ_r parted from the swarm's (its all-reduce of round r−2
+        ran alone, e.g. both peers of a 2-peer swarm under load) would otherwise look for round r's group
+        under its own θ_r, find nobody, average round r alone too, and so part again at θ_{r+2}: every
+        other round alone, for good. It resyncs to the majority's θ_{r+1} before applying ḡ_r, so
+        averaging Δ_r in the majority's group is what it then applies to the same θ as everyone."""
+        with self._schedule_lock:
+            sched, pending = self._scheduled, self._pending
+            if sched is None or pending is None or sched["round_"] != round_ or sched["base"] == base:
+                return False
+            if pending[1].get("begun"):
+                return False
+            self.schedule(**{**sched, "base": base, "gather": {**sched["gather"], "base": base}})
+            return True
 
     def _begin(self, bits: str, start_at: float, gather: dict, weight: float, give_up_at: float | None):
         from hivemind.utils.timed_storage import get_dht_time
@@ -333,7 +369,8 @@ class SwarmAveraging:
         background; :meth:`PendingAverage.result` collects it. The previous all-reduce must be collected."""
         assert self._pending is not None, "schedule() first"
         assert self._running is None or self._running.done(), "collect the previous all-reduce first"
-        (ready, slot), self._pending = self._pending, None
+        with self._schedule_lock:
+            (ready, slot), self._pending = self._pending, None
         ready.wait(timeout=self.matchmaking_seconds + self.matchmaking_lead + 30)
         with self.averager.get_tensors() as buffers:
             for b, d in zip(buffers, delta, strict=True):

@@ -648,6 +648,8 @@ class Trainer:
         if best is not None and best != state_hash:
             self._off_majority = r
             self.progress.event(f"round {r}: the swarm holds θ {best[:10]}, we hold {state_hash[:10]}")
+            if self.swarm.rebase(r, best):  # average Δ_r with the majority: we hold its θ_{r+1} by then
+                self.progress.event(f"round {r}: averaging in the group of θ {best[:10]}")
 
     # ------------------------------------------------------------------------------------------------
     # rounds
