@@ -202,3 +202,50 @@ def test_blocking_rounds_two_peers(procs, bootstrap, debug_data, tmp_path):
         assert r["state_hash"] == by_round[r["round"]]["state_hash"]
     for home in (tmp_path / "k1", tmp_path / "k2"):
         assert _check_outbox_intact(home) >= 3
+
+
+@pytest.mark.slow
+def test_a_stalled_peer_rejoins_overlapped_rounds(procs, bootstrap, debug_data, tmp_path):
+    """One peer of a 2-peer overlapped swarm stalls for a round and a half (its process group stopped:
+    a machine swapping, a laptop lid) and then goes on: both peers must be averaging from the same θ
+    again within a few rounds. The stall makes both average alone once and part; before the rebase of an
+    off-majority peer's group (``SwarmAveraging.rebase``) they then went alone every other round."""
+    run_id = f"stall-{uuid.uuid4().hex[:8]}"
+    homes = {n: tmp_path / n for n in ("s1", "s2")}
+    peers = {}
+    for name, home in homes.items():
+        args = join_args(
+            home=home,
+            data_dir=debug_data,
+            wallet_path=tmp_path / "w",
+            name=name,
+            run_id=run_id,
+            initial_peers=[bootstrap],
+            extra=["--max-rounds", "40", "--eval-pages", "0"],
+        )
+        peers[name] = procs.start(name, args)
+    everyone = list(peers.values())
+
+    def agreeing(after: int = 0) -> list[int]:
+        r1 = {r["round"]: r for r in read_rounds(homes["s1"])}
+        return [
+            r["round"]
+            for r in read_rounds(homes["s2"])
+            if r["round"] > after
+            and r["status"] == "averaged"
+            and r1.get(r["round"], {}).get("status") == "averaged"
+            and r1[r["round"]]["state_hash"] == r["state_hash"]
+        ]
+
+    wait_for(lambda: len(agreeing()) >= 2, 180, "two agreeing rounds", everyone)
+    while not 0.5 < time.time() % ROUND_SECONDS < 1.0:
+        time.sleep(0.05)
+    stalled_at = int(time.time() // ROUND_SECONDS)
+    os.killpg(peers["s2"].pid, signal.SIGSTOP)
+    time.sleep(1.5 * ROUND_SECONDS)
+    os.killpg(peers["s2"].pid, signal.SIGCONT)
+    wait_for(
+        lambda: len(agreeing(stalled_at + 1)) >= 3, 120, "three agreeing rounds after the stall", everyone
+    )
+    statuses = [(r["round"], r["status"]) for r in read_rounds(homes["s2"]) if r["round"] >= stalled_at]
+    print("after the stall:", statuses)
