@@ -432,7 +432,7 @@ def main() -> int:
     common.add_argument("--config", default="debug")
     common.add_argument("--peers", default="2,4", help="swarm sizes, comma-separated")
     common.add_argument("--rounds", type=int, default=12)
-    common.add_argument("--rounds-mode", choices=["blocking", "overlapped"], default="overlapped")
+    common.add_argument("--rounds-mode", choices=["blocking", "overlapped"], default="blocking")
     sw = sub.add_parser("swarm", parents=[common], help="real peer processes on 127.0.0.1")
     sw.add_argument("--round-seconds", type=float, default=None, help="default: the config's")
     sw.add_argument("--outer-lr", type=float, default=None, help="default: the config's")

@@ -1,7 +1,7 @@
 """Swarm utilisation behind capped links: a 2-peer swarm in the bandwidth lab ÷ plain torch, same run.
 
     .venv/bin/python benchmarks/wan.py [--config small] [--rates 20,50,0] [--inner-steps 10] [--repeats 3]
-    .venv/bin/python benchmarks/wan.py --mode-args='--rounds blocking'   # any peer join flags
+    .venv/bin/python benchmarks/wan.py --mode-args='--rounds overlapped'   # any peer join flags
 
 Needs root and iproute2 (``launch/netlab.py``). Every figure is measured in one run:
 
@@ -11,8 +11,8 @@ Needs root and iproute2 (``launch/netlab.py``). Every figure is measured in one 
   network namespace, every peer's link capped with ``tc tbf`` at each rate (0 = no cap), DiLoCo rounds of
   ~``--inner-steps`` inner steps. The round length is sized from the measured 1-thread step time and the
   time the 8-bit all-reduce needs at the rate (override with ``--round-seconds`` / ``--reserve``).
-  ``--mode-args`` is passed to every ``peer join`` as is: the same command measures overlapped rounds
-  (the default) and, with ``--mode-args='--rounds blocking'``, blocking ones.
+  ``--mode-args`` is passed to every ``peer join`` as is: the same command measures blocking rounds
+  (the default) and, with ``--mode-args='--rounds overlapped'``, overlapped ones.
 
 utilisation = aggregate swarm samples/s over whole rounds (first round skipped) ÷ baseline samples/s.
 Also printed: mean averaging seconds (the all-reduce's wall time), its share of a round, bytes per peer
@@ -268,7 +268,7 @@ def main() -> int:
         action="store_true",
         help="measure the baselines only: 1 and 2 threads alone, and 2 one-thread processes at once",
     )
-    parser.add_argument("--mode-args", default="", help="extra `peer join` flags (e.g. --rounds blocking)")
+    parser.add_argument("--mode-args", default="", help="extra `peer join` flags (e.g. --rounds overlapped)")
     parser.add_argument("--label", default=None, help="name of the mode in the output (default: the args)")
     args = parser.parse_args()
 
@@ -297,7 +297,7 @@ def main() -> int:
     cfg = load_run_config(args.config)
     params = count_parameters(build_model(cfg))
     mode_args = shlex.split(args.mode_args)
-    label = args.label or (args.mode_args or "overlapped (default)")
+    label = args.label or (args.mode_args or "blocking (default)")
     rates = [float(x) for x in args.rates.split(",")]
     results: dict = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

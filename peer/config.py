@@ -143,18 +143,18 @@ class TrainConfig:
     ``delta_norm`` honest peers report at the round length you run."""
     seed: int = 0
     """Seed of the model's initial weights; every peer in a swarm must use the same."""
-    rounds: str = "overlapped"
-    """``overlapped`` (default): the all-reduce of round r's Δ runs in the background while round r+1
-    trains, and its outer step is applied one round late (θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}); the peer's
-    own Δ_r stands in for ḡ_r meanwhile): no training time is lost to communication. Its outer step uses
-    ``overlapped_outer_lr`` / ``overlapped_outer_momentum``. ``blocking``: training stops
-    ``averaging_reserve_seconds`` before the round's end and waits for the all-reduce (θ_{r+1} =
-    OuterStep(θ_r, ḡ_r)). Which to pick: overlapped wherever the all-reduce takes a noticeable share of
-    a round (``small``, 2 peers at 20 Mbit/s: utilisation 0.917 against 0.691 blocking, worst of 3).
-    Blocking can be a little faster when the all-reduce is nearly free and the CPU is the bottleneck
-    (``bench-5m`` on loopback, H = 10: 1.079 blocking against 1.000 overlapped); symptom:
-    ``averaging_seconds`` in ``rounds.jsonl`` well under 5 % of a round. Every peer of a swarm (and its
-    validators' model config) must use the same."""
+    rounds: str = "blocking"
+    """``blocking`` (default): training stops ``averaging_reserve_seconds`` before the round's end and
+    waits for the all-reduce (θ_{r+1} = OuterStep(θ_r, ḡ_r)). ``overlapped``: the all-reduce of round r's
+    Δ runs in the background while round r+1 trains, and its outer step is applied one round late
+    (θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}); the peer's own Δ_r stands in for ḡ_r meanwhile): no training
+    time is lost to communication (``small``, 2 peers at 20 Mbit/s: utilisation 0.917 against 0.691
+    blocking, worst of 3). Its outer step uses ``overlapped_outer_lr`` / ``overlapped_outer_momentum``.
+    Not the default yet because of validators: in a 24-round ``make demo`` with overlapped rounds the
+    validator refused every honest Δ from round 10 on ("does not lower the held-out loss", −0.04 to
+    −0.21 nats on θ_{r+1}), so honest peers stop being paid (benchmarks/RESULTS.md, "Overlapped rounds
+    as the default: tried, reverted"). Run it where nobody pays for the work, or to measure. Every
+    peer of a swarm (and its validators' model config) must use the same."""
     overlapped_outer_lr: float | None = 1.0
     """``rounds: overlapped`` only: the outer learning rate used instead of ``outer_lr`` (None:
     ``outer_lr``). See ``overlapped_outer_momentum``."""

@@ -158,8 +158,9 @@ def register(sub) -> None:
         "--rounds",
         choices=["overlapped", "blocking"],
         default=None,
-        help="override train.rounds: overlapped (default: the all-reduce runs while the next round trains, "
-        "outer step one round late) or blocking (training waits for the all-reduce)",
+        help="override train.rounds: blocking (default; training waits for the all-reduce) or overlapped "
+        "(the all-reduce runs while the next round trains, outer step one round late; validators do not "
+        "pay it yet, README 'How a round works')",
     )
     g.add_argument(
         "--probe-loss",

@@ -71,7 +71,7 @@ def test_outer_step_is_deterministic_nesterov():
     import dataclasses
 
     cfg = load_run_config("debug")
-    train = dataclasses.replace(cfg.train, rounds="blocking")  # overlapped rounds default to μ = 0
+    train = dataclasses.replace(cfg.train, rounds="blocking")  # overlapped rounds take μ = 0
     a, b = DilocoState(build_model(cfg), train), DilocoState(build_model(cfg), train)
     assert a.state_hash() == b.state_hash()
     batch = torch.randint(0, cfg.data.vocab_size, (4, cfg.data.seq_len + 1))
@@ -191,8 +191,7 @@ def test_overlapped_rounds_take_the_plain_average_as_outer_step():
     import dataclasses
 
     cfg = load_run_config("debug")
-    assert cfg.train.rounds == "overlapped"  # the default
-    ovl = cfg.train
+    ovl = dataclasses.replace(cfg.train, rounds="overlapped")
     blocking = dataclasses.replace(cfg.train, rounds="blocking")
     fallback = dataclasses.replace(ovl, overlapped_outer_lr=None, overlapped_outer_momentum=None)
     g = [torch.full_like(p, 0.01) for p in build_model(cfg).parameters()]

@@ -12,11 +12,11 @@ round r's contributions on). Per round r (the clock says which round it is and w
 
 Two round modes (``train.rounds``; ``peer join --rounds``):
 
-* ``overlapped`` (the default; README "How a round works"): training runs to the round's
+* ``overlapped`` (opt-in: README "How a round works"): training runs to the round's
   end; the all-reduce of Δ_r runs in the background during round r+1; the outer step is applied one
   round late: θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}) and the next start point is x_{r+1} = θ_{r+1} − Δ_r
   (c_{r+1} = Δ_r: the peer's own, not yet averaged progress stands in for ḡ_r until ḡ_r arrives).
-* ``blocking`` (for comparison, and for swarms on fast links): training stops ``averaging_reserve_seconds`` before the round's end,
+* ``blocking`` (the default): training stops ``averaging_reserve_seconds`` before the round's end,
   the all-reduce of Δ_r runs while training waits, θ_{r+1} = OuterStep(θ_r, ḡ_r), x_{r+1} = θ_{r+1}.
 
 A failed all-reduce (a peer died mid-way) is never applied: θ takes no step for it (the local progress
