@@ -277,19 +277,14 @@ def test_a_sender_that_stops_mid_way_fails_the_all_reduce_for_everyone(dhts):
             a.shutdown()
 
 
-def test_peers_that_hold_different_states_never_average_together(dhts):
-    """Two peers on θ ``aa…`` and one on ``bb…`` schedule the same round: the first two average, the
-    third averages alone (before, all three averaged and the outer steps left two different θs, each
-    reported as ``averaged``)."""
-    import time
-
+def _plain_swarms(dhts, run_id: str) -> list:
+    """One SwarmAveraging per DHT: 5000 fp32 values, no compression, no signing key, 2 s matchmaking."""
     from peer.training.swarm import SwarmAveraging
 
-    bases = ["aa" * 32, "aa" * 32, "bb" * 32]
-    swarms = [
+    return [
         SwarmAveraging(
             d,
-            run_id="bases",
+            run_id=run_id,
             keypair=None,
             shapes=[torch.Size([5000])],
             compression="none",
@@ -297,8 +292,18 @@ def test_peers_that_hold_different_states_never_average_together(dhts):
             matchmaking_seconds=2.0,
             allreduce_timeout=20.0,
         )
-        for i, d in enumerate(dhts)
+        for d in dhts
     ]
+
+
+def test_peers_that_hold_different_states_never_average_together(dhts):
+    """Two peers on θ ``aa…`` and one on ``bb…`` schedule the same round: the first two average, the
+    third averages alone (before, all three averaged and the outer steps left two different θs, each
+    reported as ``averaged``)."""
+    import time
+
+    bases = ["aa" * 32, "aa" * 32, "bb" * 32]
+    swarms = _plain_swarms(dhts, "bases")
     try:
         start_at = time.time() + 3.0
         for s, base in zip(swarms, bases, strict=True):
@@ -325,22 +330,8 @@ def test_a_peer_off_the_majority_rebases_its_group_before_matchmaking(dhts):
     is refused."""
     import time
 
-    from peer.training.swarm import SwarmAveraging
-
     bases = ["aa" * 32, "aa" * 32, "bb" * 32]
-    swarms = [
-        SwarmAveraging(
-            d,
-            run_id="rebase",
-            keypair=None,
-            shapes=[torch.Size([5000])],
-            compression="none",
-            state_provider=lambda: ({}, []),
-            matchmaking_seconds=2.0,
-            allreduce_timeout=20.0,
-        )
-        for d in dhts
-    ]
+    swarms = _plain_swarms(dhts, "rebase")
     try:
         start_at = time.time() + 4.0
         for s, base in zip(swarms, bases, strict=True):
