@@ -243,7 +243,6 @@ class SwarmAveraging:
         self._pending: tuple[threading.Event, dict] | None = None
         self._running: PendingAverage | None = None
         self._timer: threading.Timer | None = None
-        self._scheduled: dict | None = None  # schedule()'s arguments, for rebase()
         self._schedule_lock = threading.RLock()  # schedule()/rebase() against the timer's begin()
         self._pipe_lock = threading.Lock()  # the averager's pipe: the timer thread and the trainer
         self._counters_end: tuple[int, int, int] | None = None
@@ -287,9 +286,7 @@ class SwarmAveraging:
             if self._pending is not None:
                 self._pending[1]["superseded"] = True
             ready = threading.Event()
-            slot: dict = {}
-            self._pending = (ready, slot)
-            self._scheduled = dict(
+            args = dict(
                 round_=round_,
                 start_at=start_at,
                 base=base,
@@ -297,6 +294,8 @@ class SwarmAveraging:
                 weight=weight,
                 give_up_at=give_up_at,
             )
+            slot: dict = {"args": args}  # schedule()'s arguments, for rebase()
+            self._pending = (ready, slot)
         begin_at = start_at - self.matchmaking_seconds - self.matchmaking_lead
 
         def begin() -> None:
@@ -330,10 +329,11 @@ class SwarmAveraging:
         other round alone, for good. It resyncs to the majority's θ_{r+1} before applying ḡ_r, so
         averaging Δ_r in the majority's group is what it then applies to the same θ as everyone."""
         with self._schedule_lock:
-            sched, pending = self._scheduled, self._pending
-            if sched is None or pending is None or sched["round_"] != round_ or sched["base"] == base:
+            if self._pending is None:
                 return False
-            if pending[1].get("begun"):
+            slot = self._pending[1]
+            sched = slot["args"]
+            if sched["round_"] != round_ or sched["base"] == base or slot.get("begun"):
                 return False
             self.schedule(**{**sched, "base": base, "gather": {**sched["gather"], "base": base}})
             return True
