@@ -19,9 +19,9 @@ after every averaged round.
 ``sim``: the same algorithm in one process, fast and deterministic, to tune the outer optimizer: k
 peers train ``--inner`` AdamW steps per round on their ``assign_pages`` batches (inner optimizer kept across
 rounds, Δ norm bound, the 8-bit blockwise codec's error, the swarm's robust rule, Nesterov outer step;
-``overlapped``: the rule of ``peer/training/trainer.py`` — start point θ_r − Δ_{r−1}, outer step one round
-late). Every arm ``lr:momentum`` trains on the same batches from the same θ_0. ``--warm-start N``: θ_0 is
-first trained N plain AdamW steps on pages of its own draw (never held-out ones), as DiLoCo's
+``overlapped``: the rule of ``peer/training/trainer.py`` — start point θ_r − w·Δ_{r−1} with w = 1, outer
+step one round late; an arm's third field sets another w, ``auto`` = 1/k). Every arm trains on the same
+batches from the same θ_0. ``--warm-start N``: θ_0 is first trained N plain AdamW steps on pages of its own draw (never held-out ones), as DiLoCo's
 experiments start from a pre-trained model; baselines start from the same θ_0.
 
 Baselines: one process, the same samples, the peers' inner AdamW settings (lr, warm-up, clipping), the same
@@ -301,9 +301,14 @@ def warm_start(cfg, store, steps: int) -> list:
     return [p.detach().clone() for p in model.parameters()]
 
 
-def simulate_swarm(cfg, theta0, batches, mode: str, lr: float, mu: float, heldout) -> dict[int, float]:
+def simulate_swarm(
+    cfg, theta0, batches, mode: str, lr: float, mu: float, heldout, eager: float | None = 1.0
+) -> dict[int, float]:
     """DiLoCo over ``batches`` (round → per-peer batches) in one process: held-out loss of θ per round
-    (blocking: θ_{r+1}; overlapped: the first θ that includes ḡ_r, i.e. θ_{r+2}, as the peers log it)."""
+    (blocking: θ_{r+1}; overlapped: the first θ that includes ḡ_r, i.e. θ_{r+2}, as the peers log it).
+    ``eager``: w in the overlapped start point x_{r+1} = θ_{r+1} − w·Δ_r (1.0: the peers' rule; None: 1/k,
+    each peer's own share of the average, as "Eager updates" (Kale et al. 2025) weight the local outer
+    gradient; RESULTS "Overlapped rounds: why validators refuse honest Δs")."""
     import torch
     from sparse import robust_average
 
@@ -361,8 +366,9 @@ def simulate_swarm(cfg, theta0, batches, mode: str, lr: float, mu: float, heldou
                     outer_step(pending)
                     curve[r - 1] = loss_of_theta()
                 pending = avg
+                w = 1.0 / len(peers) if eager is None else eager
                 for peer, delta in zip(peers, raw, strict=True):
-                    peer["carry"] = delta  # x_{r+1} = θ_{r+1} − Δ_r
+                    peer["carry"] = [d * w for d in delta]  # x_{r+1} = θ_{r+1} − w·Δ_r
     if pending is not None:  # the last all-reduce is applied when the peers stop (trainer.drain)
         with torch.no_grad():
             outer_step(pending)
@@ -370,13 +376,17 @@ def simulate_swarm(cfg, theta0, batches, mode: str, lr: float, mu: float, heldou
     return curve
 
 
-def parse_arms(text: str, cfg) -> list[tuple[float, float]]:
+def parse_arms(text: str, cfg) -> list[tuple[float, float, float | None]]:
+    """``lr:momentum[:eager]`` items; eager is a weight in [0, 1] (default 1.0, the peers' rule) or ``auto``
+    (1/k)."""
     arms = []
     for item in text.split(","):
         bits = item.split(":")
         lr = float(bits[0]) if bits[0] else cfg.train.outer_lr
-        mu = float(bits[1]) if len(bits) > 1 else cfg.train.outer_momentum
-        arms.append((lr, mu))
+        mu = float(bits[1]) if len(bits) > 1 and bits[1] else cfg.train.outer_momentum
+        w = bits[2] if len(bits) > 2 and bits[2] else "1.0"
+        eager = None if w == "auto" else float(w)
+        arms.append((lr, mu, eager))
     return arms
 
 
@@ -398,10 +408,11 @@ def run_sim(args) -> int:
         batches = sim_batches(store, cfg, n, args.rounds, args.inner)
         baselines = {k: baseline_curve(cfg, theta0, batches, k, heldout) for k in BASELINES}
         arms = []
-        for lr, mu in parse_arms(args.arms, cfg):
-            swarm = simulate_swarm(cfg, theta0, batches, args.rounds_mode, lr, mu, heldout)
+        for lr, mu, eager in parse_arms(args.arms, cfg):
+            swarm = simulate_swarm(cfg, theta0, batches, args.rounds_mode, lr, mu, heldout, eager)
             curve = compare(swarm, baselines, batches)
-            fig = {"peers": n, "outer_lr": lr, "outer_momentum": mu, **summary(curve), "curve": curve}
+            fig = {"peers": n, "outer_lr": lr, "outer_momentum": mu, "eager_weight": "auto" if eager is None else eager,
+                   **summary(curve), "curve": curve}  # fmt: skip
             print(json.dumps(fig), flush=True)
             arms.append(fig)
         results["swarms"][n] = {"arms": arms, "seconds": round(time.time() - t0, 1)}
@@ -440,7 +451,11 @@ def main() -> int:
     sw.add_argument("--peer-args", default="", help="extra `peer join` flags")
     sim = sub.add_parser("sim", parents=[common], help="the same algorithm in one process (tuning)")
     sim.add_argument("--inner", type=int, default=60, help="inner steps per peer per round (H)")
-    sim.add_argument("--arms", default="0.7:0.9", help="outer lr:momentum pairs, comma-separated")
+    sim.add_argument(
+        "--arms",
+        default="0.7:0.9",
+        help="outer lr:momentum[:eager weight, overlapped] items, comma-separated",
+    )
     sim.add_argument("--warm-start", type=int, default=0, help="plain AdamW steps that train θ_0 first")
     sim.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -1,0 +1,133 @@
+"""Where does an overlapped peer's Δ_r lower held-out loss? Re-evaluates a validator's kept rounds.
+
+    .venv/bin/python -m launch.local_subnet --config launch/demo.yaml --model-config debug-overlapped.yaml \\
+        --run-dir runs/ovl                        # debug-overlapped.yaml: debug + `train.rounds: overlapped`
+    .venv/bin/python benchmarks/overlapped_bases.py runs/ovl/validators/* --config debug-overlapped.yaml
+
+An overlapped peer trains Δ_r from its own start point x_r = θ_r − Δ_{r−1}; the validator scores it on
+θ_{r+1} = θ_r − ḡ_{r−1} (``state_round``). A validator's state dir keeps, for every kept round, θ_{r+1}
+and every fetched Δ_r (content-addressed blobs), so for each round r whose round r−1 is kept too this
+script measures, on round r's held-out pages (the validator's own page draw), the held-out gain of each
+non-zero Δ_r at α = 0.5 and 1 from:
+
+* θ_{r+1} (what the validator scores), θ_r (the manifest's base), and x_r (the peer's own start point,
+  from its Δ_{r−1} of the previous record);
+* and of the mean of the round's non-zero Δs on θ_{r+1} (the swarm's own step, roughly),
+
+plus the cosine of Δ_r with the same peer's Δ_{r−1}, and the held-out loss of x_r against θ_r. It prints
+one line per peer-round and a summary of ranges (RESULTS "Overlapped rounds: why validators refuse
+honest Δs"). Blocking swarms have x_r = θ_r: the script says so and stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from peer.config import load_run_config  # noqa: E402
+from peer.data.shards import open_page_store  # noqa: E402
+from peer.net.outbox import decode_state  # noqa: E402
+from validator.evaluation import Evaluator  # noqa: E402
+from validator.replay import configs_from_record  # noqa: E402
+from validator.store import ValidatorStore  # noqa: E402
+
+ALPHAS = (0.5, 1.0)
+
+
+def moved(
+    state: dict[str, torch.Tensor], delta: dict[str, torch.Tensor], a: float
+) -> dict[str, torch.Tensor]:
+    """state − a·delta."""
+    return {k: state[k] - a * delta[k] for k in state}
+
+
+def flat(d: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([d[k].reshape(-1).double() for k in sorted(d)])
+
+
+def nonzero_deltas(store: ValidatorStore, ev: Evaluator, rec) -> dict[int, dict[str, torch.Tensor]]:
+    """The round's evaluated, decodable, non-zero Δs by uid (refused or malformed ones are left out)."""
+    out = {}
+    for c in rec.candidates:
+        if c.rejected is None and c.blob_sha256 and store.blob_path(c.blob_sha256).exists():
+            d = ev.decode(store.read_blob(c.blob_sha256))
+            if float(flat(d).norm()) > 0:
+                out[c.uid] = d
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("state_dir", type=Path, help="a validator's --state-dir (validators/<name> of a run)")
+    parser.add_argument("--config", required=True, help="the model config the swarm ran (name or YAML)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default .cache/data/<config name>")
+    args = parser.parse_args()
+    store = ValidatorStore(args.state_dir)
+    recs = {r: store.load_round(r) for r in store.rounds()}
+    if not recs:
+        sys.exit(f"error: {args.state_dir} holds no round records; pass a validator's state dir")
+    if all(rec.state_round in (None, rec.round) for rec in recs.values()):
+        sys.exit("error: these rounds were scored blocking (Δ_r from θ_r): nothing to compare")
+    run = load_run_config(args.config)
+    ev_cfg, _ = configs_from_record(recs[max(recs)])
+    data_dir = args.data_dir or Path(__file__).resolve().parents[1] / ".cache" / "data" / run.name
+    ev = Evaluator(ev_cfg, run, open_page_store(None, data_dir, run.data))
+
+    def loss(state, pages) -> float:
+        ev.load_base(state)
+        return sum(ev.page_losses(pages)) / len(pages)
+
+    rows = []
+    for r in sorted(recs):
+        if r - 1 not in recs:
+            continue
+        rec, prev = recs[r], recs[r - 1]
+        theta_next = decode_state(store.read_blob(rec.base_sha256))  # θ_{r+1}
+        theta = decode_state(store.read_blob(prev.base_sha256))  # θ_r (round r−1 was scored on it)
+        pages = ev.heldout_page_ids(r, bytes.fromhex(rec.seed_hex))
+        deltas, before = nonzero_deltas(store, ev, rec), nonzero_deltas(store, ev, prev)
+        if not deltas:
+            continue
+        l_next, l_theta = loss(theta_next, pages), loss(theta, pages)
+        mean = {k: sum(d[k] for d in deltas.values()) / len(deltas) for k in theta_next}
+        row = {"round": r, "loss_theta": l_theta, "loss_theta_next": l_next, "peers": {}}
+        row["mean_on_theta_next"] = {a: l_next - loss(moved(theta_next, mean, a), pages) for a in ALPHAS}
+        for uid, d in deltas.items():
+            p = {"norm": float(flat(d).norm())}
+            for a in ALPHAS:
+                p[f"theta_next@{a}"] = l_next - loss(moved(theta_next, d, a), pages)
+                p[f"theta@{a}"] = l_theta - loss(moved(theta, d, a), pages)
+            if uid in before:
+                x = moved(theta, before[uid], 1.0)
+                l_x = loss(x, pages)
+                p["x_minus_theta"] = l_x - l_theta
+                for a in ALPHAS:
+                    p[f"own_start@{a}"] = l_x - loss(moved(x, d, a), pages)
+                p["cos_prev"] = float(
+                    torch.nn.functional.cosine_similarity(flat(d), flat(before[uid]), dim=0)
+                )
+            row["peers"][uid] = p
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    keys = sorted({k for row in rows for p in row["peers"].values() for k in p})
+    summary = {}
+    for k in keys:
+        xs = [p[k] for row in rows for p in row["peers"].values() if k in p]
+        summary[k] = [round(min(xs), 3), round(max(xs), 3)]
+    for a in ALPHAS:
+        xs = [row["mean_on_theta_next"][a] for row in rows]
+        summary[f"mean_on_theta_next@{a}"] = [round(min(xs), 3), round(max(xs), 3)]
+    print(
+        "SUMMARY " + json.dumps({"rounds": [rows[0]["round"], rows[-1]["round"]] if rows else [], **summary})
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
