@@ -152,9 +152,10 @@ class TrainConfig:
     blocking, worst of 3). Its outer step uses ``overlapped_outer_lr`` / ``overlapped_outer_momentum``.
     Not the default yet because of validators: in a 24-round ``make demo`` with overlapped rounds the
     validator refused every honest Δ from round 10 on ("does not lower the held-out loss", −0.04 to
-    −0.21 nats on θ_{r+1}), so honest peers stop being paid (benchmarks/RESULTS.md, "Overlapped rounds
-    as the default: tried, reverted"). Run it where nobody pays for the work, or to measure. Every
-    peer of a swarm (and its validators' model config) must use the same."""
+    −0.21 nats on θ_{r+1}), so honest peers stop being paid: each Δ_r spends much of its length undoing
+    the peer's own Δ_{r−1}, which shared states hold only as 1/n of an average (benchmarks/RESULTS.md,
+    "Overlapped rounds: why validators refuse honest Δs"). Run it where nobody pays for the work, or to
+    measure. Every peer of a swarm (and its validators' model config) must use the same."""
     overlapped_outer_lr: float | None = 1.0
     """``rounds: overlapped`` only: the outer learning rate used instead of ``outer_lr`` (None:
     ``outer_lr``). See ``overlapped_outer_momentum``."""
