@@ -17,6 +17,12 @@ non-zero Δ_r at α = 0.5 and 1 from:
 plus the cosine of Δ_r with the same peer's Δ_{r−1}, and the held-out loss of x_r against θ_r. It prints
 one line per peer-round and a summary of ranges (RESULTS "Overlapped rounds: why validators refuse
 honest Δs"). Blocking swarms have x_r = θ_r: the script says so and stops.
+
+``--assignment`` adds the validator's assignment test in both geometries: on each peer's own assigned
+pages of round r (``Evaluator.assigned_page_ids``), its own per-page gains minus the mean gain of the
+round's other Δs there, each other Δ measured (a) on θ_{r+1}, as the validator does, and (b) from *its
+own* start point x_q: specificity and its one-sample t over pages (``validator.scoring._t_one``). It shows
+whether scoring from own start points would keep the test's power.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from peer.data.shards import open_page_store  # noqa: E402
 from peer.net.outbox import decode_state  # noqa: E402
 from validator.evaluation import Evaluator  # noqa: E402
 from validator.replay import configs_from_record  # noqa: E402
+from validator.scoring import _t_one  # noqa: E402
 from validator.store import ValidatorStore  # noqa: E402
 
 ALPHAS = (0.5, 1.0)
@@ -67,6 +74,9 @@ def main() -> int:
     parser.add_argument("state_dir", type=Path, help="a validator's --state-dir (validators/<name> of a run)")
     parser.add_argument("--config", required=True, help="the model config the swarm ran (name or YAML)")
     parser.add_argument("--data-dir", type=Path, default=None, help="default .cache/data/<config name>")
+    parser.add_argument(
+        "--assignment", action="store_true", help="also the assignment test in both geometries"
+    )
     args = parser.parse_args()
     store = ValidatorStore(args.state_dir)
     recs = {r: store.load_round(r) for r in store.rounds()}
@@ -80,8 +90,15 @@ def main() -> int:
     ev = Evaluator(ev_cfg, run, open_page_store(None, data_dir, run.data))
 
     def loss(state, pages) -> float:
+        return sum(page_losses(state, pages)) / len(pages)
+
+    def page_losses(state, pages) -> list[float]:
         ev.load_base(state)
-        return sum(ev.page_losses(pages)) / len(pages)
+        return ev.page_losses(pages)
+
+    def page_gains(start, delta, pages) -> list[float]:
+        before, after = page_losses(start, pages), page_losses(moved(start, delta, ev_cfg.delta_scale), pages)
+        return [b - a for b, a in zip(before, after, strict=True)]
 
     rows = []
     for r in sorted(recs):
@@ -113,6 +130,24 @@ def main() -> int:
                     torch.nn.functional.cosine_similarity(flat(d), flat(before[uid]), dim=0)
                 )
             row["peers"][uid] = p
+        if args.assignment:
+            hotkeys = {c.uid: c.hotkey for c in rec.candidates}
+            seed = bytes.fromhex(rec.seed_hex)
+            starts = {u: moved(theta, before[u], 1.0) for u in deltas if u in before}
+            for uid in starts:
+                own_pages = ev.assigned_page_ids(hotkeys[uid], r, seed)
+                others = [q for q in starts if q != uid]
+                for name, start_of in (
+                    ("theta_next", dict.fromkeys(starts, theta_next)),
+                    ("own_start", starts),
+                ):
+                    own = page_gains(start_of[uid], deltas[uid], own_pages)
+                    ref = [page_gains(start_of[q], deltas[q], own_pages) for q in others]
+                    diffs = [
+                        g - sum(col) / len(col) for g, col in zip(own, zip(*ref, strict=True), strict=True)
+                    ]
+                    row["peers"][uid][f"specificity_{name}"] = sum(diffs) / len(diffs)
+                    row["peers"][uid][f"t_{name}"] = _t_one(diffs)
         print(json.dumps(row), flush=True)
         rows.append(row)
     keys = sorted({k for row in rows for p in row["peers"].values() for k in p})
