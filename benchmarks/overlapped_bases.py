@@ -1,7 +1,8 @@
 """Where does an overlapped peer's Δ_r lower held-out loss? Re-evaluates a validator's kept rounds.
 
-    .venv/bin/python -m launch.local_subnet --config launch/demo.yaml --model-config debug-overlapped.yaml \\
-        --run-dir runs/ovl                        # debug-overlapped.yaml: debug + `train.rounds: overlapped`
+    # debug-overlapped.yaml: debug + `train.rounds: overlapped`
+    .venv/bin/python -m launch.local_subnet --config launch/demo.yaml \\
+        --model-config debug-overlapped.yaml --run-dir runs/ovl
     .venv/bin/python benchmarks/overlapped_bases.py runs/ovl/validators/* --config debug-overlapped.yaml
 
 An overlapped peer trains Δ_r from its own start point x_r = θ_r − Δ_{r−1}; the validator scores it on
@@ -100,17 +101,18 @@ def main() -> int:
         before, after = page_losses(start, pages), page_losses(moved(start, delta, ev_cfg.delta_scale), pages)
         return [b - a for b, a in zip(before, after, strict=True)]
 
+    # each round's state and Δs are decoded once: round r's are round r+1's θ_r and Δ_{r−1}
+    states = {r: decode_state(store.read_blob(rec.base_sha256)) for r, rec in recs.items()}
+    decoded = {r: nonzero_deltas(store, ev, rec) for r, rec in recs.items()}
     rows = []
     for r in sorted(recs):
-        if r - 1 not in recs:
+        if r - 1 not in recs or not decoded[r]:
             continue
-        rec, prev = recs[r], recs[r - 1]
-        theta_next = decode_state(store.read_blob(rec.base_sha256))  # θ_{r+1}
-        theta = decode_state(store.read_blob(prev.base_sha256))  # θ_r (round r−1 was scored on it)
+        rec = recs[r]
+        theta_next, theta = states[r], states[r - 1]  # θ_{r+1}, and θ_r (round r−1 was scored on it)
         pages = ev.heldout_page_ids(r, bytes.fromhex(rec.seed_hex))
-        deltas, before = nonzero_deltas(store, ev, rec), nonzero_deltas(store, ev, prev)
-        if not deltas:
-            continue
+        deltas, before = decoded[r], decoded[r - 1]
+        starts = {u: moved(theta, before[u], 1.0) for u in deltas if u in before}  # x_r = θ_r − Δ_{r−1}
         l_next, l_theta = loss(theta_next, pages), loss(theta, pages)
         mean = {k: sum(d[k] for d in deltas.values()) / len(deltas) for k in theta_next}
         row = {"round": r, "loss_theta": l_theta, "loss_theta_next": l_next, "peers": {}}
@@ -120,8 +122,8 @@ def main() -> int:
             for a in ALPHAS:
                 p[f"theta_next@{a}"] = l_next - loss(moved(theta_next, d, a), pages)
                 p[f"theta@{a}"] = l_theta - loss(moved(theta, d, a), pages)
-            if uid in before:
-                x = moved(theta, before[uid], 1.0)
+            if uid in starts:
+                x = starts[uid]
                 l_x = loss(x, pages)
                 p["x_minus_theta"] = l_x - l_theta
                 for a in ALPHAS:
@@ -133,7 +135,6 @@ def main() -> int:
         if args.assignment:
             hotkeys = {c.uid: c.hotkey for c in rec.candidates}
             seed = bytes.fromhex(rec.seed_hex)
-            starts = {u: moved(theta, before[u], 1.0) for u in deltas if u in before}
             for uid in starts:
                 own_pages = ev.assigned_page_ids(hotkeys[uid], r, seed)
                 others = [q for q in starts if q != uid]
@@ -150,6 +151,8 @@ def main() -> int:
                     row["peers"][uid][f"t_{name}"] = _t_one(diffs)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    if not rows:
+        sys.exit("error: no kept round has its previous round kept and a non-zero Δ: nothing to compare")
     keys = sorted({k for row in rows for p in row["peers"].values() for k in p})
     summary = {}
     for k in keys:
@@ -158,9 +161,7 @@ def main() -> int:
     for a in ALPHAS:
         xs = [row["mean_on_theta_next"][a] for row in rows]
         summary[f"mean_on_theta_next@{a}"] = [round(min(xs), 3), round(max(xs), 3)]
-    print(
-        "SUMMARY " + json.dumps({"rounds": [rows[0]["round"], rows[-1]["round"]] if rows else [], **summary})
-    )
+    print("SUMMARY " + json.dumps({"rounds": [rows[0]["round"], rows[-1]["round"]], **summary}))
     return 0
 
 

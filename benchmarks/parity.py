@@ -21,8 +21,9 @@ peers train ``--inner`` AdamW steps per round on their ``assign_pages`` batches 
 rounds, Δ norm bound, the 8-bit blockwise codec's error, the swarm's robust rule, Nesterov outer step;
 ``overlapped``: the rule of ``peer/training/trainer.py`` — start point θ_r − w·Δ_{r−1} with w = 1, outer
 step one round late; an arm's third field sets another w, ``auto`` = 1/k). Every arm trains on the same
-batches from the same θ_0. ``--warm-start N``: θ_0 is first trained N plain AdamW steps on pages of its own draw (never held-out ones), as DiLoCo's
-experiments start from a pre-trained model; baselines start from the same θ_0.
+batches from the same θ_0. ``--warm-start N``: θ_0 is first trained N plain AdamW steps on pages of its
+own draw (never held-out ones), as DiLoCo's experiments start from a pre-trained model; baselines start
+from the same θ_0.
 
 Baselines: one process, the same samples, the peers' inner AdamW settings (lr, warm-up, clipping), the same
 θ_0, held-out loss on the same pages after each round's samples:
@@ -306,9 +307,9 @@ def simulate_swarm(
 ) -> dict[int, float]:
     """DiLoCo over ``batches`` (round → per-peer batches) in one process: held-out loss of θ per round
     (blocking: θ_{r+1}; overlapped: the first θ that includes ḡ_r, i.e. θ_{r+2}, as the peers log it).
-    ``eager``: w in the overlapped start point x_{r+1} = θ_{r+1} − w·Δ_r (1.0: the peers' rule; None: 1/k,
-    each peer's own share of the average, as "Eager updates" (Kale et al. 2025) weight the local outer
-    gradient; RESULTS "Overlapped rounds: why validators refuse honest Δs")."""
+    ``eager``: w in the overlapped start point x_{r+1} = θ_{r+1} − w·Δ_r (1.0: the peers' rule; None:
+    1/k, each peer's own share of the average, as "Eager updates" (Kale et al. 2025) weight the local
+    outer gradient; RESULTS "Overlapped rounds: why validators refuse honest Δs")."""
     import torch
     from sparse import robust_average
 
@@ -411,8 +412,14 @@ def run_sim(args) -> int:
         for lr, mu, eager in parse_arms(args.arms, cfg):
             swarm = simulate_swarm(cfg, theta0, batches, args.rounds_mode, lr, mu, heldout, eager)
             curve = compare(swarm, baselines, batches)
-            fig = {"peers": n, "outer_lr": lr, "outer_momentum": mu, "eager_weight": "auto" if eager is None else eager,
-                   **summary(curve), "curve": curve}  # fmt: skip
+            fig = {
+                "peers": n,
+                "outer_lr": lr,
+                "outer_momentum": mu,
+                "eager_weight": "auto" if eager is None else eager,
+                **summary(curve),
+                "curve": curve,
+            }
             print(json.dumps(fig), flush=True)
             arms.append(fig)
         results["swarms"][n] = {"arms": arms, "seconds": round(time.time() - t0, 1)}

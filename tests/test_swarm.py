@@ -171,9 +171,10 @@ def test_sync_mode_two_peers(procs, bootstrap, debug_data, tmp_path):
 @pytest.mark.slow
 def test_a_stalled_peer_rejoins_overlapped_rounds(procs, bootstrap, debug_data, tmp_path):
     """``--rounds overlapped`` (opt-in). One peer of a 2-peer overlapped swarm stalls for a round and a
-    half (its process group stopped: a machine swapping, a laptop lid) and then goes on: both peers must be averaging from the same θ
-    again within a few rounds. The stall makes both average alone once and part; before the rebase of an
-    off-majority peer's group (``SwarmAveraging.rebase``) they then went alone every other round."""
+    half (its process group stopped: a machine swapping, a laptop lid) and then goes on: both peers must
+    be averaging from the same θ again within a few rounds. The stall makes both average alone once and
+    part; before the rebase of an off-majority peer's group (``SwarmAveraging.rebase``) they then went
+    alone every other round."""
     run_id = f"stall-{uuid.uuid4().hex[:8]}"
     homes = {n: tmp_path / n for n in ("s1", "s2")}
     peers = {}
