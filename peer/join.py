@@ -250,9 +250,6 @@ def run(args) -> int:
         raise ConfigError(
             f"--behaviour {behaviour.value} is a tool for local studies; it is refused on a real network"
         )
-    note = overlapped_pay_note(run_cfg.train.rounds, paid=chain_cfg is not None)
-    if note:
-        print(note, file=sys.stderr, flush=True)
     wallet = wallet_config_from_args(args)
     keypair = load_hotkey(wallet)
     home = args.home or default_peer_home(args.run_id, wallet)
@@ -397,17 +394,6 @@ def run(args) -> int:
         if chain is not None:
             chain.close()
     return 0
-
-
-def overlapped_pay_note(rounds: str, *, paid: bool) -> str | None:
-    """The one line a peer prints when it runs overlapped rounds on a chain (where validators pay): they
-    refuse most honest overlapped Δs once the swarm has trained a while. None otherwise."""
-    if rounds != "overlapped" or not paid:
-        return None
-    return (
-        "note: overlapped rounds on a subnet: validators refuse most honest overlapped Δs once the swarm "
-        "has trained ~10 rounds (README 'Why blocking stays the default'); use --rounds blocking to be paid"
-    )
 
 
 def _check_nproc(args, device: str, run_cfg) -> int:

@@ -226,23 +226,3 @@ def test_precision_resolves_per_device(tmp_path):
     ):
         with pytest.raises(ConfigError, match=why):
             cfg(**bad)
-
-
-@pytest.mark.parametrize(
-    ("rounds", "paid", "noted"),
-    [
-        ("overlapped", True, True),
-        ("overlapped", False, False),
-        ("blocking", True, False),
-        ("blocking", False, False),
-    ],
-)
-def test_overlapped_rounds_on_a_subnet_print_one_note(rounds, paid, noted):
-    """Validators refuse most honest overlapped Δs after ~10 rounds (README): a peer that runs them on a
-    chain is told so in one line, with the flag that gets it paid; a chainless swarm is not."""
-    from peer.join import overlapped_pay_note
-
-    note = overlapped_pay_note(rounds, paid=paid)
-    assert (note is not None) == noted
-    if note:
-        assert "--rounds blocking" in note and "\n" not in note

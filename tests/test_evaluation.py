@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tests.fixtures_validator import HONEST, validator_world  # noqa: F401
+from peer.net.outbox import encode_delta
+from tests.fixtures_validator import HONEST, validator_world, world  # noqa: F401
 from validator.evaluation import Candidate, EvalConfig, Evaluator
 from validator.scoring import ScoringConfig, score_round
 
@@ -99,3 +101,88 @@ def test_malformed_and_missing_contributions(validator_world):  # noqa: F811
     assert [p.status for p in rm.peers] == ["malformed", "rejected", "rejected"]
     assert rm.peers[1].reason == "manifest signed by another hotkey"
     assert sketches == {}
+
+
+# ---- overlapped rounds: the held-out gain to first order (heldout_rule "first_order")
+
+
+@pytest.fixture(scope="module")
+def first_order1(round1):
+    ev, _, cands, earlier, _, _ = round1
+    w = world()
+    rm, _ = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands, earlier, "first_order")
+    return rm
+
+
+def test_the_first_order_rule_keeps_every_guard(round1, first_order1):
+    _, names, _, _, alone, _ = round1
+    rm = first_order1
+    assert rm.heldout_rule == "first_order" and alone.heldout_rule == "alone"
+    scores = dict(zip(names, score_round(rm, ScoringConfig()), strict=True))
+    explained = {n: (round(s.score, 4), s.reason) for n, s in scores.items()}
+    for n in HONEST:
+        assert scores[n].score > 0, explained
+    for n in DISHONEST:
+        assert scores[n].score == 0, explained
+    assert "first-order gain" in scores["sign-flip"].reason, explained
+    assert "not its assignment" in scores["random-data"].reason, explained
+    # without the manifest check the assignment test alone judges random-data: in this one round it sits
+    # at the threshold (t = 1.50 here; 0.0 read alone), far below every honest peer (4.2-6.3); over rounds
+    # a never-trainer is caught by the pooled evidence (validator.scoring, evidence_rounds)
+    loose = dict(zip(names, score_round(rm, ScoringConfig(require_pages_match=False)), strict=True))
+    honest_t = min(loose[n].terms["specificity_t"] for n in HONEST)
+    assert loose["random-data"].terms["specificity_t"] < honest_t / 2, explained
+    for p, n in zip(rm.peers, names, strict=True):
+        t = scores[n].terms
+        if p.heldout_loss_opposite is not None:
+            assert t["heldout_gain"] == pytest.approx((p.heldout_loss_opposite - p.heldout_loss) / 2), n
+    # the same points are measured as in an `alone` round: only how scoring reads them differs
+    for a, b in zip(alone.peers, rm.peers, strict=True):
+        assert (a.heldout_loss, a.heldout_loss_opposite) == (b.heldout_loss, b.heldout_loss_opposite)
+
+
+def test_first_order_rounds_measure_the_opposite_point_without_the_direction_test(round1):
+    _, names, cands, earlier, _, _ = round1
+    w = world()
+    ev = Evaluator(EvalConfig(direction_test=False), w.run, w.store)
+    honest = [cands[names.index(n)] for n in HONEST]
+    off, _ = ev.evaluate_round(1, w.seeds[1], w.bases[1], honest, earlier, "alone")
+    on, _ = ev.evaluate_round(1, w.seeds[1], w.bases[1], honest, earlier, "first_order")
+    assert all(p.heldout_loss_opposite is None for p in off.peers)
+    assert all(p.heldout_loss_opposite is not None for p in on.peers)
+    with pytest.raises(ValueError, match="heldout_rule"):
+        ev.evaluate_round(1, w.seeds[1], w.bases[1], honest, earlier, "marginal")
+
+
+def test_a_delta_that_undoes_its_own_junk_earns_nothing_to_first_order(round1):
+    """Why overlapped Δs are not scored from the peer's own start θ_r − Δ_{r−1}: publish junk J as Δ_{r−1},
+    then Δ_r = −J "repairs" it and gains a lot from that start. On the shared θ, to first order, −J is
+    a random direction: no gain worth paying, and no assignment evidence."""
+    ev, names, cands, _, _, _ = round1
+    w = world()
+    base = w.bases[1]
+    gen = torch.Generator().manual_seed(7)
+    noise = {t: torch.randn(v.shape, generator=gen) for t, v in base.items()}
+    honest_norm = sum(float(d.pow(2).sum()) for d in w.deltas[1][HONEST[0]].values()) ** 0.5
+    scale = (
+        4 * honest_norm / sum(float(v.pow(2).sum()) for v in noise.values()) ** 0.5
+    )  # under every norm gate
+    junk = {t: scale * v for t, v in noise.items()}
+    pages = ev.heldout_page_ids(1, w.seeds[1])
+
+    def loss_at(state) -> float:
+        ev.load_base(state)
+        return sum(ev.page_losses(pages)) / len(pages)
+
+    start = {t: base[t] - junk[t] for t in base}  # the attacker's own start point
+    own_start_gain = loss_at(start) - loss_at({t: start[t] + ev.cfg.delta_scale * junk[t] for t in base})
+    assert own_start_gain > 0.05  # what a validator scoring from own start points would pay for
+
+    repair = encode_delta({t: -v for t, v in junk.items()})
+    attacker = Candidate(uid=99, hotkey=w.hotkeys["sign-flip"], delta_blob=repair)
+    honest = [cands[names.index(n)] for n in HONEST]
+    rm, _ = ev.evaluate_round(1, w.seeds[1], base, [*honest, attacker], None, "first_order")
+    scores = {s.uid: s for s in score_round(rm, ScoringConfig(require_pages_match=False))}
+    assert scores[99].score == 0, scores[99].reason
+    assert scores[99].terms["heldout_gain"] < own_start_gain / 5, scores[99].terms["heldout_gain"]
+    assert all(scores[c.uid].score > 0 for c in honest), {u: s.reason for u, s in scores.items()}

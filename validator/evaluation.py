@@ -21,6 +21,15 @@ back (never by adding Δ again: that would drift in floating point). Base losses
 computed once per round and shared by all peers, so the cost per peer is the forward passes of its
 own "after" pages plus its assigned "before" pages.
 
+Overlapped rounds (``train.rounds: overlapped``) take the held-out gain to *first order*,
+``(L(θ + α·Δ) − L(θ − α·Δ)) / 2`` (``heldout_rule = "first_order"``): a peer trained Δ_r from its own start
+point θ_r − Δ_{r−1}, so much of an honest Δ_r undoes its own Δ_{r−1}, and on the shared θ_{r+1} that
+repair moves *away* from θ_{r+1} whichever way it is applied. Its cost is even in α and cancels in the
+difference; what is left is how far Δ points downhill from the shared state. In the overlapped demo every
+honest Δ alone raised held-out loss by 0.10–0.18 nats while its first-order gain was +0.10 to +0.18
+(benchmarks/RESULTS.md, "Overlapped rounds: validators pay the first-order gain"). The base stays the
+shared θ, so a peer cannot earn by "repairing" a junk Δ_{r−1} of its own.
+
 Measurements, not verdicts: the numbers go to :mod:`validator.scoring`, which turns them into a score.
 Besides losses we measure the Δ's L2 norm, whether it is finite, and a *sketch* (a fixed strided subset
 of its coordinates) whose cosine similarity with other peers' sketches (this round and earlier rounds)
@@ -45,6 +54,7 @@ from peer.net.layout import ArtifactLayouts, run_topk
 from peer.training.sparse import decode_contribution
 
 SKETCH_PURPOSE = "sketch"
+HELDOUT_RULES = ("alone", "first_order")
 
 
 @dataclass(kw_only=True)
@@ -144,11 +154,14 @@ class PeerMeasurement:
     assigned_page_ids: list[int] = field(default_factory=list)
     control_page_ids: list[int] = field(default_factory=list)
     assigned_page_gains: list[float] = field(default_factory=list)
-    """Per assigned page: loss before − after (same order as ``assigned_page_ids``)."""
+    """Per assigned page: loss before − after (same order as ``assigned_page_ids``); in ``first_order``
+    rounds (L(θ + α·Δ) − L(θ − α·Δ)) / 2 (:attr:`RoundMeasurements.heldout_rule`)."""
     control_page_gains: list[float] = field(default_factory=list)
-    """Per control page: loss before − after (same order as ``control_page_ids``)."""
+    """Per control page: loss before − after (same order as ``control_page_ids``); first order in
+    ``first_order`` rounds, as ``assigned_page_gains``."""
     cross_gains: list[dict] = field(default_factory=list)
-    """Gains of other peers' Δs on this peer's assigned pages: ``{"uid", "hotkey", "gain", "page_gains"}``."""
+    """Gains of other peers' Δs on this peer's assigned pages: ``{"uid", "hotkey", "gain", "page_gains"}``
+    (first order in ``first_order`` rounds, as ``assigned_page_gains``)."""
     plausible: bool = False
     """Finite, sane norm and lowers held-out loss: used as a cross reference for other peers."""
     similar: list[dict] = field(default_factory=list)
@@ -186,6 +199,11 @@ class RoundMeasurements:
     peers: list[PeerMeasurement]
     base_seconds: float = 0.0
     """Time of the shared base-model forward passes."""
+    heldout_rule: str = "alone"
+    """How scoring reads a Δ's held-out gain (:func:`validator.scoring.heldout_gain`). ``alone``:
+    L(θ) − L(θ − α·Δ) (blocking rounds, and every record from before this field). ``first_order``:
+    (L(θ + α·Δ) − L(θ − α·Δ)) / 2, for overlapped rounds (module docstring); the opposite point is then
+    measured whether or not ``direction_test`` is on."""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -249,6 +267,8 @@ class Evaluator:
         self.params = dict(self.model.named_parameters())
         self.base: dict[str, torch.Tensor] = {}
         self.base_hash: str | None = None
+        self._rule = "alone"  # the round's heldout_rule (set by evaluate_round)
+        self._opposite = cfg.direction_test  # measure θ − (−α)·Δ too
         shapes = [(n, p.numel()) for n, p in self.params.items()]
         self.sketch_plan = sketch_indices(shapes, cfg.sketch_size)
         shapes_by_name = {n: tuple(p.shape) for n, p in self.params.items()}
@@ -350,12 +370,21 @@ class Evaluator:
         base_state: Mapping[str, torch.Tensor],
         candidates: Sequence[Candidate],
         earlier_sketches: Mapping[tuple[int, int, str], torch.Tensor] | None = None,
+        heldout_rule: str | None = None,
     ) -> tuple[RoundMeasurements, dict[tuple[int, str], torch.Tensor]]:
         """Measure every candidate. Returns the measurements and this round's sketches ``(uid, hotkey) → sketch``.
 
         ``earlier_sketches`` maps ``(round, uid, hotkey)`` of earlier rounds to their sketches; a Δ that
         repeats one of them (stale, or copied from an earlier round) shows up in ``similar``.
+        ``heldout_rule`` (``alone`` / ``first_order``, :attr:`RoundMeasurements.heldout_rule`) defaults to
+        the run's round mode: ``first_order`` for overlapped rounds; a replay passes its record's rule.
         """
+        if heldout_rule is None:
+            heldout_rule = "first_order" if self.run.train.rounds == "overlapped" else "alone"
+        if heldout_rule not in HELDOUT_RULES:
+            raise ValueError(f"heldout_rule must be one of {HELDOUT_RULES}, not {heldout_rule!r}")
+        self._opposite = self.cfg.direction_test or heldout_rule == "first_order"
+        self._rule = heldout_rule
         t0 = time.perf_counter()
         base_hash = self.load_base(base_state)
         heldout = self.heldout_page_ids(round_, seed)
@@ -401,6 +430,7 @@ class Evaluator:
             control_page_ids=control,
             peers=peers,
             base_seconds=base_seconds,
+            heldout_rule=heldout_rule,
         )
         return rm, sketches
 
@@ -467,15 +497,21 @@ class Evaluator:
             m.assigned_page_gains, m.control_page_gains = [0.0] * len(assigned), [0.0] * len(ctrl)
             m.seconds = time.perf_counter() - t0
             return m
-        after = self._losses_at(delta, heldout + assigned + ctrl)
-        if self.cfg.direction_test:
-            m.heldout_loss_opposite = _mean(self._losses_at(delta, heldout, sign=-1.0))
+        pages = heldout + assigned + ctrl
+        after = self._losses_at(delta, pages)
         h, a = len(heldout), len(assigned)
+        if self._rule == "first_order":  # every page at θ + α·Δ too: page gains to first order
+            opposite = self._losses_at(delta, pages, sign=-1.0)
+            m.heldout_loss_opposite = _mean(opposite[:h])
+            gains = [(o - x) / 2 for o, x in zip(opposite, after, strict=True)]
+        else:
+            if self._opposite:
+                m.heldout_loss_opposite = _mean(self._losses_at(delta, heldout, sign=-1.0))
+            gains = [base_loss[pg] - x for pg, x in zip(pages, after, strict=True)]
         m.heldout_loss = _mean(after[:h])
         m.assigned_loss_after = _mean(after[h : h + a])
         m.control_loss_after = _mean(after[h + a :])
-        m.assigned_page_gains = [base_loss[pg] - x for pg, x in zip(assigned, after[h : h + a], strict=True)]
-        m.control_page_gains = [base_loss[pg] - x for pg, x in zip(ctrl, after[h + a :], strict=True)]
+        m.assigned_page_gains, m.control_page_gains = gains[h : h + a], gains[h + a :]
         m.seconds = time.perf_counter() - t0
         return m
 
@@ -495,8 +531,7 @@ class Evaluator:
             p.plausible = (
                 p.status == "ok"
                 and bool(p.delta_norm)
-                and p.heldout_loss is not None
-                and p.heldout_loss < heldout_base
+                and (heldout_gain(p, heldout_base, self._rule) or 0.0) > 0
                 and (med is None or p.delta_norm <= self.cfg.plausible_norm_ratio * med)
             )
         base_by_uid = {c.uid: c for c in candidates}
@@ -508,13 +543,17 @@ class Evaluator:
             t0 = time.perf_counter()
             targets = [ring[(pos + i) % len(ring)] for i in range(1, m + 1)]
             pages = [pg for t in targets for pg in assigned[t.uid]]
-            after = self._losses_at(self.decode(base_by_uid[p.uid].delta_blob), pages)
+            delta = self.decode(base_by_uid[p.uid].delta_blob)
+            after = self._losses_at(delta, pages)
+            if self._rule == "first_order":
+                opposite = self._losses_at(delta, pages, sign=-1.0)
+                gains = [(o - x) / 2 for o, x in zip(opposite, after, strict=True)]
+            else:
+                gains = [base_loss[pg] - x for pg, x in zip(pages, after, strict=True)]
             i = 0
             for t in targets:
                 k = len(assigned[t.uid])
-                page_gains = [
-                    base_loss[pg] - x for pg, x in zip(assigned[t.uid], after[i : i + k], strict=True)
-                ]
+                page_gains = gains[i : i + k]
                 t.cross_gains.append(
                     {"uid": p.uid, "hotkey": p.hotkey, "gain": _mean(page_gains), "page_gains": page_gains}
                 )
@@ -728,6 +767,18 @@ def _h(*parts: object) -> bytes:
         h.update(p if isinstance(p, bytes) else str(p).encode())
         h.update(b"\x1f")
     return h.digest()
+
+
+def heldout_gain(p: PeerMeasurement, heldout_loss_base: float | None, rule: str = "alone") -> float | None:
+    """A Δ's held-out gain under a round's ``heldout_rule`` (None when not measured): ``alone``
+    L(θ) − L(θ − α·Δ); ``first_order`` (L(θ + α·Δ) − L(θ − α·Δ)) / 2."""
+    if rule == "first_order":
+        if p.heldout_loss_opposite is None or p.heldout_loss is None:
+            return None
+        return (p.heldout_loss_opposite - p.heldout_loss) / 2
+    if heldout_loss_base is None or p.heldout_loss is None:
+        return None
+    return heldout_loss_base - p.heldout_loss
 
 
 def _mean(xs: Sequence[float]) -> float | None:

@@ -101,7 +101,8 @@ def replay_round(
         earlier.update(store.load_sketches(r))
     ev = evaluator or Evaluator(eval_cfg, run, pages)
     ev.cfg = eval_cfg
-    rm, _ = ev.evaluate_round(rec.round, bytes.fromhex(rec.seed_hex), base, candidates, earlier)
+    rule = rec.measurements.get("heldout_rule", "alone")  # records from before the rule existed: alone
+    rm, _ = ev.evaluate_round(rec.round, bytes.fromhex(rec.seed_hex), base, candidates, earlier, rule)
     ema_before = EmaState.from_json(rec.ema_before)
     uids = {int(u): e["hotkey"] for u, e in rec.ema_after["entries"].items()}
     not_sampled = {u: r for u, r in not_sampled.items() if u in uids}

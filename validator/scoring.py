@@ -6,6 +6,8 @@ machine, which is what makes ``validator replay`` and a second validator agree.
 Round score of a peer (``explain`` keeps every term)::
 
     heldout_gain      = heldout_loss_base − heldout_loss(θ_r − α·Δ)          nats/token, > min_heldout_gain
+                        (overlapped rounds, ``heldout_rule`` "first_order": (L(θ + α·Δ) − L(θ − α·Δ)) / 2,
+                        the part of it odd in α; validator.evaluation)
     assigned_gain     = loss before − after on k of its assigned pages
     generic_gain      = median over other eligible peers j of gain_j(its pages) × heldout_gain / heldout_gain_j
                         (what a Δ of its general strength that was *not* trained on these pages achieves
@@ -68,7 +70,7 @@ from dataclasses import asdict, dataclass, field
 from peer.errors import ConfigError
 from validator.combinations import combination_copies, source_names, weak_combinations
 from validator.ema import MAX_EVIDENCE, EmaState
-from validator.evaluation import PeerMeasurement, RoundMeasurements
+from validator.evaluation import PeerMeasurement, RoundMeasurements, heldout_gain
 
 U16_MAX = 65535
 REWARDS = ("specificity", "heldout")
@@ -332,6 +334,10 @@ def median(xs: Sequence[float]) -> float:
     return quantile(xs, 0.5)
 
 
+def _mean_or_none(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
 def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
@@ -345,16 +351,20 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
     (``evidence_rounds``); None = no earlier evidence (every hotkey is new)."""
     terms: dict[tuple[int, str], dict] = {}
     for p in m.peers:
-        heldout_gain = _diff(m.heldout_loss_base, p.heldout_loss)
+        gain = heldout_gain(p, m.heldout_loss_base, m.heldout_rule)
         assigned_gain = _diff(p.assigned_loss_before, p.assigned_loss_after)
         control_gain = _diff(p.control_loss_before, p.control_loss_after)
+        if m.heldout_rule == "first_order":  # the page gains are first order: so are their means
+            assigned_gain = _mean_or_none(p.assigned_page_gains) if p.assigned_page_gains else assigned_gain
+            control_gain = _mean_or_none(p.control_page_gains) if p.control_page_gains else control_gain
         terms[(p.uid, p.hotkey)] = {
             "status": p.status,
             "delta_norm": p.delta_norm,
             "pages_match": p.pages_match,
             "heldout_loss_base": m.heldout_loss_base,
             "heldout_loss": p.heldout_loss,
-            "heldout_gain": heldout_gain,
+            "heldout_gain": gain,
+            "heldout_rule": m.heldout_rule,
             "heldout_loss_opposite": p.heldout_loss_opposite,
             "direction_margin": _diff(p.heldout_loss_opposite, p.heldout_loss),
             "assigned_loss_before": p.assigned_loss_before,
@@ -761,7 +771,8 @@ def _solo_gate(p: PeerMeasurement, t: dict, cfg: ScoringConfig, round_: int) -> 
             t["duplicate_of"] = {"uid": s["uid"], "round": s["round"], "cosine": s["cosine"]}
             return f"repeats the Δ of uid {s['uid']} from round {s['round']} (cosine {s['cosine']:.3f})"
     if t["heldout_gain"] is None or t["heldout_gain"] <= cfg.min_heldout_gain:
-        return f"does not lower the held-out loss (gain {t['heldout_gain']:+.4f} nats)"
+        order = "first-order " if t.get("heldout_rule") == "first_order" else ""
+        return f"does not lower the held-out loss ({order}gain {t['heldout_gain']:+.4f} nats)"
     if t["direction_margin"] is not None and t["direction_margin"] <= 0:
         return (
             f"its opposite −Δ lowers the held-out loss as much or more (margin {t['direction_margin']:+.4f} "
