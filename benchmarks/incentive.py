@@ -91,7 +91,7 @@ def launch_config(name: str, budgets: list[tuple[str, int]], args, run_dir: Path
     return {
         "name": f"incentive-{name}",
         "run_dir": str(run_dir),
-        "model_config": "debug",
+        "model_config": args.model_config,
         "peers": len(budgets),
         "behaviours": [],
         "validators": 1,
@@ -431,6 +431,11 @@ def main() -> None:
     ap.add_argument("--scenarios", default="compute,sybil2,sybil3,sybil5,equal")
     ap.add_argument("--trials", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=6, help="rounds the validator scores per run")
+    ap.add_argument(
+        "--model-config",
+        default="debug",
+        help="the swarm's model config, a name or a YAML path (e.g. debug with train.rounds: overlapped)",
+    )
     ap.add_argument("--unit-steps", type=int, default=16, help="inner-step budget of 1× compute")
     ap.add_argument("--round-blocks", type=int, default=20)
     ap.add_argument("--block-time", type=float, default=0.5)

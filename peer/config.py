@@ -150,12 +150,13 @@ class TrainConfig:
     (θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}); the peer's own Δ_r stands in for ḡ_r meanwhile): no training
     time is lost to communication (``small``, 2 peers at 20 Mbit/s: utilisation 0.917 against 0.691
     blocking, worst of 3). Its outer step uses ``overlapped_outer_lr`` / ``overlapped_outer_momentum``.
-    Not the default yet because of validators: in a 24-round ``make demo`` with overlapped rounds the
-    validator refused every honest Δ from round 10 on ("does not lower the held-out loss", −0.04 to
-    −0.21 nats on θ_{r+1}), so honest peers stop being paid: each Δ_r spends much of its length undoing
-    the peer's own Δ_{r−1}, which shared states hold only as 1/n of an average (benchmarks/RESULTS.md,
-    "Overlapped rounds: why validators refuse honest Δs"). Run it where nobody pays for the work, or to
-    measure. Every peer of a swarm (and its validators' model config) must use the same."""
+    Validators score overlapped Δs to first order on θ_{r+1} (``validator.evaluation``, README "How a
+    round works"): 48 of 48 honest peer-rounds paid in rounds 9–28 of an overlapped ``make demo``. Not
+    the default: those rewards are not proportional to work (4× compute earned 2.21×, five hotkeys
+    splitting one peer's steps 5.30× it; benchmarks/RESULTS.md, "Overlapped rounds: validators pay the
+    first-order gain"), so a paid subnet would invite splitting hotkeys. Symptom that it would pay off:
+    ``averaging_seconds`` in ``rounds.jsonl`` a large share of a round. Every peer of a swarm (and its
+    validators' model config) must use the same."""
     overlapped_outer_lr: float | None = 1.0
     """``rounds: overlapped`` only: the outer learning rate used instead of ``outer_lr`` (None:
     ``outer_lr``). See ``overlapped_outer_momentum``."""

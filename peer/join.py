@@ -159,8 +159,8 @@ def register(sub) -> None:
         choices=["overlapped", "blocking"],
         default=None,
         help="override train.rounds: blocking (default; training waits for the all-reduce) or overlapped "
-        "(the all-reduce runs while the next round trains, outer step one round late; validators do not "
-        "pay it yet, README 'How a round works')",
+        "(the all-reduce runs while the next round trains, outer step one round late; faster on slow "
+        "links, README 'How a round works')",
     )
     g.add_argument(
         "--probe-loss",

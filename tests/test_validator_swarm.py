@@ -68,6 +68,8 @@ def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path
     for v, by_round in recs.items():
         for r, rec in by_round.items():
             assert rec["state_round"] == (r + 1 if rounds == "overlapped" else r), (v, r)
+            rule = rec["measurements"]["heldout_rule"]  # overlapped Δs are scored to first order
+            assert rule == ("first_order" if rounds == "overlapped" else "alone"), (v, r, rule)
             if rounds == "blocking":
                 assert rec["trained_from_state_hash"] == rec["base_state_hash"], (v, r)
     honest_keys = {h["hotkey"] for h in honest}
