@@ -200,7 +200,7 @@ class RoundMeasurements:
     base_seconds: float = 0.0
     """Time of the shared base-model forward passes."""
     heldout_rule: str = "alone"
-    """How scoring reads a Δ's held-out gain (:func:`validator.scoring.heldout_gain`). ``alone``:
+    """How scoring reads a Δ's held-out gain (:func:`heldout_gain`). ``alone``:
     L(θ) − L(θ − α·Δ) (blocking rounds, and every record from before this field). ``first_order``:
     (L(θ + α·Δ) − L(θ − α·Δ)) / 2, for overlapped rounds (module docstring); the opposite point is then
     measured whether or not ``direction_test`` is on."""
