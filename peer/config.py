@@ -154,9 +154,9 @@ class TrainConfig:
     round works"): 48 of 48 honest peer-rounds paid in rounds 9–28 of an overlapped ``make demo``. Not
     the default: those rewards are not proportional to work (worst of 3 runs: 4× compute earned 1.57×,
     five hotkeys splitting one peer's steps 5.30× it; benchmarks/RESULTS.md, "Overlapped rounds:
-    validators pay the first-order gain"), so a paid subnet would invite splitting hotkeys. Symptom that it would pay off:
-    ``averaging_seconds`` in ``rounds.jsonl`` a large share of a round. Every peer of a swarm (and its
-    validators' model config) must use the same."""
+    validators pay the first-order gain"), so a paid subnet would invite splitting hotkeys. Symptom
+    that it would pay off: ``averaging_seconds`` in ``rounds.jsonl`` a large share of a round. Every
+    peer of a swarm (and its validators' model config) must use the same."""
     overlapped_outer_lr: float | None = 1.0
     """``rounds: overlapped`` only: the outer learning rate used instead of ``outer_lr`` (None:
     ``outer_lr``). See ``overlapped_outer_momentum``."""

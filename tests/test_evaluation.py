@@ -164,9 +164,8 @@ def test_a_delta_that_undoes_its_own_junk_earns_nothing_to_first_order(round1):
     gen = torch.Generator().manual_seed(7)
     noise = {t: torch.randn(v.shape, generator=gen) for t, v in base.items()}
     honest_norm = sum(float(d.pow(2).sum()) for d in w.deltas[1][HONEST[0]].values()) ** 0.5
-    scale = (
-        4 * honest_norm / sum(float(v.pow(2).sum()) for v in noise.values()) ** 0.5
-    )  # under every norm gate
+    noise_norm = sum(float(v.pow(2).sum()) for v in noise.values()) ** 0.5
+    scale = 4 * honest_norm / noise_norm  # 4× an honest Δ's norm: under every norm gate
     junk = {t: scale * v for t, v in noise.items()}
     pages = ev.heldout_page_ids(1, w.seeds[1])
 

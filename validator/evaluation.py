@@ -268,7 +268,6 @@ class Evaluator:
         self.base: dict[str, torch.Tensor] = {}
         self.base_hash: str | None = None
         self._rule = "alone"  # the round's heldout_rule (set by evaluate_round)
-        self._opposite = cfg.direction_test  # measure θ − (−α)·Δ too
         shapes = [(n, p.numel()) for n, p in self.params.items()]
         self.sketch_plan = sketch_indices(shapes, cfg.sketch_size)
         shapes_by_name = {n: tuple(p.shape) for n, p in self.params.items()}
@@ -383,7 +382,6 @@ class Evaluator:
             heldout_rule = "first_order" if self.run.train.rounds == "overlapped" else "alone"
         if heldout_rule not in HELDOUT_RULES:
             raise ValueError(f"heldout_rule must be one of {HELDOUT_RULES}, not {heldout_rule!r}")
-        self._opposite = self.cfg.direction_test or heldout_rule == "first_order"
         self._rule = heldout_rule
         t0 = time.perf_counter()
         base_hash = self.load_base(base_state)
@@ -444,6 +442,17 @@ class Evaluator:
         finally:
             self._restore()
 
+    def _page_gains(
+        self, delta: Mapping[str, torch.Tensor], pages: Sequence[int], base_loss: Mapping[int, float]
+    ) -> tuple[list[float], list[float] | None, list[float]]:
+        """Per-page losses at θ − α·Δ, at θ + α·Δ (``first_order`` rounds only, else None), and the
+        gains the round's rule reads from them: base − after, or (opposite − after) / 2."""
+        after = self._losses_at(delta, pages)
+        if self._rule != "first_order":
+            return after, None, [base_loss[pg] - x for pg, x in zip(pages, after, strict=True)]
+        opposite = self._losses_at(delta, pages, sign=-1.0)
+        return after, opposite, [(o - x) / 2 for o, x in zip(opposite, after, strict=True)]
+
     def _apply(self, delta: Mapping[str, torch.Tensor], sign: float = 1.0) -> None:
         alpha = sign * self.cfg.delta_scale
         with torch.no_grad():
@@ -497,17 +506,12 @@ class Evaluator:
             m.assigned_page_gains, m.control_page_gains = [0.0] * len(assigned), [0.0] * len(ctrl)
             m.seconds = time.perf_counter() - t0
             return m
-        pages = heldout + assigned + ctrl
-        after = self._losses_at(delta, pages)
+        after, opposite, gains = self._page_gains(delta, heldout + assigned + ctrl, base_loss)
         h, a = len(heldout), len(assigned)
-        if self._rule == "first_order":  # every page at θ + α·Δ too: page gains to first order
-            opposite = self._losses_at(delta, pages, sign=-1.0)
+        if opposite is not None:
             m.heldout_loss_opposite = _mean(opposite[:h])
-            gains = [(o - x) / 2 for o, x in zip(opposite, after, strict=True)]
-        else:
-            if self._opposite:
-                m.heldout_loss_opposite = _mean(self._losses_at(delta, heldout, sign=-1.0))
-            gains = [base_loss[pg] - x for pg, x in zip(pages, after, strict=True)]
+        elif self.cfg.direction_test:
+            m.heldout_loss_opposite = _mean(self._losses_at(delta, heldout, sign=-1.0))
         m.heldout_loss = _mean(after[:h])
         m.assigned_loss_after = _mean(after[h : h + a])
         m.control_loss_after = _mean(after[h + a :])
@@ -543,13 +547,7 @@ class Evaluator:
             t0 = time.perf_counter()
             targets = [ring[(pos + i) % len(ring)] for i in range(1, m + 1)]
             pages = [pg for t in targets for pg in assigned[t.uid]]
-            delta = self.decode(base_by_uid[p.uid].delta_blob)
-            after = self._losses_at(delta, pages)
-            if self._rule == "first_order":
-                opposite = self._losses_at(delta, pages, sign=-1.0)
-                gains = [(o - x) / 2 for o, x in zip(opposite, after, strict=True)]
-            else:
-                gains = [base_loss[pg] - x for pg, x in zip(pages, after, strict=True)]
+            _, _, gains = self._page_gains(self.decode(base_by_uid[p.uid].delta_blob), pages, base_loss)
             i = 0
             for t in targets:
                 k = len(assigned[t.uid])

@@ -334,10 +334,6 @@ def median(xs: Sequence[float]) -> float:
     return quantile(xs, 0.5)
 
 
-def _mean_or_none(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
-
-
 def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
@@ -355,8 +351,10 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
         assigned_gain = _diff(p.assigned_loss_before, p.assigned_loss_after)
         control_gain = _diff(p.control_loss_before, p.control_loss_after)
         if m.heldout_rule == "first_order":  # the page gains are first order: so are their means
-            assigned_gain = _mean_or_none(p.assigned_page_gains) if p.assigned_page_gains else assigned_gain
-            control_gain = _mean_or_none(p.control_page_gains) if p.control_page_gains else control_gain
+            if p.assigned_page_gains:
+                assigned_gain = sum(p.assigned_page_gains) / len(p.assigned_page_gains)
+            if p.control_page_gains:
+                control_gain = sum(p.control_page_gains) / len(p.control_page_gains)
         terms[(p.uid, p.hotkey)] = {
             "status": p.status,
             "delta_norm": p.delta_norm,
