@@ -636,6 +636,7 @@ def run_checks(inp: DoctorInputs) -> tuple[list[Check], _Found]:
     finally:
         if client is not None:
             client.close()
+            shutil.rmtree(client.cfg.cache_dir, ignore_errors=True)  # the temp folder _client made
         if f.chain is not None:
             f.chain.close()
     return checks, f

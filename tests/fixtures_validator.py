@@ -13,9 +13,11 @@ Import the fixture in a test module: ``from tests.fixtures_validator import vali
 
 from __future__ import annotations
 
+import atexit
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,10 +93,19 @@ def train_delta(
     return dict(zip(state.names, state.pseudo_gradient(), strict=True))
 
 
+def _remove_world_files(data_dir: Path) -> None:
+    """The session's world lives in the temp folder: its data, config folder and ledger go at exit."""
+    shutil.rmtree(data_dir, ignore_errors=True)
+    shutil.rmtree(data_dir.parent / f"{data_dir.name}-config", ignore_errors=True)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        (data_dir.parent / f"{data_dir.name}-ledger.sqlite{suffix}").unlink(missing_ok=True)
+
+
 @functools.lru_cache(maxsize=1)
 def world() -> World:
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     data_dir = Path(tempfile.mkdtemp(prefix="gradswarm-validator-data-"))
+    atexit.register(_remove_world_files, data_dir)
     config_path = debug_config_file(data_dir.parent / f"{data_dir.name}-config", "blocking")
     run = load_run_config(str(config_path))
     prepare_data(run.data, data_dir)

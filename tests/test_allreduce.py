@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import bitsandbytes  # noqa: F401  (before the averagers: blockwise 8-bit)
 import torch
 
@@ -22,11 +24,19 @@ def _inputs(seed=0):
     ]
 
 
+def _client_sockets() -> set[Path]:
+    return set(Path("/tmp").glob("hivemind-p2pclient-*.sock"))
+
+
 def test_consensus_allreduce_is_bit_identical_and_close_to_mean(dhts):
     from peer.training.allreduce import ConsensusAverager
 
     inputs = _inputs()
+    sockets = _client_sockets()
     results, counters = _run(dhts, [[t.clone() for t in ts] for ts in inputs], ConsensusAverager)
+    # each averager process's p2p client replica is closed at shutdown: no socket of theirs is left in /tmp
+    left = _client_sockets() - sockets
+    assert not left, sorted(left)
     hashes = {hash_tensors((str(i), t) for i, t in enumerate(r)) for r in results}
     assert len(hashes) == 1, "all peers must hold bit-identical averages"
     mean = [torch.stack(ts).mean(0) for ts in zip(*inputs, strict=True)]

@@ -204,11 +204,11 @@ def _wallet(tmp_path: Path, name: str) -> Keypair:
     )
 
 
-def _cli(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+def _cli(args: list[str], timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "peer.cli", *args],
         cwd=REPO,
-        env=peer_env(COLUMNS="200"),
+        env=peer_env(COLUMNS="200", **env),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -293,8 +293,13 @@ def test_doctor_names_a_wrong_address_and_status_shows_validators_reasons(tmp_pa
         # fixed commitment: the same doctor says ok and dials the publisher
         ledger.advance(11)  # the commitment rate limit
         ensure_commitment(ledger, netuid, miner, pub.commitment())
-        doc = _cli(["doctor", "--wallet.name", "miner", "--home", str(home), "--json", *common])
+        scratch = tmp_path / "scratch"  # the doctor's temp folder: nothing of it may be left behind
+        scratch.mkdir()
+        doc = _cli(
+            ["doctor", "--wallet.name", "miner", "--home", str(home), "--json", *common], TMPDIR=str(scratch)
+        )
         checks = {c["name"]: c for c in json.loads(doc.stdout)["checks"]}
+        assert not list(scratch.glob("gradswarm-doctor-*")), list(scratch.iterdir())
         assert checks["commitment"]["status"] == "ok", checks["commitment"]
         assert checks["publisher reachable"]["status"] == "ok", checks["publisher reachable"]
         # proven from another node: the validator's publisher dialled the miner's back

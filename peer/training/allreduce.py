@@ -681,6 +681,16 @@ class ConsensusAverager(DecentralizedAverager):
         with super().get_tensors() as tensors:
             yield tensors if self._views is None else self._views
 
+    async def _shutdown(self, timeout: float | None) -> None:
+        """hivemind's shutdown, then this process's replica of the DHT's p2p daemon client: hivemind never
+        closes it, and each averager process left its ``/tmp/hivemind-p2pclient-*.sock`` behind."""
+        try:
+            await super()._shutdown(timeout)
+        finally:
+            replica = getattr(self, "_p2p", None)  # unset when the averager failed to start
+            if replica is not None:
+                await replica.shutdown()  # a replica: removes its socket; the daemon is the DHT's
+
     async def _step(self, *, step, future_for_init):
         throttle_group_lookups(self._matchmaking.group_key_manager, self.matchmaking_poll_interval)
         return await super()._step(step=step, future_for_init=future_for_init)
