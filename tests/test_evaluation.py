@@ -103,6 +103,38 @@ def test_malformed_and_missing_contributions(validator_world):  # noqa: F811
     assert sketches == {}
 
 
+def test_a_finite_delta_that_overflows_the_model_is_refused_and_harms_no_one(validator_world):  # noqa: F811
+    """Values of 1e20 decode fine and have a finite float64 norm, but every forward pass gives NaN. With
+    two such sybils beside one honest peer they are the norm test's median, so only the losses show it:
+    they are refused as non-finite, leave no sketch, and the honest peer's score stays finite."""
+    from peer.errors import CheckpointError
+
+    w = validator_world
+    ev = Evaluator(EvalConfig(), w.run, w.store)
+    huge = {
+        n: torch.full_like(v, 1e20) if "embed" not in n else torch.zeros_like(v)
+        for n, v in w.deltas[1][HONEST[1]].items()
+    }
+    cands = [Candidate(uid=0, hotkey=w.hotkeys[HONEST[0]], delta_blob=w.blob(1, HONEST[0]))] + [
+        Candidate(uid=u, hotkey=w.hotkeys[n], delta_blob=encode_delta(huge))
+        for u, n in ((1, HONEST[1]), (2, HONEST[2]))
+    ]
+    rm, sketches = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands)
+    assert [p.status for p in rm.peers] == ["ok", "non_finite", "non_finite"]
+    assert "loss NaN or infinite" in rm.peers[1].reason and rm.peers[1].heldout_loss_opposite is None
+    assert set(sketches) == {(0, w.hotkeys[HONEST[0]])}
+    scores = score_round(rm, ScoringConfig())
+    assert scores[0].score > 0 and scores[0].terms["heldout_median"] > 0
+    assert [s.score for s in scores[1:]] == [0.0, 0.0] and all(
+        "NaN or infinite" in s.reason for s in scores[1:]
+    )
+    # a base state that is not finite is refused before anything is measured against it
+    bad = {n: t.clone() for n, t in w.bases[1].items()}
+    next(iter(bad.values())).view(-1)[0] = float("nan")
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        ev.evaluate_round(1, w.seeds[1], bad, cands[:1])
+
+
 # ---- overlapped rounds: the held-out gain to first order (heldout_rule "first_order")
 
 

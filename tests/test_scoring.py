@@ -771,3 +771,28 @@ def test_a_copy_of_the_support_mean_of_sparse_deltas_earns_nothing():
     alone = by_uid(score_round(rm(table()[:3]), ScoringConfig()))
     for u in (0, 1, 2):  # as without the copy (u2 shows no specificity in this table)
         assert s[u].reason == alone[u].reason and s[u].score == pytest.approx(alone[u].score), s[u].reason
+
+
+def test_non_finite_measurements_are_refused_and_cannot_poison_medians_or_the_ema():
+    """A finite Δ can overflow the forward pass (values ~1e20: the validator marks it ``non_finite``).
+    Records made before that check, or any NaN that reaches scoring, must not pass a "gain ≤ x" gate
+    (every comparison with NaN is false), enter the round's medians, turn into t = T_CAP, or stay in the
+    EMA: an honest peer beside such a Δ keeps a finite score and weight."""
+    nan = float("nan")
+    peers = table()[:3] + [
+        peer(9, heldout=nan, before=5.0, after=nan, own=[nan, nan], cross=[(0, [0.1, 0.1])]),
+        peer(10, heldout=4.7, before=5.0, after=4.5, own=[0.3, 0.2], cross=[(0, [0.1, 0.1]), (9, [nan, nan])]),
+    ]
+    scores = {s.uid: s for s in score_round(rm(peers), ScoringConfig())}
+    assert scores[9].score == 0 and "NaN or infinite" in scores[9].reason
+    for s in scores.values():
+        assert math.isfinite(s.score), (s.uid, s.reason)
+        for k in ("heldout_median", "specificity", "specificity_t"):
+            assert s.terms.get(k) is None or math.isfinite(s.terms[k]), (s.uid, k)
+    assert scores[0].score > 0 and scores[10].score > 0
+    # uid 10's NaN reference (uid 9) is not one of its references: uid 0's alone
+    assert scores[10].terms["generic_basis"].startswith("median of 1 ")
+    # the EMA: a NaN score counts as 0, and the uid's value stays finite
+    state = update_ema(EmaState(), 1, [PeerScore(uid=0, hotkey="hk0", score=nan, reason="x")], {0: "hk0"}, 0.3)
+    state = update_ema(state, 2, [PeerScore(uid=0, hotkey="hk0", score=1.0, reason="scored")], {0: "hk0"}, 0.3)
+    assert state.entries[0].value == pytest.approx(0.3)

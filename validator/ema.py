@@ -4,6 +4,7 @@ writes the state as ``ema.json`` after each round, and ``last_evaluated`` orders
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
@@ -78,7 +79,7 @@ def update_ema(
             continue
         s = by_uid.get(uid)
         mine = s is not None and s.hotkey == hotkey
-        score = s.score if mine else 0.0
+        score = s.score if mine and math.isfinite(s.score) else 0.0  # a NaN would stay in the EMA for good
         if mine and s.terms.get("evidence_t") is not None:
             evidence = (evidence + [float(s.terms["evidence_t"])])[-MAX_EVIDENCE:]
         entries[uid] = EmaEntry(

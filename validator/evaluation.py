@@ -293,6 +293,8 @@ class Evaluator:
                         f"base state tensor {name} has shape {tuple(t.shape)}, model wants {tuple(p.shape)}"
                     )
                 p.copy_(t.to(p.dtype))
+                if not bool(torch.isfinite(p).all()):
+                    raise CheckpointError(f"base state tensor {name} holds NaN or infinite values")
         self.base = {n: p.detach().clone() for n, p in self.params.items()}
         self.base_hash = hash_tensors((n, p) for n, p in self.params.items())
         return self.base_hash
@@ -394,6 +396,10 @@ class Evaluator:
         # one batched pass over every page whose base loss anyone needs
         wanted = list(dict.fromkeys(heldout + control + [p for ps in assigned.values() for p in ps]))
         base_loss = dict(zip(wanted, self.page_losses(wanted), strict=True))
+        if not _all_finite(base_loss.values()):
+            raise CheckpointError(
+                f"θ_r {base_hash[:12]} gives a NaN or infinite loss: nothing can be measured"
+            )
         heldout_base = _mean([base_loss[p] for p in heldout])
         base_seconds = time.perf_counter() - t0
 
@@ -512,6 +518,14 @@ class Evaluator:
             m.heldout_loss_opposite = _mean(opposite[:h])
         elif self.cfg.direction_test:
             m.heldout_loss_opposite = _mean(self._losses_at(delta, heldout, sign=-1.0))
+        if not _all_finite(after, opposite or [], [m.heldout_loss_opposite or 0.0]):
+            # a finite Δ can still overflow the forward pass (values ~1e20): its losses say nothing, and a
+            # NaN slips past every "gain ≤ x" test and into the round's medians and the EMA
+            del sketches[(c.uid, c.hotkey)]
+            m.heldout_loss_opposite = None  # the record holds no NaN (strict JSON readers refuse it)
+            m.status, m.reason = "non_finite", NON_FINITE_LOSS
+            m.seconds = time.perf_counter() - t0
+            return m
         m.heldout_loss = _mean(after[:h])
         m.assigned_loss_after = _mean(after[h : h + a])
         m.control_loss_after = _mean(after[h + a :])
@@ -548,6 +562,14 @@ class Evaluator:
             targets = [ring[(pos + i) % len(ring)] for i in range(1, m + 1)]
             pages = [pg for t in targets for pg in assigned[t.uid]]
             _, _, gains = self._page_gains(self.decode(base_by_uid[p.uid].delta_blob), pages, base_loss)
+            if not _all_finite(gains):  # finite on its own pages, overflowing on others' (e.g. rare tokens)
+                p.status, p.reason, p.plausible = (
+                    "non_finite",
+                    NON_FINITE_LOSS + " (on other peers' pages)",
+                    False,
+                )
+                p.seconds += time.perf_counter() - t0
+                continue
             i = 0
             for t in targets:
                 k = len(assigned[t.uid])
@@ -777,6 +799,14 @@ def heldout_gain(p: PeerMeasurement, heldout_loss_base: float | None, rule: str 
     if heldout_loss_base is None or p.heldout_loss is None:
         return None
     return heldout_loss_base - p.heldout_loss
+
+
+NON_FINITE_LOSS = "Δ makes the model's loss NaN or infinite"
+"""Why a finite Δ whose forward passes overflow is refused (status ``non_finite``)."""
+
+
+def _all_finite(*lists: Sequence[float]) -> bool:
+    return all(math.isfinite(x) for xs in lists for x in xs)
 
 
 def _mean(xs: Sequence[float]) -> float | None:

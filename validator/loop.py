@@ -587,9 +587,12 @@ def evaluate(
     sketch_rounds, earlier = store.earlier_sketches(inputs.round, lookback)
     if isinstance(evaluator, BudgetedEvaluator):
         evaluator.budget_s = budget_s
-    rm, sketches = evaluator.evaluate_round(
-        inputs.round, inputs.seed, inputs.base_state, inputs.candidates, earlier
-    )
+    try:
+        rm, sketches = evaluator.evaluate_round(
+            inputs.round, inputs.seed, inputs.base_state, inputs.candidates, earlier
+        )
+    except CheckpointError as e:  # θ_r itself is unusable (non-finite): no peer can be measured against it
+        raise NoBaseState(f"round {inputs.round}: {e}") from e
     skipped = set(getattr(evaluator, "skipped", []) if budget_s > 0 else [])
     if skipped:
         reason = f"{TIME_BUDGET}: --eval.max-seconds {budget_s:g} spent"

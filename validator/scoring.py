@@ -676,8 +676,9 @@ def _specificity_reward(
 
 
 def _t_one(xs: Sequence[float]) -> float | None:
-    """One-sample t statistic of mean(xs) > 0 (None with fewer than 2 values; capped at ±T_CAP)."""
-    if len(xs) < 2:
+    """One-sample t statistic of mean(xs) > 0 (None with fewer than 2 values or a non-finite one; capped at
+    ±T_CAP)."""
+    if len(xs) < 2 or not all(math.isfinite(x) for x in xs):
         return None
     mean = sum(xs) / len(xs)
     if abs(mean) <= 1e-12:  # rounding noise, not a signal
@@ -689,8 +690,8 @@ def _t_one(xs: Sequence[float]) -> float | None:
 
 
 def _t_welch(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Welch's t statistic of mean(a) > mean(b) (None with fewer than 2 values on a side)."""
-    if len(a) < 2 or len(b) < 2:
+    """Welch's t statistic of mean(a) > mean(b) (None with fewer than 2 values on a side, or a non-finite one)."""
+    if len(a) < 2 or len(b) < 2 or not all(math.isfinite(x) for x in [*a, *b]):
         return None
     ma, mb = sum(a) / len(a), sum(b) / len(b)
     if abs(ma - mb) <= 1e-12:
@@ -721,7 +722,8 @@ def _specificity(
     if (p.uid, p.hotkey) in eligible_keys:
         for c in p.cross_gains:
             key = (c["uid"], c["hotkey"])
-            if key in eligible_keys:
+            page_gains = [c["gain"], *c.get("page_gains", [])]
+            if key in eligible_keys and all(g is not None and math.isfinite(g) for g in page_gains):
                 ratio = t["heldout_gain"] / terms[key]["heldout_gain"]
                 if drop and not 1 / max_scale <= ratio <= max_scale:
                     t["references_dropped"] = t.get("references_dropped", 0) + 1
@@ -756,8 +758,10 @@ def _solo_gate(p: PeerMeasurement, t: dict, cfg: ScoringConfig, round_: int) -> 
         return {
             "rejected": f"not evaluated: {p.reason}",
             "malformed": f"malformed Δ: {p.reason}",
-            "non_finite": "Δ holds NaN or infinite values",
+            "non_finite": p.reason or "Δ holds NaN or infinite values",
         }.get(p.status, f"{p.status}: {p.reason}")
+    if not _measurements_finite(p):  # evaluation refuses these already; a NaN passes every "≤" test below
+        return "Δ makes the model's loss NaN or infinite"
     if cfg.require_pages_match and p.pages_match is False:
         return "its manifest names pages that are not its assignment"
     if not p.delta_norm:
@@ -777,6 +781,18 @@ def _solo_gate(p: PeerMeasurement, t: dict, cfg: ScoringConfig, round_: int) -> 
             "nats): the gain is not due to its direction"
         )
     return None
+
+
+def _measurements_finite(p: PeerMeasurement) -> bool:
+    values = [
+        p.heldout_loss,
+        p.heldout_loss_opposite,
+        p.assigned_loss_after,
+        p.control_loss_after,
+        *p.assigned_page_gains,
+        *p.control_page_gains,
+    ]
+    return all(v is None or math.isfinite(v) for v in values)
 
 
 def not_sampled_scores(not_sampled: Mapping[int, str], uids: Mapping[int, str]) -> list[PeerScore]:
