@@ -47,8 +47,16 @@ def main() -> int:
     ap.add_argument(
         "--peers", type=int, default=16, help="honest peers a round (counts up to it are measured)"
     )
+    ap.add_argument(
+        "--sketch-key",
+        default=None,
+        metavar="HEX",
+        help="sketch with this validator key (64 hex characters: the keyed plan `validator run` uses); "
+        "default: the public strided plan of the earlier figures",
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
+    key = None if args.sketch_key is None else bytes.fromhex(args.sketch_key)
 
     from peer.config import load_run_config
     from peer.data.pages import PageStore, prepare_data
@@ -59,7 +67,8 @@ def main() -> int:
     data_dir = Path(tempfile.mkdtemp(prefix="gradswarm-combination-")) / "data"
     prepare_data(run.data, data_dir)
     store = PageStore(data_dir, run.data)
-    ev = Evaluator(EvalConfig(), run, store)
+    ev = Evaluator(EvalConfig(), run, store, sketch_key=key)
+    print(f"sketch plan: {ev.sketch_plan_id}", flush=True)
     thr = ScoringConfig().combination_fraction
     honest: dict[str, list[float]] = {}
     copies: dict[str, list[float]] = {}

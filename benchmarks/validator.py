@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/validator.py     # debug config (3 trials) + a real 125M round, ~7 min on 2 cores
     .venv/bin/python benchmarks/validator.py --skip-big --trials 1      # ~40 s
     .venv/bin/python benchmarks/validator.py --skip-big --skip-cost --trials 3 --sampled-rounds 6 --max-peers 4
+    .venv/bin/python benchmarks/validator.py --trials 3 --fresh-rounds 4 --sparse --threads 2   # ~25 min
 
 Prints, measured in this run:
 
@@ -22,12 +23,18 @@ Prints, measured in this run:
    a validator that evaluates only K of them a round (validator.sampling, a fresh end-of-round key per
    round) for R rounds, EMA over evaluated rounds only; Spearman of the final *weights* with the truth.
    Worst and median over the trials. Target ≥ 0.9.
+5. **fresh rounds** (``--fresh-rounds R``, alone): each trial's hotkeys over R rounds, each with fresh
+   pages and Δs of the same qualities, every peer evaluated with its history (the pooled assignment
+   evidence) and the EMA a validator keeps: Spearman of every round's scores and of the final weights.
+   The single-round figures of 3. keep one round's page noise; this is what reaches the chain.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import hashlib
+import shutil
 import statistics
 import sys
 import tempfile
@@ -66,6 +73,13 @@ def encode_topk(run, delta: dict) -> bytes:
 
 ENCODE = encode_dense
 """How the ground-truth peers' Δs are published (``--sparse``: :func:`encode_topk`)."""
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temp folder for generated data, removed when the benchmark exits."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
 
 
 def hotkey(name: str) -> str:
@@ -126,14 +140,11 @@ def plain_forward_seconds(model, store, page_lists: list[list[int]], batch_size:
     return time.perf_counter() - t0
 
 
-def spearman_round(run, store, trial: int):
-    """One round of the ground-truth experiment: a base after one swarm round, then 10 peers of known quality.
-
-    Returns (peers, evaluator, candidates, base, seed, round measurements, scores)."""
+def swarm_base(run, store, trial: int) -> dict:
+    """A base that has seen one swarm round (4 honest peers of 40 steps, outer step), per trial."""
     k = run.data.pages_per_round
     tag = f"t{trial}-" if trial else ""  # trial 0 keeps the names (and so the numbers) of earlier runs
-    seed0, seed1 = f"bench-round-0{tag}".encode(), f"bench-round-1{tag}".encode()
-    # a base that has seen one swarm round (4 honest peers, outer step)
+    seed0 = f"bench-round-0{tag}".encode()
     base0 = {n: p.detach().clone() for n, p in build_model(run).named_parameters()}
     ds = [
         train(
@@ -149,36 +160,92 @@ def spearman_round(run, store, trial: int):
         for i in range(4)
     ]
     avg = {t: sum(d[t] for d in ds) / len(ds) for t in base0}
-    base = {t: base0[t] - run.train.outer_lr * (1 + run.train.outer_momentum) * avg[t] for t in base0}
+    return {t: base0[t] - run.train.outer_lr * (1 + run.train.outer_momentum) * avg[t] for t in base0}
 
+
+def ground_truth_peers(run, store, base, trial: int, round_: int = 1):
+    """The 10 peers of known quality of one round: fresh pages (the round's seed), fresh Δs from ``base``.
+
+    Returns (peers, candidates, seed); a peer is (name, truth group, truth value, Δ). Round 1 is the
+    single-round experiment; later rounds (``--fresh-rounds``) keep the trial's hotkeys."""
+    k = run.data.pages_per_round
+    tag = f"t{trial}-" if trial else ""
+    seed = f"bench-round-{round_}{tag}".encode()
+    salt = 1000 * trial + 100_000 * (round_ - 1)  # round 1: the training seeds of earlier runs
     peers = []  # (name, truth group, truth value, delta)
     for steps in (5, 10, 20, 40, 80):
         name = f"steps-{steps}"
-        own = assign_pages(hotkey(tag + name), 1, seed1, store.train_pages, k)
-        peers.append(
-            (name, "steps", steps, train(run, store, base, own, [], steps, 1.0, 1000 * trial + steps))
-        )
+        own = assign_pages(hotkey(tag + name), round_, seed, store.train_pages, k)
+        peers.append((name, "steps", steps, train(run, store, base, own, [], steps, 1.0, salt + steps)))
     for frac in (1.0, 0.75, 0.5, 0.25, 0.0):
         name = f"own-{int(frac * 100)}"
-        own = assign_pages(hotkey(tag + name), 1, seed1, store.train_pages, k)
+        own = assign_pages(hotkey(tag + name), round_, seed, store.train_pages, k)
         others = [p for p in store.train_pages if p not in set(own)]
-        other = eval_pages(1, seed1, others, k, purpose=f"bench/{name}")
-        peers.append(
-            (
-                name,
-                "data",
-                frac,
-                train(run, store, base, own, other, 40, frac, 1000 * trial + 100 + int(frac * 100)),
-            )
-        )
-    ev = Evaluator(EvalConfig(**EVAL_OVERRIDES), run, store)
+        other = eval_pages(round_, seed, others, k, purpose=f"bench/{name}")
+        delta = train(run, store, base, own, other, 40, frac, salt + 100 + int(frac * 100))
+        peers.append((name, "data", frac, delta))
     cands = [
         Candidate(uid=i, hotkey=hotkey(tag + n), delta_blob=ENCODE(run, d))
         for i, (n, _, _, d) in enumerate(peers)
     ]
+    return peers, cands, seed
+
+
+def spearman_round(run, store, trial: int):
+    """One round of the ground-truth experiment: a base after one swarm round, then 10 peers of known quality.
+
+    Returns (peers, evaluator, candidates, base, seed, round measurements, scores)."""
+    base = swarm_base(run, store, trial)
+    peers, cands, seed1 = ground_truth_peers(run, store, base, trial)
+    ev = Evaluator(EvalConfig(**EVAL_OVERRIDES), run, store)
     rm, _ = ev.evaluate_round(1, seed1, base, cands)
     scores = score_round(rm, ScoringConfig())
     return peers, ev, cands, base, seed1, rm, scores
+
+
+def spearman_by_group(peers, values: list[float]) -> dict[str, float]:
+    out = {}
+    for group in ("steps", "data"):
+        idx = [i for i, p in enumerate(peers) if p[1] == group]
+        out[group] = spearman([peers[i][2] for i in idx], [values[i] for i in idx])
+    return out
+
+
+def fresh_rounds_part(run, store, base, trial: int, rounds: int) -> dict:
+    """The trial's 10 hotkeys over ``rounds`` rounds as a validator sees them: every round fresh pages and
+    fresh Δs (same qualities), every peer evaluated, scored with the hotkeys' history (pooled assignment
+    evidence) and an EMA; Spearman of each round's scores and of the final *weights* with the truth."""
+    from validator.ema import EmaState, update_ema
+    from validator.scoring import BurnPolicy, normalize_weights
+
+    cfg = ScoringConfig()
+    ev = Evaluator(EvalConfig(**EVAL_OVERRIDES), run, store)
+    ema = EmaState()
+    per_round = []
+    for r in range(1, rounds + 1):
+        peers, cands, seed = ground_truth_peers(run, store, base, trial, r)
+        rm, _ = ev.evaluate_round(r, seed, base, cands)
+        scores = score_round(rm, cfg, history=ema)
+        ema = update_ema(ema, r, scores, {c.uid: c.hotkey for c in cands}, cfg.ema_alpha)
+        per_round.append(spearman_by_group(peers, [s.score for s in scores]))
+        print(
+            f"    trial {trial} round {r}: Spearman(score) steps {per_round[-1]['steps']:.3f}, data "
+            f"{per_round[-1]['data']:.3f}; refused "
+            + (
+                ", ".join(
+                    f"{p[0]} ({s.reason[:60]})" for p, s in zip(peers, scores, strict=True) if s.score <= 0
+                )
+                or "none"
+            ),
+            flush=True,
+        )
+    w = normalize_weights({u: e.value for u, e in ema.entries.items()}, BurnPolicy())
+    weight = [w.shares.get(c.uid, 0.0) for c in cands]
+    return {
+        "per_round": per_round,
+        "final": spearman_by_group(peers, weight),
+        "weights": {p[0]: x for p, x in zip(peers, weight, strict=True)},
+    }
 
 
 def sampled_part(run, store, peers, cands, base, seed1, trial: int, rounds: int, k: int) -> dict:
@@ -211,11 +278,35 @@ def sampled_part(run, store, peers, cands, base, seed1, trial: int, rounds: int,
     return out
 
 
+def fresh_part(trials: int, rounds: int) -> int:
+    """``--fresh-rounds``: :func:`fresh_rounds_part` per trial, then the worst and median over trials."""
+    run = load_run_config("debug")
+    data_dir = scratch_dir("gradswarm-bench-validator-")
+    prepare_data(run.data, data_dir)
+    store = PageStore(data_dir, run.data)
+    out = []
+    for trial in range(trials):
+        out.append(fresh_rounds_part(run, store, swarm_base(run, store, trial), trial, rounds))
+        print(f"  trial {trial} weights " + ", ".join(f"{n} {x:.3f}" for n, x in out[-1]["weights"].items()))
+    for g in ("steps", "data"):
+        rnd = [r[g] for t in out for r in t["per_round"]]
+        fin = [t["final"][g] for t in out]
+        print(
+            f"Spearman(score, {g}), single rounds: worst {min(rnd):.3f}, median {statistics.median(rnd):.3f} "
+            f"over {len(rnd)} rounds ({', '.join(f'{v:.3f}' for v in rnd)})"
+        )
+        print(
+            f"Spearman(weight after {rounds} rounds, {g}): worst {min(fin):.3f}, median "
+            f"{statistics.median(fin):.3f} over {len(fin)} trials ({', '.join(f'{v:.3f}' for v in fin)})"
+        )
+    return 0
+
+
 def debug_part(
     threads: int, trials: int, sampled_rounds: int = 0, max_peers: int = 4, cost: bool = True
 ) -> dict:
     run = load_run_config("debug")
-    data_dir = Path(tempfile.mkdtemp(prefix="gradswarm-bench-validator-"))
+    data_dir = scratch_dir("gradswarm-bench-validator-")
     prepare_data(run.data, data_dir)
     store = PageStore(data_dir, run.data)
     out: dict = {"trials": []}
@@ -377,6 +468,13 @@ def main() -> int:
         help="also score each trial's peers over this many rounds with sampling on (0 = skip)",
     )
     ap.add_argument("--max-peers", type=int, default=4, help="the sampling budget K of those rounds")
+    ap.add_argument(
+        "--fresh-rounds",
+        type=int,
+        default=0,
+        help="instead: each trial's hotkeys over this many rounds of fresh pages and Δs, every peer evaluated, "
+        "EMA; Spearman of each round's scores and of the final weights (only this part runs)",
+    )
     ap.add_argument("--sparse", action="store_true", help="score sparse top-k Δs (#17) instead of 8-bit")
     ap.add_argument(
         "--eval",
@@ -395,6 +493,8 @@ def main() -> int:
         global ENCODE
         ENCODE = encode_topk
     torch.set_num_threads(args.threads)
+    if args.fresh_rounds:
+        return fresh_part(args.trials, args.fresh_rounds)
     d = debug_part(args.threads, args.trials, args.sampled_rounds, args.max_peers, cost=not args.skip_cost)
     if args.sampled_rounds:
         for g in ("steps", "data"):
@@ -433,7 +533,7 @@ def main() -> int:
         for name, s in t["scores"].items():
             print(f"    {name:10s} |Δ| {t['norms'][name]:6.2f}  score {s:.5f}  {t['reasons'][name]}")
     if not args.skip_big:
-        data_dir = Path(tempfile.mkdtemp(prefix="gradswarm-bench-validator-125m-"))
+        data_dir = scratch_dir("gradswarm-bench-validator-125m-")
         b = big_part("llama-125m", data_dir)
         print(
             f"{b['config']} ({b['params_m']:.0f}M params), {args.threads} threads, a real validator round of 2 "

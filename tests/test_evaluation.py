@@ -135,6 +135,71 @@ def test_a_finite_delta_that_overflows_the_model_is_refused_and_harms_no_one(val
         ev.evaluate_round(1, w.seeds[1], bad, cands[:1])
 
 
+def test_keyed_sketch_positions_are_secret_exact_and_stable():
+    from validator.evaluation import keyed_sketch_positions, sketch_plan_id
+
+    shapes = [("a", 1000), ("b", 7), ("c", 50_000)]
+    pos = keyed_sketch_positions(shapes, 2048, b"k" * 32)
+    assert keyed_sketch_positions(shapes, 2048, b"k" * 32).keys() == pos.keys()
+    assert all(torch.equal(pos[n], p) for n, p in keyed_sketch_positions(shapes, 2048, b"k" * 32).items())
+    assert sum(len(p) for p in pos.values()) == 2048
+    for name, n in shapes:
+        p = pos[name]
+        assert bool((p[1:] > p[:-1]).all()) and (len(p) == 0 or int(p[0]) >= 0 and int(p[-1]) < n)
+    other = keyed_sketch_positions(shapes, 2048, b"j" * 32)
+    shared = len(set(pos["c"].tolist()) & set(other["c"].tolist()))
+    assert shared < 0.2 * len(pos["c"])  # another validator's key reads other coordinates (~4 % overlap)
+    assert sum(len(p) for p in keyed_sketch_positions(shapes, 10**6, b"k" * 32).values()) == 51_007  # all
+    assert sketch_plan_id(b"k" * 32) != sketch_plan_id(b"j" * 32) and (b"k" * 4).hex() not in sketch_plan_id(
+        b"k" * 32
+    )
+
+
+def test_a_copy_that_dodges_the_public_sketch_is_caught_by_the_keyed_one(validator_world):  # noqa: F811
+    """Red-team finding: the copy tests read only the sketch, and the public strided plan is known to every
+    peer. A copier that keeps honest-a's Δ (or the swarm's average) and overwrites just those coordinates
+    with noise — 1/64 of them here, 0.06 % of a 125M model's — looks original to every copy test. With
+    positions drawn by the validator's secret key the same copies are still copies."""
+    w = validator_world
+    cfg = EvalConfig(
+        sketch_size=4096
+    )  # stride 64: the share of coordinates a big model's sketch reads, scaled
+    public = Evaluator(cfg, w.run, w.store)
+    d = w.deltas[1]
+    g = torch.Generator().manual_seed(7)
+
+    def dodge(delta):
+        out = {}
+        for n, t in delta.items():
+            offset, stride = public.sketch_plan[n]
+            flat = t.detach().clone().reshape(-1)
+            flat[offset::stride] = torch.randn(flat[offset::stride].shape, generator=g) * float(t.std())
+            out[n] = flat.view(t.shape)
+        return out
+
+    average = {n: sum(d[h][n] for h in HONEST) / len(HONEST) for n in d[HONEST[0]]}
+    blobs = [w.blob(1, h) for h in HONEST] + [encode_delta(dodge(d[HONEST[0]])), encode_delta(dodge(average))]
+    names = [*HONEST, "sign-flip", "scaled"]  # two registered hotkeys of their own for the copiers
+    cands = [
+        Candidate(uid=i, hotkey=w.hotkeys[n], delta_blob=b)
+        for i, (n, b) in enumerate(zip(names, blobs, strict=True))
+    ]
+    rm_public, _ = public.evaluate_round(1, w.seeds[1], w.bases[1], cands)
+    assert max((s["cosine"] for s in rm_public.peers[3].similar), default=0.0) < 0.5  # invisible there
+    assert rm_public.peers[4].span["explained"] < 0.5
+
+    keyed = Evaluator(cfg, w.run, w.store, sketch_key=b"\x07" * 32)
+    rm, sketches = keyed.evaluate_round(1, w.seeds[1], w.bases[1], cands)
+    assert max(s["cosine"] for s in rm.peers[3].similar if s["uid"] == 0) > 0.95
+    assert rm.peers[4].span["explained"] > 0.95
+    scores = score_round(rm, ScoringConfig())
+    explained = [(round(s.score, 4), s.reason) for s in scores]
+    assert all(s.score > 0 for s in scores[:3]), explained
+    assert scores[3].score == 0 and "copy of uid 0" in scores[3].reason, explained
+    assert scores[4].score == 0 and "combination of other peers' Δs" in scores[4].reason, explained
+    assert len(next(iter(sketches.values()))) == 4096
+
+
 # ---- overlapped rounds: the held-out gain to first order (heldout_rule "first_order")
 
 

@@ -781,7 +781,9 @@ def test_non_finite_measurements_are_refused_and_cannot_poison_medians_or_the_em
     nan = float("nan")
     peers = table()[:3] + [
         peer(9, heldout=nan, before=5.0, after=nan, own=[nan, nan], cross=[(0, [0.1, 0.1])]),
-        peer(10, heldout=4.7, before=5.0, after=4.5, own=[0.3, 0.2], cross=[(0, [0.1, 0.1]), (9, [nan, nan])]),
+        peer(
+            10, heldout=4.7, before=5.0, after=4.5, own=[0.3, 0.2], cross=[(0, [0.1, 0.1]), (9, [nan, nan])]
+        ),
     ]
     scores = {s.uid: s for s in score_round(rm(peers), ScoringConfig())}
     assert scores[9].score == 0 and "NaN or infinite" in scores[9].reason
@@ -793,6 +795,10 @@ def test_non_finite_measurements_are_refused_and_cannot_poison_medians_or_the_em
     # uid 10's NaN reference (uid 9) is not one of its references: uid 0's alone
     assert scores[10].terms["generic_basis"].startswith("median of 1 ")
     # the EMA: a NaN score counts as 0, and the uid's value stays finite
-    state = update_ema(EmaState(), 1, [PeerScore(uid=0, hotkey="hk0", score=nan, reason="x")], {0: "hk0"}, 0.3)
-    state = update_ema(state, 2, [PeerScore(uid=0, hotkey="hk0", score=1.0, reason="scored")], {0: "hk0"}, 0.3)
+    state = update_ema(
+        EmaState(), 1, [PeerScore(uid=0, hotkey="hk0", score=nan, reason="x")], {0: "hk0"}, 0.3
+    )
+    state = update_ema(
+        state, 2, [PeerScore(uid=0, hotkey="hk0", score=1.0, reason="scored")], {0: "hk0"}, 0.3
+    )
     assert state.entries[0].value == pytest.approx(0.3)

@@ -298,7 +298,7 @@ def cmd_run(args) -> int:
             chain=chain,
             clock=ChainClock(chain=chain, round_blocks=round_blocks),
             client=client,
-            evaluator=BudgetedEvaluator(eval_cfg, run_cfg, pages),
+            evaluator=BudgetedEvaluator(eval_cfg, run_cfg, pages, sketch_key=store.sketch_key()),
             store=store,
             pages=pages,
             setter=WeightSetter(chain, chain_cfg.netuid, keypair, state_dir, weights_cfg),

@@ -232,6 +232,53 @@ def sketch_indices(shapes: Sequence[tuple[str, int]], size: int) -> dict[str, tu
     return out
 
 
+PUBLIC_SKETCH = "strided"
+"""The sketch plan of an evaluator without a key: a strided subset fixed by the model's shapes alone (the
+plan of every record made before keyed sketches; tests and benchmarks use it for reproducible numbers)."""
+
+
+def sketch_plan_id(key: bytes) -> str:
+    """The name a record gives to the keyed plan of ``key`` (a fingerprint: it does not reveal the key)."""
+    return "keyed-" + hashlib.blake2b(key, digest_size=8, person=b"gs-sketch-id").hexdigest()
+
+
+def keyed_sketch_positions(
+    shapes: Sequence[tuple[str, int]], size: int, key: bytes
+) -> dict[str, torch.Tensor]:
+    """For each tensor (name, numel) in order: the sorted positions (int64) it contributes to a sketch of
+    ``size`` coordinates drawn uniformly without replacement from the whole model by a keyed hash stream.
+
+    Why keyed: every copy test (duplicate cosine, combinations, stale replays) reads only the sketch. A
+    subset anyone can compute (the public strided plan) is dodged by a copier that keeps another peer's Δ
+    and overwrites just those coordinates — 0.006 % of a 1B model's — and then passes as original work.
+    With positions only the validator knows, a Δ changed on a fraction f of its energy looks changed by
+    about f in the sketch too: the sketch's cosine estimates the full Δs' cosine, whatever the copier did.
+    The key is the validator's own secret (``ValidatorStore.sketch_key``), fixed for its life, so sketches
+    of earlier rounds stay comparable and ``validator replay`` (with the state dir) reproduces them."""
+    total = sum(n for _, n in shapes)
+    if total <= size:
+        chosen = list(range(total))
+    else:
+        seen: set[int] = set()
+        chosen = []
+        counter = 0
+        while len(chosen) < size:
+            block = hashlib.blake2b(counter.to_bytes(8, "little"), key=key, digest_size=64).digest()
+            counter += 1
+            for i in range(0, 64, 8):
+                pos = int.from_bytes(block[i : i + 8], "little") % total  # bias ≤ total / 2⁶⁴: none
+                if pos not in seen and len(chosen) < size:
+                    seen.add(pos)
+                    chosen.append(pos)
+    positions = torch.tensor(sorted(chosen), dtype=torch.int64)
+    out, start = {}, 0
+    for name, n in shapes:
+        lo, hi = torch.searchsorted(positions, torch.tensor([start, start + n])).tolist()
+        out[name] = positions[lo:hi] - start
+        start += n
+    return out
+
+
 def check_declared_format(blob: bytes, declared: str | None) -> None:
     """Raise ``ArtifactRefused("bad_metadata")`` if a Δ blob's header names another format than its
     manifest (``declared``; None skips the check). Reads the header only."""
@@ -257,7 +304,9 @@ class Evaluator:
     Build once per validator (the model is reused across rounds).
     """
 
-    def __init__(self, cfg: EvalConfig, run: RunConfig, store: PageStore):
+    def __init__(self, cfg: EvalConfig, run: RunConfig, store: PageStore, sketch_key: bytes | None = None):
+        """``sketch_key``: the validator's secret for its copy-test sketches (:func:`keyed_sketch_positions`);
+        None = the public strided plan (tests, benchmarks, replays of records made before keys)."""
         self.cfg = cfg
         self.run = run
         self.store = store
@@ -270,6 +319,11 @@ class Evaluator:
         self._rule = "alone"  # the round's heldout_rule (set by evaluate_round)
         shapes = [(n, p.numel()) for n, p in self.params.items()]
         self.sketch_plan = sketch_indices(shapes, cfg.sketch_size)
+        self.sketch_positions = (
+            None if sketch_key is None else keyed_sketch_positions(shapes, cfg.sketch_size, sketch_key)
+        )
+        self.sketch_plan_id = PUBLIC_SKETCH if sketch_key is None else sketch_plan_id(sketch_key)
+        """Which coordinates :meth:`sketch` reads (recorded per round: only sketches of one plan compare)."""
         shapes_by_name = {n: tuple(p.shape) for n, p in self.params.items()}
         self.delta_layout = ArtifactLayouts.from_shapes(shapes_by_name, topk=run_topk(run)).contribution
         """The exact tensors of an honest Δ of this model — 8-bit dense, or sparse (``delta_layout.sparse``,
@@ -357,10 +411,15 @@ class Evaluator:
         return delta
 
     def sketch(self, delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The Δ's coordinates the copy tests compare, in a fixed order (``sketch_plan_id``)."""
         parts = []
         for name in self.params:
-            offset, stride = self.sketch_plan[name]
-            parts.append(delta[name].reshape(-1)[offset::stride].float())
+            flat = delta[name].reshape(-1)
+            if self.sketch_positions is not None:
+                parts.append(flat.index_select(0, self.sketch_positions[name].to(flat.device)).float())
+            else:
+                offset, stride = self.sketch_plan[name]
+                parts.append(flat[offset::stride].float())
         return torch.cat(parts)
 
     # ---- the round

@@ -584,7 +584,7 @@ def evaluate(
 ) -> tuple[RoundMeasurements, dict, list[int]]:
     """Measure the sampled peers; peers the time budget left out are moved from the measurements to
     ``inputs``' not-sampled set (record and sampling updated), as if the sample had not included them."""
-    sketch_rounds, earlier = store.earlier_sketches(inputs.round, lookback)
+    sketch_rounds, earlier = store.earlier_sketches(inputs.round, lookback, evaluator.sketch_plan_id)
     if isinstance(evaluator, BudgetedEvaluator):
         evaluator.budget_s = budget_s
     try:
@@ -702,6 +702,7 @@ def run_round(v: Validator, round_: int) -> RoundRecord:
         trained_from_state_hash=inputs.trained_from_state_hash,
         candidates=inputs.records,
         sketch_rounds=sketch_rounds,
+        sketch_plan=v.evaluator.sketch_plan_id,
         eval_config=asdict(v.eval_cfg),
         scoring_config=asdict(v.scoring_cfg),
         measurements=rm.to_json(),

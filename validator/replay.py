@@ -16,10 +16,10 @@ from peer.config import load_run_config
 from peer.data.shards import open_page_store
 from peer.net.outbox import decode_state
 from validator.ema import EmaState, last_evaluated, update_ema
-from validator.evaluation import Candidate, EvalConfig, Evaluator
+from validator.evaluation import PUBLIC_SKETCH, Candidate, EvalConfig, Evaluator, sketch_plan_id
 from validator.sampling import select_peers
 from validator.scoring import BurnPolicy, ScoringConfig, normalize_weights, not_sampled_scores, score_round
-from validator.store import ReplayError, RoundRecord, ValidatorStore
+from validator.store import SKETCH_KEY, ReplayError, RoundRecord, ValidatorStore
 
 REL_TOL = 1e-4
 ABS_TOL = 1e-6
@@ -99,7 +99,9 @@ def replay_round(
         if not store.has_sketches(r):  # an empty file is fine: that round had no Δ to compare with
             raise ReplayError(f"round {round_} compared Δs with round {r}, whose sketches are gone (pruned?)")
         earlier.update(store.load_sketches(r))
-    ev = evaluator or Evaluator(eval_cfg, run, pages)
+    ev = evaluator
+    if ev is None or ev.sketch_plan_id != rec.sketch_plan:
+        ev = Evaluator(eval_cfg, run, pages, sketch_key=_sketch_key(store, rec))
     ev.cfg = eval_cfg
     rule = rec.measurements.get("heldout_rule", "alone")  # records from before the rule existed: alone
     rm, _ = ev.evaluate_round(rec.round, bytes.fromhex(rec.seed_hex), base, candidates, earlier, rule)
@@ -118,6 +120,20 @@ def replay_round(
     replayed.weights = {**rec.weights, "uids": weights.uids, "weights": weights.weights}
     mismatches = compare(rec, replayed) + check_sample(rec, ema_before, uids)
     return ReplayResult(logged=rec, replayed=replayed, mismatches=mismatches)
+
+
+def _sketch_key(store: ValidatorStore, rec: RoundRecord) -> bytes | None:
+    """The key of the round's sketch plan: None for the public one, else the state dir's ``sketch_key``,
+    which must be the one the round used."""
+    if rec.sketch_plan == PUBLIC_SKETCH:
+        return None
+    key = store.existing_sketch_key()
+    if key is None or sketch_plan_id(key) != rec.sketch_plan:
+        raise ReplayError(
+            f"round {rec.round} took its sketches with the key {rec.sketch_plan}, and {store.root / SKETCH_KEY} "
+            f"{'is missing' if key is None else 'is another one'}: replay with the validator's whole state dir"
+        )
+    return key
 
 
 def check_sample(rec: RoundRecord, ema_before: EmaState, uids: dict[int, str]) -> list[str]:

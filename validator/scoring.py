@@ -70,7 +70,7 @@ from dataclasses import asdict, dataclass, field
 from peer.errors import ConfigError
 from validator.combinations import combination_copies, source_names, weak_combinations
 from validator.ema import MAX_EVIDENCE, EmaState
-from validator.evaluation import PeerMeasurement, RoundMeasurements, heldout_gain
+from validator.evaluation import NON_FINITE_LOSS, PeerMeasurement, RoundMeasurements, heldout_gain
 
 U16_MAX = 65535
 REWARDS = ("specificity", "heldout")
@@ -758,7 +758,9 @@ def _solo_gate(p: PeerMeasurement, t: dict, cfg: ScoringConfig, round_: int) -> 
         return {
             "rejected": f"not evaluated: {p.reason}",
             "malformed": f"malformed Δ: {p.reason}",
-            "non_finite": p.reason or "Δ holds NaN or infinite values",
+            "non_finite": p.reason
+            if p.reason.startswith(NON_FINITE_LOSS)
+            else "Δ holds NaN or infinite values",
         }.get(p.status, f"{p.status}: {p.reason}")
     if not _measurements_finite(p):  # evaluation refuses these already; a NaN passes every "≤" test below
         return "Δ makes the model's loss NaN or infinite"

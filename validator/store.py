@@ -8,7 +8,8 @@ Layout (``--state-dir``, by default ``~/.gradswarm/<run id>/validator-<wallet>-<
     blobs/<sha256>.safetensors       fetched base states and contributions, content-addressed
     rounds/<r>/record.json           the round: seed, base, every candidate's signed manifest or why it
                                      was rejected, configs, measurements, scores, EMA, weights
-    rounds/<r>/sketches.safetensors  the round's Δ sketches (copy detection in later rounds)
+    rounds/<r>/sketches.safetensors  the round's Δ sketches (copy detection in later rounds; its plan in the metadata)
+    sketch_key                       the secret that picks the sketches' coordinates (keep it with the rest)
 
 Every file is written to a temp name and renamed. Old rounds (and blobs no kept round references) are
 pruned after ``keep_rounds``. Nothing is pickled: JSON and safetensors only.
@@ -17,6 +18,7 @@ pruned after ``keep_rounds``. Nothing is pickled: JSON and safetensors only.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +30,11 @@ from safetensors.torch import load, save
 from peer.errors import CheckpointError, UserError
 from peer.net.outbox import atomic_write_bytes, atomic_write_json
 from validator.ema import EmaState
+from validator.evaluation import PUBLIC_SKETCH
 
 RECORD_FORMAT = 1
+SKETCH_KEY = "sketch_key"
+"""The validator's secret for its sketch positions (64 hex characters, mode 0600)."""
 
 
 class ReplayError(UserError):
@@ -67,6 +72,9 @@ class RoundRecord:
     candidates: list[CandidateRecord] = field(default_factory=list)
     sketch_rounds: list[int] = field(default_factory=list)
     """Earlier rounds whose sketches were compared with this round's Δs."""
+    sketch_plan: str = PUBLIC_SKETCH
+    """Which coordinates the sketches read: ``keyed-<fingerprint>`` (the validator's ``sketch_key``) or
+    ``strided`` (public; records from before keyed sketches)."""
     eval_config: dict = field(default_factory=dict)
     scoring_config: dict = field(default_factory=dict)
     measurements: dict = field(default_factory=dict)
@@ -171,10 +179,40 @@ class ValidatorStore:
             int(p.name) for p in base.iterdir() if p.name.isdigit() and (p / "record.json").exists()
         )
 
+    # ---- the sketch key
+    def sketch_key(self) -> bytes:
+        """This validator's secret for the positions its copy tests read (``sketch_key`` in the state dir,
+        created on first use; :func:`validator.evaluation.keyed_sketch_positions`). Keep it with the
+        state dir: a new key makes the earlier rounds' sketches incomparable (they are then skipped)."""
+        key = self.existing_sketch_key()
+        if key is None:
+            key = os.urandom(32)
+            tmp = self.root / f".{SKETCH_KEY}.{os.getpid()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others
+            with os.fdopen(fd, "wb") as f:
+                f.write(key.hex().encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.root / SKETCH_KEY)
+        return key
+
+    def existing_sketch_key(self) -> bytes | None:
+        path = self.root / SKETCH_KEY
+        if not path.exists():
+            return None
+        text = path.read_text().strip()
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise CheckpointError(f"{path} is not 64 hex characters; restore it from a backup or delete it")
+        return key
+
     def save_round(self, rec: RoundRecord, sketches: dict[tuple[int, str], torch.Tensor]) -> None:
         d = self.round_dir(rec.round)
         tensors = {f"{uid}:{hk}": t.contiguous() for (uid, hk), t in sketches.items()}
-        atomic_write_bytes(d / "sketches.safetensors", save(tensors) if tensors else save({}))
+        atomic_write_bytes(d / "sketches.safetensors", save(tensors, metadata={"plan": rec.sketch_plan}))
         atomic_write_json(d / "record.json", rec.to_json())  # last: a visible record means complete files
 
     def load_round(self, round_: int) -> RoundRecord:
@@ -194,6 +232,20 @@ class ValidatorStore:
         """The round's sketch file exists (it may hold no sketch: a round where no Δ was evaluated)."""
         return (self.round_dir(round_) / "sketches.safetensors").exists()
 
+    def sketch_plan(self, round_: int) -> str | None:
+        """The plan the round's sketches were taken with (None: no sketch file; files written before plans
+        were recorded are the public strided plan)."""
+        path = self.round_dir(round_) / "sketches.safetensors"
+        if not path.exists():
+            return None
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(min(n, 1 << 24)))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is corrupt ({e}); delete that round folder") from None
+        return (header.get("__metadata__") or {}).get("plan", PUBLIC_SKETCH)
+
     def load_sketches(self, round_: int) -> dict[tuple[int, int, str], torch.Tensor]:
         path = self.round_dir(round_) / "sketches.safetensors"
         if not path.exists():
@@ -209,9 +261,15 @@ class ValidatorStore:
         return out
 
     def earlier_sketches(
-        self, round_: int, lookback: int
+        self, round_: int, lookback: int, plan: str = PUBLIC_SKETCH
     ) -> tuple[list[int], dict[tuple[int, int, str], torch.Tensor]]:
-        rounds = [r for r in self.rounds() if round_ - lookback <= r < round_]
+        """The sketches of the last ``lookback`` recorded rounds before ``round_`` taken with ``plan`` (other
+        plans' coordinates are not comparable), and those rounds."""
+        rounds = [
+            r
+            for r in self.rounds()
+            if round_ - lookback <= r < round_ and self.sketch_plan(r) in (plan, None)
+        ]
         out: dict[tuple[int, int, str], torch.Tensor] = {}
         for r in rounds:
             out.update(self.load_sketches(r))
