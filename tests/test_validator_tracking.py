@@ -5,6 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 
+import pytest
+
+from peer.errors import CheckpointError
 from tests.test_scoring import rm, table
 from validator.ema import EmaState, update_ema
 from validator.evaluation import EvalConfig
@@ -74,3 +77,33 @@ def test_store_tells_an_empty_sketch_round_from_a_pruned_one(tmp_path):
     rounds, earlier = store.earlier_sketches(rec2.round + 1, lookback=3)
     assert rounds == [rec.round, rec2.round] and list(earlier) == [(rec2.round, 3, "hk")]
     assert not store.has_sketches(rec.round + 5)
+
+
+def test_the_sketch_key_is_private_stable_and_only_same_plan_rounds_compare(tmp_path):
+    import stat
+
+    import torch
+
+    from validator.evaluation import sketch_plan_id
+    from validator.replay import _sketch_key
+    from validator.store import ReplayError, ValidatorStore
+
+    store = ValidatorStore(tmp_path)
+    assert store.existing_sketch_key() is None
+    key = store.sketch_key()
+    assert len(key) == 32 and store.sketch_key() == key == ValidatorStore(tmp_path).existing_sketch_key()
+    assert stat.S_IMODE((tmp_path / "sketch_key").stat().st_mode) == 0o600
+    old, new = record(), record()  # a round before keys (strided), then one with the key
+    new.round, new.sketch_plan = old.round + 1, sketch_plan_id(key)
+    store.save_round(old, {(1, "a"): torch.ones(4)})
+    store.save_round(new, {(2, "b"): torch.ones(4)})
+    assert store.sketch_plan(old.round) == "strided" and store.sketch_plan(new.round) == new.sketch_plan
+    rounds, earlier = store.earlier_sketches(new.round + 1, 3, new.sketch_plan)
+    assert rounds == [new.round] and list(earlier) == [(new.round, 2, "b")]  # other coordinates: left out
+    assert _sketch_key(store, new) == key and _sketch_key(store, old) is None
+    (tmp_path / "sketch_key").write_text("00" * 32)  # another key: a replay cannot reproduce the sketches
+    with pytest.raises(ReplayError, match="another one"):
+        _sketch_key(store, new)
+    (tmp_path / "sketch_key").write_text("not hex")
+    with pytest.raises(CheckpointError, match="64 hex"):
+        store.existing_sketch_key()
