@@ -53,7 +53,9 @@ class SamplingConfig:
     pages: 8 debug peers took ~6 s on one thread of a 2-core CPU (benchmarks/validator_scale.py), a 125M
     model needs a GPU for more than a handful. Lower
     it if rounds take longer than the chain's round (the summary line's seconds); every peer is still
-    evaluated about every N/K rounds."""
+    evaluated about every N/K rounds. It also bounds scoring: the combination copy test grows like
+    n^5.6 in a sample full of coordinated sybils (3.3 s at 32, 34 s at 48: README "Combination copies"),
+    so measure scoring time before raising it above 32, and avoid 0 on a large subnet."""
     max_seconds: float = 0.0
     """Seconds of evaluation per round (0 = no limit). Once the next peer's expected cost no longer fits,
     the rest are ``not sampled (time budget)`` and go first next round. Set it to ~0.7 × the round length
