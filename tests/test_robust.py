@@ -326,3 +326,32 @@ def test_a_copy_of_the_mean_stays_in_its_senders_span_and_the_support_mean_does_
     support, _ = robust_mean(rows, [1.0] * 4, RobustRule(), aggregation="support")
     assert outside_span(mean) < 1e-6
     assert outside_span(support) > 0.05
+
+
+@pytest.mark.parametrize(
+    ("declared", "counts_as"),
+    [(1e6, 1.0), (-1.2, 0.0), (-0.99, 0.0), (float("nan"), 0.0), (float("inf"), 0.0), (0.0, 0.0), (0.3, 1.0)],
+)
+def test_a_senders_declared_weight_is_only_yes_or_no(declared, counts_as):
+    """The weight travels with the part and the sender picks it (red-team finding): 1e6 made the biweight
+    centre the sender's part, a negative one reversed and amplified the mean through the plain mean of
+    < 3 senders, NaN zeroed the slice. A part owner counts any finite positive weight as 1, anything else
+    as 0, so what an owner averages is what it would average for an honest 1 or 0."""
+    from peer.training.allreduce import DEFAULT_RULE, screen_part
+
+    honest = honest_cloud(3, seed=5)
+    attacker = -0.5 * torch.stack(honest).mean(0)
+    for senders in (honest, honest[:2]):  # the robust rule, and the plain mean of < 3 contributing senders
+        parts = [*senders, attacker]
+        screened = [screen_part(p, w, honest[0], clip_ratio=4.0, max_part_norm=None) for p, w in
+                    zip(parts, [1.0] * len(senders) + [declared], strict=True)]  # fmt: skip
+        assert screened[-1][1] == counts_as
+        got, _ = robust_mean([p for p, _, _ in screened], [w for _, w, _ in screened], DEFAULT_RULE)
+        want, _ = robust_mean(parts, [1.0] * len(senders) + [counts_as], DEFAULT_RULE)
+        assert torch.equal(got, want)
+    # the plain mean itself never takes a negative or non-finite weight
+    from peer.training.robust import _plain_mean
+
+    a = torch.ones(4)
+    assert torch.equal(_plain_mean([a, torch.zeros(4)], [1.0, -0.99]), a)
+    assert torch.equal(_plain_mean([a, torch.zeros(4)], [1.0, float("nan")]), a)

@@ -166,7 +166,13 @@ def screen_part(
     a peer that did not train) once scaled every sender's part to ~0 (4 × 0), so every part it owned
     lost the round: in a 9-peer swarm with 4 such peers, 4 of 10 rounds applied no average and the
     outer momentum alone drove held-out loss up (``tests/test_validator_swarm.py``). The robust rule's
-    own bound (``RobustRule.norm_clip`` × the median norm of the contributing senders) still applies."""
+    own bound (``RobustRule.norm_clip`` × the median norm of the contributing senders) still applies.
+
+    The sender's declared ``weight`` is only a yes/no: 1 for any finite positive value, else 0 (an
+    honest peer sends 1, or 0 when it only lurks). A declared 1e6 made the biweight centre the sender's
+    part and the screen then refused every honest one; a negative one reversed and amplified the mean
+    (−1.2 with a zero part: every honest peer applied 2.5× the honest mean); NaN zeroed the slice."""
+    weight = 1.0 if math.isfinite(weight) and weight > 0 else 0.0
     if not bool(torch.isfinite(part).all()):
         return torch.zeros_like(part), 0.0, 1
     rejected = 0

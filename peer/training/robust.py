@@ -38,6 +38,7 @@ that the median scale can mistake for the centre when they are close to half of 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -457,6 +458,7 @@ def _plain_mean(
     acc = torch.zeros_like(parts[0], dtype=torch.float32)
     denominator = 0.0
     for p, w in zip(parts, weights, strict=True):  # sender order: the sum does not depend on arrival
+        w = max(float(w), 0.0) if math.isfinite(w) else 0.0  # as every other path: no negative weight
         acc.add_(p.float(), alpha=w)
         denominator += w
     return acc.div_(denominator) if denominator > 0 else acc
