@@ -13,16 +13,21 @@ import torch
 from hivemind.p2p import P2PContext
 from hivemind.proto import averaging_pb2
 
+from peer.data.model import hash_tensors
 from peer.training.allreduce import ConsensusAverager
 from peer.training.state_download import StateRefused, download_from, install_message_limit
 
 SHAPES = [(300, 50), (50,)]
-WANT = "a" * 64
+NAMES = ["w"]
+"""The parameters' names: θ is the first tensor of SHAPES (the rest stands for the outer momentum)."""
 
 
 def honest_state(seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(*s, generator=g) for s in SHAPES]
+
+
+WANT = hash_tensors(zip(NAMES, honest_state(), strict=False))
 
 
 def _parts(tensors):
@@ -45,7 +50,7 @@ class Provider(ConsensusAverager):
         from hivemind.proto import runtime_pb2
 
         meta = self.serializer.dumps({"state_hash": "b" * 64 if self.kind == "wrong-hash" else WANT})
-        tensors = honest_state()
+        tensors = honest_state(seed=1 if self.kind == "lie" else 0)  # "lie": names WANT, sends another θ
         if self.kind == "nan":
             tensors[1][3] = float("nan")
         if self.kind == "huge-shape":  # a header declaring 2^40 elements over a few bytes
@@ -93,7 +98,7 @@ class Prober(ConsensusAverager):
 
 Prober.__name__ = "ConsensusAverager"
 
-KINDS = ["honest", "wrong-hash", "nan", "huge-shape", "trickle", "extra-bytes", "extra-tensor"]
+KINDS = ["honest", "wrong-hash", "nan", "huge-shape", "trickle", "extra-bytes", "extra-tensor", "lie"]
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +167,29 @@ def test_the_honest_state_arrives_although_liars_claim_the_top_priority(provider
     status, tensors = prober.probe(ids["honest"])
     assert status == "ok" and all(torch.equal(a, b) for a, b in zip(tensors, honest_state(), strict=True))
     t0 = time.monotonic()
-    got = prober.load_verified_state(WANT, SHAPES, deadline_s=30.0, chunk_timeout=2.0).result(60)
+    got = prober.load_verified_state(WANT, SHAPES, deadline_s=30.0, chunk_timeout=2.0, names=NAMES).result(60)
     assert got is not None, "no state although an honest provider serves it"
     meta, tensors = got
     assert meta["state_hash"] == WANT
     assert all(torch.equal(a, b) for a, b in zip(tensors, honest_state(), strict=True))
     assert time.monotonic() - t0 < 30
+
+
+def test_a_provider_naming_the_swarms_hash_over_another_state_is_skipped(providers):
+    """The liar's metadata says WANT and its stream passes every check of the bytes (red-team finding:
+    the peer adopted it, hashed it afterwards and exited). Its θ is hashed before anything is returned."""
+    from peer.training.state_download import theta_hash_problem
+
+    ids, prober = providers
+    status, tensors = prober.probe(ids["lie"])
+    assert status == "ok"  # the stream itself is well-formed
+    assert "hashes to" in theta_hash_problem(tensors, NAMES, WANT)
+    assert theta_hash_problem(honest_state(), NAMES, WANT) is None
+    for _ in range(3):  # providers are asked in a random order: the liar comes first about half the time
+        meta, got = prober.load_verified_state(
+            WANT, SHAPES, deadline_s=30.0, chunk_timeout=2.0, names=NAMES
+        ).result(60)
+        assert all(torch.equal(a, b) for a, b in zip(got, honest_state(), strict=True))
 
 
 def test_stream_messages_declaring_more_than_the_limit_are_refused_before_reading():

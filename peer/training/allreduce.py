@@ -746,9 +746,12 @@ class ConsensusAverager(DecentralizedAverager):
         metadata, tensors = self._state_provider()
         return metadata, tensors, None
 
-    def load_verified_state(self, want_hash: str, shapes, *, deadline_s: float, chunk_timeout: float):
+    def load_verified_state(
+        self, want_hash: str, shapes, *, deadline_s: float, chunk_timeout: float, names=None
+    ):
         """A future of ``(metadata, tensors)`` with ``want_hash`` from a peer, checked against ``shapes``
-        as it streams in, or None (:func:`peer.training.state_download.load_verified_state`)."""
+        as it streams in (and, given the parameters' ``names``, its θ against the hash), or None
+        (:func:`peer.training.state_download.load_verified_state`)."""
         from hivemind.utils.mpfuture import MPFuture
 
         future = MPFuture()
@@ -758,6 +761,7 @@ class ConsensusAverager(DecentralizedAverager):
             shapes=[tuple(s) for s in shapes],
             deadline_s=deadline_s,
             chunk_timeout=chunk_timeout,
+            names=None if names is None else list(names),
         )
         self._outer_pipe.send(("_load_verified_state", [], kwargs))
         return future

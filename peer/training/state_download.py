@@ -84,6 +84,19 @@ def metadata_problem(metadata, want_hash: str) -> str | None:
     return None
 
 
+def theta_hash_problem(tensors: Sequence, names: Sequence[str], want_hash: str) -> str | None:
+    """Why a downloaded state's θ (its first ``len(names)`` tensors) is not the state ``want_hash`` names
+    (:meth:`peer.training.diloco.DilocoState.state_hash`), or None. A provider controls its metadata as
+    much as its bytes: one that named the swarm's hash over junk passed every other check, the peer
+    adopted the junk and only then hashed it, and exited on the mismatch (red-team finding)."""
+    from peer.data.model import hash_tensors
+
+    if len(tensors) < len(names):
+        return f"{len(tensors)} tensors where θ alone has {len(names)}"
+    got = hash_tensors(zip(names, tensors[: len(names)], strict=True))
+    return None if got == want_hash else f"its θ hashes to {got[:12]}, not to the {want_hash[:12]} it named"
+
+
 def part_header_problem(part, index: int, shapes: Sequence[Sequence[int]]) -> str | None:
     """Why the first chunk of tensor ``index`` (a ``runtime_pb2.Tensor`` header) does not match the
     model's state (None: it does): it must be uncompressed float32 with the ``index``-th shape. Pure."""
@@ -167,9 +180,11 @@ async def load_verified_state(
     deadline_s: float,
     chunk_timeout: float,
     max_providers: int = 8,
+    names: Sequence[str] | None = None,
 ) -> None:
     """Set ``future`` to ``(metadata, tensors)`` of the first provider whose state has ``want_hash`` and
-    passes every check, or None. Runs in the averager's process. Providers are the peers that declared
+    passes every check, or None. With the parameters' ``names``, "has ``want_hash``" means the θ it sent
+    hashes to it (:func:`theta_hash_problem`), not merely that its metadata says so. Runs in the averager's process. Providers are the peers that declared
     their state for download, in a random order (not their self-declared priority), at most
     ``max_providers``, each within its fair share of what is left of ``deadline_s`` (the time left ÷ the
     providers not yet asked). Symptom → knob: late joiners that time out on honest providers of a big
@@ -214,6 +229,10 @@ async def load_verified_state(
             except (DecodeError, ValueError, TypeError, RuntimeError, KeyError) as e:
                 # a provider's bytes broke a decoder (protobuf, msgpack, tensor): its state is refused
                 log.warning("state download from %s refused (%s): %s", str(peer)[-8:], type(e).__name__, e)
+                continue
+            problem = None if names is None else theta_hash_problem(result[1], names, want_hash)
+            if problem is not None:  # its metadata named the swarm's hash, its bytes are another state
+                log.warning("state download from %s refused: %s", str(peer)[-8:], problem)
                 continue
             future.set_result(result)
             return

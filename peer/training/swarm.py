@@ -420,9 +420,13 @@ class SwarmAveraging:
         """The hash of θ_round the swarm agrees on (see :func:`choose_state`), or None if nobody announced."""
         return sync_view(self.announcements(), round_)[0]
 
-    def download_state(self, want_hash: str, tries: int = 2) -> tuple[dict, list[torch.Tensor]] | None:
+    def download_state(
+        self, want_hash: str, tries: int = 2, names: Sequence[str] | None = None
+    ) -> tuple[dict, list[torch.Tensor]] | None:
         """Load θ and outer momentum (``2 × params`` fp32 tensors) from a peer that serves the state hashed
-        ``want_hash``; every byte is checked as it arrives (:mod:`peer.training.state_download`)."""
+        ``want_hash``; every byte is checked as it arrives (:mod:`peer.training.state_download`), and with
+        the parameters' ``names`` the θ is hashed before it is returned (a provider whose θ is not the
+        one it named is skipped for the next)."""
         shapes = [tuple(b.shape) for b in self.buffers] * 2
         for _ in range(tries):
             with self._pipe_lock:
@@ -431,6 +435,7 @@ class SwarmAveraging:
                     shapes,
                     deadline_s=3 * self.allreduce_timeout,
                     chunk_timeout=self.allreduce_timeout / 3,
+                    names=names,
                 )
             loaded = future.result()
             if loaded is None:
