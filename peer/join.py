@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from peer.chain.config import add_chain_args, chain_config_from_args, connect
-from peer.chain.membership import commit_address, ensure_commitment, ensure_registered
+from peer.chain.membership import RegisteredHotkeys, commit_address, ensure_commitment, ensure_registered
 from peer.chain.wallet import (
     add_wallet_args,
     default_peer_home,
@@ -374,6 +374,9 @@ def run(args) -> int:
             identity=identity,
             publisher=publisher,
             ranks=ranks,
+            voters=None
+            if chain is None
+            else RegisteredHotkeys(chain, chain_cfg.netuid, ttl_s=run_cfg.train.round_seconds),
         )
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the averager's start set it to ignored
         trainer.run()

@@ -433,3 +433,17 @@ def test_sdk_reads_our_commitment_on_the_runtime(substrate_env):
     with pytest.raises(UnicodeDecodeError):
         sdk_get_commitment(value)
     assert Commitment.from_bytes(env.chain.commitments(env.netuid)[old.ss58_address]) == c
+
+
+def test_registered_hotkeys_are_the_metagraphs_and_refreshed_once_per_ttl(ledger):
+    """Whose θ votes a peer counts (red team: four fresh keys outvoted three honest peers)."""
+    from peer.chain.membership import RegisteredHotkeys
+
+    ledger.create_subnet(kp("//Alice"), SubnetParams())
+    a, b = kp("//ra"), kp("//rb")
+    ledger.register(1, a)
+    voters = RegisteredHotkeys(ledger, 1, ttl_s=3600.0)
+    assert voters() == frozenset({a.ss58_address})
+    ledger.register(1, b)
+    assert voters() == frozenset({a.ss58_address})  # read once per ttl (a round), not per call
+    assert RegisteredHotkeys(ledger, 1, ttl_s=0.0)() == frozenset({a.ss58_address, b.ss58_address})

@@ -47,9 +47,17 @@ def scenario() -> dict:
     try:
         exp = get_dht_time() + 60
         sub, val = sign_announcement(
-            alice, key=key, run_id=run, round_=3, peer_id="QmAlice", value={"hash": "ab"}
+            alice, key=key, run_id=run, round_=3, peer_id="QmAlice", value={"hash": "ab"}, expires_at=exp
         )
         out["honest_store"] = bool(b.store(key, val, exp, subkey=sub))
+        # alice's genuine record re-stored to expire in a year: hivemind keeps the latest expiry per subkey,
+        # so it would pin round 3 and refuse every later announcement of alice's (red team)
+        out["pin_store"] = bool(evil.store(key, val, get_dht_time() + 365 * 86400, subkey=sub))
+        exp4 = get_dht_time() + 60
+        sub4, val4 = sign_announcement(
+            alice, key=key, run_id=run, round_=4, peer_id="QmAlice", value={"hash": "cd"}, expires_at=exp4
+        )
+        out["next_round_store"] = bool(a.store(key, val4, exp4, subkey=sub4))
 
         forged = [
             # unsigned plain value under a protected key
@@ -65,7 +73,9 @@ def scenario() -> dict:
             # mallory's signed record under alice's subkey
             (
                 "wrong_hotkey",
-                sign_announcement(mallory, key=key, run_id=run, round_=3, peer_id="QmM", value={})[1],
+                sign_announcement(
+                    mallory, key=key, run_id=run, round_=3, peer_id="QmM", value={}, expires_at=exp
+                )[1],
                 hotkey_subkey(alice.ss58_address),
             ),
             # alice's record with a tampered payload (signature no longer matches)
@@ -75,9 +85,9 @@ def scenario() -> dict:
             # alice's record for another run
             (
                 "other_run",
-                sign_announcement(alice, key=key, run_id="other-run", round_=3, peer_id="QmAlice", value={})[
-                    1
-                ],
+                sign_announcement(
+                    alice, key=key, run_id="other-run", round_=3, peer_id="QmAlice", value={}, expires_at=exp
+                )[1],
                 sub,
             ),
         ]
@@ -88,8 +98,11 @@ def scenario() -> dict:
         got_other = a.get(other_key, latest=True)
         out["subkeys"] = sorted(got.value.keys()) if got else []
         out["other_key_subkeys"] = sorted(got_other.value.keys()) if got_other else []
-        anns = read_announcements(got.value if got else None, key=key, run_id=run, round_=3)
-        out["verified"] = {hk: a_.value for hk, a_ in anns.items()}
+        anns = read_announcements(got.value if got else None, key=key, run_id=run)
+        out["verified"] = {hk: [a_.round, a_.value] for hk, a_ in anns.items()}
+        out["verified_registered_only"] = sorted(
+            read_announcements(got.value if got else None, key=key, run_id=run, allowed={"5Other"})
+        )
         rej_a, rej_b = validator_rejections(a), validator_rejections(b)
         out["rejections"] = {k: rej_a.get(k, 0) + rej_b.get(k, 0) for k in set(rej_a) | set(rej_b)}
         out["alive"] = a.is_alive() and b.is_alive()
@@ -110,10 +123,13 @@ def test_dht_refuses_forged_and_unsigned_records():
     alice = "5GrwvaEF5zXb26Fz9rcQpDWS57CtERHpNehXCPcNoHGKutQY"
     assert out["honest_store"] is True
     assert out["subkeys"] == [f"[hotkey:{alice}]"], out  # nothing forged got in next to it
-    assert out["verified"] == {alice: {"hash": "ab"}}  # and alice's value is the genuine one
+    assert out["verified"] == {alice: [4, {"hash": "cd"}]}, out  # alice's newest genuine record
+    # (the store itself reports False: the validator-less node keeps its pinned copy and refuses round 4,
+    # but every node that validates refused the pin and holds round 4, and readers only see validated values)
+    assert out["verified_registered_only"] == []  # alice is not among the registered hotkeys given
     assert out["other_key_subkeys"] == [], out  # replaying alice's record under another key failed
     rej = out["rejections"]
-    for reason in ("unsigned", "wrong_hotkey", "bad_signature", "wrong_key", "wrong_run"):
+    for reason in ("unsigned", "wrong_hotkey", "bad_signature", "wrong_key", "wrong_run", "expiry_extended"):
         assert rej.get(reason, 0) >= 1, (reason, rej)
     assert out["alive"]
 

@@ -6,16 +6,18 @@
 * :func:`ensure_commitment` commits the publisher's address + libp2p peer id (the multiaddr as text, see
   :class:`peer.net.records.Commitment`) unless the chain already holds exactly that, so restarts do not
   trip the commitment rate limit.
+* :class:`RegisteredHotkeys` is the set of hotkeys whose θ votes a peer counts.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from substrateinterface import Keypair
 
-from peer.chain.base import Chain, RateLimited, Registration
+from peer.chain.base import Chain, ChainError, RateLimited, Registration
 from peer.errors import ConfigError
 from peer.net.records import Commitment, RecordError
 
@@ -86,3 +88,24 @@ def _parses_to(raw: bytes, commitment: Commitment) -> bool:
         return Commitment.from_bytes(raw) == commitment
     except RecordError:
         return False
+
+
+class RegisteredHotkeys:
+    """The subnet's registered hotkeys, read from the metagraph at most every ``ttl_s`` seconds: whose
+    state announcements a peer counts (``SwarmAveraging.announcements``). Unregistered hotkeys cost
+    nothing to make, so without this filter four fresh keys outvoted three honest peers and chose the
+    swarm's θ (red team). A chain error keeps the last set read (None before the first: no filter)."""
+
+    def __init__(self, chain: Chain, netuid: int, ttl_s: float):
+        self.chain, self.netuid, self.ttl_s = chain, netuid, ttl_s
+        self._hotkeys: frozenset[str] | None = None
+        self._read_at = -float("inf")
+
+    def __call__(self) -> frozenset[str] | None:
+        if time.monotonic() - self._read_at >= self.ttl_s:
+            try:
+                self._hotkeys = frozenset(n.hotkey for n in self.chain.metagraph(self.netuid).neurons)
+                self._read_at = time.monotonic()
+            except ChainError as e:
+                log.warning("could not read the metagraph (%s); counting the last registered set", e)
+        return self._hotkeys

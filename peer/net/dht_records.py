@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import msgpack
 from hivemind.dht.routing import DHTID
@@ -45,6 +45,10 @@ MAX_SUBKEY_BYTES = 128
 """A hotkey subkey is ``[hotkey:<ss58>]`` (~57 bytes) packed as msgpack."""
 MAX_VALUE_BYTES = 4096
 """A signed announcement is ~500 bytes of JSON; anything much bigger is not ours."""
+EXPIRY_SLACK_S = 1.0
+"""A record may be stored to expire at most this much after the expiry its hotkey signed."""
+MAX_SIGNED_TTL_S = 86_400.0
+"""Nor may the signed expiry lie more than this far in the future (a peer announces for a few rounds)."""
 
 
 def unpack_small(raw: bytes, max_bytes: int):
@@ -90,18 +94,32 @@ def sign_announcement(
     round_: int,
     peer_id: str,
     value: dict[str, JsonScalar],
+    expires_at: float,
 ) -> tuple[str, str]:
-    """``(subkey, value)`` to pass to ``dht.store(key, value=..., subkey=...)``."""
+    """``(subkey, value)`` to pass to ``dht.store(key, value=..., subkey=..., expiration_time=expires_at)``
+    (a later expiration is refused: :data:`EXPIRY_SLACK_S`)."""
     record = DHTAnnouncement(
-        run_id=run_id, round=round_, hotkey=keypair.ss58_address, peer_id=peer_id, key=key, value=value
+        run_id=run_id,
+        round=round_,
+        hotkey=keypair.ss58_address,
+        peer_id=peer_id,
+        key=key,
+        value=value,
+        expires_at=expires_at,
     ).signed(keypair)
     return hotkey_subkey(keypair.ss58_address), record.model_dump_json()
 
 
 def read_announcements(
-    entries: dict | None, *, key: str, run_id: str, round_: int | None = None
+    entries: dict | None,
+    *,
+    key: str,
+    run_id: str,
+    round_: int | None = None,
+    allowed: Collection[str] | None = None,
 ) -> dict[str, DHTAnnouncement]:
-    """Verified announcements (by hotkey) from a ``dht.get(key)`` dictionary value; bad entries skipped.
+    """Verified announcements (by hotkey) from a ``dht.get(key)`` dictionary value; bad entries skipped,
+    and with ``allowed`` (the subnet's registered hotkeys) every other hotkey's too.
 
     The validator already refused forged records on the way in; this re-checks (cheap) so a node
     without the validator, or a cached value, cannot slip anything through.
@@ -125,9 +143,32 @@ def read_announcements(
             ann.verify(run_id=run_id, round_=round_)
         except RecordError:
             continue
-        if ann.key == key and hotkey_subkey(ann.hotkey) == subkey:
+        expiration = getattr(item, "expiration_time", None)
+        if expiration is not None and expiry_problem(ann.expires_at, expiration) is not None:
+            continue
+        if (
+            ann.key == key
+            and hotkey_subkey(ann.hotkey) == subkey
+            and (allowed is None or ann.hotkey in allowed)
+        ):
             out[ann.hotkey] = ann
     return out
+
+
+def expiry_problem(signed: float | None, stored: float, where: str = "record") -> tuple[str, str] | None:
+    """Why a record stored to expire at ``stored`` breaks the expiry its hotkey ``signed``, or None."""
+    from hivemind.utils.timed_storage import get_dht_time
+
+    if signed is None:
+        return "no_expiry", f"{where}: the announcement signs no expiry (anyone could pin it in the DHT)"
+    if stored > signed + EXPIRY_SLACK_S:
+        return "expiry_extended", (
+            f"{where}: stored to expire at {stored:.0f}, after the {signed:.0f} its hotkey signed "
+            "(a genuine record re-stored to pin it)"
+        )
+    if signed > get_dht_time() + MAX_SIGNED_TTL_S:
+        return "expiry_too_far", f"{where}: signed to expire {signed - get_dht_time():.0f} s from now"
+    return None
 
 
 class HotkeyRecordValidator(RecordValidatorBase):
@@ -204,7 +245,7 @@ class HotkeyRecordValidator(RecordValidatorBase):
             return "wrong_key", f"{where}: record was signed for key {ann.key!r} (replayed under another key)"
         if self.allowed is not None and hotkey not in self.allowed:
             return "not_registered", f"{where}: hotkey {hotkey} is not registered on the subnet"
-        return None
+        return expiry_problem(ann.expires_at, record.expiration_time, where)
 
     @property
     def priority(self) -> int:

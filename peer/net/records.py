@@ -181,6 +181,11 @@ class DHTAnnouncement(SignedRecord):
     value: dict[Annotated[str, Field(max_length=128)], JsonScalar] = Field(
         default_factory=dict, max_length=64
     )
+    expires_at: float | None = Field(default=None, ge=0, le=1e11)
+    """DHT time at which the record lapses, signed: nodes refuse it stored to expire any later
+    (:class:`peer.net.dht_records.HotkeyRecordValidator`). hivemind keeps, per subkey, the value that
+    expires last, so without it anyone could re-store a peer's genuine old record with an expiry a year
+    away and every later announcement of that peer was refused: its θ votes were pinned (red team)."""
 
 
 COMMITMENT_VERSION = 1

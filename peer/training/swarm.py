@@ -16,7 +16,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -207,7 +207,11 @@ class SwarmAveraging:
         max_part_norm: float | None = None,
         target_group_size: int | None = None,
         topk=None,
+        voters: Callable[[], Collection[str] | None] | None = None,
     ):
+        """``voters``: the hotkeys whose state announcements count (the subnet's registered ones,
+        :class:`peer.chain.membership.RegisteredHotkeys`); None, or a call returning None, counts every
+        signed announcement (a swarm without a chain)."""
         import bitsandbytes  # noqa: F401  (must be imported before the averager for blockwise 8-bit)
 
         from peer.training.allreduce import ConsensusAverager
@@ -215,6 +219,7 @@ class SwarmAveraging:
         self.dht = dht
         self.run_id = run_id
         self.keypair = keypair
+        self.voters = voters
         self.buffers = [torch.zeros(s, dtype=torch.float32) for s in shapes]
         install_message_limit()  # before the averager's process is forked: it inherits the cap
         self.averager = ConsensusAverager(
@@ -392,6 +397,7 @@ class SwarmAveraging:
         from peer.net.dht_records import sign_announcement
 
         key = dht_key(self.run_id, "state")
+        expires_at = get_dht_time() + ttl
         subkey, value = sign_announcement(
             self.keypair,
             key=key,
@@ -399,21 +405,21 @@ class SwarmAveraging:
             round_=round_,
             peer_id=self.peer_id,
             value={"hash": state_hash},
+            expires_at=expires_at,
         )
         # fire and forget: a lost announcement only delays agreement by a round
-        self.dht.store(
-            key, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl, return_future=True
-        )
+        self.dht.store(key, subkey=subkey, value=value, expiration_time=expires_at, return_future=True)
 
     def announcements(self) -> dict[str, tuple[int, str]]:
         """peer id → (round, hash) of the latest θ each peer announced, from one DHT read (signatures
-        verified; forged entries never count)."""
+        verified, expiries as signed; forged entries and unregistered hotkeys never count)."""
         from peer.net.dht_records import read_announcements
 
         key = dht_key(self.run_id, "state")
         found = self.dht.get(key, latest=True)
         entries = found.value if found is not None and isinstance(found.value, dict) else None
-        announcements = read_announcements(entries, key=key, run_id=self.run_id)
+        allowed = self.voters() if self.voters is not None else None
+        announcements = read_announcements(entries, key=key, run_id=self.run_id, allowed=allowed)
         return {a.peer_id: (a.round, str(a.value.get("hash"))) for a in announcements.values()}
 
     def majority_state(self, round_: int) -> str | None:

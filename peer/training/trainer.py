@@ -273,7 +273,9 @@ class Trainer:
         identity: dict | None = None,
         publisher=None,
         ranks=None,
+        voters=None,
     ):
+        """``voters``: whose state announcements count (:class:`peer.training.swarm.SwarmAveraging`)."""
         self.cfg = cfg
         self.keypair = keypair
         self.hotkey = keypair.ss58_address
@@ -323,6 +325,7 @@ class Trainer:
             allreduce_timeout=run.train.averaging_timeout,
             max_part_norm=run.train.max_delta_norm,
             topk=self.topk,
+            voters=voters,
         )
         self.peer_id = self.swarm.peer_id
         labels = {getattr(dht, "pid", None): "dht", getattr(self.swarm.averager, "pid", None): "averager"}
