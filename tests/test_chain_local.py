@@ -443,7 +443,7 @@ def test_registered_hotkeys_are_the_metagraphs_and_refreshed_once_per_ttl(ledger
     a, b = kp("//ra"), kp("//rb")
     ledger.register(1, a)
     voters = RegisteredHotkeys(ledger, 1, ttl_s=3600.0)
-    assert voters() == frozenset({a.ss58_address})
+    assert voters() == frozenset({a.ss58_address}) and set(voters.incentive) == {a.ss58_address}
     ledger.register(1, b)
     assert voters() == frozenset({a.ss58_address})  # read once per ttl (a round), not per call
     assert RegisteredHotkeys(ledger, 1, ttl_s=0.0)() == frozenset({a.ss58_address, b.ss58_address})

@@ -20,6 +20,22 @@ def test_choose_state_majority_and_deterministic_ties():
     assert choose_state({"a": "h9"}) == "h9"
 
 
+def test_tied_state_votes_go_to_the_most_paid_announcer_not_the_smallest_hash():
+    """An equivocating part owner leaves each honest peer alone on its own θ (one vote each); the attacker
+    then announced a θ ground to a hash of zeros and won every tie (red team). Ties go to the state whose
+    announcer validators paid most; a majority still wins outright, and without incentives (no chain,
+    or nobody paid yet) the smallest hash decides as before."""
+    votes = {"honest-1": "a1", "honest-2": "b2", "honest-3": "c3", "attacker": "0000"}
+    paid = {"honest-1": 0.2, "honest-2": 0.5, "honest-3": 0.3, "attacker": 0.0}
+    assert choose_state(votes) == "0000"  # the old tie-break
+    assert choose_state(votes, paid) == "b2"
+    assert choose_state({**votes, "honest-4": "a1"}, paid) == "a1"  # two votes beat any incentive
+    assert (
+        choose_state(votes, {p: 0.0 for p in votes}) == "0000"
+    )  # nobody paid: the hash, the same everywhere
+    assert sync_view({p: (5, h) for p, h in votes.items()}, 5, paid) == ("b2", False)
+
+
 def test_sync_view_waits_while_a_peer_is_still_on_the_round_before():
     # (announced, round) -> (hash to hold, still averaging round-1)
     table = [

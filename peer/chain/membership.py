@@ -100,11 +100,15 @@ class RegisteredHotkeys:
         self.chain, self.netuid, self.ttl_s = chain, netuid, ttl_s
         self._hotkeys: frozenset[str] | None = None
         self._read_at = -float("inf")
+        self.incentive: dict[str, float] = {}
+        """hotkey → incentive at the last read: what validators paid it (breaks ties of θ votes)."""
 
     def __call__(self) -> frozenset[str] | None:
         if time.monotonic() - self._read_at >= self.ttl_s:
             try:
-                self._hotkeys = frozenset(n.hotkey for n in self.chain.metagraph(self.netuid).neurons)
+                neurons = self.chain.metagraph(self.netuid).neurons
+                self._hotkeys = frozenset(n.hotkey for n in neurons)
+                self.incentive = {n.hotkey: float(n.incentive) for n in neurons}
                 self._read_at = time.monotonic()
             except ChainError as e:
                 log.warning("could not read the metagraph (%s); counting the last registered set", e)

@@ -16,7 +16,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -220,6 +220,8 @@ class SwarmAveraging:
         self.run_id = run_id
         self.keypair = keypair
         self.voters = voters
+        self.vote_weight: dict[str, float] = {}
+        """peer id → its hotkey's incentive, from the last :meth:`announcements` (ties of :func:`choose_state`)."""
         self.buffers = [torch.zeros(s, dtype=torch.float32) for s in shapes]
         install_message_limit()  # before the averager's process is forked: it inherits the cap
         self.averager = ConsensusAverager(
@@ -420,11 +422,14 @@ class SwarmAveraging:
         entries = found.value if found is not None and isinstance(found.value, dict) else None
         allowed = self.voters() if self.voters is not None else None
         announcements = read_announcements(entries, key=key, run_id=self.run_id, allowed=allowed)
+        incentive = getattr(self.voters, "incentive", None) or {}
+        self.vote_weight = {a.peer_id: float(incentive.get(a.hotkey, 0.0)) for a in announcements.values()}
         return {a.peer_id: (a.round, str(a.value.get("hash"))) for a in announcements.values()}
 
     def majority_state(self, round_: int) -> str | None:
         """The hash of θ_round the swarm agrees on (see :func:`choose_state`), or None if nobody announced."""
-        return sync_view(self.announcements(), round_)[0]
+        announced = self.announcements()
+        return sync_view(announced, round_, self.vote_weight)[0]
 
     def download_state(
         self, want_hash: str, tries: int = 2, names: Sequence[str] | None = None
@@ -493,24 +498,40 @@ def group_bits(round_: int, base: str) -> str:
     return format(round_ % (1 << 24), "024b") + format(int(base[:8], 16), "032b")
 
 
-def sync_view(announced: dict[str, tuple[int, str]], round_: int) -> tuple[str | None, bool]:
+def sync_view(
+    announced: dict[str, tuple[int, str]], round_: int, weight: Mapping[str, float] | None = None
+) -> tuple[str | None, bool]:
     """From ``peer id → (round, hash)`` of each peer's latest announcement: the hash of θ_round to hold
     (:func:`choose_state` over those who announced θ_round; None if nobody did) and whether a peer's latest
     is θ_{round−1}, i.e. the swarm is still averaging round−1 and θ_round's announcements may yet come.
 
     Both come from one read: a peer keeps one announcement, so two reads (θ_round, then θ_{round−1})
     can miss a peer that moved on in between and tell a late joiner there is nothing to wait for. Pure."""
-    best = choose_state({p: h for p, (r, h) in announced.items() if r == round_})
+    best = choose_state({p: h for p, (r, h) in announced.items() if r == round_}, weight)
     return best, any(r == round_ - 1 for r, _ in announced.values())
 
 
-def choose_state(states: dict[str, str]) -> str | None:
-    """The state hash to hold, from ``peer id → announced hash``: the most announced one; ties go to
-    the smallest hash, so every peer picks the same. None when nothing was announced. Pure."""
+def choose_state(states: dict[str, str], weight: Mapping[str, float] | None = None) -> str | None:
+    """The state hash to hold, from ``peer id → announced hash``: the most announced one; ties go to the
+    state announced by the peer of highest ``weight`` (its hotkey's incentive on chain: what validators
+    paid it), then to the smallest hash, so every peer picks the same. None when nothing was announced.
+
+    Why the incentive before the hash: a part owner that sends different averages to different peers
+    leaves each honest peer alone on its own θ, one vote each; the smallest hash then went to whoever
+    could grind one (any attacker tweaking its own θ until its hash starts with zeros), and every honest
+    peer downloaded its state (red team). An incentive is what validators paid for measured work: an
+    attacker must out-earn every honest peer first. Pure."""
     if not states:
         return None
     counts = collections.Counter(states.values())
-    return min(counts, key=lambda h: (-counts[h], h))
+    top = max(counts.values())
+    tied = [h for h, c in counts.items() if c == top]
+    weight = weight or {}
+
+    def trust(h: str) -> float:
+        return max((weight.get(p, 0.0) for p, x in states.items() if x == h), default=0.0)
+
+    return min(tied, key=lambda h: (-trust(h), h))
 
 
 def make_compression(name: str, topk=None):
