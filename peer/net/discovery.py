@@ -106,8 +106,11 @@ def discover(
         )
         with FetchClient(cfg) as client:
             found = client._call(_adiscover, client, targets, per_dial, res)
-    # keep the order stable (by peer id) and bounded
-    for peer_id in sorted(found)[:max_peers]:
+    # bounded, in a random order: sorted by peer id, Ed25519 ids (12D3…) came before RSA ones (Qm…), so a
+    # few registered hotkeys with chosen ids could fill every joiner's initial peers (red team)
+    live = list(found)
+    random.shuffle(live)
+    for peer_id in live[:max_peers]:
         res.initial_peers += found[peer_id]
     res.live = len(found)
     res.seconds = time.monotonic() - t0
