@@ -36,6 +36,29 @@ def test_tied_state_votes_go_to_the_most_paid_announcer_not_the_smallest_hash():
     assert sync_view({p: (5, h) for p, h in votes.items()}, 5, paid) == ("b2", False)
 
 
+def test_one_vote_per_hotkey_whatever_peer_id_its_record_names():
+    """Review finding: votes were keyed by the peer id a record names (a signed but free field), so a
+    registered attacker signing an honest peer's id replaced that peer's vote: 2 keys beat 3 honest peers."""
+    from substrateinterface import Keypair
+
+    from peer.net.records import DHTAnnouncement
+    from peer.training.swarm import tally
+
+    def ann(uri, peer_id, h):
+        kp = Keypair.create_from_uri(uri)
+        rec = DHTAnnouncement(run_id="r", round=6, hotkey=kp.ss58_address, peer_id=peer_id, key="k",
+                              value={"hash": h}, expires_at=1.0).signed(kp)  # fmt: skip
+        return kp.ss58_address, rec
+
+    records = dict(
+        [ann(f"//honest{i}", f"QmHonest{i}", "aaaa") for i in range(3)]
+        + [ann(f"//attacker{i}", f"QmHonest{i}", "ffff") for i in range(2)]
+    )
+    votes, weight = tally(records, {})
+    assert len(votes) == 5 and set(weight) == set(votes)
+    assert sync_view(votes, 6, weight) == ("aaaa", False)
+
+
 def test_sync_view_waits_while_a_peer_is_still_on_the_round_before():
     # (announced, round) -> (hash to hold, still averaging round-1)
     table = [

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from substrateinterface import Keypair
 
-from peer.chain.base import Chain, ChainError, RateLimited, Registration
+from peer.chain.base import Chain, RateLimited, Registration
 from peer.errors import ConfigError
 from peer.net.records import Commitment, RecordError
 
@@ -94,10 +94,11 @@ class RegisteredHotkeys:
     """The subnet's registered hotkeys, read from the metagraph at most every ``ttl_s`` seconds: whose
     state announcements a peer counts (``SwarmAveraging.announcements``). Unregistered hotkeys cost
     nothing to make, so without this filter four fresh keys outvoted three honest peers and chose the
-    swarm's θ (red team). A chain error keeps the last set read (None before the first: no filter)."""
+    swarm's θ (red team). A failed read keeps the last set and is retried after ``retry_s``; before the
+    first good read there is no filter (None: every signed vote counts, as without a chain)."""
 
-    def __init__(self, chain: Chain, netuid: int, ttl_s: float):
-        self.chain, self.netuid, self.ttl_s = chain, netuid, ttl_s
+    def __init__(self, chain: Chain, netuid: int, ttl_s: float, retry_s: float = 10.0):
+        self.chain, self.netuid, self.ttl_s, self.retry_s = chain, netuid, ttl_s, retry_s
         self._hotkeys: frozenset[str] | None = None
         self._read_at = -float("inf")
         self.incentive: dict[str, float] = {}
@@ -110,6 +111,7 @@ class RegisteredHotkeys:
                 self._hotkeys = frozenset(n.hotkey for n in neurons)
                 self.incentive = {n.hotkey: float(n.incentive) for n in neurons}
                 self._read_at = time.monotonic()
-            except ChainError as e:
-                log.warning("could not read the metagraph (%s); counting the last registered set", e)
+            except Exception as e:  # noqa: BLE001 - any transport error: keep the last set, retry later
+                self._read_at = time.monotonic() - self.ttl_s + self.retry_s
+                log.warning("could not read the metagraph (%r); counting the last registered set", e)
         return self._hotkeys

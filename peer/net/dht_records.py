@@ -47,8 +47,6 @@ MAX_VALUE_BYTES = 4096
 """A signed announcement is ~500 bytes of JSON; anything much bigger is not ours."""
 EXPIRY_SLACK_S = 1.0
 """A record may be stored to expire at most this much after the expiry its hotkey signed."""
-MAX_SIGNED_TTL_S = 86_400.0
-"""Nor may the signed expiry lie more than this far in the future (a peer announces for a few rounds)."""
 
 
 def unpack_small(raw: bytes, max_bytes: int):
@@ -156,9 +154,11 @@ def read_announcements(
 
 
 def expiry_problem(signed: float | None, stored: float, where: str = "record") -> tuple[str, str] | None:
-    """Why a record stored to expire at ``stored`` breaks the expiry its hotkey ``signed``, or None."""
-    from hivemind.utils.timed_storage import get_dht_time
-
+    """Why a record stored to expire at ``stored`` breaks the expiry its hotkey ``signed``, or None. No
+    clock is read: hivemind drops a whole dictionary answer when one entry fails validation, so a check
+    against the local clock would let anyone store an entry that only slower clocks refuse, and those
+    readers would lose every honest entry beside it (review finding). A hotkey that signs a far expiry
+    pins only its own vote, for a round that no longer counts."""
     if signed is None:
         return "no_expiry", f"{where}: the announcement signs no expiry (anyone could pin it in the DHT)"
     if stored > signed + EXPIRY_SLACK_S:
@@ -166,8 +166,6 @@ def expiry_problem(signed: float | None, stored: float, where: str = "record") -
             f"{where}: stored to expire at {stored:.0f}, after the {signed:.0f} its hotkey signed "
             "(a genuine record re-stored to pin it)"
         )
-    if signed > get_dht_time() + MAX_SIGNED_TTL_S:
-        return "expiry_too_far", f"{where}: signed to expire {signed - get_dht_time():.0f} s from now"
     return None
 
 

@@ -230,7 +230,13 @@ async def load_verified_state(
                 # a provider's bytes broke a decoder (protobuf, msgpack, tensor): its state is refused
                 log.warning("state download from %s refused (%s): %s", str(peer)[-8:], type(e).__name__, e)
                 continue
-            problem = None if names is None else theta_hash_problem(result[1], names, want_hash)
+            problem = (  # hashing a big θ takes seconds: off the averager's event loop
+                None
+                if names is None
+                else await asyncio.get_running_loop().run_in_executor(
+                    None, theta_hash_problem, result[1], names, want_hash
+                )
+            )
             if problem is not None:  # its metadata named the swarm's hash, its bytes are another state
                 log.warning("state download from %s refused: %s", str(peer)[-8:], problem)
                 continue

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from peer.errors import NetworkError, UserError
+from peer.net.records import DHTAnnouncement
 from peer.training.state_download import install_message_limit, metadata_problem
 
 log = logging.getLogger("gradswarm.swarm")
@@ -220,8 +221,6 @@ class SwarmAveraging:
         self.run_id = run_id
         self.keypair = keypair
         self.voters = voters
-        self.vote_weight: dict[str, float] = {}
-        """peer id → its hotkey's incentive, from the last :meth:`announcements` (ties of :func:`choose_state`)."""
         self.buffers = [torch.zeros(s, dtype=torch.float32) for s in shapes]
         install_message_limit()  # before the averager's process is forked: it inherits the cap
         self.averager = ConsensusAverager(
@@ -413,8 +412,15 @@ class SwarmAveraging:
         self.dht.store(key, subkey=subkey, value=value, expiration_time=expires_at, return_future=True)
 
     def announcements(self) -> dict[str, tuple[int, str]]:
-        """peer id → (round, hash) of the latest θ each peer announced, from one DHT read (signatures
-        verified, expiries as signed; forged entries and unregistered hotkeys never count)."""
+        """hotkey → (round, hash) of the latest θ each hotkey announced, from one DHT read (signatures
+        verified, expiries as signed; forged entries and unregistered hotkeys never count). One vote per
+        hotkey: keyed by the peer id a record names, a registered attacker signing an honest peer's id
+        replaced that peer's vote (review finding)."""
+        return self.votes()[0]
+
+    def votes(self) -> tuple[dict[str, tuple[int, str]], dict[str, float]]:
+        """:meth:`announcements` and each voter's weight for ties (its incentive; :func:`choose_state`),
+        from the same read."""
         from peer.net.dht_records import read_announcements
 
         key = dht_key(self.run_id, "state")
@@ -422,14 +428,15 @@ class SwarmAveraging:
         entries = found.value if found is not None and isinstance(found.value, dict) else None
         allowed = self.voters() if self.voters is not None else None
         announcements = read_announcements(entries, key=key, run_id=self.run_id, allowed=allowed)
-        incentive = getattr(self.voters, "incentive", None) or {}
-        self.vote_weight = {a.peer_id: float(incentive.get(a.hotkey, 0.0)) for a in announcements.values()}
-        return {a.peer_id: (a.round, str(a.value.get("hash"))) for a in announcements.values()}
+        return tally(announcements, getattr(self.voters, "incentive", None) or {})
 
     def majority_state(self, round_: int) -> str | None:
         """The hash of θ_round the swarm agrees on (see :func:`choose_state`), or None if nobody announced."""
-        announced = self.announcements()
-        return sync_view(announced, round_, self.vote_weight)[0]
+        return sync_view(*self.votes_for(round_))[0]
+
+    def votes_for(self, round_: int) -> tuple[dict[str, tuple[int, str]], int, dict[str, float]]:
+        announced, weight = self.votes()
+        return announced, round_, weight
 
     def download_state(
         self, want_hash: str, tries: int = 2, names: Sequence[str] | None = None
@@ -498,6 +505,15 @@ def group_bits(round_: int, base: str) -> str:
     return format(round_ % (1 << 24), "024b") + format(int(base[:8], 16), "032b")
 
 
+def tally(
+    announcements: Mapping[str, DHTAnnouncement], incentive: Mapping[str, float]
+) -> tuple[dict[str, tuple[int, str]], dict[str, float]]:
+    """Votes (hotkey → (round, hash)) and tie weights (hotkey → incentive) from verified announcements
+    (hotkey → record): one vote per hotkey, whatever peer id its record names. Pure."""
+    votes = {hk: (a.round, str(a.value.get("hash"))) for hk, a in announcements.items()}
+    return votes, {hk: float(incentive.get(hk, 0.0)) for hk in announcements}
+
+
 def sync_view(
     announced: dict[str, tuple[int, str]], round_: int, weight: Mapping[str, float] | None = None
 ) -> tuple[str | None, bool]:
@@ -514,13 +530,15 @@ def sync_view(
 def choose_state(states: dict[str, str], weight: Mapping[str, float] | None = None) -> str | None:
     """The state hash to hold, from ``peer id → announced hash``: the most announced one; ties go to the
     state announced by the peer of highest ``weight`` (its hotkey's incentive on chain: what validators
-    paid it), then to the smallest hash, so every peer picks the same. None when nothing was announced.
+    paid it), then to the smallest hash. Every peer picks the same unless peers read the incentives on
+    either side of an epoch boundary. None when nothing was announced.
 
     Why the incentive before the hash: a part owner that sends different averages to different peers
     leaves each honest peer alone on its own θ, one vote each; the smallest hash then went to whoever
     could grind one (any attacker tweaking its own θ until its hash starts with zeros), and every honest
-    peer downloaded its state (red team). An incentive is what validators paid for measured work: an
-    attacker must out-earn every honest peer first. Pure."""
+    peer downloaded its state (red team). An incentive is what validators paid for measured work: a
+    single attacking hotkey must out-earn every honest peer first (two registered ones announcing the
+    same hash win such a split on count). Pure."""
     if not states:
         return None
     counts = collections.Counter(states.values())

@@ -438,13 +438,13 @@ class Trainer:
         If we did not hold θ_r, wait up to ``wait_seconds`` (default ``join_wait_seconds``) for the
         swarm's announcements of θ_r while the swarm is known to exist (θ_{r−1} was announced)."""
         swarm = self.swarm
-        best, averaging = sync_view(swarm.announcements(), r, swarm.vote_weight)
+        best, averaging = sync_view(*swarm.votes_for(r))
         if self.round != r:
             wait = self.cfg.join_wait_seconds if wait_seconds is None else wait_seconds
             deadline = time.time() + wait
             while best is None and averaging and time.time() < deadline:
                 time.sleep(0.25)  # the swarm is still averaging round r-1: wait for θ_r's announcements
-                best, averaging = sync_view(swarm.announcements(), r, swarm.vote_weight)
+                best, averaging = sync_view(*swarm.votes_for(r))
         downloaded = False
         if best is not None and best != self.state_hash():
             loaded = swarm.download_state(best, names=self.state.names)
