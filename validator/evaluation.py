@@ -318,7 +318,7 @@ class Evaluator:
         self.base_hash: str | None = None
         self._rule = "alone"  # the round's heldout_rule (set by evaluate_round)
         shapes = [(n, p.numel()) for n, p in self.params.items()]
-        self.sketch_plan = sketch_indices(shapes, cfg.sketch_size)
+        self.sketch_plan = sketch_indices(shapes, cfg.sketch_size) if sketch_key is None else None
         self.sketch_positions = (
             None if sketch_key is None else keyed_sketch_positions(shapes, cfg.sketch_size, sketch_key)
         )

@@ -763,7 +763,7 @@ def _solo_gate(p: PeerMeasurement, t: dict, cfg: ScoringConfig, round_: int) -> 
             else "Δ holds NaN or infinite values",
         }.get(p.status, f"{p.status}: {p.reason}")
     if not _measurements_finite(p):  # evaluation refuses these already; a NaN passes every "≤" test below
-        return "Δ makes the model's loss NaN or infinite"
+        return NON_FINITE_LOSS
     if cfg.require_pages_match and p.pages_match is False:
         return "its manifest names pages that are not its assignment"
     if not p.delta_norm:

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
 
 from peer.errors import CheckpointError, UserError
@@ -187,13 +187,7 @@ class ValidatorStore:
         key = self.existing_sketch_key()
         if key is None:
             key = os.urandom(32)
-            tmp = self.root / f".{SKETCH_KEY}.{os.getpid()}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # never readable by others
-            with os.fdopen(fd, "wb") as f:
-                f.write(key.hex().encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.root / SKETCH_KEY)
+            atomic_write_bytes(self.root / SKETCH_KEY, key.hex().encode(), mode=0o600)
         return key
 
     def existing_sketch_key(self) -> bytes | None:
@@ -239,12 +233,11 @@ class ValidatorStore:
         if not path.exists():
             return None
         try:
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(min(n, 1 << 24)))
-        except (OSError, ValueError) as e:
+            with safe_open(path, framework="pt") as f:  # reads the header only
+                metadata = f.metadata() or {}
+        except (OSError, SafetensorError) as e:
             raise CheckpointError(f"{path} is corrupt ({e}); delete that round folder") from None
-        return (header.get("__metadata__") or {}).get("plan", PUBLIC_SKETCH)
+        return metadata.get("plan", PUBLIC_SKETCH)
 
     def load_sketches(self, round_: int) -> dict[tuple[int, int, str], torch.Tensor]:
         path = self.round_dir(round_) / "sketches.safetensors"

@@ -92,7 +92,7 @@ def _parses_to(raw: bytes, commitment: Commitment) -> bool:
 
 class RegisteredHotkeys:
     """The subnet's registered hotkeys, read from the metagraph at most every ``ttl_s`` seconds: whose
-    state announcements a peer counts (``SwarmAveraging.announcements``). Unregistered hotkeys cost
+    state announcements a peer counts (``SwarmAveraging.votes``). Unregistered hotkeys cost
     nothing to make, so without this filter four fresh keys outvoted three honest peers and chose the
     swarm's θ (red team). A failed read keeps the last set and is retried after ``retry_s``; before the
     first good read there is no filter (None: every signed vote counts, as without a chain)."""

@@ -183,11 +183,11 @@ async def load_verified_state(
     names: Sequence[str] | None = None,
 ) -> None:
     """Set ``future`` to ``(metadata, tensors)`` of the first provider whose state has ``want_hash`` and
-    passes every check, or None. With the parameters' ``names``, "has ``want_hash``" means the θ it sent
-    hashes to it (:func:`theta_hash_problem`), not merely that its metadata says so. Runs in the averager's process. Providers are the peers that declared
-    their state for download, in a random order (not their self-declared priority), at most
-    ``max_providers``, each within its fair share of what is left of ``deadline_s`` (the time left ÷ the
-    providers not yet asked). Symptom → knob: late joiners that time out on honest providers of a big
+    passes every check, or None. With the parameters' ``names``, "has ``want_hash``" means the θ it
+    sent hashes to it (:func:`theta_hash_problem`), not merely that its metadata says so. Runs in the
+    averager's process. Providers are the peers that declared their state for download, in a random
+    order (not their self-declared priority), at most ``max_providers``, each within its fair share of
+    what is left of ``deadline_s`` (the time left ÷ the providers not yet asked). Symptom → knob: late joiners that time out on honest providers of a big
     model need a longer ``deadline_s`` (the swarm's averaging timeout scales it)."""
     from google.protobuf.message import DecodeError
     from hivemind.p2p import PeerID

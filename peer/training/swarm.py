@@ -411,16 +411,12 @@ class SwarmAveraging:
         # fire and forget: a lost announcement only delays agreement by a round
         self.dht.store(key, subkey=subkey, value=value, expiration_time=expires_at, return_future=True)
 
-    def announcements(self) -> dict[str, tuple[int, str]]:
-        """hotkey → (round, hash) of the latest θ each hotkey announced, from one DHT read (signatures
-        verified, expiries as signed; forged entries and unregistered hotkeys never count). One vote per
-        hotkey: keyed by the peer id a record names, a registered attacker signing an honest peer's id
-        replaced that peer's vote (review finding)."""
-        return self.votes()[0]
-
     def votes(self) -> tuple[dict[str, tuple[int, str]], dict[str, float]]:
-        """:meth:`announcements` and each voter's weight for ties (its incentive; :func:`choose_state`),
-        from the same read."""
+        """hotkey → (round, hash) of the latest θ each hotkey announced, and each voter's weight for ties
+        (its incentive; :func:`choose_state`), from one DHT read. Signatures verified, expiries as signed;
+        forged entries and unregistered hotkeys never count. One vote per hotkey: keyed by the peer id a
+        record names, a registered attacker signing an honest peer's id replaced that peer's vote (review
+        finding)."""
         from peer.net.dht_records import read_announcements
 
         key = dht_key(self.run_id, "state")
@@ -430,13 +426,14 @@ class SwarmAveraging:
         announcements = read_announcements(entries, key=key, run_id=self.run_id, allowed=allowed)
         return tally(announcements, getattr(self.voters, "incentive", None) or {})
 
+    def view(self, round_: int) -> tuple[str | None, bool]:
+        """:func:`sync_view` of one fresh read of the votes."""
+        announced, weight = self.votes()
+        return sync_view(announced, round_, weight)
+
     def majority_state(self, round_: int) -> str | None:
         """The hash of θ_round the swarm agrees on (see :func:`choose_state`), or None if nobody announced."""
-        return sync_view(*self.votes_for(round_))[0]
-
-    def votes_for(self, round_: int) -> tuple[dict[str, tuple[int, str]], int, dict[str, float]]:
-        announced, weight = self.votes()
-        return announced, round_, weight
+        return self.view(round_)[0]
 
     def download_state(
         self, want_hash: str, tries: int = 2, names: Sequence[str] | None = None

@@ -59,7 +59,6 @@ from peer.training.behaviour import Behaviour
 from peer.training.clock import RoundClock
 from peer.training.cpu_usage import BackgroundCpu
 from peer.training.diloco import DilocoState, optimizer_state_bytes
-from peer.training.swarm import sync_view
 
 log = logging.getLogger("gradswarm.trainer")
 
@@ -438,13 +437,13 @@ class Trainer:
         If we did not hold θ_r, wait up to ``wait_seconds`` (default ``join_wait_seconds``) for the
         swarm's announcements of θ_r while the swarm is known to exist (θ_{r−1} was announced)."""
         swarm = self.swarm
-        best, averaging = sync_view(*swarm.votes_for(r))
+        best, averaging = swarm.view(r)
         if self.round != r:
             wait = self.cfg.join_wait_seconds if wait_seconds is None else wait_seconds
             deadline = time.time() + wait
             while best is None and averaging and time.time() < deadline:
                 time.sleep(0.25)  # the swarm is still averaging round r-1: wait for θ_r's announcements
-                best, averaging = sync_view(*swarm.votes_for(r))
+                best, averaging = swarm.view(r)
         downloaded = False
         if best is not None and best != self.state_hash():
             loaded = swarm.download_state(best, names=self.state.names)
