@@ -246,3 +246,14 @@ def test_overlapped_rounds_take_the_plain_average_as_outer_step():
     assert torch.allclose(results["blocking"], torch.full_like(g[0], nesterov_two_steps), atol=1e-6)
     assert torch.allclose(results["fallback"], results["blocking"], atol=1e-7)
     assert torch.allclose(results["overlapped"], torch.full_like(g[0], 2 * 0.01), atol=1e-6)
+
+
+def test_a_stored_expiry_must_be_finite_and_no_later_than_signed():
+    """The DHT record's expiration comes from whoever stored it; NaN compares false with everything."""
+    from peer.net.dht_records import expiry_problem
+
+    assert expiry_problem(100.0, 100.0) is None and expiry_problem(100.0, 100.5) is None
+    assert expiry_problem(100.0, 102.0)[0] == "expiry_extended"
+    assert expiry_problem(None, 100.0)[0] == "no_expiry"
+    for bad in (float("nan"), float("inf")):
+        assert expiry_problem(100.0, bad)[0] == "bad_expiry"

@@ -28,6 +28,7 @@ This module is the hivemind side: it never imports py-libp2p.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Collection, Iterable
 
@@ -161,6 +162,8 @@ def expiry_problem(signed: float | None, stored: float, where: str = "record") -
     pins only its own vote, for a round that no longer counts."""
     if signed is None:
         return "no_expiry", f"{where}: the announcement signs no expiry (anyone could pin it in the DHT)"
+    if not math.isfinite(stored):  # NaN is never "later" than anything: it passed the test below
+        return "bad_expiry", f"{where}: stored to expire at {stored}"
     if stored > signed + EXPIRY_SLACK_S:
         return "expiry_extended", (
             f"{where}: stored to expire at {stored:.0f}, after the {signed:.0f} its hotkey signed "
