@@ -59,6 +59,46 @@ def test_one_vote_per_hotkey_whatever_peer_id_its_record_names():
     assert sync_view(votes, 6, weight) == ("aaaa", False)
 
 
+def test_the_momentum_a_joiner_requires_is_the_one_most_voters_of_its_theta_announced():
+    """Red-team finding: the outer momentum was in no announced hash, so a provider could serve the
+    swarm's θ with momentum 1e30 and the joiner adopted it. Each announcement now names the momentum
+    hash with θ's; the joiner requires the one most voters of the θ it downloads named."""
+    from substrateinterface import Keypair
+
+    from peer.net.records import DHTAnnouncement
+    from peer.training.diloco import DilocoState
+    from peer.training.swarm import momentum_choice
+
+    def ann(uri, round_, value):
+        kp = Keypair.create_from_uri(uri)
+        rec = DHTAnnouncement(run_id="r", round=round_, hotkey=kp.ss58_address, peer_id="Qm" + uri[2:],
+                              key="k", value=value, expires_at=1.0).signed(kp)  # fmt: skip
+        return kp.ss58_address, rec
+
+    th, m1, m2 = "a" * 64, "1" * 64, "2" * 64
+    records = dict(
+        [ann(f"//honest{i}", 6, {"hash": th, "momentum": m1}) for i in range(3)]
+        + [ann("//liar", 6, {"hash": th, "momentum": m2})]
+        + [ann(f"//other{i}", 6, {"hash": "b" * 64, "momentum": m2}) for i in range(3)]  # another θ
+        + [ann("//old-round", 5, {"hash": th, "momentum": m2})]
+    )
+    liar = Keypair.create_from_uri("//liar").ss58_address
+    assert momentum_choice(records, 6, th) == m1  # the θ's own voters decide, not the whole swarm
+    assert momentum_choice(records, 6, th, {liar: 1.0}) == m1  # incentive breaks ties only
+    assert momentum_choice(records, 6, "c" * 64) is None  # nobody announced that θ
+    assert momentum_choice(dict([ann("//a", 6, {"hash": th})]), 6, th) is None  # an older peer: no check
+    junk = dict([ann("//a", 6, {"hash": th, "momentum": "zz"}), ann("//b", 6, {"hash": th, "momentum": 7})])
+    assert momentum_choice(junk, 6, th) is None
+
+    cfg = load_run_config("debug").train
+    state = DilocoState(build_model(load_run_config("debug")), cfg)
+    before = state.momentum_hash()
+    state.momentum[0].add_(1.0)
+    assert state.momentum_hash() != before and state.state_hash() == DilocoState(
+        build_model(load_run_config("debug")), cfg
+    ).state_hash()
+
+
 def test_sync_view_waits_while_a_peer_is_still_on_the_round_before():
     # (announced, round) -> (hash to hold, still averaging round-1)
     table = [

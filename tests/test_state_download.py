@@ -28,6 +28,7 @@ def honest_state(seed: int = 0) -> list[torch.Tensor]:
 
 
 WANT = hash_tensors(zip(NAMES, honest_state(), strict=False))
+WANT_MOMENTUM = hash_tensors(zip(NAMES, honest_state()[1:], strict=True))
 
 
 def _parts(tensors):
@@ -53,6 +54,8 @@ class Provider(ConsensusAverager):
         tensors = honest_state(seed=1 if self.kind == "lie" else 0)  # "lie": names WANT, sends another θ
         if self.kind == "nan":
             tensors[1][3] = float("nan")
+        if self.kind == "momentum-lie":  # the swarm's θ, with a momentum that throws the joiner off
+            tensors[1].fill_(1e30)
         if self.kind == "huge-shape":  # a header declaring 2^40 elements over a few bytes
             part = runtime_pb2.Tensor(buffer=bytes(64), size=[1 << 20, 1 << 20], dtype="float32")
             yield averaging_pb2.DownloadData(tensor_part=part, metadata=meta)
@@ -98,7 +101,17 @@ class Prober(ConsensusAverager):
 
 Prober.__name__ = "ConsensusAverager"
 
-KINDS = ["honest", "wrong-hash", "nan", "huge-shape", "trickle", "extra-bytes", "extra-tensor", "lie"]
+KINDS = [
+    "honest",
+    "wrong-hash",
+    "nan",
+    "huge-shape",
+    "trickle",
+    "extra-bytes",
+    "extra-tensor",
+    "lie",
+    "momentum-lie",
+]
 
 
 @pytest.fixture(scope="module")
@@ -178,16 +191,33 @@ def test_the_honest_state_arrives_although_liars_claim_the_top_priority(provider
 def test_a_provider_naming_the_swarms_hash_over_another_state_is_skipped(providers):
     """The liar's metadata says WANT and its stream passes every check of the bytes (red-team finding:
     the peer adopted it, hashed it afterwards and exited). Its θ is hashed before anything is returned."""
-    from peer.training.state_download import theta_hash_problem
+    from peer.training.state_download import state_hash_problem
 
     ids, prober = providers
     status, tensors = prober.probe(ids["lie"])
     assert status == "ok"  # the stream itself is well-formed
-    assert "hashes to" in theta_hash_problem(tensors, NAMES, WANT)
-    assert theta_hash_problem(honest_state(), NAMES, WANT) is None
+    assert "θ hashes to" in state_hash_problem(tensors, NAMES, WANT)
+    assert state_hash_problem(honest_state(), NAMES, WANT, WANT_MOMENTUM) is None
     for _ in range(3):  # providers are asked in a random order: the liar comes first about half the time
         meta, got = prober.load_verified_state(
-            WANT, SHAPES, deadline_s=30.0, chunk_timeout=2.0, names=NAMES
+            WANT, SHAPES, deadline_s=30.0, chunk_timeout=2.0, names=NAMES, want_momentum=WANT_MOMENTUM
+        ).result(60)
+        assert all(torch.equal(a, b) for a, b in zip(got, honest_state(), strict=True))
+
+
+def test_a_provider_serving_the_swarms_theta_with_another_momentum_is_skipped(providers):
+    """Red-team finding: the outer momentum was in no announced hash, so the swarm's θ with momentum
+    1e30 was adopted (one outer step later θ was 5.7e29). The joiner now checks the momentum hash that
+    the θ's voters announced (:func:`peer.training.swarm.momentum_choice`)."""
+    from peer.training.state_download import state_hash_problem
+
+    ids, prober = providers
+    status, tensors = prober.probe(ids["momentum-lie"])
+    assert status == "ok" and state_hash_problem(tensors, NAMES, WANT) is None  # θ alone: passes
+    assert "outer momentum hashes to" in state_hash_problem(tensors, NAMES, WANT, WANT_MOMENTUM)
+    for _ in range(3):
+        meta, got = prober.load_verified_state(
+            WANT, SHAPES, deadline_s=30.0, chunk_timeout=2.0, names=NAMES, want_momentum=WANT_MOMENTUM
         ).result(60)
         assert all(torch.equal(a, b) for a, b in zip(got, honest_state(), strict=True))
 

@@ -747,11 +747,18 @@ class ConsensusAverager(DecentralizedAverager):
         return metadata, tensors, None
 
     def load_verified_state(
-        self, want_hash: str, shapes, *, deadline_s: float, chunk_timeout: float, names=None
+        self,
+        want_hash: str,
+        shapes,
+        *,
+        deadline_s: float,
+        chunk_timeout: float,
+        names=None,
+        want_momentum: str | None = None,
     ):
         """A future of ``(metadata, tensors)`` with ``want_hash`` from a peer, checked against ``shapes``
-        as it streams in (and, given the parameters' ``names``, its θ against the hash), or None
-        (:func:`peer.training.state_download.load_verified_state`)."""
+        as it streams in (and, given the parameters' ``names``, its θ against the hash and its momentum
+        against ``want_momentum``), or None (:func:`peer.training.state_download.load_verified_state`)."""
         from hivemind.utils.mpfuture import MPFuture
 
         future = MPFuture()
@@ -762,6 +769,7 @@ class ConsensusAverager(DecentralizedAverager):
             deadline_s=deadline_s,
             chunk_timeout=chunk_timeout,
             names=None if names is None else list(names),
+            want_momentum=want_momentum,
         )
         self._outer_pipe.send(("_load_verified_state", [], kwargs))
         return future

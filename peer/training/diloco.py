@@ -81,6 +81,12 @@ class DilocoState:
         """Hash of θ_r (the snapshot): what every peer of the swarm must agree on."""
         return hash_tensors(zip(self.names, self.snapshot, strict=True))
 
+    def momentum_hash(self) -> str:
+        """Hash of the outer momentum m, announced next to :meth:`state_hash`: a peer that downloads θ_r
+        also takes m, and a provider could otherwise serve the swarm's θ with any m (its next outer
+        step would then throw the joiner off the swarm)."""
+        return hash_tensors(zip(self.names, self.momentum, strict=True))
+
     def state_tensors(self) -> list[torch.Tensor]:
         """θ_r followed by the outer momentum: what a joining peer downloads."""
         return [*self.snapshot, *self.momentum]

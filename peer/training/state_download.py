@@ -84,17 +84,31 @@ def metadata_problem(metadata, want_hash: str) -> str | None:
     return None
 
 
-def theta_hash_problem(tensors: Sequence, names: Sequence[str], want_hash: str) -> str | None:
-    """Why a downloaded state's θ (its first ``len(names)`` tensors) is not the state ``want_hash`` names
-    (:meth:`peer.training.diloco.DilocoState.state_hash`), or None. A provider controls its metadata as
-    much as its bytes: one that named the swarm's hash over junk passed every other check, the peer
-    adopted the junk and only then hashed it, and exited on the mismatch (red-team finding)."""
+def state_hash_problem(
+    tensors: Sequence, names: Sequence[str], want_hash: str, want_momentum: str | None = None
+) -> str | None:
+    """Why a downloaded state is not the one the swarm announced, or None: its θ (the first
+    ``len(names)`` tensors) must hash to ``want_hash`` (:meth:`peer.training.diloco.DilocoState.state_hash`)
+    and, given ``want_momentum``, its outer momentum (the next ``len(names)``) to that
+    (:meth:`~peer.training.diloco.DilocoState.momentum_hash`). A provider controls its metadata as much
+    as its bytes: one that named the swarm's hash over junk passed every other check, the peer adopted
+    the junk and only then hashed it, and exited on the mismatch; one that served the swarm's θ with a
+    momentum of 1e30 was adopted, and its next outer step threw the peer off the swarm (red-team
+    findings). ``want_momentum`` None (announcements of older peers name none): the momentum is not
+    checked."""
     from peer.data.model import hash_tensors
 
-    if len(tensors) < len(names):
-        return f"{len(tensors)} tensors where θ alone has {len(names)}"
-    got = hash_tensors(zip(names, tensors[: len(names)], strict=True))
-    return None if got == want_hash else f"its θ hashes to {got[:12]}, not to the {want_hash[:12]} it named"
+    n = len(names)
+    if len(tensors) < (2 * n if want_momentum is not None else n):
+        return f"{len(tensors)} tensors where θ{' and its momentum' if want_momentum else ''} need more"
+    got = hash_tensors(zip(names, tensors[:n], strict=True))
+    if got != want_hash:
+        return f"its θ hashes to {got[:12]}, not to the {want_hash[:12]} it named"
+    if want_momentum is not None:
+        got = hash_tensors(zip(names, tensors[n : 2 * n], strict=True))
+        if got != want_momentum:
+            return f"its outer momentum hashes to {got[:12]}, the swarm announced {want_momentum[:12]}"
+    return None
 
 
 def part_header_problem(part, index: int, shapes: Sequence[Sequence[int]]) -> str | None:
@@ -181,10 +195,12 @@ async def load_verified_state(
     chunk_timeout: float,
     max_providers: int = 8,
     names: Sequence[str] | None = None,
+    want_momentum: str | None = None,
 ) -> None:
     """Set ``future`` to ``(metadata, tensors)`` of the first provider whose state has ``want_hash`` and
     passes every check, or None. With the parameters' ``names``, "has ``want_hash``" means the θ it
-    sent hashes to it (:func:`theta_hash_problem`), not merely that its metadata says so. Runs in the
+    sent hashes to it, and its outer momentum to ``want_momentum`` when given (:func:`state_hash_problem`),
+    not merely that its metadata says so. Runs in the
     averager's process. Providers are the peers that declared their state for download, in a random
     order (not their self-declared priority), at most ``max_providers``, each within its fair share of
     what is left of ``deadline_s`` (the time left ÷ the providers not yet asked). Symptom → knob: late joiners that time out on honest providers of a big
@@ -234,7 +250,7 @@ async def load_verified_state(
                 None
                 if names is None
                 else await asyncio.get_running_loop().run_in_executor(
-                    None, theta_hash_problem, result[1], names, want_hash
+                    None, state_hash_problem, result[1], names, want_hash, want_momentum
                 )
             )
             if problem is not None:  # its metadata named the swarm's hash, its bytes are another state

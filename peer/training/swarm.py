@@ -391,8 +391,12 @@ class SwarmAveraging:
 
     # -- state agreement --------------------------------------------------------------------------
 
-    def announce_state(self, round_: int, state_hash: str, ttl: float) -> None:
-        """Store a hotkey-signed ``{round, hash}`` under the run's state key (one entry per hotkey)."""
+    def announce_state(
+        self, round_: int, state_hash: str, ttl: float, momentum_hash: str | None = None
+    ) -> None:
+        """Store a hotkey-signed ``{round, hash, momentum}`` under the run's state key (one entry per
+        hotkey): θ_round's hash, which the swarm votes on, and the hash of the outer momentum that goes
+        with it, which a peer downloading that θ checks (:func:`momentum_choice`)."""
         from hivemind.utils.timed_storage import get_dht_time
 
         from peer.net.dht_records import sign_announcement
@@ -405,7 +409,9 @@ class SwarmAveraging:
             run_id=self.run_id,
             round_=round_,
             peer_id=self.peer_id,
-            value={"hash": state_hash},
+            value={"hash": state_hash}
+            if momentum_hash is None
+            else {"hash": state_hash, "momentum": momentum_hash},
             expires_at=expires_at,
         )
         # fire and forget: a lost announcement only delays agreement by a round
@@ -417,14 +423,25 @@ class SwarmAveraging:
         forged entries and unregistered hotkeys never count. One vote per hotkey: keyed by the peer id a
         record names, a registered attacker signing an honest peer's id replaced that peer's vote (review
         finding)."""
+        return tally(self._announcements(), getattr(self.voters, "incentive", None) or {})
+
+    def _announcements(self) -> dict[str, DHTAnnouncement]:
+        """hotkey → its verified latest state announcement, from one DHT read (signatures and signed
+        expiries checked; on a chain, registered hotkeys only)."""
         from peer.net.dht_records import read_announcements
 
         key = dht_key(self.run_id, "state")
         found = self.dht.get(key, latest=True)
         entries = found.value if found is not None and isinstance(found.value, dict) else None
         allowed = self.voters() if self.voters is not None else None
-        announcements = read_announcements(entries, key=key, run_id=self.run_id, allowed=allowed)
-        return tally(announcements, getattr(self.voters, "incentive", None) or {})
+        return read_announcements(entries, key=key, run_id=self.run_id, allowed=allowed)
+
+    def announced_momentum(self, round_: int, state_hash: str) -> str | None:
+        """The outer momentum hash that goes with θ_round hashed ``state_hash``
+        (:func:`momentum_choice` over one fresh read), or None when its voters named none."""
+        return momentum_choice(
+            self._announcements(), round_, state_hash, getattr(self.voters, "incentive", None) or {}
+        )
 
     def view(self, round_: int) -> tuple[str | None, bool]:
         """:func:`sync_view` of one fresh read of the votes."""
@@ -436,12 +453,17 @@ class SwarmAveraging:
         return self.view(round_)[0]
 
     def download_state(
-        self, want_hash: str, tries: int = 2, names: Sequence[str] | None = None
+        self,
+        want_hash: str,
+        tries: int = 2,
+        names: Sequence[str] | None = None,
+        want_momentum: str | None = None,
     ) -> tuple[dict, list[torch.Tensor]] | None:
         """Load θ and outer momentum (``2 × params`` fp32 tensors) from a peer that serves the state hashed
         ``want_hash``; every byte is checked as it arrives (:mod:`peer.training.state_download`), and with
-        the parameters' ``names`` the θ is hashed before it is returned (a provider whose θ is not the
-        one it named is skipped for the next)."""
+        the parameters' ``names`` the θ is hashed before it is returned, and the momentum too when
+        ``want_momentum`` names its hash (a provider whose state is not the one the swarm announced is
+        skipped for the next)."""
         shapes = [tuple(b.shape) for b in self.buffers] * 2
         for _ in range(tries):
             with self._pipe_lock:
@@ -451,6 +473,7 @@ class SwarmAveraging:
                     deadline_s=3 * self.allreduce_timeout,
                     chunk_timeout=self.allreduce_timeout / 3,
                     names=names,
+                    want_momentum=want_momentum,
                 )
             loaded = future.result()
             if loaded is None:
@@ -509,6 +532,30 @@ def tally(
     (hotkey → record): one vote per hotkey, whatever peer id its record names. Pure."""
     votes = {hk: (a.round, str(a.value.get("hash"))) for hk, a in announcements.items()}
     return votes, {hk: float(incentive.get(hk, 0.0)) for hk in announcements}
+
+
+def momentum_choice(
+    announcements: Mapping[str, DHTAnnouncement],
+    round_: int,
+    state_hash: str,
+    incentive: Mapping[str, float] | None = None,
+) -> str | None:
+    """The outer momentum hash a peer downloading θ_round hashed ``state_hash`` requires: among the
+    hotkeys whose latest announcement is that θ, the momentum hash most of them announced with it (ties
+    as :func:`choose_state`: incentive, then the smallest hash). None when none of them named one
+    (peers of an older release): the momentum is then not checked. Honest peers that hold the same θ
+    hold the same momentum (both come from the same averaged Δs), so a provider that lies about the
+    momentum alone is outvoted like one that lies about θ. Pure."""
+    named = {
+        hk: m
+        for hk, a in announcements.items()
+        if a.round == round_
+        and a.value.get("hash") == state_hash
+        and isinstance(m := a.value.get("momentum"), str)
+        and len(m) == 64
+        and all(c in "0123456789abcdef" for c in m)
+    }
+    return choose_state(named, incentive)
 
 
 def sync_view(

@@ -297,6 +297,7 @@ class Trainer:
         self._hash_lock = threading.Lock()
         self.round: int | None = None  # the round whose start state θ_r we hold
         self._hash_cache: str | None = None
+        self._momentum_hash_cache: str | None = None
         self.outbox = Outbox(cfg.home / "outbox", keep_rounds=cfg.keep_rounds)
         self.checkpoint_path = cfg.home / "checkpoint" / "state.safetensors"
         self._last_trained_delta: list[torch.Tensor] | None = None
@@ -382,9 +383,22 @@ class Trainer:
                 self._hash_cache = self.state.state_hash()
             return self._hash_cache
 
+    def momentum_hash(self) -> str:
+        """Hash of the outer momentum that goes with θ_r (announced with θ_r's hash, so that a peer
+        downloading our state can check it), cached like :meth:`state_hash`."""
+        with self._hash_lock:
+            if self._momentum_hash_cache is None:
+                self._momentum_hash_cache = self.state.momentum_hash()
+            return self._momentum_hash_cache
+
+    def _announce(self, r: int, state_hash: str) -> None:
+        """Announce θ_r (and its momentum) to the swarm."""
+        self.swarm.announce_state(r, state_hash, ttl=self._announce_ttl(), momentum_hash=self.momentum_hash())
+
     def _invalidate_hash(self) -> None:
         with self._hash_lock:
             self._hash_cache = None
+            self._momentum_hash_cache = None
 
     def _provide_state(self):
         """Called by the averager (in a background thread) when a peer downloads our state."""
@@ -446,7 +460,9 @@ class Trainer:
                 best, averaging = swarm.view(r)
         downloaded = False
         if best is not None and best != self.state_hash():
-            loaded = swarm.download_state(best, names=self.state.names)
+            loaded = swarm.download_state(
+                best, names=self.state.names, want_momentum=swarm.announced_momentum(r, best)
+            )
             if loaded is None:
                 self.progress.event(
                     f"round {r}: could not download the swarm's state {best[:10]}; continuing with ours"
@@ -466,7 +482,7 @@ class Trainer:
         with self.state_lock:
             self.round = r  # the hash depends on θ only: no need to recompute it here
         self._off_majority = None
-        swarm.announce_state(r, self.state_hash(), ttl=self._announce_ttl())
+        self._announce(r, self.state_hash())
         return downloaded
 
     def _announce_ttl(self) -> float:
@@ -614,7 +630,7 @@ class Trainer:
         checkpoint, prune, then write ``report`` (the round whose average this θ is the first to include)."""
         state_hash = self.state_hash()
         r = self.round
-        self.swarm.announce_state(r, state_hash, ttl=self._announce_ttl())  # first: others may wait for it
+        self._announce(r, state_hash)  # first: others may wait for it
         if self.cfg.publish_state and r not in self.outbox.rounds("state"):
             # θ_r: the state validators evaluate round r's Δs on (blocking) or round r−1's (overlapped: they
             # fetch it right after the boundary, so it goes out before the held-out loss and checkpoint)
