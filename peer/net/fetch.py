@@ -491,6 +491,9 @@ class FetchClient:
         except IOException as e:
             await _reset(stream)
             raise FetchError("stream_error", f"{target.peer_id[:12]}: {what}: {_first_line(e)}") from None
+        except trio.Cancelled:  # the round's deadline: do not leave the stream open for the remote to fill
+            await _abort(stream)
+            raise
 
     async def _adialback(self, target: Target, addrs: list[str]):
         from peer.net.artifact_protocol import DialbackRequest, DialbackResponse
@@ -498,12 +501,12 @@ class FetchClient:
         stream, resp = await self._request(
             target, DialbackRequest(op="dialback", addrs=list(addrs)), DialbackResponse, what="dial-back"
         )
-        await _close(stream)
+        await _finish(stream)
         return resp
 
     async def _astats(self, target: Target) -> dict[str, int]:
         stream, resp = await self._request(target, StatsRequest(op="stats"), StatsResponse, what="stats")
-        await _close(stream)
+        await _finish(stream)
         return dict(resp.counters)
 
     async def aexplanation(self, target: Target, round_: int | None = None):
@@ -513,7 +516,7 @@ class FetchClient:
         stream, resp = await self._request(
             target, ExplainRequest(op="explain", round=round_), ExplainResponse, what="explanation"
         )
-        await _close(stream)
+        await _finish(stream)
         if resp.identity is not None:
             verify_identity(
                 resp.identity, hotkey=target.hotkey, peer_id=target.peer_id, run_id=self.cfg.run_id
@@ -539,7 +542,7 @@ class FetchClient:
         stream, resp = await self._request(
             target, ListRequest(op="list", round=round_), ListResponse, what="listing"
         )
-        await _close(stream)
+        await _finish(stream)
         cfg = self.cfg
         identity = None
         if resp.identity is not None:
@@ -607,13 +610,13 @@ class FetchClient:
                 "size_mismatch",
                 f"{who}: blob {blob.sha256[:12]} is {header.size} bytes, manifest says {blob.size}",
             )
-        await _widen_receive_window(stream, self.cfg.receive_window_bytes)
         tmp = self.cfg.cache_dir / f".{blob.sha256}.{os.getpid()}.{threading.get_ident()}.{id(stream)}.tmp"
         got = 0
         budget = self.cfg.deadline_s(blob.size)
         deadline = time.monotonic() + budget
         writer = _HashingWriter(tmp)
         try:
+            await _widen_receive_window(stream, self.cfg.receive_window_bytes)
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -664,10 +667,13 @@ class FetchClient:
         except FetchError:
             await _reset(stream)
             raise
+        except trio.Cancelled:  # the round's deadline (or a won race): reset, or the remote may fill the
+            await _abort(stream)  # stream's 16 MiB window and keep it for the connection's life
+            raise
         finally:
             writer.close()
             tmp.unlink(missing_ok=True)
-        await _close(stream)
+        await _finish(stream)
         return final
 
 
@@ -779,6 +785,23 @@ async def _reset(stream) -> None:
         await stream.reset()
     except IOException:
         pass
+
+
+async def _finish(stream) -> None:
+    """End a stream whose answer was read in full (one request per stream): FIN, then a reset if the
+    publisher has not ended its side. A remote that never does would otherwise keep the stream — and up
+    to its receive window of bytes it pushes into it — for the life of the (reused) connection."""
+    await _close(stream)
+    if not getattr(getattr(stream, "muxed_stream", None), "recv_closed", True):
+        await _reset(stream)
+
+
+async def _abort(stream) -> None:
+    """Reset ``stream`` while the calling task is being cancelled (shielded, at most 2 s)."""
+    import trio
+
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        await _reset(stream)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -276,12 +276,15 @@ def make_host(keypair, listen_addrs: list | None = None):
     from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
     from libp2p.security.noise.transport import Transport as NoiseTransport
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
-    from libp2p.stream_muxer.yamux.yamux import Yamux
+
+    from peer.net.muxer import WindowedYamux, install  # py-libp2p's yamux does not enforce windows
+
+    install()
 
     host = new_host(
         key_pair=keypair,
         sec_opt={TProtocol(NOISE_ID): NoiseTransport(keypair, noise_privkey=x25519_keypair().private_key)},
-        muxer_opt={TProtocol(YAMUX_ID): Yamux},
+        muxer_opt={TProtocol(YAMUX_ID): WindowedYamux},
         listen_addrs=listen_addrs,
     )
     quiet_libp2p()
