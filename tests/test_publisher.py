@@ -252,6 +252,68 @@ def test_fetch_verifies_and_rejects_forgeries(publishers, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_inbound_cap_counts_an_ipv4_address_or_an_ipv6_64():
+    from peer.net.admission import address_key
+
+    assert address_key("203.0.113.5") == "203.0.113.5"
+    assert address_key("::ffff:203.0.113.5") == "203.0.113.5"  # an IPv4 peer on a dual-stack socket
+    assert address_key("2001:db8:1:2::1") == address_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("fe80::1%eth0") == "fe80::/64"
+    assert address_key("not-an-ip") is None
+
+
+@pytest.mark.slow
+def test_one_address_cannot_hold_every_inbound_slot_of_a_publisher(tmp_path):
+    """Red team: py-libp2p gives 250 inbound slots, taken when TCP connects (before the handshake), with
+    no limit per address: 260 sockets that never sent a byte took a publisher offline (an honest listing
+    failed with dial_failed in 0.7 s). Now one address holds at most 16 live inbound connections (peer.net
+    .admission); the rest are closed at once, and the honest validator (127.0.0.1, exempt) is served."""
+    import socket
+
+    from substrateinterface import Keypair
+
+    from peer.net.admission import MAX_INBOUND_PER_ADDRESS
+    from peer.net.publisher import start_publisher
+
+    outbox, key, pid, rounds = build_outbox(tmp_path / "alice")
+    pub = start_publisher(outbox, key)
+    socks = []
+    try:
+        pub.publish_identity(Keypair.create_from_uri(ALICE_URI), run_id=RUN, round_=3)
+        addr = pub.multiaddrs[0].split("/p2p/")[0]
+        port = int(addr.rsplit("/", 1)[1])
+        for _ in range(300):  # another loopback address: the attacker, subject to the cap
+            socks.append(socket.create_connection(("127.0.0.1", port), source_address=("127.0.0.2", 0)))
+        time.sleep(2.0)
+        closed = 0
+        for sk in socks:
+            sk.settimeout(0.05)
+            try:
+                closed += sk.recv(1) == b""
+            except (TimeoutError, ConnectionResetError):
+                closed += isinstance(sys.exc_info()[1], ConnectionResetError)
+        assert closed >= 300 - MAX_INBOUND_PER_ADDRESS, closed
+        code = (
+            "import json, sys, tempfile; from peer.net.fetch import FetchClient, FetchConfig, FetchError\n"
+            f"c = FetchClient(FetchConfig(cache_dir=tempfile.mkdtemp(), run_id={RUN!r})); c.start()\n"
+            f"try: print(json.dumps(list(c.list_round({addr!r}, {pid!r}, 3, "
+            f"hotkey={Keypair.create_from_uri(ALICE_URI).ss58_address!r}).rounds)))\n"
+            "except FetchError as e: print(json.dumps(e.reason))\n"
+            "finally: c.close()\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=90
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        listed = json.loads(out.stdout.strip().splitlines()[-1])
+        assert isinstance(listed, list) and rounds["good"] in listed, listed  # not "dial_failed"
+    finally:
+        for sk in socks:
+            sk.close()
+        pub.stop()
+
+
 def test_publisher_exits_when_parent_is_killed(tmp_path):
     from peer.net.identity import load_or_create_identity
 

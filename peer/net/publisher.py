@@ -268,7 +268,9 @@ def quiet_libp2p() -> None:
 
 
 def make_host(keypair, listen_addrs: list | None = None):
-    """A py-libp2p host with noise + yamux only (never plaintext, never mplex)."""
+    """A py-libp2p host with noise + yamux only (never plaintext, never mplex), yamux receive windows
+    enforced (:mod:`peer.net.muxer`) and inbound connections capped per remote address
+    (:mod:`peer.net.admission`)."""
     quiet_libp2p()
     from libp2p import new_host
     from libp2p.crypto.x25519 import create_new_key_pair as x25519_keypair
@@ -277,6 +279,7 @@ def make_host(keypair, listen_addrs: list | None = None):
     from libp2p.security.noise.transport import Transport as NoiseTransport
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 
+    from peer.net.admission import connection_config, limit_inbound_per_address
     from peer.net.muxer import WindowedYamux, install  # py-libp2p's yamux does not enforce windows
 
     install()
@@ -286,7 +289,9 @@ def make_host(keypair, listen_addrs: list | None = None):
         sec_opt={TProtocol(NOISE_ID): NoiseTransport(keypair, noise_privkey=x25519_keypair().private_key)},
         muxer_opt={TProtocol(YAMUX_ID): WindowedYamux},
         listen_addrs=listen_addrs,
+        connection_config=connection_config(),
     )
+    host.inbound_limit = limit_inbound_per_address(host)  # one address cannot hold every inbound slot
     quiet_libp2p()
     return host
 
