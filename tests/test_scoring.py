@@ -802,3 +802,28 @@ def test_non_finite_measurements_are_refused_and_cannot_poison_medians_or_the_em
         state, 2, [PeerScore(uid=0, hotkey="hk0", score=1.0, reason="scored")], {0: "hk0"}, 0.3
     )
     assert state.entries[0].value == pytest.approx(0.3)
+
+
+def test_a_sample_agrees_on_the_state_when_one_hash_holds_the_quorum():
+    """Red team: with unanimity required, one sampled hotkey signing a made-up state hash made the
+    validator list the whole subnet every round. A hash with ``vote_quorum`` (3/4) of the votes now
+    suffices; a real split still lists everyone."""
+    from validator.sampling import SamplingConfig, sample_agrees
+
+    q = SamplingConfig().vote_quorum
+    table = [
+        ({}, False),  # nobody named a state: list everyone
+        ({"a": [1] * 16}, True),
+        ({"a": [1] * 15, "junk": [2]}, True),  # one liar in a sample of 16
+        ({"a": [1] * 12, "b": [2] * 4}, True),  # exactly 3/4
+        ({"a": [1] * 11, "b": [2] * 5}, False),
+        ({"a": [1] * 8, "b": [2] * 8}, False),
+        ({"a": [1], "b": [2]}, False),
+    ]
+    for votes, want in table:
+        assert sample_agrees(votes, q) is want, votes
+    assert sample_agrees({"a": [1] * 15, "junk": [2]}, 1.0) is False  # the rule before
+    from peer.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        SamplingConfig(vote_quorum=0.5)

@@ -58,6 +58,7 @@ from validator.sampling import (
     SamplingConfig,
     Selection,
     fits_time_budget,
+    sample_agrees,
     sampling_key,
     select_peers,
     vote_extras,
@@ -250,7 +251,7 @@ def fetch_round(
     extras = vote_extras(hotkeys, first.selected, key, sampling.min_listings - len(first.selected))
     list_peers(first.selected + extras)
     votes = _state_votes(listings, reachable, run, max_bytes)
-    if len(votes) != 1:  # the sample disagrees about θ_r (or names none): read everyone's listing
+    if not sample_agrees(votes, sampling.vote_quorum):  # the sample disagrees about θ_r: read everyone's
         log.info("round %d: listed peers name %d different states; listing every peer", round_, len(votes))
         list_peers(list(reachable))
         votes = _state_votes(listings, reachable, run, max_bytes)

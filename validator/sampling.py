@@ -24,7 +24,8 @@ vote (``min_listings``, :func:`vote_extras`); a sampled peer whose listing fails
 an unusable manifest is scored like before (``missing``/refused, which also moves it to the back of the
 staleness order) and the sample is drawn again among the rest (:func:`select_peers` on the shrunken pool)
 until it holds only usable peers. If the listed peers' state votes disagree the validator lists everyone
-(the old, linear behaviour): a majority read from a sample is only trusted when the sample is unanimous.
+(the old, linear behaviour): a majority read from a sample is only trusted when it holds ``vote_quorum``
+of the sample's votes.
 
 The time budget (``max_seconds``) is a second, runtime limit: the loop stops *starting* peers once the
 expected cost of the next one no longer fits (:func:`fits_time_budget`); the ones left are ``not sampled
@@ -67,12 +68,21 @@ class SamplingConfig:
 
     min_listings: int = 16
     """Peers listed at least per round (the sample plus extras drawn by the key) for the θ_r vote: the
-    state hash is taken from a unanimous sample of this many signed listings, or from everyone's when the
-    sample disagrees. Raise it if you distrust a small sample; 0 = list only the sample."""
+    state hash is taken from a sample of this many signed listings when it agrees (``vote_quorum``), or
+    from everyone's when it does not. Raise it if you distrust a small sample; 0 = list only the sample."""
+    vote_quorum: float = 0.75
+    """Share of the listed peers' state votes one hash needs for the sample to count as agreeing
+    (:func:`sample_agrees`); below it every reachable peer is listed. At 1 (unanimity, the rule before)
+    a single sampled hotkey that signs a state manifest with a made-up hash made the validator list the
+    whole subnet every round (red team, 2026-12-06): bounded by the listing deadline, but linear in the
+    subnet again. A wrong majority needs attackers in more than this share of a sample drawn by the
+    round's key, which they cannot choose."""
 
     def __post_init__(self) -> None:
         if self.min_listings < 0:
             raise ConfigError(f"sampling min_listings must be >= 0, got {self.min_listings}")
+        if not 0.5 < self.vote_quorum <= 1:
+            raise ConfigError(f"sampling vote_quorum must be in (0.5, 1], got {self.vote_quorum}")
         if self.max_peers < 0:
             raise ConfigError(f"--eval.max-peers must be >= 0 (0 = all), got {self.max_peers}")
         if self.max_seconds < 0 or not math.isfinite(self.max_seconds):
@@ -140,6 +150,13 @@ def select_peers(
     return Selection(
         selected=selected, not_sampled={u: reason for u in order if u not in chosen_set}, order=order
     )
+
+
+def sample_agrees(votes: Mapping[str, Sequence], quorum: float) -> bool:
+    """Whether the listed peers' state votes (hash → voters) agree enough to trust their majority without
+    listing everyone: one hash holds at least ``quorum`` of the votes. No votes: no. Pure."""
+    total = sum(len(v) for v in votes.values())
+    return total > 0 and max(len(v) for v in votes.values()) >= quorum * total
 
 
 def vote_extras(pool: Mapping[int, str], chosen: Sequence[int], key: bytes, n: int) -> list[int]:
