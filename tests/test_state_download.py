@@ -101,6 +101,8 @@ class Prober(ConsensusAverager):
 
 Prober.__name__ = "ConsensusAverager"
 
+# 9 providers, more than load_verified_state's default max_providers (8, a random subset): the tests
+# that need the honest provider among those asked pass max_providers=16
 KINDS = [
     "honest",
     "wrong-hash",
@@ -180,7 +182,15 @@ def test_the_honest_state_arrives_although_liars_claim_the_top_priority(provider
     status, tensors = prober.probe(ids["honest"])
     assert status == "ok" and all(torch.equal(a, b) for a, b in zip(tensors, honest_state(), strict=True))
     t0 = time.monotonic()
-    got = prober.load_verified_state(WANT, SHAPES, deadline_s=30.0, chunk_timeout=2.0, names=NAMES).result(60)
+    got = prober.load_verified_state(
+        WANT,
+        SHAPES,
+        deadline_s=30.0,
+        chunk_timeout=2.0,
+        names=NAMES,
+        want_momentum=WANT_MOMENTUM,
+        max_providers=16,
+    ).result(60)
     assert got is not None, "no state although an honest provider serves it"
     meta, tensors = got
     assert meta["state_hash"] == WANT
@@ -200,7 +210,13 @@ def test_a_provider_naming_the_swarms_hash_over_another_state_is_skipped(provide
     assert state_hash_problem(honest_state(), NAMES, WANT, WANT_MOMENTUM) is None
     for _ in range(3):  # providers are asked in a random order: the liar comes first about half the time
         meta, got = prober.load_verified_state(
-            WANT, SHAPES, deadline_s=30.0, chunk_timeout=2.0, names=NAMES, want_momentum=WANT_MOMENTUM
+            WANT,
+            SHAPES,
+            deadline_s=30.0,
+            chunk_timeout=2.0,
+            names=NAMES,
+            want_momentum=WANT_MOMENTUM,
+            max_providers=16,
         ).result(60)
         assert all(torch.equal(a, b) for a, b in zip(got, honest_state(), strict=True))
 
@@ -217,7 +233,13 @@ def test_a_provider_serving_the_swarms_theta_with_another_momentum_is_skipped(pr
     assert "outer momentum hashes to" in state_hash_problem(tensors, NAMES, WANT, WANT_MOMENTUM)
     for _ in range(3):
         meta, got = prober.load_verified_state(
-            WANT, SHAPES, deadline_s=30.0, chunk_timeout=2.0, names=NAMES, want_momentum=WANT_MOMENTUM
+            WANT,
+            SHAPES,
+            deadline_s=30.0,
+            chunk_timeout=2.0,
+            names=NAMES,
+            want_momentum=WANT_MOMENTUM,
+            max_providers=16,
         ).result(60)
         assert all(torch.equal(a, b) for a, b in zip(got, honest_state(), strict=True))
 

@@ -755,6 +755,7 @@ class ConsensusAverager(DecentralizedAverager):
         chunk_timeout: float,
         names=None,
         want_momentum: str | None = None,
+        max_providers: int = 8,
     ):
         """A future of ``(metadata, tensors)`` with ``want_hash`` from a peer, checked against ``shapes``
         as it streams in (and, given the parameters' ``names``, its θ against the hash and its momentum
@@ -770,6 +771,7 @@ class ConsensusAverager(DecentralizedAverager):
             chunk_timeout=chunk_timeout,
             names=None if names is None else list(names),
             want_momentum=want_momentum,
+            max_providers=max_providers,
         )
         self._outer_pipe.send(("_load_verified_state", [], kwargs))
         return future
