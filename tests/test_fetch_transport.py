@@ -46,6 +46,17 @@ def test_a_fetch_cancelled_by_the_round_deadline_leaves_no_stream():
     assert out["open_streams"] == 0 and out["buffered_bytes"] == 0, out
 
 
+@pytest.mark.slow
+def test_closed_inbound_connections_give_their_slot_and_their_address_count_back():
+    """Review finding: py-libp2p 0.8 parks an upgraded inbound connection's handler (and its global slot)
+    until the host shuts down, so the per-address cap counted every connection an address ever made: an
+    address that reconnected 16 times was refused for good, and 250 completed handshakes over a
+    publisher's life left it deaf. 12 connect/disconnect cycles from one address under a cap of 4 now
+    all connect, and nothing is held afterwards."""
+    out = _run("cycles")
+    assert out == {"connected": 12, "live": 0, "refused": 0, "released": 12, "slots_held": 0}, out
+
+
 # ---------------------------------------------------------------------------------------------------
 # subprocess side (py-libp2p)
 
@@ -127,6 +138,44 @@ def _window_unit() -> dict:
             "refused": refused, "violations": conn.window_violations}  # fmt: skip
 
 
+def _connect_cycles(n: int = 12) -> dict:
+    """``n`` fresh clients connect to one host and disconnect, one after another, from one address (the
+    cap's exemption of 127.0.0.1 is lifted and the cap set to 4): what the host still holds afterwards."""
+    import multiaddr
+    import trio
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.peerinfo import PeerInfo
+
+    from peer.net.publisher import make_host
+
+    server = make_host(create_new_key_pair())
+    limit = server.inbound_limit
+    limit.exempt, limit.per_address = frozenset(), 4
+
+    async def main() -> dict:
+        connected = 0
+        async with server.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            addr = server.get_addrs()[0]
+            for _ in range(n):
+                client = make_host(create_new_key_pair())
+                async with client.run(listen_addrs=[]):
+                    with trio.move_on_after(10):
+                        await client.connect(PeerInfo(server.get_id(), [addr]))
+                        connected += 1
+                    await client.disconnect(server.get_id())
+                await trio.sleep(0.5)  # the server sees the close
+            await trio.sleep(1.0)
+            return {
+                "connected": connected,
+                "live": sum(limit.live.values()),
+                "refused": limit.refused,
+                "released": limit.released,
+                "slots_held": int(server.get_network()._inbound_limiter.borrowed_tokens),
+            }
+
+    return trio.run(main)
+
+
 def _subprocess_main(mode: str) -> dict:
     import functools
     import tempfile
@@ -140,6 +189,8 @@ def _subprocess_main(mode: str) -> dict:
 
     if mode == "window":
         return _window_unit()
+    if mode == "cycles":
+        return _connect_cycles()
     state: dict = {}
     addr, pid = _hostile_host(mode, state)
     client = FetchClient(FetchConfig(cache_dir=Path(tempfile.mkdtemp()), run_id="rt"))

@@ -259,7 +259,7 @@ def test_the_inbound_cap_counts_an_ipv4_address_or_an_ipv6_64():
     assert address_key("::ffff:203.0.113.5") == "203.0.113.5"  # an IPv4 peer on a dual-stack socket
     assert address_key("2001:db8:1:2::1") == address_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
     assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
-    assert address_key("fe80::1%eth0") == "fe80::/64"
+    assert address_key("fe80::1%eth0") == "fe80::1"  # link-local: every host on a link shares a /64
     assert address_key("not-an-ip") is None
 
 

@@ -258,7 +258,11 @@ def fetch_round(
 
     # 2. θ_r: the state most listed peers name, from one of them, checked against its hash
     if state_round == round_:
-        base = _find_base(client, votes, listings, evaluator, round_, key, deadline)
+        # from a sample only its majority's θ: a minority of it must not decide because the majority's
+        # voters failed to serve (review finding); then everyone is listed, as before
+        top = _majority_hash(votes)
+        trusted = {top: votes[top]} if top is not None and len(listings) < len(reachable) else votes
+        base = _find_base(client, trusted, listings, evaluator, round_, key, deadline)
         if base is None and len(listings) < len(reachable):  # no voter of the sample served it: ask all
             list_peers(list(reachable))
             votes = _state_votes(listings, reachable, run, max_bytes)

@@ -7,9 +7,10 @@ gigabytes into a stream the local side is not reading — e.g. a listing stream 
 read — and the process keeps every byte until it runs out of memory (measured: +400 MiB in 2.4 s from
 one publisher, never released).
 
-:class:`WindowedYamux` refuses such a frame before its bytes are kept: the stream is closed for
-receiving (the reader sees the end of the stream, then ``truncated``), and no stream ever buffers
-more than the window this side granted (256 KiB by default, 16 MiB for blob streams). Imported only by
+:class:`WindowedYamux` refuses such a frame before its bytes are kept: on a data frame the stream is
+closed for receiving (the reader sees the end of the stream, then ``truncated``); on a frame that opens
+or acknowledges a stream, py-libp2p closes the whole connection (the offender's own). No stream ever
+buffers more than the window this side granted (256 KiB by default, 16 MiB for blob streams). Imported only by
 py-libp2p processes (the publisher and the validator's fetch client: ``make_host`` calls :func:`install`).
 """
 

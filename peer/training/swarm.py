@@ -439,9 +439,7 @@ class SwarmAveraging:
     def announced_momentum(self, round_: int, state_hash: str) -> str | None:
         """The outer momentum hash that goes with θ_round hashed ``state_hash``
         (:func:`momentum_choice` over one fresh read), or None when its voters named none."""
-        return momentum_choice(
-            self._announcements(), round_, state_hash, getattr(self.voters, "incentive", None) or {}
-        )
+        return momentum_choice(self._announcements(), round_, state_hash)
 
     def view(self, round_: int) -> tuple[str | None, bool]:
         """:func:`sync_view` of one fresh read of the votes."""
@@ -538,24 +536,24 @@ def momentum_choice(
     announcements: Mapping[str, DHTAnnouncement],
     round_: int,
     state_hash: str,
-    incentive: Mapping[str, float] | None = None,
 ) -> str | None:
-    """The outer momentum hash a peer downloading θ_round hashed ``state_hash`` requires: among the
-    hotkeys whose latest announcement is that θ, the momentum hash most of them announced with it (ties
-    as :func:`choose_state`: incentive, then the smallest hash). None when none of them named one
-    (peers of an older release): the momentum is then not checked. Honest peers that hold the same θ
-    hold the same momentum (both come from the same averaged Δs), so a provider that lies about the
-    momentum alone is outvoted like one that lies about θ. Pure."""
-    named = {
-        hk: m
-        for hk, a in announcements.items()
-        if a.round == round_
-        and a.value.get("hash") == state_hash
-        and isinstance(m := a.value.get("momentum"), str)
+    """The outer momentum hash a peer downloading θ_round hashed ``state_hash`` requires: the one that a
+    strict majority of the hotkeys whose latest announcement is that θ announced with it. None without
+    such a majority — e.g. while most of them run an older release that names none, where one hotkey
+    naming a made-up hash would otherwise have stopped every joiner from syncing (review finding) — and
+    the momentum is then not checked. Honest peers that hold the same θ hold the same momentum (both come
+    from the same averaged Δs), so a provider that lies about the momentum alone is outvoted like one
+    that lies about θ; a strict majority needs no tie-break. Pure."""
+    voters = [a for a in announcements.values() if a.round == round_ and a.value.get("hash") == state_hash]
+    named = collections.Counter(
+        m
+        for a in voters
+        if isinstance(m := a.value.get("momentum"), str)
         and len(m) == 64
         and all(c in "0123456789abcdef" for c in m)
-    }
-    return choose_state(named, incentive)
+    )
+    best = max(named.items(), key=lambda kv: kv[1], default=None)
+    return best[0] if best is not None and 2 * best[1] > len(voters) else None
 
 
 def sync_view(
