@@ -15,6 +15,13 @@ RETRIED_REASONS = frozenset({"dial_failed", "stream_error"})
 """Fetch failures that are retried within the step's deadline: a refused or reset connection (a publisher
 restarting, a loaded machine's accept queue). Not timeouts: a publisher that stalls already cost its
 ``io_timeout_s`` once, and retrying it would hold a slot of ``fetch_parallel`` other peers are waiting for."""
+TRANSPORT_REASONS = frozenset({"dial_failed", "timeout", "stream_error", "peer_id_mismatch", "disk_error"})
+"""Fetch failures whose text describes the validator's own network or machine rather than what the peer
+served: an OS error for the committed address (``connection refused``, ``no route to host``), a handshake
+answered by whatever listens there, a cache write error. A commitment may name any address, the
+validator's LAN included, so publishing that text would make the validator a port scanner whose results
+anyone can read: its public explanation carries only the code (:func:`public_reason`); the line stays in
+its log and in the round's record (``CandidateRecord.fetch_detail``)."""
 RETRY_DELAYS_S = (0.5, 1.5)
 """Pauses before the retries of a RETRIED_REASONS failure (one retry per entry), outside the parallel
 limit. A peer that keeps refusing costs at most these plus its failed attempts, within the deadline."""
@@ -130,3 +137,33 @@ def list_wave(
             deadline_s=max(0.0, min(deadline - now, max(listing_deadline - now, LISTING_WAVE_MIN_S))),
         )
     )
+
+
+def public_reason(e) -> str:
+    """How a failed fetch (a FetchError) is explained in public: ``fetch: <code>`` for
+    TRANSPORT_REASONS, ``fetch: <its line>`` for a refusal of what the peer served (its own records and
+    bytes: ``wrong_hotkey``, ``hash_mismatch``, ``too_slow``, …)."""
+    return f"fetch: {e.reason}" if e.reason in TRANSPORT_REASONS else f"fetch: {e}"
+
+
+def fetch_detail(e) -> str | None:
+    """The full line of a TRANSPORT_REASONS failure, for the validator's own record (None otherwise: the
+    public reason already says everything)."""
+    return f"{e.reason}: {e}" if e.reason in TRANSPORT_REASONS else None
+
+
+def shares_peer_id_with(uid: int, peer_ids: dict[int, str], listed: set[int]) -> int | None:
+    """The uid proven to run the publisher of the peer id ``uid`` commits, when that is another uid.
+
+    ``peer_ids``: uid → committed peer id; ``listed``: the uids whose listing verified (noise proved the
+    connection's peer id, the publisher served an identity record signed by that uid's hotkey). A peer id
+    is one publisher, whose signed identity names one hotkey, so at most one uid can hold it; any other uid
+    committing it (at a tarpit, or at the victim's own address) is copying it. Chain order is not used to
+    pick the owner: a peer's peer id is public on the DHT before its commitment lands, and a re-commit (a
+    new address) moves its block, so "earliest" could be front-run. None when no other uid of that peer id
+    has been listed (the lowest such uid if several claim to, which cannot happen with valid records)."""
+    pid = peer_ids.get(uid)
+    if pid is None:
+        return None
+    owners = sorted(w for w in listed if w != uid and peer_ids.get(w) == pid)
+    return owners[0] if owners else None

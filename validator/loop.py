@@ -49,9 +49,12 @@ from validator.fetching import (
     LISTING_SHARE,
     ROUND_DEADLINE,
     STATE_RACE,
+    fetch_detail,
     gather_bounded,
     list_wave,
+    public_reason,
     race_first,
+    shares_peer_id_with,
 )
 from validator.sampling import (
     NOT_SAMPLED,
@@ -298,9 +301,20 @@ def fetch_round(
     records = {t.uid: CandidateRecord(uid=t.uid, hotkey=t.hotkey, rejected=t.rejected) for t in targets}
     manifests: dict[int, tuple] = {}
     refused: set[int] = set()
+    peer_ids = {u: t.target.peer_id for u, t in reachable.items()}
     while True:
+        listed = {u for u, got in listings.items() if not isinstance(got, FetchError)}
         for u, got in listings.items():
             if u in manifests or u in refused:
+                continue
+            owner = shares_peer_id_with(u, peer_ids, listed) if isinstance(got, FetchError) else None
+            if owner is not None:  # its listing failed, and the peer id it commits is another uid's
+                records[u].fetch_detail = f"{got.reason}: {got}"
+                records[u].rejected = (
+                    f"commits the peer id of uid {owner} ({peer_ids[u][:16]}…), whose publisher serves "
+                    f"uid {owner}'s signed identity"
+                )
+                refused.add(u)
                 continue
             reason = _listing_problem(
                 got,
@@ -360,7 +374,9 @@ def fetch_round(
         )
         got = blobs[u]
         if isinstance(got, FetchError):
-            cand.rejected = rec.rejected = f"fetch: {got}"
+            log.info("uid %d: Δ of round %d not fetched (%s: %s)", u, round_, got.reason, got)
+            cand.rejected = rec.rejected = public_reason(got)
+            rec.fetch_detail = fetch_detail(got)
             cand.blob_sha256 = None
         else:
             rec.blob_sha256 = m.blob.sha256
@@ -524,8 +540,9 @@ def _listing_problem(got, rec: CandidateRecord, round_: int, *, run, base_hash, 
     from peer.net.fetch import FetchError
 
     if isinstance(got, FetchError):
-        log.info("uid %d: no listing for round %d (%s)", rec.uid, round_, got)
-        return f"fetch: {got}"
+        log.info("uid %d: no listing for round %d (%s: %s)", rec.uid, round_, got.reason, got)
+        rec.fetch_detail = fetch_detail(got)
+        return public_reason(got)
     m = got.contribution
     if m is None:
         return f"fetch: has no contribution for round {round_} (it has rounds {got.rounds[-8:] or 'none'})"

@@ -49,6 +49,10 @@ class CandidateRecord:
     manifest: dict | None = None
     """The signed ContributionManifest as fetched (verifiable by anyone)."""
     rejected: str | None = None
+    """Why it has nothing scored, as published in the validator's explanation."""
+    fetch_detail: str | None = None
+    """A transport failure's full line (the address's OS error, …), kept here and in the log only: the
+    public reason carries just its code (validator.fetching.TRANSPORT_REASONS)."""
 
 
 @dataclass(kw_only=True)

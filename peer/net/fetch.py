@@ -288,7 +288,8 @@ class FetchClient:
         self._stop = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
-        self._connected: set[str] = set()
+        self._dialing: dict[tuple[str, str], object] = {}
+        """(peer id, address) → trio.Event of a dial in flight (see :meth:`_connect`)."""
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -427,7 +428,6 @@ class FetchClient:
         from libp2p.custom_types import TProtocol
         from libp2p.exceptions import BaseLibp2pError
         from libp2p.peer.id import ID
-        from libp2p.peer.peerinfo import PeerInfo
 
         try:
             pid = ID.from_base58(target.peer_id)
@@ -438,21 +438,13 @@ class FetchClient:
             ) from None
         try:
             with trio.fail_after(self.cfg.connect_timeout_s):
-                network = self._host.get_network()
-                if target.peer_id not in self._connected or not network.get_connections(pid):
-                    # dial exactly the committed address: forget addresses a stale or forged commitment
-                    # left for this peer id, and py-libp2p's 60 s "recently failed" block
-                    self._host.get_peerstore().clear_addrs(pid)
-                    network.unblock_peer(pid)
-                    await self._host.connect(PeerInfo(pid, [maddr]))
-                    self._connected.add(target.peer_id)
+                await self._connect(pid, maddr, target)
                 stream = await self._host.new_stream(pid, [TProtocol(PROTOCOL_ID)])
         except trio.TooSlowError:
             raise FetchError(
                 "timeout", f"{target.addr}: no connection within {self.cfg.connect_timeout_s:.0f}s"
             ) from None
         except (BaseLibp2pError, OSError) as e:
-            self._connected.discard(target.peer_id)
             if _mentions_mismatch(e):
                 raise FetchError(
                     "peer_id_mismatch",
@@ -468,6 +460,41 @@ class FetchClient:
                 "peer_id_mismatch", f"{target.addr} answered as {remote}, expected {target.peer_id}"
             )
         return stream
+
+    async def _connect(self, pid, maddr, target: Target) -> None:
+        """A live connection to ``pid``: the one we have, or a dial of exactly ``target``'s address.
+
+        Not ``host.connect``: py-libp2p's ``dial_peer`` makes a dial wait for any dial in flight to the
+        same peer id, whatever its address, so a uid committing a victim's peer id at a tarpit (accepts
+        TCP, never answers) held the victim's own dial until our timeout whenever its dial went first. A
+        dial here waits only for a dial in flight to the same peer id *and* address; a connection to the
+        peer id made from any address serves every target naming it (noise proved who answers; the
+        signed identity record then says whose publisher it is)."""
+        network = self._host.get_network()
+        key = (target.peer_id, target.addr)
+        while True:
+            if _live(network.get_connections(pid)):
+                return
+            pending = self._dialing.get(key)
+            if pending is None:
+                break
+            await pending.wait()
+        import trio
+
+        done = self._dialing[key] = trio.Event()
+        try:
+            network.unblock_peer(pid)  # py-libp2p's 60 s "recently failed" block (new_stream checks it)
+            conn = await network.dial_addr(maddr, pid)
+            started = getattr(conn, "event_started", None)
+            if started is not None:
+                await started.wait()
+            # new_stream redials from the peerstore if the connection drops: keep only the address that
+            # answered as this peer id, none a stale or forged commitment left there
+            self._host.get_peerstore().clear_addrs(pid)
+            self._host.get_peerstore().add_addrs(pid, [maddr], 120)
+        finally:
+            done.set()
+            del self._dialing[key]
 
     async def _request(self, target: Target, request, model, *, what: str):
         """Open a stream, send ``request``, parse the answer frame; returns (stream, answer)."""
@@ -746,6 +773,10 @@ async def _widen_receive_window(stream, nbytes: int) -> None:
         muxed.target_recv_window = max(muxed.target_recv_window, target)
         muxed.recv_window += grant
     await muxed.send_window_update(grant)
+
+
+def _live(connections) -> bool:
+    return any(not getattr(c, "is_closed", False) for c in connections)
 
 
 def _first_line(e: BaseException) -> str:
