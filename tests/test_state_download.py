@@ -198,6 +198,17 @@ def test_the_honest_state_arrives_although_liars_claim_the_top_priority(provider
     assert time.monotonic() - t0 < 30
 
 
+def _joiner_gets_the_honest_state(prober, tries: int = 3) -> None:
+    """A joiner that checks θ and the momentum gets the honest state every time (providers are asked in
+    a random order: a liar comes first in about half the tries)."""
+    for _ in range(tries):
+        _, got = prober.load_verified_state(
+            WANT, SHAPES, deadline_s=30.0, chunk_timeout=2.0, names=NAMES, want_momentum=WANT_MOMENTUM,
+            max_providers=16,
+        ).result(60)  # fmt: skip
+        assert all(torch.equal(a, b) for a, b in zip(got, honest_state(), strict=True))
+
+
 def test_a_provider_naming_the_swarms_hash_over_another_state_is_skipped(providers):
     """The liar's metadata says WANT and its stream passes every check of the bytes (red-team finding:
     the peer adopted it, hashed it afterwards and exited). Its θ is hashed before anything is returned."""
@@ -208,17 +219,7 @@ def test_a_provider_naming_the_swarms_hash_over_another_state_is_skipped(provide
     assert status == "ok"  # the stream itself is well-formed
     assert "θ hashes to" in state_hash_problem(tensors, NAMES, WANT)
     assert state_hash_problem(honest_state(), NAMES, WANT, WANT_MOMENTUM) is None
-    for _ in range(3):  # providers are asked in a random order: the liar comes first about half the time
-        meta, got = prober.load_verified_state(
-            WANT,
-            SHAPES,
-            deadline_s=30.0,
-            chunk_timeout=2.0,
-            names=NAMES,
-            want_momentum=WANT_MOMENTUM,
-            max_providers=16,
-        ).result(60)
-        assert all(torch.equal(a, b) for a, b in zip(got, honest_state(), strict=True))
+    _joiner_gets_the_honest_state(prober)
 
 
 def test_a_provider_serving_the_swarms_theta_with_another_momentum_is_skipped(providers):
@@ -231,17 +232,7 @@ def test_a_provider_serving_the_swarms_theta_with_another_momentum_is_skipped(pr
     status, tensors = prober.probe(ids["momentum-lie"])
     assert status == "ok" and state_hash_problem(tensors, NAMES, WANT) is None  # θ alone: passes
     assert "outer momentum hashes to" in state_hash_problem(tensors, NAMES, WANT, WANT_MOMENTUM)
-    for _ in range(3):
-        meta, got = prober.load_verified_state(
-            WANT,
-            SHAPES,
-            deadline_s=30.0,
-            chunk_timeout=2.0,
-            names=NAMES,
-            want_momentum=WANT_MOMENTUM,
-            max_providers=16,
-        ).result(60)
-        assert all(torch.equal(a, b) for a, b in zip(got, honest_state(), strict=True))
+    _joiner_gets_the_honest_state(prober)
 
 
 def test_stream_messages_declaring_more_than_the_limit_are_refused_before_reading():
