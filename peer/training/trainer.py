@@ -296,8 +296,7 @@ class Trainer:
         self.state_lock = threading.Lock()
         self._hash_lock = threading.Lock()
         self.round: int | None = None  # the round whose start state θ_r we hold
-        self._hash_cache: str | None = None
-        self._momentum_hash_cache: str | None = None
+        self._hash_cache: dict[str, str] = {}  # "theta" / "momentum" → hash, until the state changes
         self.outbox = Outbox(cfg.home / "outbox", keep_rounds=cfg.keep_rounds)
         self.checkpoint_path = cfg.home / "checkpoint" / "state.safetensors"
         self._last_trained_delta: list[torch.Tensor] | None = None
@@ -378,18 +377,18 @@ class Trainer:
 
     def state_hash(self) -> str:
         """Hash of θ_r, computed once per change of the state (by whichever thread asks first)."""
-        with self._hash_lock:
-            if self._hash_cache is None:
-                self._hash_cache = self.state.state_hash()
-            return self._hash_cache
+        return self._cached_hash("theta", self.state.state_hash)
 
     def momentum_hash(self) -> str:
         """Hash of the outer momentum that goes with θ_r (announced with θ_r's hash, so that a peer
         downloading our state can check it), cached like :meth:`state_hash`."""
+        return self._cached_hash("momentum", self.state.momentum_hash)
+
+    def _cached_hash(self, name: str, compute) -> str:
         with self._hash_lock:
-            if self._momentum_hash_cache is None:
-                self._momentum_hash_cache = self.state.momentum_hash()
-            return self._momentum_hash_cache
+            if name not in self._hash_cache:
+                self._hash_cache[name] = compute()
+            return self._hash_cache[name]
 
     def _announce(self, r: int, state_hash: str) -> None:
         """Announce θ_r (and its momentum) to the swarm."""
@@ -397,8 +396,7 @@ class Trainer:
 
     def _invalidate_hash(self) -> None:
         with self._hash_lock:
-            self._hash_cache = None
-            self._momentum_hash_cache = None
+            self._hash_cache.clear()
 
     def _provide_state(self):
         """Called by the averager (in a background thread) when a peer downloads our state."""
