@@ -222,6 +222,17 @@ def check_commitment(inp: DoctorInputs, f: _Found) -> Check:
             name="commitment", status=FAIL, detail=f"unreadable: {e}", fix="re-run `peer join` to recommit"
         )
     f.commitment = c
+    from peer.net.dial_policy import dial_refusal, private_allowed_for
+
+    why = dial_refusal(c.addr, allow_private=private_allowed_for(inp.chain_cfg))
+    if why is not None:
+        return Check(
+            name="commitment",
+            status=FAIL,
+            detail=f"{c.addr} {why}: validators of this chain never dial it and score you 0",
+            fix="pass --publisher.announce /ip4/<public ip>/tcp/<port> (and forward that port); "
+            "`peer join` recommits on start",
+        )
     if f.peer_id is not None and c.peer_id != f.peer_id:
         return Check(
             name="commitment",
@@ -260,8 +271,12 @@ def check_commitment(inp: DoctorInputs, f: _Found) -> Check:
     return Check(name="commitment", status=OK, detail=f"{c.multiaddr} = the running publisher")
 
 
-def dialback_helpers(chain, netuid: int, own_hotkey: str, limit: int = 8) -> list:
-    """Other nodes' publishers to ask for a dial-back: validators by stake, then peers by stake."""
+def dialback_helpers(
+    chain, netuid: int, own_hotkey: str, limit: int = 8, *, allow_private: bool = True
+) -> list:
+    """Other nodes' publishers to ask for a dial-back: validators by stake, then peers by stake; none whose
+    commitment :func:`peer.net.dial_policy.dial_refusal` refuses."""
+    from peer.net.dial_policy import dial_refusal
     from peer.net.fetch import Target
     from peer.net.records import Commitment, RecordError
 
@@ -275,9 +290,11 @@ def dialback_helpers(chain, netuid: int, own_hotkey: str, limit: int = 8) -> lis
         if not raw:
             continue
         try:
-            out.append(Target.from_commitment(Commitment.from_bytes(raw), nr.hotkey))
+            commitment = Commitment.from_bytes(raw)
         except RecordError:
             continue
+        if dial_refusal(commitment.addr, allow_private=allow_private) is None:
+            out.append(Target.from_commitment(commitment, nr.hotkey))
         if len(out) >= limit:
             break
     return out
@@ -291,7 +308,14 @@ def dial_back(inp: DoctorInputs, f: _Found, client, addrs: list[str], tries: int
 
     if f.helpers is None:
         try:
-            f.helpers = dialback_helpers(f.chain, inp.chain_cfg.netuid, f.hotkey) if f.chain else []
+            from peer.net.dial_policy import private_allowed_for
+
+            allow = private_allowed_for(inp.chain_cfg)
+            f.helpers = (
+                dialback_helpers(f.chain, inp.chain_cfg.netuid, f.hotkey, allow_private=allow)
+                if f.chain
+                else []
+            )
         except ChainError as e:
             f.helpers = []
             return None, [f"could not list other nodes: {str(e)[:200]}"]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from peer.errors import ConfigError, run_cli
+from peer.net.dial_policy import DIAL_PRIVATE_CHOICES, private_allowed_for
 
 
 class _Parser(argparse.ArgumentParser):
@@ -127,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds the fetch step of a round may take; what has not arrived is refused "
         "(default: half a round, at least 30 s)",
+    )
+    g.add_argument(
+        "--eval.dial-private",
+        dest="dial_private",
+        choices=DIAL_PRIVATE_CHOICES,
+        default="auto",
+        help="dial commitments naming loopback/private/link-local addresses: auto (default) = only when "
+        "the chain itself is local (LocalLedger, a subtensor on a private host); refused on public chains "
+        "so a hotkey cannot make the validator probe its own network",
     )
     g = p.add_argument_group("scoring")
     g.add_argument(
@@ -267,6 +277,7 @@ def cmd_run(args) -> int:
             ),
             fetch_parallel=args.fetch_parallel,
             fetch_deadline_s=args.fetch_deadline or max(30.0, 0.5 * round_blocks * chain.block_time),
+            dial_private=private_allowed_for(chain_cfg, args.dial_private),
         )
         signal.signal(signal.SIGTERM, _terminate)
         publisher = (

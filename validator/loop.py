@@ -116,6 +116,11 @@ class LoopConfig:
     the round at most this. Keep it well under the round length; raise it if honest peers on slow links
     hit it (their blobs keep arriving in the cache for the next attempt)."""
 
+    dial_private: bool = True
+    """Whether committed loopback/private/link-local addresses are dialled (peer.net.dial_policy). The CLI
+    sets it from ``--eval.dial-private`` (auto: only when the chain itself is local). Off on a public
+    chain: otherwise any hotkey can make the validator probe its own network."""
+
     def __post_init__(self) -> None:
         from peer.errors import ConfigError
 
@@ -141,8 +146,12 @@ class PeerTarget:
     rejected: str | None = None
 
 
-def sync_metagraph(chain: Chain, netuid: int, own_hotkey: str) -> tuple[Metagraph, list[PeerTarget]]:
-    """The metagraph and, for every other uid, where its publisher is (or why we cannot reach it)."""
+def sync_metagraph(
+    chain: Chain, netuid: int, own_hotkey: str, *, allow_private: bool = True
+) -> tuple[Metagraph, list[PeerTarget]]:
+    """The metagraph and, for every other uid, where its publisher is (or why we cannot reach it). A
+    commitment naming an address :func:`peer.net.dial_policy.dial_refusal` refuses is never dialled."""
+    from peer.net.dial_policy import dial_refusal
     from peer.net.fetch import Target
 
     mg = chain.metagraph(netuid)
@@ -158,15 +167,17 @@ def sync_metagraph(chain: Chain, netuid: int, own_hotkey: str) -> tuple[Metagrap
             )
             continue
         try:
-            targets.append(
-                PeerTarget(
-                    uid=nr.uid,
-                    hotkey=nr.hotkey,
-                    target=Target.from_commitment(Commitment.from_bytes(raw), nr.hotkey),
-                )
-            )
+            commitment = Commitment.from_bytes(raw)
         except ValueError as e:
             targets.append(PeerTarget(uid=nr.uid, hotkey=nr.hotkey, rejected=f"unreadable commitment ({e})"))
+            continue
+        why = dial_refusal(commitment.addr, allow_private=allow_private)
+        if why is not None:
+            targets.append(PeerTarget(uid=nr.uid, hotkey=nr.hotkey, rejected=f"commitment {why}"))
+            continue
+        targets.append(
+            PeerTarget(uid=nr.uid, hotkey=nr.hotkey, target=Target.from_commitment(commitment, nr.hotkey))
+        )
     return mg, targets
 
 
@@ -680,7 +691,9 @@ def run_round(v: Validator, round_: int) -> RoundRecord:
     from validator.tracking import log_round
 
     t0 = time.perf_counter()
-    mg, targets = sync_metagraph(v.chain, v.cfg.netuid, v.hotkey.ss58_address)
+    mg, targets = sync_metagraph(
+        v.chain, v.cfg.netuid, v.hotkey.ss58_address, allow_private=v.cfg.dial_private
+    )
     uids = {n.uid: n.hotkey for n in mg.neurons if n.hotkey != v.hotkey.ss58_address}
     seed = v.clock.seed(round_)
     # the sample is keyed by the block that ends the round (round r+1's first): unknown while peers train

@@ -68,10 +68,14 @@ def discover(
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
     max_peers: int = DEFAULT_MAX_PEERS,
     cache_dir: Path | None = None,
+    allow_private: bool = True,
 ) -> DiscoveryResult:
-    """Live DHT multiaddrs of the swarm on ``netuid`` (py-libp2p: never call this in a hivemind process)."""
+    """Live DHT multiaddrs of the swarm on ``netuid`` (py-libp2p: never call this in a hivemind process).
+    ``allow_private`` False: commitments and DHT addresses naming loopback/private/link-local addresses
+    are skipped undialled (:mod:`peer.net.dial_policy`; the caller derives it from the chain)."""
     import tempfile
 
+    from peer.net.dial_policy import dial_refusal
     from peer.net.fetch import FetchClient, FetchConfig, Target
     from peer.net.publisher import quiet_libp2p
     from peer.net.records import Commitment, RecordError
@@ -85,9 +89,15 @@ def discover(
         if hotkey not in registered or hotkey in exclude_hotkeys:
             continue
         try:
-            targets.append(Target.from_commitment(Commitment.from_bytes(raw), hotkey))
+            commitment = Commitment.from_bytes(raw)
         except (RecordError, ValueError) as e:
             res.skipped.append({"hotkey": hotkey, "why": f"unreadable commitment ({e})"})
+            continue
+        why = dial_refusal(commitment.addr, allow_private=allow_private)
+        if why is not None:
+            res.skipped.append({"hotkey": hotkey, "why": f"commitment {why}"})
+            continue
+        targets.append(Target.from_commitment(commitment, hotkey))
     random.shuffle(targets)
     for t in targets[max_candidates:]:
         res.skipped.append({"hotkey": t.hotkey, "why": "not sampled"})
@@ -105,7 +115,7 @@ def discover(
             io_timeout_s=per_dial,
         )
         with FetchClient(cfg) as client:
-            found = client._call(_adiscover, client, targets, per_dial, res)
+            found = client._call(_adiscover, client, targets, per_dial, res, allow_private)
     # bounded, in a random order: sorted by peer id, Ed25519 ids (12D3…) came before RSA ones (Qm…), so a
     # few registered hotkeys with chosen ids could fill every joiner's initial peers (red team)
     live = list(found)
@@ -117,10 +127,13 @@ def discover(
     return res
 
 
-async def _adiscover(client, targets, per_dial: float, res: DiscoveryResult) -> dict[str, list[str]]:
+async def _adiscover(
+    client, targets, per_dial: float, res: DiscoveryResult, allow_private: bool
+) -> dict[str, list[str]]:
     """Identity records from every publisher, then a dial of each peer's DHT, all concurrently."""
     import trio
 
+    from peer.net.dial_policy import dial_refusal
     from peer.net.fetch import FetchError
 
     found: dict[str, list[str]] = {}
@@ -131,11 +144,16 @@ async def _adiscover(client, targets, per_dial: float, res: DiscoveryResult) -> 
         except FetchError as e:
             res.skipped.append({"hotkey": t.hotkey, "why": f"publisher: {e.reason}: {e}"[:300]})
             return
-        addrs = [a for a in (listing.identity.dht_addrs if listing.identity else []) if _dialable(a)]
+        named = [a for a in (listing.identity.dht_addrs if listing.identity else []) if _dialable(a)]
         # the DHT must be the peer id the hotkey signed (the DHT and the publisher share one key)
-        addrs = [a for a in addrs if a.rsplit("/p2p/", 1)[-1] == t.peer_id]
+        named = [a for a in named if a.rsplit("/p2p/", 1)[-1] == t.peer_id]
+        # the record is the peer's own words: its DHT addresses pass the same rule as its commitment
+        addrs = [a for a in named if dial_refusal(a, allow_private=allow_private) is None]
         if not addrs:
-            res.skipped.append({"hotkey": t.hotkey, "why": "its identity record names no DHT address"})
+            why = "its identity record names no DHT address"
+            if named:
+                why = f"its DHT address {dial_refusal(named[0], allow_private=allow_private)}"
+            res.skipped.append({"hotkey": t.hotkey, "why": why[:300]})
             return
         why = await probe_dht(addrs, timeout_s=per_dial)
         if why is None:
@@ -250,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
     def run() -> int:
+        from peer.net.dial_policy import private_allowed_for
+
         cfg = chain_config_from_args(args)
         if cfg.is_local and not Path(cfg.ledger_path).exists():
             raise NetworkError(f"no ledger at {cfg.ledger_path}: nothing to discover")
@@ -262,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                 exclude_hotkeys=tuple(args.exclude_hotkey),
                 timeout_s=args.timeout,
                 max_peers=args.max_peers,
+                allow_private=private_allowed_for(cfg),
             )
         finally:
             chain.close()
