@@ -5,7 +5,7 @@ Each subcommand lives in its own module that exposes ``register(subparsers)``; t
 (``--wallet.name``, ``--subtensor.network``) where Bittensor users expect them.
 
 Some subcommand modules import torch or hivemind (seconds). ``peer <command> …`` therefore imports
-first the module named like the command (``peer.chain.cli`` → ``chain``, ``peer.net.fetch`` →
+first the module named like the command (``peer.chain.cli`` → ``chain``, ``peer.net.fetch_cli`` →
 ``fetch``), and all of them only for ``peer --help`` or when that guess does not register the command.
 """
 
@@ -21,7 +21,7 @@ from peer.errors import run_cli
 SUBCOMMAND_MODULES = [
     "peer.join",
     "peer.net.bootstrap",
-    "peer.net.fetch",
+    "peer.net.fetch_cli",
     "peer.status",
     "peer.chain.cli",
     "peer.doctor",
@@ -37,9 +37,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _command_name(module: str) -> str:
-    """The command a module is expected to add: its last name part (the one before ``.cli``)."""
+    """The command a module is expected to add: its last name part (the one before ``.cli``), without a
+    ``_cli`` suffix (``peer.net.fetch_cli`` adds ``fetch``)."""
     parts = module.split(".")
-    return parts[-2] if parts[-1] == "cli" and len(parts) > 1 else parts[-1]
+    name = parts[-2] if parts[-1] == "cli" and len(parts) > 1 else parts[-1]
+    return name.removesuffix("_cli")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -222,7 +222,7 @@ def test_fetch_verifies_and_rejects_forgeries(publishers, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "peer.net.fetch",
+        "peer.net.fetch_cli",
         "--from",
         a.multiaddrs[0],
         "--run-id",

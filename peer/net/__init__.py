@@ -5,6 +5,9 @@
 * :mod:`peer.net.dht_records` — signed DHT announcements and the validator every DHT node runs.
 * :mod:`peer.net.outbox` — what a peer publishes each round, written atomically.
 * :mod:`peer.net.artifact_protocol`, :mod:`peer.net.publisher`, :mod:`peer.net.fetch` — serving and
-  fetching the outbox over py-libp2p (never imported together with hivemind).
+  fetching the outbox over py-libp2p (never imported together with hivemind); :mod:`peer.net.fetch_cli`
+  is ``peer fetch``.
+* :mod:`peer.net.admission`, :mod:`peer.net.muxer`, :mod:`peer.net.dial_policy` — who may connect in,
+  how much a stream may send, and which committed addresses are dialled out.
 * :mod:`peer.net.bootstrap` — a DHT entry point that does not train.
 """
