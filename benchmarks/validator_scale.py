@@ -229,6 +229,7 @@ def one_round(root: Path, w: dict, ready: dict, n: int, k: int, run_no: int, thr
                 round_blocks=ROUND_BLOCKS,
                 sampling=SamplingConfig(max_peers=k),
                 fetch_deadline_s=120.0,
+                dial_private=True,  # every publisher of this benchmark is on 127.0.0.1
             ),
             run=w["run"],
             hotkey=val,

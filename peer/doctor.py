@@ -221,7 +221,6 @@ def check_commitment(inp: DoctorInputs, f: _Found) -> Check:
         return Check(
             name="commitment", status=FAIL, detail=f"unreadable: {e}", fix="re-run `peer join` to recommit"
         )
-    f.commitment = c
     from peer.net.dial_policy import dial_refusal, private_allowed_for
 
     why = dial_refusal(c.addr, allow_private=private_allowed_for(inp.chain_cfg))
@@ -233,6 +232,7 @@ def check_commitment(inp: DoctorInputs, f: _Found) -> Check:
             fix="pass --publisher.announce /ip4/<public ip>/tcp/<port> (and forward that port); "
             "`peer join` recommits on start",
         )
+    f.commitment = c
     if f.peer_id is not None and c.peer_id != f.peer_id:
         return Check(
             name="commitment",
@@ -272,7 +272,7 @@ def check_commitment(inp: DoctorInputs, f: _Found) -> Check:
 
 
 def dialback_helpers(
-    chain, netuid: int, own_hotkey: str, limit: int = 8, *, allow_private: bool = True
+    chain, netuid: int, own_hotkey: str, limit: int = 8, *, allow_private: bool = False
 ) -> list:
     """Other nodes' publishers to ask for a dial-back: validators by stake, then peers by stake; none whose
     commitment :func:`peer.net.dial_policy.dial_refusal` refuses."""
@@ -577,7 +577,9 @@ def explaining_validators(mg, own_hotkey: str, limit: int = 16) -> list:
 def validator_reasons(chain, netuid: int, hotkey: str, client, *, rounds: int = 3, run_id=None) -> list[dict]:
     """The newest ``rounds`` explanations of every validator (permit and stake) that serves them, for
     ``hotkey``: ``{"validator", "uid", "round", "score", "weight_share", "reason", "line"}`` or
-    ``{"validator", "uid", "error"}``. Signatures are checked against the validator's hotkey."""
+    ``{"validator", "uid", "error"}``. Signatures are checked against the validator's hotkey; a
+    commitment the client's dial policy refuses (``client.cfg.allow_private``) is not dialled."""
+    from peer.net.dial_policy import dial_refusal
     from peer.net.explanations import describe
     from peer.net.fetch import FetchError, Target
     from peer.net.records import Commitment, RecordError
@@ -591,7 +593,12 @@ def validator_reasons(chain, netuid: int, hotkey: str, client, *, rounds: int = 
             out.append({**base, "error": "serves no explanations (no commitment)"})
             continue
         try:
-            t = Target.from_commitment(Commitment.from_bytes(raw), nr.hotkey)
+            commitment = Commitment.from_bytes(raw)
+            why = dial_refusal(commitment.addr, allow_private=client.cfg.allow_private)
+            if why is not None:
+                out.append({**base, "error": f"commitment {why}"})
+                continue
+            t = Target.from_commitment(commitment, nr.hotkey)
             have, newest = client.explanation(t, None)
             wanted = (
                 [r for r in have if newest is None or r < newest.round][-(rounds - 1) :] if rounds > 1 else []
@@ -669,6 +676,7 @@ def run_checks(inp: DoctorInputs) -> tuple[list[Check], _Found]:
 def _client(inp: DoctorInputs):
     import tempfile
 
+    from peer.net.dial_policy import private_allowed_for
     from peer.net.fetch import FetchClient, FetchConfig
     from peer.net.publisher import quiet_libp2p
 
@@ -676,7 +684,11 @@ def _client(inp: DoctorInputs):
     cache = Path(tempfile.mkdtemp(prefix="gradswarm-doctor-"))
     client = FetchClient(
         FetchConfig(
-            cache_dir=cache, run_id=inp.run_id, connect_timeout_s=inp.timeout_s, io_timeout_s=inp.timeout_s
+            cache_dir=cache,
+            run_id=inp.run_id,
+            connect_timeout_s=inp.timeout_s,
+            io_timeout_s=inp.timeout_s,
+            allow_private=inp.chain_cfg is None or private_allowed_for(inp.chain_cfg),
         )
     )
     client.start()

@@ -119,7 +119,7 @@ def _chain_status(st: PeerStatus, chain_cfg, *, run_id: str | None, explain_time
         )
         raw = chain.commitments(chain_cfg.netuid).get(st.hotkey)
         if uid is not None and explain_timeout_s is not None:
-            _latest_reasons(st, chain, chain_cfg.netuid, run_id, explain_timeout_s)
+            _latest_reasons(st, chain, chain_cfg, run_id, explain_timeout_s)
     except ChainError as e:
         st.registration = f"unknown ({e})"
         return
@@ -135,20 +135,26 @@ def _chain_status(st: PeerStatus, chain_cfg, *, run_id: str | None, explain_time
             st.commitment_matches = False
 
 
-def _latest_reasons(st: PeerStatus, chain, netuid: int, run_id: str | None, timeout_s: float) -> None:
+def _latest_reasons(st: PeerStatus, chain, chain_cfg, run_id: str | None, timeout_s: float) -> None:
     """Every validator's newest signed explanation for this hotkey (fetched over py-libp2p)."""
     import tempfile
 
     from peer.doctor import explaining_validators, validator_reasons
+    from peer.net.dial_policy import private_allowed_for
     from peer.net.fetch import FetchClient, FetchConfig
     from peer.net.publisher import quiet_libp2p
 
+    netuid = chain_cfg.netuid
     if not explaining_validators(chain.metagraph(netuid), st.hotkey):
         return  # nobody to ask: no libp2p host needed
     quiet_libp2p()
     with tempfile.TemporaryDirectory(prefix="gradswarm-status-") as tmp:
         cfg = FetchConfig(
-            cache_dir=Path(tmp), run_id=run_id, connect_timeout_s=timeout_s, io_timeout_s=timeout_s
+            cache_dir=Path(tmp),
+            run_id=run_id,
+            connect_timeout_s=timeout_s,
+            io_timeout_s=timeout_s,
+            allow_private=private_allowed_for(chain_cfg),
         )
         with FetchClient(cfg) as client:
             st.reasons = validator_reasons(chain, netuid, st.hotkey, client, rounds=1, run_id=run_id)

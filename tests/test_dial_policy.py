@@ -49,6 +49,14 @@ PID = "12D3KooWRBy97UB99e3J6hiPesre1MZeuNQvfan4gBziswrRJsNK"
         ("/ip4/8.8.8.8", "TCP only", "TCP only"),
         ("/ip4/8.8.8.8/tcp/0", "port 0", "port 0"),
         ("/ip4/8.8.8.8/tcp/1/tcp/2", "TCP only", "TCP only"),
+        # IPv6 addresses that stand for a private IPv4 one through a gateway or tunnel
+        ("/ip6/64:ff9b::a00:5/tcp/5432", "10.0.0.5", None),  # NAT64
+        ("/ip6/64:ff9b:1::a00:5/tcp/5432", "10.0.0.5", None),  # local-use NAT64
+        ("/ip6/2002:a00:5::1/tcp/5432", "10.0.0.5", None),  # 6to4
+        ("/ip6/::a9fe:a9fe/tcp/80", "169.254.169.254", None),  # IPv4-compatible
+        ("/ip6/::ffff:0:a00:5/tcp/22", "10.0.0.5", None),  # SIIT
+        ("/ip6/fec0::1/tcp/22", "site-local", None),
+        ("/ip6/64:ff9b::808:808/tcp/4001", None, None),  # NAT64 of a public address: fine
         ("not a multiaddr", "not a multiaddr", "not a multiaddr"),
         ("", "not", "not"),
     ],
@@ -60,28 +68,30 @@ def test_dial_refusal(maddr, public_only, private_ok):
 
 
 @pytest.mark.parametrize(
-    "cfg, override, allowed",
+    "cfg, allowed",
     [
-        (ChainConfig(), "auto", True),  # the embedded LocalLedger
-        (ChainConfig(network="finney"), "auto", False),
-        (ChainConfig(network="test"), "auto", False),
-        (ChainConfig(network="local-subtensor"), "auto", True),
-        (ChainConfig(chain_endpoint="ws://127.0.0.1:9944"), "auto", True),  # Chopsticks
-        (ChainConfig(chain_endpoint="ws://localhost:9944"), "auto", True),
-        (ChainConfig(chain_endpoint="ws://10.1.2.3:9944"), "auto", True),  # a lab chain
-        (ChainConfig(chain_endpoint="wss://node.example.com:443"), "auto", False),
-        (ChainConfig(chain_endpoint="ws://8.8.8.8:9944"), "auto", False),
-        (ChainConfig(network="finney"), "yes", True),
-        (ChainConfig(), "no", False),
+        (ChainConfig(), True),  # the embedded LocalLedger
+        (ChainConfig(network="finney"), False),
+        (ChainConfig(network="test"), False),
+        # a subtensor on this machine is not a local chain: a validator's own finney node runs there
+        (ChainConfig(network="local-subtensor"), False),
+        (ChainConfig(chain_endpoint="ws://127.0.0.1:9944"), False),
+        (ChainConfig(chain_endpoint="ws://10.1.2.3:9944"), False),
+        (ChainConfig(chain_endpoint="wss://node.example.com:443"), False),
+        (ChainConfig(chain_endpoint="ws://127.0.0.1:9944", dial_private="yes"), True),  # Chopsticks
+        (ChainConfig(network="finney", dial_private="yes"), True),
+        (ChainConfig(dial_private="no"), False),
     ],
 )
-def test_private_addresses_are_dialled_only_on_local_chains(cfg, override, allowed):
-    assert private_allowed_for(cfg, override) is allowed
+def test_private_addresses_are_dialled_only_on_the_local_ledger_or_when_asked(cfg, allowed):
+    assert private_allowed_for(cfg) is allowed
 
 
-def test_an_unknown_override_is_refused():
-    with pytest.raises(ValueError, match="dial-private"):
-        private_allowed_for(ChainConfig(), "maybe")
+def test_an_unknown_choice_is_a_config_error():
+    from peer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--dial-private"):
+        ChainConfig(dial_private="maybe")
 
 
 class _Listener:
@@ -175,3 +185,60 @@ def test_the_doctor_fails_a_commitment_that_public_validators_will_not_dial(subn
         assert check.status == status and says in check.detail, check
         if status == FAIL:
             assert "--publisher.announce" in check.fix
+
+
+def _mentions(e: BaseException, text: str, depth: int = 0) -> bool:
+    """Whether ``text`` is in ``e`` or any error it wraps (py-libp2p and trio nest them)."""
+    if text in str(e):
+        return True
+    inner = list(e.exceptions) if isinstance(e, BaseExceptionGroup) else []
+    inner += [x for x in (e.__cause__, e.__context__) if x is not None]
+    return depth < 12 and any(_mentions(x, text, depth + 1) for x in inner)
+
+
+def test_a_host_never_dials_a_refused_address_whoever_advertised_it():
+    """py-libp2p stores the addresses a remote advertises (identify) and redials them later; the host's
+    guard refuses each dial the rule refuses, on every path, and the host never dials on its own."""
+    import multiaddr
+    import trio
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.peer.id import ID
+    from libp2p.peer.peerinfo import PeerInfo
+
+    from peer.net.publisher import make_host
+
+    service = _Listener()
+    addr = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{service.port}")
+    pid = ID.from_pubkey(create_new_key_pair().public_key)
+
+    async def main(allow_private: bool) -> list[str]:
+        host = make_host(create_new_key_pair(), allow_private=allow_private)
+        refused = []
+        async with host.run(listen_addrs=[]):
+            network = host.get_network()
+            host.get_peerstore().add_addrs(pid, [addr], 3600)  # what identify would have stored
+            assert await network.auto_connector._get_candidate_peers() == []
+            for name, dial in (
+                ("dial_addr", lambda: network.dial_addr(addr, pid)),
+                ("dial_peer", lambda: network.dial_peer(pid)),  # new_stream's redial path
+                ("connect", lambda: host.connect(PeerInfo(pid, [addr]))),
+            ):
+                network.unblock_peer(pid)  # py-libp2p blocks a peer id for 60 s after a failed dial
+                try:
+                    with trio.fail_after(10):
+                        await dial()
+                except trio.TooSlowError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the guard's refusal or the handshake failing
+                    if _mentions(e, "refused to dial"):
+                        refused.append(name)
+        return refused
+
+    try:
+        assert trio.run(main, False) == ["dial_addr", "dial_peer", "connect"]
+        assert service.accepted == 0
+        # the control: allowed, the same dials reach the service (noise then fails: it is not libp2p)
+        trio.run(main, True)
+        assert service.accepted >= 1
+    finally:
+        service.close()

@@ -178,7 +178,9 @@ def test_discovery_finds_live_signed_dht_addresses_on_both_chains(env, procs, tm
         # in its own process, as `peer join` runs it: py-libp2p cannot share this (hivemind-importing)
         # pytest process
         if env.kind == "substrate":
-            chain_cfg = ChainConfig(chain_endpoint=env.chain.url, netuid=env.netuid)
+            # Chopsticks on 127.0.0.1 is not a local chain to the dial policy (a validator's own finney node
+            # is there too): its peers on 127.0.0.1 are dialled because the flag says so
+            chain_cfg = ChainConfig(chain_endpoint=env.chain.url, netuid=env.netuid, dial_private="yes")
         else:
             chain_cfg = ChainConfig(ledger_path=str(env.chain.path), netuid=env.netuid)
         res = discover_in_subprocess(chain_cfg, run_id=run_id, timeout_s=10)

@@ -150,7 +150,7 @@ def test_validator_refuses_a_hostile_commitment_with_a_reason(tmp_path):
             hk = Keypair.create_from_uri(uri)
             ledger.register(1, hk)
             ledger.set_commitment(1, hk, data)
-        _, targets = sync_metagraph(ledger, 1, own_hotkey="")
+        _, targets = sync_metagraph(ledger, 1, own_hotkey="", allow_private=True)
     finally:
         ledger.close()
     by_hotkey = {t.hotkey: t for t in targets}

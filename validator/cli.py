@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from peer.errors import ConfigError, run_cli
-from peer.net.dial_policy import DIAL_PRIVATE_CHOICES, private_allowed_for
+from peer.net.dial_policy import private_allowed_for
 
 
 class _Parser(argparse.ArgumentParser):
@@ -129,15 +129,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the fetch step of a round may take; what has not arrived is refused "
         "(default: half a round, at least 30 s)",
     )
-    g.add_argument(
-        "--eval.dial-private",
-        dest="dial_private",
-        choices=DIAL_PRIVATE_CHOICES,
-        default="auto",
-        help="dial commitments naming loopback/private/link-local addresses: auto (default) = only when "
-        "the chain itself is local (LocalLedger, a subtensor on a private host); refused on public chains "
-        "so a hotkey cannot make the validator probe its own network",
-    )
     g = p.add_argument_group("scoring")
     g.add_argument(
         "--delta-scale",
@@ -236,6 +227,7 @@ def cmd_run(args) -> int:
     eval_cfg = EvalConfig(device=device, **({"delta_scale": args.delta_scale} if args.delta_scale else {}))
     scoring_cfg = ScoringConfig(
         burn=BurnPolicy(uid=args.burn_uid, fraction=args.burn_fraction),
+        max_delta_norm=run_cfg.train.max_delta_norm,
         **({"ema_alpha": args.ema_alpha} if args.ema_alpha else {}),
     )
     weights_cfg = WeightsConfig()
@@ -277,7 +269,7 @@ def cmd_run(args) -> int:
             ),
             fetch_parallel=args.fetch_parallel,
             fetch_deadline_s=args.fetch_deadline or max(30.0, 0.5 * round_blocks * chain.block_time),
-            dial_private=private_allowed_for(chain_cfg, args.dial_private),
+            dial_private=private_allowed_for(chain_cfg),
         )
         signal.signal(signal.SIGTERM, _terminate)
         publisher = (
@@ -286,7 +278,12 @@ def cmd_run(args) -> int:
             else _start_explanation_publisher(args, chain, chain_cfg, keypair, state_dir, round_blocks)
         )
         client = FetchClient(
-            FetchConfig(cache_dir=store.blobs, run_id=args.run_id, layouts=ArtifactLayouts.for_run(run_cfg))
+            FetchConfig(
+                cache_dir=store.blobs,
+                run_id=args.run_id,
+                layouts=ArtifactLayouts.for_run(run_cfg),
+                allow_private=private_allowed_for(chain_cfg),
+            )
         )
         client.start()
         tracker = make_tracker(

@@ -116,10 +116,10 @@ class LoopConfig:
     the round at most this. Keep it well under the round length; raise it if honest peers on slow links
     hit it (their blobs keep arriving in the cache for the next attempt)."""
 
-    dial_private: bool = True
+    dial_private: bool = False
     """Whether committed loopback/private/link-local addresses are dialled (peer.net.dial_policy). The CLI
-    sets it from ``--eval.dial-private`` (auto: only when the chain itself is local). Off on a public
-    chain: otherwise any hotkey can make the validator probe its own network."""
+    sets it from ``--dial-private`` (auto: only on the LocalLedger). Off on a public chain: otherwise
+    any hotkey can make the validator probe its own network."""
 
     def __post_init__(self) -> None:
         from peer.errors import ConfigError
@@ -147,7 +147,7 @@ class PeerTarget:
 
 
 def sync_metagraph(
-    chain: Chain, netuid: int, own_hotkey: str, *, allow_private: bool = True
+    chain: Chain, netuid: int, own_hotkey: str, *, allow_private: bool = False
 ) -> tuple[Metagraph, list[PeerTarget]]:
     """The metagraph and, for every other uid, where its publisher is (or why we cannot reach it). A
     commitment naming an address :func:`peer.net.dial_policy.dial_refusal` refuses is never dialled."""

@@ -35,6 +35,12 @@ class ChainConfig:
     own). Smaller = faster rounds and epochs; the real chain has 12 s."""
     timeout: float = 120.0
     """SubstrateChain websocket timeout (s): a call waiting longer fails instead of hanging."""
+    dial_private: str = "auto"
+    """Whether addresses that hotkeys committed on this chain may be dialled when they are loopback,
+    private or link-local (:mod:`peer.net.dial_policy`): ``auto`` = only on the embedded LocalLedger,
+    ``yes`` = always (Chopsticks, a lab chain whose peers sit on one private network), ``no`` = never.
+    Symptom → knob: on a test chain every peer is refused with ``commitment names a non-public
+    address`` → ``--dial-private yes``."""
 
     def __post_init__(self) -> None:
         from peer.chain.substrate import NETWORKS
@@ -54,6 +60,8 @@ class ChainConfig:
             raise ConfigError(f"--ledger.block-time must be > 0 seconds, got {self.block_time}")
         if self.timeout <= 0:
             raise ConfigError(f"chain timeout must be > 0 seconds, got {self.timeout}")
+        if self.dial_private not in ("auto", "yes", "no"):
+            raise ConfigError(f"--dial-private {self.dial_private!r} must be auto, yes or no")
 
     @property
     def is_local(self) -> bool:
@@ -106,6 +114,14 @@ def add_chain_args(parser: argparse.ArgumentParser) -> None:
         default=d.block_time,
         help="LocalLedger seconds per block (used when the ledger is created)",
     )
+    g.add_argument(
+        "--dial-private",
+        dest="dial_private",
+        choices=("auto", "yes", "no"),
+        default=d.dial_private,
+        help="dial committed loopback/private/link-local addresses: auto (default) = only on the "
+        "LocalLedger; yes for Chopsticks or a lab chain on a private network (peer.net.dial_policy)",
+    )
 
 
 def chain_config_from_args(args: argparse.Namespace) -> ChainConfig:
@@ -115,4 +131,5 @@ def chain_config_from_args(args: argparse.Namespace) -> ChainConfig:
         netuid=args.netuid,
         ledger_path=args.ledger_path,
         block_time=args.ledger_block_time,
+        dial_private=getattr(args, "dial_private", "auto"),
     )

@@ -68,7 +68,7 @@ def discover(
     max_candidates: int = DEFAULT_MAX_CANDIDATES,
     max_peers: int = DEFAULT_MAX_PEERS,
     cache_dir: Path | None = None,
-    allow_private: bool = True,
+    allow_private: bool = False,
 ) -> DiscoveryResult:
     """Live DHT multiaddrs of the swarm on ``netuid`` (py-libp2p: never call this in a hivemind process).
     ``allow_private`` False: commitments and DHT addresses naming loopback/private/link-local addresses
@@ -113,6 +113,7 @@ def discover(
             run_id=run_id,
             connect_timeout_s=per_dial,
             io_timeout_s=per_dial,
+            allow_private=allow_private,
         )
         with FetchClient(cfg) as client:
             found = client._call(_adiscover, client, targets, per_dial, res, allow_private)
@@ -155,7 +156,7 @@ async def _adiscover(
                 why = f"its DHT address {dial_refusal(named[0], allow_private=allow_private)}"
             res.skipped.append({"hotkey": t.hotkey, "why": why[:300]})
             return
-        why = await probe_dht(addrs, timeout_s=per_dial)
+        why = await probe_dht(addrs, timeout_s=per_dial, allow_private=allow_private)
         if why is None:
             found[t.peer_id] = addrs
         else:
@@ -168,7 +169,7 @@ async def _adiscover(
     return found
 
 
-async def probe_dht(maddrs: list[str], *, timeout_s: float) -> str | None:
+async def probe_dht(maddrs: list[str], *, timeout_s: float, allow_private: bool = False) -> str | None:
     """Dial a peer's DHT addresses (all one peer id) from a fresh libp2p host; None if it answered,
     else why not. Noise checks that the key at the address is that peer id."""
     import multiaddr
@@ -185,7 +186,7 @@ async def probe_dht(maddrs: list[str], *, timeout_s: float) -> str | None:
         addrs = [multiaddr.Multiaddr(a.rsplit("/p2p/", 1)[0]) for a in maddrs]
     except (ValueError, IndexError, multiaddr.exceptions.Error) as e:
         return f"bad address ({e})"
-    host = make_host(create_new_key_pair())
+    host = make_host(create_new_key_pair(), allow_private=allow_private)
     try:
         async with host.run(listen_addrs=[]):
             with trio.fail_after(timeout_s):
@@ -219,7 +220,7 @@ def chain_flags(chain_cfg) -> list[str]:
     flags += ["--ledger.path", str(chain_cfg.ledger_path), "--ledger.block-time", str(chain_cfg.block_time)]
     if chain_cfg.chain_endpoint:
         flags += ["--subtensor.chain_endpoint", chain_cfg.chain_endpoint]
-    return flags
+    return flags + ["--dial-private", chain_cfg.dial_private]
 
 
 def discover_in_subprocess(

@@ -123,6 +123,11 @@ class FetchConfig:
     """Refuse a publisher that serves no signed PeerIdentityRecord for the expected hotkey."""
     identity_path: Path | None = None
     """This client's own libp2p key file (None: a fresh random key per client)."""
+    allow_private: bool = True
+    """Whether this client's host may dial loopback/private/link-local addresses at all
+    (:func:`peer.net.dial_policy.guard_dials`). Clients that dial what a chain or a remote names on a
+    public chain set it False (validator, discovery, doctor, status: from ``--dial-private``); ``peer
+    fetch --from`` dials what its user typed."""
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir)
@@ -331,7 +336,7 @@ class FetchClient:
             from libp2p.crypto.ed25519 import create_new_key_pair
 
             keypair = create_new_key_pair()
-        self._host = make_host(keypair)
+        self._host = make_host(keypair, allow_private=self.cfg.allow_private)
         self._token = trio.lowlevel.current_trio_token()
         self._stop = trio.Event()
         async with self._host.run(listen_addrs=[]):

@@ -267,10 +267,12 @@ def quiet_libp2p() -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def make_host(keypair, listen_addrs: list | None = None):
+def make_host(keypair, listen_addrs: list | None = None, *, allow_private: bool = True):
     """A py-libp2p host with noise + yamux only (never plaintext, never mplex), yamux receive windows
-    enforced (:mod:`peer.net.muxer`) and inbound connections capped per remote address
-    (:mod:`peer.net.admission`)."""
+    enforced (:mod:`peer.net.muxer`), inbound connections capped per remote address
+    (:mod:`peer.net.admission`), and outbound dials limited to what :mod:`peer.net.dial_policy` allows
+    (``allow_private`` False: no loopback/private/link-local address, whoever advertised it; no dial
+    on py-libp2p's own initiative in any case)."""
     quiet_libp2p()
     from libp2p import new_host
     from libp2p.crypto.x25519 import create_new_key_pair as x25519_keypair
@@ -280,6 +282,7 @@ def make_host(keypair, listen_addrs: list | None = None):
     from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 
     from peer.net.admission import connection_config, limit_inbound_per_address
+    from peer.net.dial_policy import guard_dials
     from peer.net.muxer import WindowedYamux, install  # py-libp2p's yamux does not enforce windows
 
     install()
@@ -292,6 +295,7 @@ def make_host(keypair, listen_addrs: list | None = None):
         connection_config=connection_config(),
     )
     host.inbound_limit = limit_inbound_per_address(host)  # one address cannot hold every inbound slot
+    guard_dials(host, allow_private=allow_private)  # identify-advertised addresses are the remote's words
     quiet_libp2p()
     return host
 
