@@ -222,6 +222,24 @@ def test_a_disqualified_copy_cannot_knock_out_the_original():
     assert s[0].score > 0 and s[0].reason == "scored"
 
 
+@pytest.mark.parametrize(
+    "norms, bound, refused",
+    [
+        # the failure seen in the end-to-end test: three Δs in the round, the ×100 one is 4.2× their median
+        ([14.9, 63.2, 0.6], 30.0, {1}),
+        ([63.2], 30.0, {0}),  # alone: no median at all
+        ([30.0 * 1.019, 9.0, 10.0], 30.0, set()),  # clipped to the bound, 8-bit rounding: honest
+        ([30.0 * 1.021, 9.0, 10.0], 30.0, {0}),
+        ([63.2], None, set()),  # records made before the bound replay unchanged
+    ],
+)
+def test_a_delta_longer_than_the_runs_bound_is_refused_however_few_peers_published(norms, bound, refused):
+    ps = [peer(u, heldout=4.8, before=5.0, after=4.5, norm=n) for u, n in enumerate(norms)]
+    s = by_uid(score_round(rm(ps), ScoringConfig(max_delta_norm=bound, require_pages_match=False)))
+    got = {u for u, sc in s.items() if "max_delta_norm" in sc.reason}
+    assert got == refused, {u: sc.reason for u, sc in s.items()}
+
+
 def test_a_validator_that_falls_behind_audits_an_unpredictable_round():
     from validator.loop import pick_round
 

@@ -100,6 +100,11 @@ class BurnPolicy:
             raise ConfigError(f"burn uid must be a u16, got {self.uid}")
 
 
+DELTA_NORM_TOLERANCE = 1.02
+"""How far above ``max_delta_norm`` a published Δ may be: an 8-bit blockwise Δ clipped to the bound
+decodes within ~0.5 % of it (absmax codes round to nearest)."""
+
+
 @dataclass(kw_only=True)
 class ScoringConfig:
     """How measurements become scores. Validators of one subnet should agree on these."""
@@ -112,7 +117,14 @@ class ScoringConfig:
     here; a moderately scaled one overshoots and fails the held-out gain or the direction test."""
     min_peers_for_norm: int = 3
     """The norm test needs at least this many finite Δs in the round (with fewer the median means little;
-    an absurd Δ still fails the held-out gain)."""
+    the absolute bound ``max_delta_norm`` below still holds)."""
+    max_delta_norm: float | None = None
+    """The run's ``train.max_delta_norm``: every honest peer scales its Δ down to it before publishing
+    (and the all-reduce clips to it), so a Δ longer than this × ``DELTA_NORM_TOLERANCE`` (8-bit rounding)
+    was not made by the protocol and scores 0. Unlike the test against the round's median it needs no
+    other peer: in a round where few peers had published (a slow start on a loaded machine), a ×100 Δ
+    was 4× the median of 3 and was paid (``tests/test_validator_swarm.py``, 2026-12-06). The validator
+    sets it from the run config it shares with the peers; None: off (records made before it)."""
     duplicate_cosine: float = 0.95
     """Cosine similarity at or above which two Δs count as copies. Honest peers' Δs share a direction
     (cosine ~0.4-0.7 measured on the debug model); raise it if honest peers are flagged as copies."""
@@ -255,6 +267,12 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         if self.max_norm_ratio <= 1:
             raise ConfigError("scoring.max_norm_ratio must be > 1")
+        if self.max_delta_norm is not None and not (
+            math.isfinite(self.max_delta_norm) and self.max_delta_norm > 0
+        ):
+            raise ConfigError(
+                f"scoring.max_delta_norm must be a finite number > 0, got {self.max_delta_norm}"
+            )
         if not 0 < self.duplicate_cosine <= 1:
             raise ConfigError("scoring.duplicate_cosine must be in (0, 1]")
         if self.combination_trust_t is not None and not self.combination_trust_t > 0:
@@ -768,6 +786,11 @@ def _solo_gate(p: PeerMeasurement, t: dict, cfg: ScoringConfig, round_: int) -> 
         return "its manifest names pages that are not its assignment"
     if not p.delta_norm:
         return "empty Δ (all zeros): no work"
+    if cfg.max_delta_norm is not None and p.delta_norm > cfg.max_delta_norm * DELTA_NORM_TOLERANCE:
+        return (
+            f"Δ norm {p.delta_norm:.4g} above the run's max_delta_norm {cfg.max_delta_norm:g} "
+            "(honest peers scale their Δ down to it)"
+        )
     if t["norm_ratio"] is not None and t["norm_ratio"] > cfg.max_norm_ratio:
         return f"Δ norm {t['norm_ratio']:.1f}× the round's median (limit {cfg.max_norm_ratio}×)"
     for s in p.similar:
