@@ -154,6 +154,10 @@ ONE_ROUND = ScoringConfig(evidence_rounds=1)
 pooled evidence of ``evidence_rounds``."""
 AFTER = ScoringConfig()
 """The scoring defaults now (validator.scoring)."""
+PRE_THIN = ScoringConfig(reference_bias_t=None, cap_median_of_passers=False, weak_tier_own_sources=False)
+"""Today's rule without the guards of the red team of thin rounds (2026-12-06, benchmarks/thin_rounds.py):
+every reference used, the cap's median over every peer past the solo gates, the weak tier's sources
+common to all judged peers. The column shows what those guards cost honest peers."""
 
 
 def replay(records: list[dict], cfg: ScoringConfig) -> tuple[dict[int, float], list[tuple]]:
@@ -444,7 +448,7 @@ def main() -> None:
     ap.add_argument("--analyse", default=None, metavar="DIR", help="only re-score the runs in DIR")
     ap.add_argument("--json", default=None, metavar="FILE", help="also write every figure as JSON")
     args = ap.parse_args()
-    rules = {"before": BEFORE, "1-round": ONE_ROUND, "after": AFTER}
+    rules = {"before": BEFORE, "1-round": ONE_ROUND, "pre-thin": PRE_THIN, "after": AFTER}
     names = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     for n in names:
         scenario_budgets(n, args.unit_steps)  # unknown names fail before anything runs

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peer.config import load_run_config  # noqa: E402
 from peer.data.shards import open_page_store  # noqa: E402
 from peer.net.outbox import decode_state  # noqa: E402
-from validator.evaluation import Evaluator  # noqa: E402
+from validator.evaluation import Evaluator, page_pick  # noqa: E402
 from validator.replay import configs_from_record  # noqa: E402
 from validator.scoring import _t_one  # noqa: E402
 from validator.store import ValidatorStore  # noqa: E402
@@ -110,7 +110,7 @@ def main() -> int:
             continue
         rec = recs[r]
         theta_next, theta = states[r], states[r - 1]  # θ_{r+1}, and θ_r (round r−1 was scored on it)
-        pages = ev.heldout_page_ids(r, bytes.fromhex(rec.seed_hex))
+        pages = list(rec.measurements["heldout_page_ids"])  # what the validator measured (seed or page key)
         deltas, before = decoded[r], decoded[r - 1]
         starts = {u: moved(theta, before[u], 1.0) for u in deltas if u in before}  # x_r = θ_r − Δ_{r−1}
         l_next, l_theta = loss(theta_next, pages), loss(theta, pages)
@@ -135,8 +135,10 @@ def main() -> int:
         if args.assignment:
             hotkeys = {c.uid: c.hotkey for c in rec.candidates}
             seed = bytes.fromhex(rec.seed_hex)
+            key_hex = rec.measurements.get("page_key_hex")
+            pick = page_pick(seed, bytes.fromhex(key_hex) if key_hex else None)
             for uid in starts:
-                own_pages = ev.assigned_page_ids(hotkeys[uid], r, seed)
+                own_pages = ev.assigned_page_ids(hotkeys[uid], r, seed, pick)
                 others = [q for q in starts if q != uid]
                 for name, start_of in (
                     ("theta_next", dict.fromkeys(starts, theta_next)),

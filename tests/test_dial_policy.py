@@ -94,6 +94,14 @@ def test_an_unknown_choice_is_a_config_error():
         ChainConfig(dial_private="maybe")
 
 
+def _wait_for(cond, seconds: float) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 class _Listener:
     """A TCP service on 127.0.0.1 that counts who connects (what a probe would reach)."""
 
@@ -153,7 +161,8 @@ def test_discovery_on_a_public_chain_never_dials_a_committed_private_address(sub
     why = {s["hotkey"]: s["why"] for s in res.skipped}
     assert set(why) == set(probes) and all("non-public address" in w for w in why.values()), why
     # the control: with private addresses allowed (a local chain) the same commitment is dialled
-    discover(ledger, netuid, run_id="x", timeout_s=4, allow_private=True)
+    discover(ledger, netuid, run_id="x", timeout_s=20, allow_private=True)
+    _wait_for(lambda: service.accepted >= 1, 10)
     assert service.accepted >= 1
 
 
@@ -225,10 +234,8 @@ def test_a_host_never_dials_a_refused_address_whoever_advertised_it():
             ):
                 network.unblock_peer(pid)  # py-libp2p blocks a peer id for 60 s after a failed dial
                 try:
-                    with trio.fail_after(10):
+                    with trio.move_on_after(30):  # a refusal is instant; an allowed dial may take a while
                         await dial()
-                except trio.TooSlowError:
-                    raise
                 except Exception as e:  # noqa: BLE001 - the guard's refusal or the handshake failing
                     if _mentions(e, "refused to dial"):
                         refused.append(name)
@@ -238,7 +245,8 @@ def test_a_host_never_dials_a_refused_address_whoever_advertised_it():
         assert trio.run(main, False) == ["dial_addr", "dial_peer", "connect"]
         assert service.accepted == 0
         # the control: allowed, the same dials reach the service (noise then fails: it is not libp2p)
-        trio.run(main, True)
+        assert trio.run(main, True) == []
+        _wait_for(lambda: service.accepted >= 1, 10)
         assert service.accepted >= 1
     finally:
         service.close()

@@ -845,3 +845,111 @@ def test_a_sample_agrees_on_the_state_when_one_hash_holds_the_quorum():
 
     with pytest.raises(ConfigError):
         SamplingConfig(vote_quorum=0.5)
+
+
+OLD_THIN = ScoringConfig(reference_bias_t=None, cap_median_of_passers=False, weak_tier_own_sources=False)
+"""The rules before the red team of thin rounds (2026-12-06, benchmarks/thin_rounds.py)."""
+
+
+def test_refused_junk_built_from_one_weak_peer_cannot_get_it_refused():
+    """Red team: R1 = B + X and R2 = B − X (both refused: they raise the held-out loss) put B in the span
+    of refused Δs alone. B (t 2.5 < combination_trust_t) was refused although no other weak peer was
+    dependent; such a source is built from B's own work (R1 = 2·B − R2) and no longer counts for B."""
+    vecs = {
+        0: [1.0, 0.0, 0.0, 0.0, 0.0],
+        1: [0.0, 1.0, 0.0, 0.0, 0.0],
+        2: [0.0, 0.0, 0.0, 0.0, 1.0],
+        7: [0.0, 1.0, 1.5, 0.0, 0.0],
+        8: [0.0, 1.0, -1.5, 0.0, 0.0],
+    }
+
+    def round_():
+        r1 = peer(7, heldout=5.1, before=5.0, after=5.0)
+        r2 = peer(8, heldout=5.1, before=5.0, after=5.0)
+        return _with_spans([*table()[:3], r1, r2], vecs)
+
+    known = _history({0: [3.0, 3.0, 3.0], 1: [3.0, 3.0, 3.0]})
+    old = by_uid(score_round(rm(round_()), OLD_THIN, history=known))
+    assert "combination" in old[1].reason  # the attack, under the rule before
+    s = by_uid(score_round(rm(round_()), ScoringConfig(), history=known))
+    assert "held-out" in s[7].reason and "held-out" in s[8].reason
+    assert s[1].reason == "scored" and s[0].reason == "scored"
+    assert s[1].score == pytest.approx(
+        by_uid(score_round(rm(table()[:3]), ScoringConfig(), history=known))[1].score
+    )
+
+
+def test_peers_that_fail_the_assignment_test_do_not_set_the_memorisation_cap():
+    """Red team: hotkeys with a tiny positive specificity that fail the assignment test (paid 0, free to
+    run) made the round's median specificity/held-out ratio ~0 and capped every honest peer's work."""
+    decoys = [
+        peer(
+            u,
+            heldout=4.8,
+            before=5.0,
+            after=4.9,
+            own=[0.101, 0.0995],
+            cross=[(0, [0.1, 0.1]), (1, [0.05, 0.05])],
+        )
+        for u in (11, 12, 13)
+    ]
+    alone = by_uid(score_round(rm(table()[:3]), ScoringConfig()))
+    old = by_uid(score_round(rm([*table()[:3], *decoys]), OLD_THIN))
+    assert old[0].terms["capped"]  # the attack, under the rule before
+    s = by_uid(score_round(rm([*table()[:3], *decoys]), ScoringConfig()))
+    for u in (11, 12, 13):
+        assert s[u].score == 0 and "not shown to have trained" in s[u].reason
+    assert not s[0].terms["capped"] and s[0].terms["work"] == pytest.approx(alone[0].terms["work"])
+
+
+def _pages(base: float, n: int, wiggle: float = 0.004) -> list[float]:
+    """``n`` deterministic page gains around ``base`` (a fixed zig-zag, mean ``base``)."""
+    return [base + wiggle * ((-1) ** i) * (1 + (i % 3)) / 2 for i in range(n - n % 2)] + (
+        [base] if n % 2 else []
+    )
+
+
+@pytest.mark.parametrize("third_peer", [False, True])
+def test_a_reference_that_fits_this_peers_pages_better_than_its_own_control_pages_is_not_used(third_peer):
+    """Red team: C, a noisy copy of H's Δ ((Δ_H + N)/√2: cosine 0.71, no copy gate fires), was H's cross
+    reference; its gains on H's pages, rescaled by the held-out ratio, were H's own, so H showed no
+    specificity (paid 0 alone with C; less with a third peer). C does on H's pages what it does nowhere
+    else (its control pages): that reference is not used, and H is measured against the rest."""
+    h_own = _pages(0.05, 24)  # generic 0.02 + its own pages 0.03
+    h = peer(
+        1,
+        heldout=4.98,
+        before=5.0,
+        after=4.95,
+        own=h_own,
+        ctrl=_pages(0.02, 8),
+        ctrl_before=5.0,
+        ctrl_after=4.98,
+    )
+    c = peer(9, heldout=4.9859, before=5.0, after=4.986, own=_pages(0.014, 24), ctrl=_pages(0.014, 8))
+    h.cross_gains.append(
+        {"uid": 9, "hotkey": "hk9", "gain": 0.05 / 2**0.5, "page_gains": [g / 2**0.5 for g in h_own]}
+    )
+    c.cross_gains.append({"uid": 1, "hotkey": "hk1", "gain": 0.02, "page_gains": _pages(0.02, 24)})
+    peers = [h, c]
+    if third_peer:
+        h2 = peer(
+            2,
+            heldout=4.98,
+            before=5.0,
+            after=4.95,
+            own=_pages(0.05, 24),
+            ctrl=_pages(0.02, 8),
+            ctrl_before=5.0,
+            ctrl_after=4.98,
+        )
+        h.cross_gains.append({"uid": 2, "hotkey": "hk2", "gain": 0.02, "page_gains": _pages(0.02, 24)})
+        h2.cross_gains.append({"uid": 1, "hotkey": "hk1", "gain": 0.02, "page_gains": _pages(0.02, 24)})
+        peers.append(h2)
+    cfg = dict(require_pages_match=False)
+    old = by_uid(score_round(rm(peers), ScoringConfig(**cfg, reference_bias_t=None)))
+    s = by_uid(score_round(rm(peers), ScoringConfig(**cfg)))
+    assert s[1].terms["references_biased"] == 1
+    assert s[1].score > 0 and s[1].terms["specificity"] == pytest.approx(0.03, abs=0.002), s[1].terms
+    assert old[1].terms["specificity"] < 0.02  # the attack, under the rule before: C halves it or worse
+    assert s[9].score == 0

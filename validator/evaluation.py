@@ -187,6 +187,17 @@ class PeerMeasurement:
         return cls(**d)
 
 
+def page_pick(seed: bytes, page_key: bytes | None) -> bytes:
+    """What draws a round's evaluated pages: the seed (known to peers while they train) alone, or mixed
+    with the end-of-round key (known once the round has ended), so that no peer can tune its Δ to the
+    held-out, control or evaluated assigned pages while it trains — nor make its Δ, as another peer's
+    cross reference, look generic on the control pages while it targets that peer's pages
+    (``ScoringConfig.reference_bias_t``). Pure."""
+    if page_key is None:
+        return seed
+    return hashlib.blake2b(b"gradswarm/eval-pages/" + seed + page_key, digest_size=32).digest()
+
+
 @dataclass(kw_only=True)
 class RoundMeasurements:
     round: int
@@ -199,6 +210,11 @@ class RoundMeasurements:
     peers: list[PeerMeasurement]
     base_seconds: float = 0.0
     """Time of the shared base-model forward passes."""
+    page_key_hex: str | None = None
+    """The end-of-round key (``validator.sampling.sampling_key``) that, with the seed, drew the evaluated
+    pages — held-out, control, the evaluated subset of each assignment, the cross-reference ring
+    (:func:`page_pick`). None (records before it, tools without a chain): the seed alone, which every
+    peer knows while it trains."""
     heldout_rule: str = "alone"
     """How scoring reads a Δ's held-out gain (:func:`heldout_gain`). ``alone``:
     L(θ) − L(θ − α·Δ) (blocking rounds, and every record from before this field). ``first_order``:
@@ -388,10 +404,12 @@ class Evaluator:
     def assignment(self, hotkey: str, round_: int, seed: bytes) -> list[int]:
         return assign_pages(hotkey, round_, seed, self.store.train_pages, self.run.data.pages_per_round)
 
-    def assigned_page_ids(self, hotkey: str, round_: int, seed: bytes) -> list[int]:
-        return eval_pages(
-            round_, seed, self.assignment(hotkey, round_, seed), self.cfg.assigned_pages, f"assigned/{hotkey}"
-        )
+    def assigned_page_ids(
+        self, hotkey: str, round_: int, seed: bytes, pick: bytes | None = None
+    ) -> list[int]:
+        """The evaluated subset of ``hotkey``'s assignment (drawn by ``pick``, default the seed)."""
+        own = self.assignment(hotkey, round_, seed)
+        return eval_pages(round_, pick or seed, own, self.cfg.assigned_pages, f"assigned/{hotkey}")
 
     # ---- Δ handling
     def decode(self, blob: bytes) -> dict[str, torch.Tensor]:
@@ -431,6 +449,7 @@ class Evaluator:
         candidates: Sequence[Candidate],
         earlier_sketches: Mapping[tuple[int, int, str], torch.Tensor] | None = None,
         heldout_rule: str | None = None,
+        page_key: bytes | None = None,
     ) -> tuple[RoundMeasurements, dict[tuple[int, str], torch.Tensor]]:
         """Measure every candidate. Returns the measurements and this round's sketches ``(uid, hotkey) → sketch``.
 
@@ -438,6 +457,8 @@ class Evaluator:
         repeats one of them (stale, or copied from an earlier round) shows up in ``similar``.
         ``heldout_rule`` (``alone`` / ``first_order``, :attr:`RoundMeasurements.heldout_rule`) defaults to
         the run's round mode: ``first_order`` for overlapped rounds; a replay passes its record's rule.
+        ``page_key`` (the end-of-round key) draws the evaluated pages with the seed (:func:`page_pick`);
+        the assignments themselves stay the seed's (what the peers trained on).
         """
         if heldout_rule is None:
             heldout_rule = "first_order" if self.run.train.rounds == "overlapped" else "alone"
@@ -446,12 +467,13 @@ class Evaluator:
         self._rule = heldout_rule
         t0 = time.perf_counter()
         base_hash = self.load_base(base_state)
-        heldout = self.heldout_page_ids(round_, seed)
-        control = self.control_page_ids(round_, seed)
+        pick = page_pick(seed, page_key)
+        heldout = self.heldout_page_ids(round_, pick)
+        control = self.control_page_ids(round_, pick)
         assigned: dict[int, list[int]] = {}
         for c in candidates:
             if c.rejected is None and c.delta_blob is not None:
-                assigned[c.uid] = self.assigned_page_ids(c.hotkey, round_, seed)
+                assigned[c.uid] = self.assigned_page_ids(c.hotkey, round_, seed, pick)
         # one batched pass over every page whose base loss anyone needs
         wanted = list(dict.fromkeys(heldout + control + [p for ps in assigned.values() for p in ps]))
         base_loss = dict(zip(wanted, self.page_losses(wanted), strict=True))
@@ -480,12 +502,13 @@ class Evaluator:
                 )
             )
         # phase 2: plausible peers on each other's assigned pages (paired control of the assignment test)
-        self._cross(round_, seed, candidates, peers, assigned, base_loss, heldout_base)
+        self._cross(round_, pick, candidates, peers, assigned, base_loss, heldout_base)
         self._similarities(round_, peers, sketches, earlier_sketches or {})
         self._spans(round_, peers, sketches, earlier_sketches or {})
         rm = RoundMeasurements(
             round=round_,
             seed_hex=seed.hex(),
+            page_key_hex=None if page_key is None else page_key.hex(),
             base_state_hash=base_hash,
             delta_scale=self.cfg.delta_scale,
             heldout_page_ids=heldout,

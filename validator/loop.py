@@ -621,8 +621,14 @@ def evaluate(
     if isinstance(evaluator, BudgetedEvaluator):
         evaluator.budget_s = budget_s
     try:
+        key_hex = inputs.sampling.get("key_hex")
         rm, sketches = evaluator.evaluate_round(
-            inputs.round, inputs.seed, inputs.base_state, inputs.candidates, earlier
+            inputs.round,
+            inputs.seed,
+            inputs.base_state,
+            inputs.candidates,
+            earlier,
+            page_key=bytes.fromhex(key_hex) if key_hex else None,
         )
     except CheckpointError as e:  # θ_r itself is unusable (non-finite): no peer can be measured against it
         raise NoBaseState(f"round {inputs.round}: {e}") from e

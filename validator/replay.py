@@ -51,6 +51,12 @@ def configs_from_record(rec: RoundRecord, device: str | None = None) -> tuple[Ev
     sc.setdefault("support_mean_fraction", None)  # records before the support-mean copy test
     sc.setdefault("originality", "best")  # records before sustained own-page evidence
     sc.setdefault("reference_out_of_scale", "clip")  # records before out-of-scale references were dropped
+    sc.setdefault("reference_bias_t", None)  # records before biased references were dropped
+    sc.setdefault("cap_median_of_passers", False)
+    sc.setdefault(
+        "weak_tier_own_sources", False
+    )  # records before the weak tier's sources were per peer  # records before the cap's median excluded failing peers
+    sc.setdefault("max_delta_norm", None)  # records before the absolute norm bound
     return EvalConfig(**ev), ScoringConfig(**sc)
 
 
@@ -104,7 +110,11 @@ def replay_round(
         ev = Evaluator(eval_cfg, run, pages, sketch_key=_sketch_key(store, rec))
     ev.cfg = eval_cfg
     rule = rec.measurements.get("heldout_rule", "alone")  # records from before the rule existed: alone
-    rm, _ = ev.evaluate_round(rec.round, bytes.fromhex(rec.seed_hex), base, candidates, earlier, rule)
+    key_hex = rec.measurements.get("page_key_hex")  # records before it: pages drawn by the seed alone
+    page_key = bytes.fromhex(key_hex) if key_hex else None
+    rm, _ = ev.evaluate_round(
+        rec.round, bytes.fromhex(rec.seed_hex), base, candidates, earlier, rule, page_key
+    )
     ema_before = EmaState.from_json(rec.ema_before)
     uids = {int(u): e["hotkey"] for u, e in rec.ema_after["entries"].items()}
     not_sampled = {u: r for u, r in not_sampled.items() if u in uids}

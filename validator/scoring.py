@@ -254,6 +254,34 @@ class ScoringConfig:
     40-step Δ gains on any page — so the larger Δ showed "specificity" it did not have: a sparse Δ
     trained on none of its own pages passed the assignment test with t = 6.0 against references of 20
     and 5 steps (``benchmarks/validator.py --sparse``, trial 1: Spearman by own-data share −0.100)."""
+    reference_bias_t: float | None = 2.5
+    """A cross reference whose gains on this peer's pages differ from its own gains on the round's
+    control pages by a Welch |t| of at least this is not used (``references_biased`` in the terms; with
+    none left, the peer's own control pages are the reference). A reference is there to show what a Δ
+    trained on neither page set does to this peer's pages; an honest one does about the same on both
+    (random samples of the same training split; only 8 control pages, so the test is coarse): an honest
+    reference is dropped in a few % of cases and the peer keeps its other one. Not the reference's other
+    cross target's pages as the baseline: colluding sybils ascend on all their targets alike. Why (red
+    team of thin rounds, 2026-12-06, ``benchmarks/thin_rounds.py``): a hotkey publishing a noisy copy of
+    an honest peer's Δ, C = (Δ_H + N)/√2 (cosine 0.71, under every copy threshold), served as H's
+    reference, and its gains on H's pages, rescaled by the held-out ratio, *were* H's: H paid 0 in a
+    2-peer round (its share 0.47 → 0.35 with a third peer), for one hotkey that trains nothing; and
+    sybils whose Δs memorised a victim's pages and ascended on each other's zeroed the victim and were
+    paid themselves. Both references stand out against their own control gains; the control pages are
+    drawn with the end-of-round key (``RoundMeasurements.page_key_hex``), so nobody can tune a Δ to them
+    while training. None: off (records made before it replay with it off)."""
+    weak_tier_own_sources: bool = True
+    """In the second combination tier (``combination_trust_t``), a refused Δ built from the judged peer's
+    own work (R₁ = Δ_H + X, R₂ = Δ_H − X: each is in the span of Δ_H and the other) is not a source of it
+    (:func:`validator.combinations.weak_combinations`). Before (False), two junk hotkeys, both refused
+    for raising the held-out loss, got a weak honest peer (a new hotkey, or a small peer with t ≈ 2.5)
+    refused as "a combination of other peers' Δs" (red team of thin rounds, 2026-12-06)."""
+    cap_median_of_passers: bool = True
+    """The memorisation cap's median (specificity ÷ held-out gain) is taken over the peers that also pass
+    their assignment test. Before (False), every peer past the solo gates counted, and decoy hotkeys
+    with a tiny positive specificity that fail the test (paid nothing, cost nothing) dragged the median
+    down and capped every honest peer (red team: a generic worker's share 0.27 → 0.58 against two
+    honest peers' 0.35 → 0.17, with four decoys)."""
     max_specificity_ratio: float = 3.0
     """Memorisation cap: a peer's paid specificity is at most this × its held-out gain × the round's
     median (specificity ÷ held-out gain) over eligible peers. A Δ that memorises its pages without a
@@ -404,9 +432,16 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
         reasons[(p.uid, p.hotkey)] = _solo_gate(p, t, cfg, m.round)
     # specificity: own gain on its pages minus what the other eligible peers' Δs achieve there
     eligible_keys = {k for k, r in reasons.items() if r is None}
+    controls = {(p.uid, p.hotkey): list(p.control_page_gains) for p in m.peers}
     for p in m.peers:
         _specificity(
-            p, terms, eligible_keys, cfg.max_reference_scale, drop=cfg.reference_out_of_scale == "drop"
+            p,
+            terms,
+            eligible_keys,
+            cfg.max_reference_scale,
+            drop=cfg.reference_out_of_scale == "drop",
+            controls=controls,
+            bias_t=cfg.reference_bias_t,
         )
     # copies within the round: among near-duplicates only the most specific one keeps its score
     for p in m.peers:
@@ -446,7 +481,10 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
         max(cfg.min_assignment_reference, quantile(eligible, cfg.reference_quantile)) if eligible else None
     )
 
-    ratio_median = _specificity_ratio_median(terms, reasons)
+    passers = None
+    if cfg.cap_median_of_passers:
+        passers = {k for k, r in reasons.items() if r is None and _passes_own_test(terms[k], k, cfg, history)}
+    ratio_median = _specificity_ratio_median(terms, reasons, passers)
     heldout_median = _heldout_median(terms, reasons)
     out = []
     for p in m.peers:
@@ -531,7 +569,14 @@ def _combination_gate(
             k for k in spans if reasons[k] is not None and k not in refused and "duplicate_of" not in terms[k]
         ]
         weak = weak_combinations(
-            spans, survivors, outside, trust, evidence, cfg.combination_fraction, cfg.combination_trust_t
+            spans,
+            survivors,
+            outside,
+            trust,
+            evidence,
+            cfg.combination_fraction,
+            cfg.combination_trust_t,
+            own_sources=cfg.weak_tier_own_sources,
         )
     for key, r in weak.items():
         terms[key]["combination_explained_with_refused"] = r["explained"]
@@ -571,15 +616,29 @@ def _support_mean_copies(spans, survivors, evidence, terms, reasons, cfg: Scorin
         )
 
 
-def _specificity_ratio_median(terms: dict, reasons: dict) -> float | None:
-    """Median of specificity ÷ held-out gain over the peers that passed every gate so far (None: none
-    with a positive specificity), the reference of the memorisation cap."""
+def _specificity_ratio_median(terms: dict, reasons: dict, proven: set | None = None) -> float | None:
+    """Median of specificity ÷ held-out gain over the peers that passed every gate so far and, with
+    ``proven``, their own assignment test (None: none with a positive specificity), the reference of
+    the memorisation cap."""
     ratios = [
         terms[k]["specificity"] / terms[k]["heldout_gain"]
         for k, r in reasons.items()
-        if r is None and terms[k]["specificity"] is not None and terms[k]["specificity"] > 0
+        if r is None
+        and (proven is None or k in proven)
+        and terms[k]["specificity"] is not None
+        and terms[k]["specificity"] > 0
     ]
     return median(ratios) if ratios else None
+
+
+def _passes_own_test(t: dict, key: tuple[int, str], cfg: ScoringConfig, history: EmaState | None) -> bool:
+    """Whether a peer's own Δ shows work on its own pages: specificity > 0 and the assignment test."""
+    if t["specificity"] is None:
+        return False
+    if t["specificity"] <= 0:
+        return False
+    prior = prior_evidence(history, key[0], key[1], cfg.evidence_rounds - 1)
+    return assignment_test(prior, t["specificity_t"], cfg)[0]
 
 
 def _heldout_median(terms: dict, reasons: dict) -> float | None:
@@ -723,9 +782,17 @@ def _t_welch(a: Sequence[float], b: Sequence[float]) -> float | None:
 
 
 def _specificity(
-    p: PeerMeasurement, terms: dict, eligible_keys: set, max_scale: float = math.inf, drop: bool = False
+    p: PeerMeasurement,
+    terms: dict,
+    eligible_keys: set,
+    max_scale: float = math.inf,
+    drop: bool = False,
+    controls: Mapping[tuple[int, str], Sequence[float]] | None = None,
+    bias_t: float | None = None,
 ) -> None:
-    """Fill generic_gain, specificity, specificity_t and their basis into ``p``'s terms.
+    """Fill generic_gain, specificity, specificity_t and their basis into ``p``'s terms. With ``bias_t``,
+    a reference whose page gains here differ from its own gains on the round's control pages
+    (``controls``) by a Welch |t| ≥ ``bias_t`` is not used (``ScoringConfig.reference_bias_t``).
 
     With cross references (eligible peers' Δs evaluated on p's assigned pages): per page i,
     generic_i = median_j(gain_j(page i) × scale_j), scale_j = heldout_gain / heldout_gain_j bounded to
@@ -742,6 +809,11 @@ def _specificity(
             key = (c["uid"], c["hotkey"])
             page_gains = [c["gain"], *c.get("page_gains", [])]
             if key in eligible_keys and all(g is not None and math.isfinite(g) for g in page_gains):
+                if bias_t is not None and controls is not None:
+                    tb = _t_welch(list(c.get("page_gains", [])), list(controls.get(key, ())))
+                    if tb is not None and abs(tb) >= bias_t:
+                        t["references_biased"] = t.get("references_biased", 0) + 1
+                        continue
                 ratio = t["heldout_gain"] / terms[key]["heldout_gain"]
                 if drop and not 1 / max_scale <= ratio <= max_scale:
                     t["references_dropped"] = t.get("references_dropped", 0) + 1
