@@ -154,10 +154,10 @@ ONE_ROUND = ScoringConfig(evidence_rounds=1)
 pooled evidence of ``evidence_rounds``."""
 AFTER = ScoringConfig()
 """The scoring defaults now (validator.scoring)."""
-PRE_THIN = ScoringConfig(reference_bias_t=None, cap_median_of_passers=False, weak_tier_own_sources=False)
-"""Today's rule without the guards of the red team of thin rounds (2026-12-06, benchmarks/thin_rounds.py):
-every reference used, the cap's median over every peer past the solo gates, the weak tier's sources
-common to all judged peers. The column shows what those guards cost honest peers."""
+PRE_THIN = ScoringConfig(cap_median_of_passers=False)
+"""Today's rule without the guard of the red team of thin rounds (2026-12-06, benchmarks/thin_rounds.py):
+the memorisation cap's median over every peer past the solo gates. The column shows what it costs
+honest peers."""
 
 
 def replay(records: list[dict], cfg: ScoringConfig) -> tuple[dict[int, float], list[tuple]]:

@@ -17,10 +17,12 @@ cross-reference ring derive from the round's seed, known when training starts.
 4. two junk hotkeys R1 = Δ_H + X, R2 = Δ_H − X (both refused) get a weak honest peer refused as "a
    combination of other peers' Δs" in the second tier.
 
-Not fixed (benchmarks/RESULTS.md, "Red team of thin rounds"); a fix should make the attack lines below
-match their baselines. Suggested there: references that fail their own assignment test dropped
-(iteratively), evaluated pages drawn with the end-of-round key, the cap's median over assignment-test
-passers, the weak tier's sources filtered per judged peer.
+Fixed: 3 for decoys that fail the assignment test (``cap_median_of_passers``). Open (benchmarks/RESULTS.md,
+"Red team of thin rounds"): 1, 2 and 4, and 3 when memorisers are the majority of passing peers. The
+evaluated pages are now drawn with the end-of-round key (``validator.evaluation.page_pick``), which a
+reference test would need; ``ScoringConfig.reference_bias_t`` is such a test, off by default (its
+docstring says why): set it in ``CFG`` to see what it does here. A line "now" that matches its "before"
+means the attack still works.
 """
 
 from __future__ import annotations
@@ -90,9 +92,7 @@ def rm(peers, r=7):
 
 CFG = ScoringConfig(max_delta_norm=10.0)
 """The shipped rule."""
-BEFORE = ScoringConfig(
-    max_delta_norm=10.0, reference_bias_t=None, cap_median_of_passers=False, weak_tier_own_sources=False
-)
+BEFORE = ScoringConfig(max_delta_norm=10.0, cap_median_of_passers=False)
 """The rule before the red team: every peer that passed the solo gates is a reference."""
 
 

@@ -398,7 +398,9 @@ def check_dht_reachable(inp: DoctorInputs, f: _Found, client) -> Check:
             detail="your identity record names no DHT address: newcomers cannot join through you by netuid",
             fix="upgrade and restart `peer join` (it publishes its DHT addresses)",
         )
-    why = client._call(lambda: probe_dht(addrs, timeout_s=inp.timeout_s))
+    why = client._call(
+        lambda: probe_dht(addrs, timeout_s=inp.timeout_s, allow_private=client.cfg.allow_private)
+    )
     if why is not None:
         return Check(
             name="DHT reachable",

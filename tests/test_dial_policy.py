@@ -8,8 +8,14 @@ machine, and the validator's metagraph step.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 from substrateinterface import Keypair
@@ -19,6 +25,7 @@ from peer.chain.config import ChainConfig
 from peer.chain.local import LocalLedger
 from peer.net.dial_policy import dial_refusal, private_allowed_for
 
+REPO = Path(__file__).resolve().parents[1]
 PID = "12D3KooWRBy97UB99e3J6hiPesre1MZeuNQvfan4gBziswrRJsNK"
 
 
@@ -131,10 +138,10 @@ class _Listener:
         self.sock.close()
 
 
-@pytest.fixture
-def subnet_with_probes(tmp_path):
+@contextlib.contextmanager
+def _probe_subnet(folder: Path):
     """A LocalLedger subnet where one hotkey commits a live local service and another a LAN address."""
-    ledger = LocalLedger(tmp_path / "ledger.sqlite", block_time=0.5)
+    ledger = LocalLedger(folder / "ledger.sqlite", block_time=0.5)
     coldkey = Keypair.create_from_uri("//Bob")
     ledger.fund(coldkey.ss58_address, 10**12)
     netuid = ledger.create_subnet(Keypair.create_from_uri("//Alice"), SubnetParams(burn=0))
@@ -152,18 +159,52 @@ def subnet_with_probes(tmp_path):
         ledger.close()
 
 
-def test_discovery_on_a_public_chain_never_dials_a_committed_private_address(subnet_with_probes):
+@pytest.fixture
+def subnet_with_probes(tmp_path):
+    with _probe_subnet(tmp_path) as subnet:
+        yield subnet
+
+
+def _in_subprocess(mode: str) -> dict:
+    """Run ``mode`` of this file in a fresh process: py-libp2p cannot share the pytest process with the
+    hivemind that other tests import (duplicate protobuf symbols)."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), mode],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONPATH": str(REPO)},  # this file imports the repo's packages at the top
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _discovery_probe() -> dict:
+    """(subprocess) Discovery with the rule on, then off, against the probe subnet."""
+    import tempfile
+
     from peer.net.discovery import discover
 
-    ledger, netuid, service, probes = subnet_with_probes
-    res = discover(ledger, netuid, run_id="x", timeout_s=4, allow_private=False)
-    assert service.accepted == 0 and res.live == 0 and res.candidates == 0
-    why = {s["hotkey"]: s["why"] for s in res.skipped}
-    assert set(why) == set(probes) and all("non-public address" in w for w in why.values()), why
-    # the control: with private addresses allowed (a local chain) the same commitment is dialled
-    discover(ledger, netuid, run_id="x", timeout_s=20, allow_private=True)
-    _wait_for(lambda: service.accepted >= 1, 10)
-    assert service.accepted >= 1
+    with tempfile.TemporaryDirectory() as tmp, _probe_subnet(Path(tmp)) as (ledger, netuid, service, probes):
+        res = discover(ledger, netuid, run_id="x", timeout_s=4, allow_private=False)
+        out = {"accepted_on": service.accepted, "live": res.live, "candidates": res.candidates}
+        out["why"] = {s["hotkey"]: s["why"] for s in res.skipped}
+        out["probes"] = sorted(probes)
+        # the control: with private addresses allowed (a local chain) the same commitment is dialled
+        discover(ledger, netuid, run_id="x", timeout_s=20, allow_private=True)
+        _wait_for(lambda: service.accepted >= 1, 10)
+        out["accepted_off"] = service.accepted
+    return out
+
+
+@pytest.mark.slow
+def test_discovery_on_a_public_chain_never_dials_a_committed_private_address():
+    out = _in_subprocess("discovery")
+    assert out["accepted_on"] == 0 and out["live"] == 0 and out["candidates"] == 0, out
+    assert sorted(out["why"]) == out["probes"], out
+    assert all("non-public address" in w for w in out["why"].values()), out
+    assert out["accepted_off"] >= 1, out
 
 
 def test_the_validator_refuses_a_private_commitment_with_its_reason(subnet_with_probes):
@@ -205,9 +246,8 @@ def _mentions(e: BaseException, text: str, depth: int = 0) -> bool:
     return depth < 12 and any(_mentions(x, text, depth + 1) for x in inner)
 
 
-def test_a_host_never_dials_a_refused_address_whoever_advertised_it():
-    """py-libp2p stores the addresses a remote advertises (identify) and redials them later; the host's
-    guard refuses each dial the rule refuses, on every path, and the host never dials on its own."""
+def _host_probe() -> dict:
+    """(subprocess) Every dial path of a host made with the rule on, then off, at a local service."""
     import multiaddr
     import trio
     from libp2p.crypto.ed25519 import create_new_key_pair
@@ -242,11 +282,28 @@ def test_a_host_never_dials_a_refused_address_whoever_advertised_it():
         return refused
 
     try:
-        assert trio.run(main, False) == ["dial_addr", "dial_peer", "connect"]
-        assert service.accepted == 0
+        out = {"refused_on": trio.run(main, False), "accepted_on": service.accepted}
         # the control: allowed, the same dials reach the service (noise then fails: it is not libp2p)
-        assert trio.run(main, True) == []
+        out["refused_off"] = trio.run(main, True)
         _wait_for(lambda: service.accepted >= 1, 10)
-        assert service.accepted >= 1
+        out["accepted_off"] = service.accepted
     finally:
         service.close()
+    return out
+
+
+@pytest.mark.slow
+def test_a_host_never_dials_a_refused_address_whoever_advertised_it():
+    """py-libp2p stores the addresses a remote advertises (identify) and redials them later; the host's
+    guard refuses each dial the rule refuses, on every path, and the host never dials on its own."""
+    out = _in_subprocess("host")
+    assert out["refused_on"] == ["dial_addr", "dial_peer", "connect"] and out["accepted_on"] == 0, out
+    assert out["refused_off"] == [] and out["accepted_off"] >= 1, out
+
+
+if __name__ == "__main__" and len(sys.argv) == 2:
+    sys.path.insert(0, str(REPO))
+    from peer.net.publisher import quiet_libp2p
+
+    quiet_libp2p()
+    print(json.dumps({"discovery": _discovery_probe, "host": _host_probe}[sys.argv[1]]()))

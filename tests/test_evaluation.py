@@ -61,6 +61,29 @@ def test_honest_work_beats_every_dishonest_behaviour(round1):
     assert "not its assignment" in strict["random-data"].reason
 
 
+def test_the_end_of_round_key_draws_the_evaluated_pages_not_the_assignments(round1, validator_world):  # noqa: F811
+    """With a page key the held-out, control and evaluated assigned pages are drawn anew (peers could not
+    know them while training), the assignments stay the seed's (pages_match), and the record keeps the
+    key so a replay draws the same pages."""
+    from validator.evaluation import RoundMeasurements, page_pick
+
+    ev, _, cands, earlier, rm, _ = round1
+    w = validator_world
+    key = bytes(range(32))
+    rk, _ = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands[:3], earlier, page_key=key)
+    assert page_pick(w.seeds[1], None) == w.seeds[1] and page_pick(w.seeds[1], key) != w.seeds[1]
+    assert rk.page_key_hex == key.hex() and rm.page_key_hex is None
+    assert rk.heldout_page_ids != rm.heldout_page_ids and rk.control_page_ids != rm.control_page_ids
+    assert set(rk.heldout_page_ids) <= set(w.store.heldout_pages)
+    for c in cands[:3]:
+        drawn = ev.assigned_page_ids(c.hotkey, 1, w.seeds[1], page_pick(w.seeds[1], key))
+        assert set(drawn) <= set(ev.assignment(c.hotkey, 1, w.seeds[1]))
+    assert all(p.pages_match for p in rk.peers if p.status == "ok")
+    again, _ = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands[:3], earlier, page_key=key)
+    assert again.heldout_page_ids == rk.heldout_page_ids
+    assert RoundMeasurements.from_json(rk.to_json()).page_key_hex == key.hex()
+
+
 def test_measurements_are_reproducible_and_the_base_is_restored(round1, validator_world):  # noqa: F811
     ev, _, cands, earlier, rm, _ = round1
     w = validator_world

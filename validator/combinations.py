@@ -30,7 +30,6 @@ def weak_combinations(
     evidence: Mapping[tuple[int, str], tuple[float | None, float | None]],
     threshold: float,
     trust_t: float,
-    own_sources: bool = False,
 ) -> dict[tuple[int, str], dict]:
     """The second tier: :func:`combination_copies` over the ``survivors`` (eligible peers the first tier
     kept) whose own-page evidence (``trust``: ``ScoringConfig.originality``, by default the lower of this
@@ -51,14 +50,7 @@ def weak_combinations(
     first round always), and only when it ranks below another dependent peer; a copier that passed the
     assignment test by chance (its t has no own-page work behind it, but a round-level offset shared by
     its pages: |t| ≥ 3 in 2 of 28 measured copycat rounds) is caught unless it also did so in its
-    recent rounds.
-
-    ``own_sources`` (``ScoringConfig.weak_tier_own_sources``): judging a weak peer k, a refused Δ that
-    lies in the span of k and the other refused sources is built from k's work (R₁ = Δ_k + X, R₂ = Δ_k −
-    X: R₁ = 2·Δ_k − R₂), not a source of it, and is left out for k. Without it two junk hotkeys got any
-    weak peer refused, alone or not (red team of thin rounds, 2026-12-06): whenever k lies in the span of
-    refused sources alone, some source lies in the span of k and the others. A copier of the swarm's
-    average C = (A + B + R)/3 keeps R as a source (rebuilding R needs A and B, not just C)."""
+    recent rounds."""
     weak = [k for k in survivors if trust.get(k, -math.inf) < trust_t]
     if not weak:
         return {}
@@ -66,20 +58,8 @@ def weak_combinations(
     # a refused Δ that is (nearly) a scaled copy of one survivor's — a sign-flipped or ×100 copy — is
     # that survivor's work, not a source: it would make its original "explained"
     sources = [r for r in outside if all(geo.explained(r, r, [k]) < threshold for k in survivors)]
-    trusted = [k for k in survivors if k not in weak]
-    if not own_sources:
-        refused, _ = combination_copies(spans, weak, evidence, threshold, trusted + sources)
-        return refused
-    by_sources: dict[tuple, list[tuple[int, str]]] = {}
-    for k in weak:
-        own = tuple(
-            r for r in sources if geo.explained(r, r, [k, *(s for s in sources if s != r)]) < threshold
-        )
-        by_sources.setdefault(own, []).append(k)
-    refused = {}
-    for own, judged in by_sources.items():
-        found, _ = combination_copies(spans, weak, evidence, threshold, trusted + list(own))
-        refused.update({k: r for k, r in found.items() if k in judged})
+    fixed = [k for k in survivors if k not in weak] + sources
+    refused, _ = combination_copies(spans, weak, evidence, threshold, fixed)
     return refused
 
 

@@ -51,11 +51,8 @@ def configs_from_record(rec: RoundRecord, device: str | None = None) -> tuple[Ev
     sc.setdefault("support_mean_fraction", None)  # records before the support-mean copy test
     sc.setdefault("originality", "best")  # records before sustained own-page evidence
     sc.setdefault("reference_out_of_scale", "clip")  # records before out-of-scale references were dropped
-    sc.setdefault("reference_bias_t", None)  # records before biased references were dropped
-    sc.setdefault("cap_median_of_passers", False)
-    sc.setdefault(
-        "weak_tier_own_sources", False
-    )  # records before the weak tier's sources were per peer  # records before the cap's median excluded failing peers
+    sc.setdefault("reference_bias_t", None)  # records before the (experimental) reference bias test
+    sc.setdefault("cap_median_of_passers", False)  # records before the cap's median excluded failing peers
     sc.setdefault("max_delta_norm", None)  # records before the absolute norm bound
     return EvalConfig(**ev), ScoringConfig(**sc)
 

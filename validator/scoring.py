@@ -254,28 +254,21 @@ class ScoringConfig:
     40-step Δ gains on any page — so the larger Δ showed "specificity" it did not have: a sparse Δ
     trained on none of its own pages passed the assignment test with t = 6.0 against references of 20
     and 5 steps (``benchmarks/validator.py --sparse``, trial 1: Spearman by own-data share −0.100)."""
-    reference_bias_t: float | None = 2.5
-    """A cross reference whose gains on this peer's pages differ from its own gains on the round's
-    control pages by a Welch |t| of at least this is not used (``references_biased`` in the terms; with
-    none left, the peer's own control pages are the reference). A reference is there to show what a Δ
-    trained on neither page set does to this peer's pages; an honest one does about the same on both
-    (random samples of the same training split; only 8 control pages, so the test is coarse): an honest
-    reference is dropped in a few % of cases and the peer keeps its other one. Not the reference's other
-    cross target's pages as the baseline: colluding sybils ascend on all their targets alike. Why (red
-    team of thin rounds, 2026-12-06, ``benchmarks/thin_rounds.py``): a hotkey publishing a noisy copy of
-    an honest peer's Δ, C = (Δ_H + N)/√2 (cosine 0.71, under every copy threshold), served as H's
-    reference, and its gains on H's pages, rescaled by the held-out ratio, *were* H's: H paid 0 in a
-    2-peer round (its share 0.47 → 0.35 with a third peer), for one hotkey that trains nothing; and
-    sybils whose Δs memorised a victim's pages and ascended on each other's zeroed the victim and were
-    paid themselves. Both references stand out against their own control gains; the control pages are
-    drawn with the end-of-round key (``RoundMeasurements.page_key_hex``), so nobody can tune a Δ to them
-    while training. None: off (records made before it replay with it off)."""
-    weak_tier_own_sources: bool = True
-    """In the second combination tier (``combination_trust_t``), a refused Δ built from the judged peer's
-    own work (R₁ = Δ_H + X, R₂ = Δ_H − X: each is in the span of Δ_H and the other) is not a source of it
-    (:func:`validator.combinations.weak_combinations`). Before (False), two junk hotkeys, both refused
-    for raising the held-out loss, got a weak honest peer (a new hotkey, or a small peer with t ≈ 2.5)
-    refused as "a combination of other peers' Δs" (red team of thin rounds, 2026-12-06)."""
+    reference_bias_t: float | None = None
+    """Off by default (None); an experiment kept for the next attempt. With a value (e.g. 2.5), a cross
+    reference whose gains on this peer's pages differ from its own gains on the round's 8 control pages
+    by a Welch |t| ≥ this is not used (``references_biased`` in the terms; with none left, the peer's own
+    control pages are the reference). It stops the blatant forms of two attacks of the red team of thin
+    rounds (2026-12-06, ``benchmarks/thin_rounds.py``): a noisy copy of an honest peer's Δ, (Δ_H + N)/√2,
+    serving as H's reference and erasing H's specificity; non-training sybils whose Δs memorise a
+    victim's known pages and ascend on each other's. Why it is off (review, same day): on recorded
+    rounds a peer's two references agree closely on its pages and share the round's 8 control pages, so
+    drops come together — ~5 % of references, both of one peer's in ~2 %, some peer of a 6-peer round
+    losing both in ~8 % — and the control-page fallback is weak exactly then (honest t 5.2 → 0.3 in one
+    replayed round; a non-trainer's pass rate 6.9 → 9.0 %); and an attacker that adds per-page noise to
+    its gains on the victim's pages lowers |t| below the bar (the victim zeroed in 4 of 5 trials). A
+    usable version needs a test the attacker's variance cannot dilute and "no evidence" instead of the
+    fallback."""
     cap_median_of_passers: bool = True
     """The memorisation cap's median (specificity ÷ held-out gain) is taken over the peers that also pass
     their assignment test. Before (False), every peer past the solo gates counted, and decoy hotkeys
@@ -576,7 +569,6 @@ def _combination_gate(
             evidence,
             cfg.combination_fraction,
             cfg.combination_trust_t,
-            own_sources=cfg.weak_tier_own_sources,
         )
     for key, r in weak.items():
         terms[key]["combination_explained_with_refused"] = r["explained"]

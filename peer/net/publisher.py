@@ -419,7 +419,8 @@ class _Server:
         self.dialing[remote] += 1
         t0 = time.monotonic()
         try:
-            why = await probe_dht(list(req.addrs), timeout_s=self.cfg.dialback_timeout_s)
+            # only the requester's own IP (dialback_problem above), private or not: it asked to be dialled
+            why = await probe_dht(list(req.addrs), timeout_s=self.cfg.dialback_timeout_s, allow_private=True)
         finally:
             self.dialing[remote] -= 1
         self.counters["served_dialback"] += 1
