@@ -276,9 +276,7 @@ def dialback_helpers(
 ) -> list:
     """Other nodes' publishers to ask for a dial-back: validators by stake, then peers by stake; none whose
     commitment :func:`peer.net.dial_policy.dial_refusal` refuses."""
-    from peer.net.dial_policy import dial_refusal
     from peer.net.fetch import Target
-    from peer.net.records import Commitment, RecordError
 
     mg = chain.metagraph(netuid)
     commitments = chain.commitments(netuid)
@@ -289,12 +287,9 @@ def dialback_helpers(
         raw = commitments.get(nr.hotkey)
         if not raw:
             continue
-        try:
-            commitment = Commitment.from_bytes(raw)
-        except RecordError:
-            continue
-        if dial_refusal(commitment.addr, allow_private=allow_private) is None:
-            out.append(Target.from_commitment(commitment, nr.hotkey))
+        target, _ = Target.from_chain(raw, nr.hotkey, allow_private=allow_private)
+        if target is not None:
+            out.append(target)
         if len(out) >= limit:
             break
     return out
@@ -308,9 +303,7 @@ def dial_back(inp: DoctorInputs, f: _Found, client, addrs: list[str], tries: int
 
     if f.helpers is None:
         try:
-            from peer.net.dial_policy import private_allowed_for
-
-            allow = private_allowed_for(inp.chain_cfg)
+            allow = client.cfg.allow_private  # the policy the client's host enforces (_client)
             f.helpers = (
                 dialback_helpers(f.chain, inp.chain_cfg.netuid, f.hotkey, allow_private=allow)
                 if f.chain

@@ -41,7 +41,6 @@ from peer.config import RunConfig
 from peer.data.pages import PageStore
 from peer.errors import CheckpointError
 from peer.net.outbox import decode_state
-from peer.net.records import Commitment
 from validator.ema import EmaState, last_evaluated, update_ema
 from validator.evaluation import Candidate, EvalConfig, Evaluator, PeerMeasurement, RoundMeasurements
 from validator.fetching import (
@@ -151,7 +150,6 @@ def sync_metagraph(
 ) -> tuple[Metagraph, list[PeerTarget]]:
     """The metagraph and, for every other uid, where its publisher is (or why we cannot reach it). A
     commitment naming an address :func:`peer.net.dial_policy.dial_refusal` refuses is never dialled."""
-    from peer.net.dial_policy import dial_refusal
     from peer.net.fetch import Target
 
     mg = chain.metagraph(netuid)
@@ -166,18 +164,8 @@ def sync_metagraph(
                 PeerTarget(uid=nr.uid, hotkey=nr.hotkey, rejected="no publisher commitment on chain")
             )
             continue
-        try:
-            commitment = Commitment.from_bytes(raw)
-        except ValueError as e:
-            targets.append(PeerTarget(uid=nr.uid, hotkey=nr.hotkey, rejected=f"unreadable commitment ({e})"))
-            continue
-        why = dial_refusal(commitment.addr, allow_private=allow_private)
-        if why is not None:
-            targets.append(PeerTarget(uid=nr.uid, hotkey=nr.hotkey, rejected=f"commitment {why}"))
-            continue
-        targets.append(
-            PeerTarget(uid=nr.uid, hotkey=nr.hotkey, target=Target.from_commitment(commitment, nr.hotkey))
-        )
+        target, why = Target.from_chain(raw, nr.hotkey, allow_private=allow_private)
+        targets.append(PeerTarget(uid=nr.uid, hotkey=nr.hotkey, target=target, rejected=why))
     return mg, targets
 
 

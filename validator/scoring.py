@@ -425,7 +425,9 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
         reasons[(p.uid, p.hotkey)] = _solo_gate(p, t, cfg, m.round)
     # specificity: own gain on its pages minus what the other eligible peers' Δs achieve there
     eligible_keys = {k for k, r in reasons.items() if r is None}
-    controls = {(p.uid, p.hotkey): list(p.control_page_gains) for p in m.peers}
+    controls = None  # what the (experimental, off by default) reference bias test compares with
+    if cfg.reference_bias_t is not None:
+        controls = {(p.uid, p.hotkey): list(p.control_page_gains) for p in m.peers}
     for p in m.peers:
         _specificity(
             p,
@@ -608,15 +610,15 @@ def _support_mean_copies(spans, survivors, evidence, terms, reasons, cfg: Scorin
         )
 
 
-def _specificity_ratio_median(terms: dict, reasons: dict, proven: set | None = None) -> float | None:
+def _specificity_ratio_median(terms: dict, reasons: dict, passers: set | None = None) -> float | None:
     """Median of specificity ÷ held-out gain over the peers that passed every gate so far and, with
-    ``proven``, their own assignment test (None: none with a positive specificity), the reference of
+    ``passers``, their own assignment test (None: none with a positive specificity), the reference of
     the memorisation cap."""
     ratios = [
         terms[k]["specificity"] / terms[k]["heldout_gain"]
         for k, r in reasons.items()
         if r is None
-        and (proven is None or k in proven)
+        and (passers is None or k in passers)
         and terms[k]["specificity"] is not None
         and terms[k]["specificity"] > 0
     ]
@@ -625,9 +627,7 @@ def _specificity_ratio_median(terms: dict, reasons: dict, proven: set | None = N
 
 def _passes_own_test(t: dict, key: tuple[int, str], cfg: ScoringConfig, history: EmaState | None) -> bool:
     """Whether a peer's own Δ shows work on its own pages: specificity > 0 and the assignment test."""
-    if t["specificity"] is None:
-        return False
-    if t["specificity"] <= 0:
+    if t["specificity"] is None or t["specificity"] <= 0:
         return False
     prior = prior_evidence(history, key[0], key[1], cfg.evidence_rounds - 1)
     return assignment_test(prior, t["specificity_t"], cfg)[0]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from peer.chain.base import Chain, UnknownNetwork
 from peer.errors import ConfigError
+from peer.net.dial_policy import DIAL_PRIVATE_CHOICES
 
 DEFAULT_LEDGER_PATH = ".cache/ledger/ledger.sqlite"
 LOCAL = "local"
@@ -60,8 +61,10 @@ class ChainConfig:
             raise ConfigError(f"--ledger.block-time must be > 0 seconds, got {self.block_time}")
         if self.timeout <= 0:
             raise ConfigError(f"chain timeout must be > 0 seconds, got {self.timeout}")
-        if self.dial_private not in ("auto", "yes", "no"):
-            raise ConfigError(f"--dial-private {self.dial_private!r} must be auto, yes or no")
+        if self.dial_private not in DIAL_PRIVATE_CHOICES:
+            raise ConfigError(
+                f"--dial-private {self.dial_private!r} must be one of {', '.join(DIAL_PRIVATE_CHOICES)}"
+            )
 
     @property
     def is_local(self) -> bool:
@@ -117,7 +120,7 @@ def add_chain_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--dial-private",
         dest="dial_private",
-        choices=("auto", "yes", "no"),
+        choices=DIAL_PRIVATE_CHOICES,
         default=d.dial_private,
         help="dial committed loopback/private/link-local addresses: auto (default) = only on the "
         "LocalLedger; yes for Chopsticks or a lab chain on a private network (peer.net.dial_policy)",

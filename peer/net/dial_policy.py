@@ -37,10 +37,9 @@ this rule) altogether, and ``peer fetch --from`` dials what its user typed.
 from __future__ import annotations
 
 import ipaddress
-from typing import Literal
 
-DialPrivate = Literal["auto", "yes", "no"]
 DIAL_PRIVATE_CHOICES: tuple[str, ...] = ("auto", "yes", "no")
+"""Values of ``--dial-private`` (``ChainConfig.dial_private``, validated there)."""
 
 
 def dial_refusal(maddr: str, *, allow_private: bool) -> str | None:
@@ -120,12 +119,9 @@ def private_allowed_for(chain_cfg) -> bool:
     """Whether committed private addresses may be dialled on the chain ``chain_cfg`` names
     (:class:`peer.chain.config.ChainConfig`, its ``dial_private``): ``yes``/``no`` as given, ``auto`` =
     the chain is the embedded LocalLedger. Pure."""
-    choice = getattr(chain_cfg, "dial_private", "auto")
-    if choice not in DIAL_PRIVATE_CHOICES:
-        raise ValueError(f"dial-private must be one of {DIAL_PRIVATE_CHOICES}, got {choice!r}")
-    if choice != "auto":
-        return choice == "yes"
-    return bool(chain_cfg.is_local)
+    if chain_cfg.dial_private != "auto":
+        return chain_cfg.dial_private == "yes"
+    return chain_cfg.is_local
 
 
 def guard_dials(host, *, allow_private: bool) -> None:

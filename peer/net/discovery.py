@@ -75,10 +75,8 @@ def discover(
     are skipped undialled (:mod:`peer.net.dial_policy`; the caller derives it from the chain)."""
     import tempfile
 
-    from peer.net.dial_policy import dial_refusal
     from peer.net.fetch import FetchClient, FetchConfig, Target
     from peer.net.publisher import quiet_libp2p
-    from peer.net.records import Commitment, RecordError
 
     quiet_libp2p()
     t0 = time.monotonic()
@@ -88,16 +86,11 @@ def discover(
     for hotkey, raw in chain.commitments(netuid).items():
         if hotkey not in registered or hotkey in exclude_hotkeys:
             continue
-        try:
-            commitment = Commitment.from_bytes(raw)
-        except (RecordError, ValueError) as e:
-            res.skipped.append({"hotkey": hotkey, "why": f"unreadable commitment ({e})"})
-            continue
-        why = dial_refusal(commitment.addr, allow_private=allow_private)
-        if why is not None:
-            res.skipped.append({"hotkey": hotkey, "why": f"commitment {why}"})
-            continue
-        targets.append(Target.from_commitment(commitment, hotkey))
+        target, why = Target.from_chain(raw, hotkey, allow_private=allow_private)
+        if target is None:
+            res.skipped.append({"hotkey": hotkey, "why": why})
+        else:
+            targets.append(target)
     random.shuffle(targets)
     for t in targets[max_candidates:]:
         res.skipped.append({"hotkey": t.hotkey, "why": "not sampled"})

@@ -169,6 +169,22 @@ class Target:
             commitment = Commitment.from_multiaddr(commitment)
         return cls(addr=commitment.addr, peer_id=commitment.peer_id, hotkey=hotkey)
 
+    @classmethod
+    def from_chain(cls, raw: bytes, hotkey: str, *, allow_private: bool) -> tuple[Target | None, str | None]:
+        """(target, None) for the commitment bytes ``raw`` a chain holds for ``hotkey``, or (None, why): it
+        is unreadable, or it names an address :func:`peer.net.dial_policy.dial_refusal` refuses (never
+        dialled)."""
+        from peer.net.dial_policy import dial_refusal
+
+        try:
+            commitment = Commitment.from_bytes(raw)
+        except ValueError as e:
+            return None, f"unreadable commitment ({e})"
+        why = dial_refusal(commitment.addr, allow_private=allow_private)
+        if why is not None:
+            return None, f"commitment {why}"
+        return cls.from_commitment(commitment, hotkey), None
+
 
 @dataclass(kw_only=True)
 class RoundListing:
