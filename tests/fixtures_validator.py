@@ -17,8 +17,11 @@ import atexit
 import functools
 import hashlib
 import os
+import re
 import shutil
+import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +42,73 @@ GENESIS_ID = hashlib.blake2b(
     os.environ.get("GRADSWARM_FIXTURE_GENESIS", "validator-fixture-1").encode(), digest_size=16
 ).hexdigest()
 HONEST = ["hk-honest-a", "hk-honest-b", "hk-honest-c"]
+
+
+PAGE_WAIT = re.compile(r"waiting for block (\d+), whose hash draws the evaluated pages")
+"""What ``validator run`` logs once it holds every Δ (validator.loop.PAGE_WAIT)."""
+
+
+def run_validators(
+    cmds: list[list[str]],
+    ledger_path: Path,
+    *,
+    cwd: Path,
+    env: dict,
+    timeout: float = 240.0,
+    produced: dict[int, str] | None = None,
+) -> list[subprocess.CompletedProcess]:
+    """Run ``validator run`` processes side by side on the world's ledger, whose head stands still: once
+    every one still running waits for the block whose hash draws its evaluated pages (it logs
+    :data:`PAGE_WAIT`), that block is produced. Validators started together therefore draw the same
+    pages. Afterwards the head is put back where it was, so every test sees the same rounds; ``produced``
+    receives the hashes of the blocks that existed meanwhile (block → hash)."""
+    ledger = LocalLedger(ledger_path)
+    head0 = ledger.block()
+    with tempfile.TemporaryDirectory(prefix="gradswarm-validators-") as d:
+        logs = [(Path(d) / f"{i}.out", Path(d) / f"{i}.err") for i in range(len(cmds))]
+        procs = []
+        try:
+            for cmd, (out, err) in zip(cmds, logs, strict=True):
+                with open(out, "wb") as o, open(err, "wb") as e:
+                    procs.append(subprocess.Popen(cmd, cwd=cwd, env=env, stdout=o, stderr=e))
+            deadline = time.monotonic() + timeout
+            while any(p.poll() is None for p in procs):
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(cmds[0], timeout)
+                waits = [
+                    max((int(n) for n in PAGE_WAIT.findall(err.read_text(errors="replace"))), default=None)
+                    for p, (_, err) in zip(procs, logs, strict=True)
+                    if p.poll() is None
+                ]
+                head = ledger.block()
+                if waits and all(w is not None and w > head for w in waits):
+                    ledger.advance(max(waits) - head)
+                    if produced is not None:
+                        produced.update({n: ledger.block_hash(n) for n in range(head + 1, max(waits) + 1)})
+                time.sleep(0.2)
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+            _put_head_back(ledger, head0)
+            ledger.close()
+        return [
+            subprocess.CompletedProcess(
+                cmd, p.returncode, out.read_text(errors="replace"), err.read_text(errors="replace")
+            )
+            for cmd, p, (out, err) in zip(cmds, procs, logs, strict=True)
+        ]
+
+
+def _put_head_back(ledger: LocalLedger, n: int) -> None:
+    """The dev ledger's head is a function of its genesis time (LocalLedger.advance moves it forward)."""
+    with ledger._tx() as db:
+        db.execute(
+            "UPDATE meta SET value=? WHERE key='genesis_time'",
+            (repr(time.time() - (n + 0.5) * ledger.block_time),),
+        )
+    assert ledger.block() == n
 
 
 def keypair(name: str):

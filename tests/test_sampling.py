@@ -140,3 +140,32 @@ def test_sampling_key_is_the_end_of_round_hash_and_configs_are_checked():
     for bad in ({"max_peers": -1}, {"max_seconds": -1.0}, {"random_fraction": 1.5}):
         with pytest.raises(ConfigError):
             SamplingConfig(**bad)
+
+
+@pytest.mark.parametrize(
+    ("end", "head", "delay", "block"),
+    [
+        (20, 20, 2, 22),  # fetched within the round's first block: the agreed block, two after the end
+        (20, 21, 2, 22),  # validators finishing in blocks 20 and 21 draw the same pages
+        (20, 22, 2, 23),  # block 22 already existed when the fetch ended: a peer could have seen it
+        (20, 57, 2, 58),  # a round audited late (audit_window): a block after that late fetch
+        (20, 20, 1, 21),
+    ],
+)
+def test_the_page_block_never_exists_before_every_delta_is_held(end, head, delay, block):
+    from validator.sampling import page_key_block
+
+    assert page_key_block(end, head, delay) == block
+    assert block > head  # unknown to every peer while the validator was still fetching
+
+
+def test_page_keys_follow_the_block_and_the_round():
+    from validator.evaluation import page_pick
+    from validator.sampling import page_key, page_key_block, sampling_key
+
+    a, b = page_key(b"a" * 32, 3), page_key(b"b" * 32, 3)
+    assert len({a, b, page_key(b"a" * 32, 4), sampling_key(b"a" * 32, 3)}) == 4
+    seed = b"s" * 32
+    assert page_pick(seed, a) != page_pick(seed, b) != seed
+    with pytest.raises(ValueError):
+        page_key_block(20, 20, 0)

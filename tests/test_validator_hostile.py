@@ -36,7 +36,7 @@ from peer.chain import SubnetParams
 from peer.chain.local import LocalLedger
 from peer.net.outbox import Outbox, encode_delta, encode_state, sha256_hex
 from peer.net.records import BlobRef, ContributionManifest, StateManifest
-from tests.fixtures_validator import ROUND_BLOCKS, keypair, validator_world  # noqa: F401
+from tests.fixtures_validator import ROUND_BLOCKS, keypair, run_validators, validator_world  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 TAO = 10**9
@@ -210,9 +210,9 @@ def test_a_round_survives_a_subnet_of_hostile_peers(validator_world, tmp_path): 
         _advance_past_round_1(net.ledger)
         state = tmp_path / "state"
         t0 = time.monotonic()
-        proc = subprocess.run(
-            validator_cmd(w, net.run_id, state, net.netuid, tmp_path / "wallets"),
-            cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240,
+        (proc,) = run_validators(
+            [validator_cmd(w, net.run_id, state, net.netuid, tmp_path / "wallets")], w.ledger_path,
+            cwd=REPO, env=_env(),
         )  # fmt: skip
         wall = time.monotonic() - t0
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -268,7 +268,7 @@ def test_a_sampled_round_lists_only_the_sample_and_replaces_peers_with_nothing_t
             w, net.run_id, state, net.netuid, tmp_path / "wallets",
             "--eval.max-peers", "2", "--eval.min-listings", "0",
         )  # fmt: skip
-        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+        (proc,) = run_validators([cmd], w.ledger_path, cwd=REPO, env=_env())
         assert proc.returncode == 0, proc.stderr[-3000:]
         rec = json.loads((state / "rounds" / "1" / "record.json").read_text())
         smp = rec["sampling"]
@@ -322,7 +322,7 @@ def test_a_validator_killed_mid_round_finishes_that_round_after_restart(validato
             log.close()
         assert json.loads((state / "in_progress.json").read_text()) == {"round": 1}
         assert not (state / "rounds" / "1" / "record.json").exists()
-        second = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+        (second,) = run_validators([cmd], w.ledger_path, cwd=REPO, env=_env())
         assert second.returncode == 0, second.stderr[-3000:]
         assert "resuming round 1" in second.stderr
         rec = json.loads((state / "rounds" / "1" / "record.json").read_text())

@@ -23,7 +23,7 @@ from peer.chain import SubnetParams
 from peer.chain.local import LocalLedger
 from peer.net.outbox import Outbox, encode_state, sha256_hex
 from peer.net.records import BlobRef, ContributionManifest, StateManifest
-from tests.fixtures_validator import ROUND_BLOCKS, keypair, validator_world  # noqa: F401
+from tests.fixtures_validator import ROUND_BLOCKS, keypair, run_validators, validator_world  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 SERVED = ["hk-honest-a", "hk-honest-b", "hk-honest-c", "copycat", "random-data", "nan"]
@@ -127,46 +127,36 @@ def test_two_validators_score_served_contributions_and_replay_agrees(validator_w
             handles.append(h)
             h.publish_identity(keypair(name), run_id=run_id, round_=1)
             ensure_commitment(ledger, netuid, keypair(name), h.commitment())
+        cmds = []
+        for v in validators:  # side by side: both hold every Δ before the page block exists
+            cmds.append(
+                [sys.executable, "-m", "validator.cli", "run", "--config", str(w.config_path),
+                 "--data-dir", str(w.data_dir), "--run-id", run_id, "--state-dir", str(tmp_path / f"state-{v}"),
+                 "--ledger.path", str(w.ledger_path), "--netuid", str(netuid), "--round-blocks", str(ROUND_BLOCKS),
+                 "--max-rounds", "1", "--publish-grace", "0", "--wallet.name", v,
+                 "--wallet.path", str(tmp_path / "wallets"), "--device", "cpu"]
+            )  # fmt: skip
+        head = ledger.block()
         results = {}
-        for v in validators:
-            state = tmp_path / f"state-{v}"
-            proc = run_cli(
-                [
-                    "run",
-                    "--config",
-                    str(w.config_path),
-                    "--data-dir",
-                    str(w.data_dir),
-                    "--run-id",
-                    run_id,
-                    "--state-dir",
-                    str(state),
-                    "--ledger.path",
-                    str(w.ledger_path),
-                    "--netuid",
-                    str(netuid),
-                    "--round-blocks",
-                    str(ROUND_BLOCKS),
-                    "--max-rounds",
-                    "1",
-                    "--publish-grace",
-                    "0",
-                    "--wallet.name",
-                    v,
-                    "--wallet.path",
-                    str(tmp_path / "wallets"),
-                    "--device",
-                    "cpu",
-                ]
-            )
+        produced: dict[int, str] = {}
+        procs = run_validators(cmds, w.ledger_path, cwd=REPO, env=_env(), produced=produced)
+        for v, proc in zip(validators, procs, strict=True):
             assert proc.returncode == 0, proc.stderr[-3000:]
             assert "round 1:" in proc.stdout
-            results[v] = json.loads((state / "rounds" / "1" / "record.json").read_text())
+            results[v] = json.loads((tmp_path / f"state-{v}" / "rounds" / "1" / "record.json").read_text())
     finally:
         for h in handles:
             h.stop()
 
     rec = results["va"]
+    # the evaluated pages were drawn by a block produced only after the validator held every Δ
+    from validator.sampling import page_key
+
+    page_block = rec["sampling"]["page_block"]
+    assert page_block == head + 1 and results["vb"]["sampling"]["page_block"] == page_block
+    block_hash = bytes.fromhex(produced[page_block].removeprefix("0x"))
+    assert rec["measurements"]["page_key_hex"] == page_key(block_hash, 1).hex()
+    assert rec["timings"]["page_wait_s"] > 0
     scores = {s["hotkey"]: s for s in rec["scores"]}
     by_name = {n: scores[keypair(n).ss58_address] for n in [*SERVED, "free-rider"]}
     explained = {n: (round(s["score"], 4), s["reason"]) for n, s in by_name.items()}

@@ -129,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the fetch step of a round may take; what has not arrived is refused "
         "(default: half a round, at least 30 s)",
     )
+    g.add_argument(
+        "--eval.page-key-delay",
+        dest="page_key_delay",
+        type=int,
+        default=2,
+        help="blocks after a round's end, at least, whose hash draws the evaluated pages (always a block "
+        "produced after every Δ was fetched; validators that finish fetching within it draw the same "
+        "pages; default 2)",
+    )
     g = p.add_argument_group("scoring")
     g.add_argument(
         "--delta-scale",
@@ -270,6 +279,7 @@ def cmd_run(args) -> int:
             fetch_parallel=args.fetch_parallel,
             fetch_deadline_s=args.fetch_deadline or max(30.0, 0.5 * round_blocks * chain.block_time),
             dial_private=private_allowed_for(chain_cfg),
+            page_key_delay_blocks=args.page_key_delay,
         )
         signal.signal(signal.SIGTERM, _terminate)
         publisher = (

@@ -189,9 +189,10 @@ class PeerMeasurement:
 
 def page_pick(seed: bytes, page_key: bytes | None) -> bytes:
     """What draws a round's evaluated pages: the seed (known to peers while they train) alone, or mixed
-    with the end-of-round key (known once the round has ended), so that no peer can tune its Δ to the
-    held-out, control or evaluated assigned pages while it trains — nor make its Δ, as another peer's
-    cross reference, look generic on the control pages while it targets that peer's pages
+    with the page key (``validator.sampling.page_key``: the hash of a block produced only after the
+    validator held every Δ it evaluates), so that no peer can tune its Δ to the held-out, control or
+    evaluated assigned pages, while it trains or by serving its Δ late — nor make its Δ, as another
+    peer's cross reference, look generic on the control pages while it targets that peer's pages
     (``ScoringConfig.reference_bias_t``). Pure."""
     if page_key is None:
         return seed
@@ -211,10 +212,12 @@ class RoundMeasurements:
     base_seconds: float = 0.0
     """Time of the shared base-model forward passes."""
     page_key_hex: str | None = None
-    """The end-of-round key (``validator.sampling.sampling_key``) that, with the seed, drew the evaluated
-    pages — held-out, control, the evaluated subset of each assignment, the cross-reference ring
-    (:func:`page_pick`). None (records before it, tools without a chain): the seed alone, which every
-    peer knows while it trains."""
+    """The page key that, with the seed, drew the evaluated pages — held-out, control, the evaluated
+    subset of each assignment, the cross-reference ring (:func:`page_pick`). Since late 2026-12-06
+    the hash of a block produced after every Δ was fetched (``validator.sampling.page_key``; the record's
+    ``sampling["page_block"]`` names it); before, the end-of-round sampling key, which a peer that served
+    its Δ late already knew. None (records before either, tools without a chain): the seed alone, which
+    every peer knows while it trains."""
     heldout_rule: str = "alone"
     """How scoring reads a Δ's held-out gain (:func:`heldout_gain`). ``alone``:
     L(θ) − L(θ − α·Δ) (blocking rounds, and every record from before this field). ``first_order``:
@@ -457,7 +460,7 @@ class Evaluator:
         repeats one of them (stale, or copied from an earlier round) shows up in ``similar``.
         ``heldout_rule`` (``alone`` / ``first_order``, :attr:`RoundMeasurements.heldout_rule`) defaults to
         the run's round mode: ``first_order`` for overlapped rounds; a replay passes its record's rule.
-        ``page_key`` (the end-of-round key) draws the evaluated pages with the seed (:func:`page_pick`);
+        ``page_key`` (``validator.sampling.page_key``) draws the evaluated pages with the seed (:func:`page_pick`);
         the assignments themselves stay the seed's (what the peers trained on).
         """
         if heldout_rule is None:

@@ -11,6 +11,8 @@ For every round ``r`` that has ended (the chain's clock says so)::
                      sampled manifests checked (base hash, model config, data fingerprint, a size the
                      model allows) and unusable ones replaced by a redraw; the sampled peers' Δ_r,
                      concurrently, under the same deadline; every refusal becomes a reason
+    page_key         only now that every Δ is here: the hash of a block that did not exist before (at
+                     least ``page_key_delay_blocks`` after the round's end) draws the evaluated pages
     evaluate         validator.evaluation: losses before/after each Δ, assignment test, copies — in
                      priority order, starting no new peer once the time budget is spent
     score            validator.scoring: round scores → EMA → u16 weights (pure)
@@ -60,6 +62,8 @@ from validator.sampling import (
     SamplingConfig,
     Selection,
     fits_time_budget,
+    page_key,
+    page_key_block,
     sample_agrees,
     sampling_key,
     select_peers,
@@ -115,6 +119,15 @@ class LoopConfig:
     the round at most this. Keep it well under the round length; raise it if honest peers on slow links
     hit it (their blobs keep arriving in the cache for the next attempt)."""
 
+    page_key_delay_blocks: int = 2
+    """The evaluated pages (held-out, control, the evaluated part of each assignment) are drawn by the hash
+    of a block produced after this validator holds every Δ it evaluates (validator.sampling.page_key_block),
+    so no peer can tune its Δ to them by serving it late; the block is at least this many blocks after the
+    round's end, so that validators whose fetches finish at different moments within that window draw the
+    same pages and agree on scores. Costs up to this many blocks of waiting per round. Two validators'
+    scores differ on the same Δs → raise it above your fetch time in blocks (``timings.fetch_s`` in the
+    records); evaluation starts late in the round → lower it (any value ≥ 1 is safe)."""
+
     dial_private: bool = False
     """Whether committed loopback/private/link-local addresses are dialled (peer.net.dial_policy). The CLI
     sets it from ``--dial-private`` (auto: only on the LocalLedger). Off on a public chain: otherwise
@@ -129,6 +142,8 @@ class LoopConfig:
             raise ConfigError("--eval.fetch-parallel must be >= 1 and --eval.fetch-deadline > 0")
         if self.audit_window < 1:
             raise ConfigError("audit_window must be >= 1")
+        if self.page_key_delay_blocks < 1:
+            raise ConfigError("page_key_delay_blocks must be >= 1")
         if self.publish_grace_s < 0 or self.poll_s <= 0:
             raise ConfigError("publish grace must be >= 0 and poll interval > 0")
 
@@ -600,23 +615,34 @@ class BudgetedEvaluator(Evaluator):
 TIME_BUDGET = f"{NOT_SAMPLED} (time budget)"
 
 
+def draw_page_key(chain: Chain, clock, round_: int, delay_blocks: int) -> tuple[int, bytes]:
+    """(block, key) that draw round ``round_``'s evaluated pages: call it once every Δ is held. Reads the
+    head, then waits for :func:`validator.sampling.page_key_block`'s block to exist."""
+    block = page_key_block(clock.round_start_block(round_ + 1), chain.block(), delay_blocks)
+    log.info(PAGE_WAIT, round_, block)
+    return block, page_key(clock.block_seed(block), round_)
+
+
+PAGE_WAIT = "round %d: every Δ is here; waiting for block %d, whose hash draws the evaluated pages"
+
+
 def evaluate(
-    evaluator: Evaluator, inputs: RoundInputs, store: ValidatorStore, lookback: int, budget_s: float = 0.0
+    evaluator: Evaluator,
+    inputs: RoundInputs,
+    store: ValidatorStore,
+    lookback: int,
+    budget_s: float = 0.0,
+    pages_key: bytes | None = None,
 ) -> tuple[RoundMeasurements, dict, list[int]]:
-    """Measure the sampled peers; peers the time budget left out are moved from the measurements to
-    ``inputs``' not-sampled set (record and sampling updated), as if the sample had not included them."""
+    """Measure the sampled peers, on the pages ``pages_key`` draws (:func:`draw_page_key`; None: the seed
+    alone); peers the time budget left out are moved from the measurements to ``inputs``' not-sampled
+    set (record and sampling updated), as if the sample had not included them."""
     sketch_rounds, earlier = store.earlier_sketches(inputs.round, lookback, evaluator.sketch_plan_id)
     if isinstance(evaluator, BudgetedEvaluator):
         evaluator.budget_s = budget_s
     try:
-        key_hex = inputs.sampling.get("key_hex")
         rm, sketches = evaluator.evaluate_round(
-            inputs.round,
-            inputs.seed,
-            inputs.base_state,
-            inputs.candidates,
-            earlier,
-            page_key=bytes.fromhex(key_hex) if key_hex else None,
+            inputs.round, inputs.seed, inputs.base_state, inputs.candidates, earlier, page_key=pages_key
         )
     except CheckpointError as e:  # θ_r itself is unusable (non-finite): no peer can be measured against it
         raise NoBaseState(f"round {inputs.round}: {e}") from e
@@ -710,9 +736,12 @@ def run_round(v: Validator, round_: int) -> RoundRecord:
         state_round=round_ + 1 if v.run.train.rounds == "overlapped" else round_,
     )
     v.store.put_blob(inputs.base_sha256, _base_bytes(v.client, inputs))
+    t_page = time.perf_counter()
+    page_block, pkey = draw_page_key(v.chain, v.clock, round_, v.cfg.page_key_delay_blocks)
+    inputs.sampling["page_block"] = page_block
     t1 = time.perf_counter()
     rm, sketches, sketch_rounds = evaluate(
-        v.evaluator, inputs, v.store, v.cfg.sketch_lookback, v.cfg.sampling.max_seconds
+        v.evaluator, inputs, v.store, v.cfg.sketch_lookback, v.cfg.sampling.max_seconds, pkey
     )
     t2 = time.perf_counter()
     not_sampled = {int(u): r for u, r in inputs.sampling["not_sampled"].items()}
@@ -747,6 +776,7 @@ def run_round(v: Validator, round_: int) -> RoundRecord:
         },
         timings={
             "fetch_s": inputs.fetch_seconds,
+            "page_wait_s": t1 - t_page,
             "evaluate_s": t2 - t1,
             "base_s": rm.base_seconds,
             "round_s": time.perf_counter() - t0,

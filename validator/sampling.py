@@ -98,6 +98,28 @@ def sampling_key(end_block_hash: bytes, round_: int) -> bytes:
     ).digest()
 
 
+def page_key_block(end_block: int, head_after_fetch: int, delay_blocks: int) -> int:
+    """The block whose hash draws the round's evaluated pages (pure, table-tested).
+
+    It must not exist before the validator holds every Δ it will evaluate, or a peer that serves its Δ
+    late (stalling up to the fetch deadline, or a round audited later: ``LoopConfig.audit_window``) could
+    tune it to the drawn held-out, control and assigned pages. So it is at least one block after the head
+    the validator read once its fetch had finished; and, so that validators whose fetches end at
+    different moments still draw the same pages, at least ``delay_blocks`` after the round's end block
+    (``end_block`` = the first block of round r+1)."""
+    if delay_blocks < 1:
+        raise ValueError(f"delay_blocks must be >= 1, got {delay_blocks}")
+    return max(end_block + delay_blocks, head_after_fetch + 1)
+
+
+def page_key(block_hash: bytes, round_: int) -> bytes:
+    """The key that, with the round's seed, draws the evaluated pages (``validator.evaluation.page_pick``)
+    from the hash of :func:`page_key_block`'s block."""
+    return hashlib.blake2b(
+        b"gradswarm/pages/" + round_.to_bytes(8, "little") + block_hash, digest_size=32
+    ).digest()
+
+
 def _tie(key: bytes, uid: int, hotkey: str) -> bytes:
     return hashlib.blake2b(key + uid.to_bytes(4, "little") + hotkey.encode(), digest_size=16).digest()
 

@@ -40,10 +40,13 @@ class ChainClock:
 
     def seed(self, round_: int) -> bytes:
         """32-byte hash of the round's first block; waits (up to ``max_wait``) for it to exist."""
-        first = self.round_start_block(round_)
+        return self.block_seed(self.round_start_block(round_), f"round {round_} (block {{n}}) did not start")
+
+    def block_seed(self, n: int, what: str = "block {n} was not produced") -> bytes:
+        """32-byte hash of block ``n``; waits (up to ``max_wait``) for it to exist."""
         deadline = time.monotonic() + self.max_wait
-        while self.chain.block() < first:
+        while self.chain.block() < n:
             if time.monotonic() > deadline:
-                raise ChainError(f"round {round_} (block {first}) did not start within {self.max_wait:.0f}s")
+                raise ChainError(what.format(n=n) + f" within {self.max_wait:.0f}s")
             time.sleep(self.poll)
-        return bytes.fromhex(self.chain.block_hash(first).removeprefix("0x"))
+        return bytes.fromhex(self.chain.block_hash(n).removeprefix("0x"))
