@@ -156,6 +156,34 @@ def test_behaviours_change_only_what_they_say():
     assert [bh.trains(Behaviour.STALE, i) for i in range(4)] == [True, False, False, False]
 
 
+def test_heldout_train_adds_unclaimed_heldout_pages_to_its_training_data():
+    from types import SimpleNamespace
+
+    from peer.data.pages import split_pages
+    from peer.training.trainer import Trainer
+
+    train_pages, heldout = split_pages(2000, 50)
+    assigned = train_pages[:16]
+
+    def trained(b: Behaviour) -> list[int]:
+        fake = SimpleNamespace(
+            cfg=SimpleNamespace(behaviour=b),
+            clock=SimpleNamespace(seed=lambda r: b"seed%d" % r),
+            store=SimpleNamespace(heldout_pages=heldout),
+            hotkey="hk",
+        )
+        return Trainer.training_pages(fake, 3, assigned)
+
+    assert trained(Behaviour.HONEST) == assigned and trained(Behaviour.RANDOM_DATA) == assigned
+    half, full = trained(Behaviour.HELDOUT_TRAIN), trained(Behaviour.HELDOUT_TRAIN_FULL)
+    assert half[:16] == assigned and len(half) == 24 and set(half[16:]) <= set(heldout)
+    assert full[:16] == assigned and len(full) == 32 and set(full[16:]) <= set(heldout)
+    assert not Behaviour.HELDOUT_TRAIN.is_honest and bh.trains(Behaviour.HELDOUT_TRAIN, 0)
+    d = [torch.ones(3)]
+    assert bh.published_delta(Behaviour.HELDOUT_TRAIN, d, None, 1) is d
+    assert bh.averaging_input(Behaviour.HELDOUT_TRAIN, d) == (d, 1.0)
+
+
 def test_outer_step_is_deterministic_nesterov():
     import dataclasses
 

@@ -12,6 +12,10 @@ honest         its own Δ, trained on its assigned pages               its Δ, w
 free-rider     a zero Δ, trains nothing                               nothing (weight 0), lurks
 copycat        the swarm's averaged Δ of the round, trains nothing    nothing (weight 0), lurks
 random-data    Δ trained on pages *not* assigned to it                that Δ, weight 1
+heldout-train  Δ trained on its assigned pages plus k/2 held-out      that Δ, weight 1
+               pages drawn per round (k = pages per round), shuffled
+               together; its manifest claims only the assigned pages
+               (``heldout-train-full``: k, at most all of them)
 nan            a NaN Δ                                                nothing
 scaled         100 × its Δ                                            100 × Δ (clipped by reducers)
 sign-flip      −Δ                                                     −Δ
@@ -37,6 +41,8 @@ class Behaviour(enum.StrEnum):
     FREE_RIDER = "free-rider"
     COPYCAT = "copycat"
     RANDOM_DATA = "random-data"
+    HELDOUT_TRAIN = "heldout-train"
+    HELDOUT_TRAIN_FULL = "heldout-train-full"
     NAN = "nan"
     SCALED = "scaled"
     SIGN_FLIP = "sign-flip"
@@ -63,6 +69,12 @@ NOISE_SCALE = 10.0
 """``noise`` sends Gaussian noise of this many times its own Δ's norm."""
 COLLUDE_SCALE = 3.0
 """``collude`` sends the shared direction at this many times its own Δ's norm."""
+_HELDOUT_SHARE = {Behaviour.HELDOUT_TRAIN: 0.5, Behaviour.HELDOUT_TRAIN_FULL: 1.0}
+
+
+def heldout_pages_per_round(b: Behaviour, k: int) -> int:
+    """How many held-out pages the peer trains on each round besides its ``k`` assigned pages."""
+    return int(k * _HELDOUT_SHARE.get(b, 0.0))
 
 
 def _norm(delta: list[torch.Tensor]) -> float:

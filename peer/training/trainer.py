@@ -494,11 +494,24 @@ class Trainer:
             return eval_pages(r, seed, others, k, purpose=f"random-data/{self.hotkey}")
         return assign_pages(self.hotkey, r, seed, self.store.train_pages, k)
 
+    def training_pages(self, r: int, pages: list[int]) -> list[int]:
+        """The pages the peer trains on in round ``r``: the pages it claims in its manifest (``pages``),
+        plus held-out pages for ``heldout-train`` (which it does not claim)."""
+        n = bh.heldout_pages_per_round(self.cfg.behaviour, len(pages))
+        if n <= 0:
+            return pages
+        purpose = f"heldout-train/{self.hotkey}"
+        return [*pages, *eval_pages(r, self.clock.seed(r), self.store.heldout_pages, n, purpose=purpose)]
+
     def train_inner(self, r: int, pages: list[int], stop_at: float, report: RoundReport) -> None:
-        """Inner steps from the live parameters (set by ``state.begin_round``) until ``stop_at``."""
+        """Inner steps from the live parameters (set by ``state.begin_round``) until ``stop_at``.
+
+        ``pages`` are the claimed (manifest) pages; :meth:`training_pages` may add unclaimed ones."""
         train = self.cfg.run.train
         batches = round_batches(
-            self.store.samples(pages), train.batch_size, self.clock.seed(r) + self.hotkey.encode()
+            self.store.samples(self.training_pages(r, pages)),
+            train.batch_size,
+            self.clock.seed(r) + self.hotkey.encode(),
         )
         probe = batches[0] if self.cfg.probe_loss else None
         self.cpu.start()
