@@ -54,7 +54,7 @@ from peer.training.diloco import DilocoState  # noqa: E402
 from validator.evaluation import Candidate, EvalConfig, Evaluator  # noqa: E402
 from validator.scoring import ScoringConfig, score_round  # noqa: E402
 
-EVAL_OVERRIDES: dict[str, int] = {}
+EVAL_OVERRIDES: dict[str, int | str] = {}
 """``--eval FIELD=INT``: EvalConfig fields the ranking figures use instead of the defaults."""
 
 
@@ -481,13 +481,19 @@ def main() -> int:
         nargs="*",
         default=[],
         metavar="FIELD=INT",
-        help="EvalConfig overrides for the ranking figures, e.g. assigned_pages=48 (integers)",
+        help="EvalConfig overrides for the ranking figures, e.g. assigned_pages=48 (integers) or "
+        "gain_pages=heldout",
     )
     args = ap.parse_args()
     for kv in args.eval:
         field_name, _, value = kv.partition("=")
+        if field_name == "gain_pages":  # the one text field: where the paid held-out pages come from
+            EVAL_OVERRIDES[field_name] = value
+            continue
         if field_name not in EvalConfig.__dataclass_fields__ or not value.lstrip("-").isdigit():
-            ap.error(f"--eval {kv!r}: expected FIELD=INT with FIELD an EvalConfig field")
+            ap.error(
+                f"--eval {kv!r}: expected FIELD=INT with FIELD an EvalConfig field, or gain_pages=unseen|heldout"
+            )
         EVAL_OVERRIDES[field_name] = int(value)
     if args.sparse:
         global ENCODE

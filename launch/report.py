@@ -25,6 +25,15 @@ SUMMARY_SPEC = 1
 
 
 # ------------------------------------------------------------------------------------ reading files
+
+
+def _public_heldout_loss(measurements: Mapping) -> float | None:
+    """θ_r's loss on the public held-out split: ``public_heldout_loss`` where the validator paid gains on
+    unseen training pages, else the paid pages' base loss (they were that split)."""
+    public = measurements.get("public_heldout_loss")
+    return measurements.get("heldout_loss_base") if public is None else public
+
+
 def read_json(path: Path) -> dict | None:
     """A JSON object file, or None if it is missing or (briefly, while replaced) unreadable."""
     try:
@@ -132,7 +141,7 @@ def compact_validator_record(rec: Mapping) -> dict:
     weights = rec.get("weights") or {}
     return {
         "round": int(rec["round"]),
-        "heldout_loss_base": (rec.get("measurements") or {}).get("heldout_loss_base"),
+        "heldout_loss_base": _public_heldout_loss(rec.get("measurements") or {}),
         "scores": scores,
         "reasons": reasons,
         "weight_shares": weights.get("shares", {}),

@@ -25,6 +25,8 @@ from validator.scoring import ScoringConfig, score_round
 MORE_HONEST = {"hk-honest-d": 64, "hk-honest-e": 26, "hk-honest-f": 40, "hk-honest-g": 64, "hk-honest-h": 40}
 """Five more honest peers of round 1 (name → inner steps: a compute spread)."""
 REASON = "combination of other peers' Δs"
+PAGE_KEY = bytes(32)
+"""As a validator draws the evaluated pages: with a page key (here a stand-in for the block hash)."""
 
 
 def _noise_like(d: dict, fraction: float, seed: int) -> dict:
@@ -60,7 +62,7 @@ def _evaluate(ev, w, named_blobs: dict, fmt: str | None = None, earlier=None):
         Candidate(uid=i, hotkey=hk, delta_blob=blob, delta_format=fmt)
         for i, (hk, blob) in enumerate(named_blobs.values())
     ]
-    rm, _ = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands, earlier)
+    rm, _ = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands, earlier, page_key=PAGE_KEY)
     scores = score_round(rm, ScoringConfig(require_pages_match=False))
     return dict(zip(names, scores, strict=True)), rm
 
@@ -171,4 +173,8 @@ def test_mixes_of_sparse_deltas_are_refused(honest8, evaluator, validator_world)
     assert all("support_gram" in p.span for p in rm.peers)  # each Δ measured on its own support
     for n in five:
         assert REASON not in scores[n].reason, explained
-        assert scores[n].score > 0, explained
+        # one round and no history: a weak top-1/64 honest Δ can miss the single-round assignment test
+        # (t 0.25–1.15 in 3 of 9 draws of unseen pages, 0 of 8 with the public split's pages; RESULTS
+        # "Training on the public held-out split"); a validator pools it over 4 rounds (evidence_rounds)
+        assert scores[n].score > 0 or "not shown to have trained" in scores[n].reason, explained
+    assert sum(scores[n].score > 0 for n in five) >= 4, explained

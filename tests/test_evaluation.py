@@ -11,6 +11,11 @@ from validator.evaluation import Candidate, EvalConfig, Evaluator
 from validator.scoring import ScoringConfig, score_round
 
 DISHONEST = ["free-rider", "copycat", "random-data", "nan", "scaled", "sign-flip", "stale", "dup"]
+PAGE_KEY = bytes(32)
+"""Validators always draw the evaluated pages with a page key (validator.loop.draw_page_key); this one
+stands for the hash of the block after the fetch. Over 8 keys (0x00…–0x07…) the single-round assignment
+test refused random-data and copycat in all 8 draws with unseen training pages as held-out pages, and in
+7 of 8 with the public held-out split (RESULTS, "Training on the public held-out split")."""
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +32,7 @@ def round1(validator_world):  # noqa: F811
         Candidate(uid=i, hotkey=w.hotkeys[n], delta_blob=w.blob(1, n), claimed_pages=w.pages[1][n])
         for i, n in enumerate(names)
     ]
-    rm, sketches = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands, earlier)
+    rm, sketches = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands, earlier, page_key=PAGE_KEY)
     return ev, names, cands, earlier, rm, sketches
 
 
@@ -72,13 +77,28 @@ def test_the_end_of_round_key_draws_the_evaluated_pages_not_the_assignments(roun
     key = bytes(range(32))
     rk, _ = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands[:3], earlier, page_key=key)
     assert page_pick(w.seeds[1], None) == w.seeds[1] and page_pick(w.seeds[1], key) != w.seeds[1]
-    assert rk.page_key_hex == key.hex() and rm.page_key_hex is None
+    assert rk.page_key_hex == key.hex() and rm.page_key_hex == PAGE_KEY.hex()
     assert rk.heldout_page_ids != rm.heldout_page_ids and rk.control_page_ids != rm.control_page_ids
-    assert set(rk.heldout_page_ids) <= set(w.store.heldout_pages)
+    # the paid "held-out" pages are unseen training pages: assigned to none of the round's hotkeys
+    assert rk.gain_pages == "unseen" and rk.unseen_excluded == sorted({c.hotkey for c in cands[:3]})
+    assigned = {p for c in cands[:3] for p in ev.assignment(c.hotkey, 1, w.seeds[1])}
+    assert set(rk.heldout_page_ids) <= set(w.store.train_pages) - assigned
+    assert len(rk.heldout_page_ids) == ev.cfg.heldout_pages
+    # the public held-out split is still measured at θ_r: the swarm's loss curve
+    public = ev.heldout_page_ids(1, page_pick(w.seeds[1], key))
+    assert set(public) <= set(w.store.heldout_pages)
+    assert rk.public_heldout_loss == pytest.approx(sum(ev.page_losses(public)) / len(public), rel=1e-6)
     for c in cands[:3]:
         drawn = ev.assigned_page_ids(c.hotkey, 1, w.seeds[1], page_pick(w.seeds[1], key))
         assert set(drawn) <= set(ev.assignment(c.hotkey, 1, w.seeds[1]))
     assert all(p.pages_match for p in rk.peers if p.status == "ok")
+    # a round whose assignments leave fewer unseen pages than wanted is paid on the public split
+    crowded = [f"5Crowd{i}" for i in range(200)]  # ~200 × 64 assignments cover the 1,355 training pages
+    rc, _ = ev.evaluate_round(
+        1, w.seeds[1], w.bases[1], cands[:1], earlier, page_key=key, exclude_hotkeys=crowded
+    )
+    assert rc.gain_pages == "heldout" and rc.unseen_excluded == [] and rc.public_heldout_loss is None
+    assert rc.heldout_page_ids == public
     again, _ = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands[:3], earlier, page_key=key)
     assert again.heldout_page_ids == rk.heldout_page_ids
     assert RoundMeasurements.from_json(rk.to_json()).page_key_hex == key.hex()
@@ -230,7 +250,7 @@ def test_a_copy_that_dodges_the_public_sketch_is_caught_by_the_keyed_one(validat
 def first_order1(round1):
     ev, _, cands, earlier, _, _ = round1
     w = world()
-    rm, _ = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands, earlier, "first_order")
+    rm, _ = ev.evaluate_round(1, w.seeds[1], w.bases[1], cands, earlier, "first_order", PAGE_KEY)
     return rm
 
 

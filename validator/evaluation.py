@@ -1,8 +1,16 @@
 """Measure every peer's contribution of one round: what its Δ does to the loss, and whether it is its own.
 
-For round ``r`` with base state θ_r and seed ``s`` every validator derives the same pages:
+For round ``r`` with base state θ_r, seed ``s`` and page key ``q`` (``page_pick(s, q)``: a block hash
+produced after the fetch) every validator that used the same block derives the same pages:
 
-* held-out pages ``eval_pages(r, s, heldout_pages, k, "heldout")`` — the loss the swarm is paid to remove;
+* "held-out" pages, the loss the swarm is paid to remove: ``eval_pages(r, q, unseen, k, "unseen")``, drawn
+  from the *unseen* training pages — those assigned this round to no hotkey of the metagraph
+  (``gain_pages = "unseen"``, the default). No peer knows them until its Δ is in the validator's hands,
+  so none can train on them. The public held-out split (5 % of pages by a hash of the page id) is too
+  small for that: a peer that trained on it besides its own pages took 40–74 % of a 4-peer subnet's
+  weight (benchmarks/RESULTS.md, "Training on the public held-out split"). It is still measured at θ_r,
+  for the swarm's loss curve (``public_heldout_loss``), and ``gain_pages = "heldout"`` draws the paid
+  pages from it as every record before did;
 * control pages ``eval_pages(r, s, train_pages, k, "control")`` — training pages nobody was told to use
   (a peer's own assigned pages are dropped from its control set);
 * per peer, ``k`` of its assigned pages ``eval_pages(r, s, assign_pages(hotkey, r, s, ...), k,
@@ -55,6 +63,7 @@ from peer.training.sparse import decode_contribution
 
 SKETCH_PURPOSE = "sketch"
 HELDOUT_RULES = ("alone", "first_order")
+GAIN_PAGES = ("unseen", "heldout")
 
 
 @dataclass(kw_only=True)
@@ -65,6 +74,12 @@ class EvalConfig:
     heldout_pages: int = 16
     """Held-out pages evaluated per round (shared by all peers). More pages = less noise in the held-out
     gain, linearly more forward passes per peer. Raise it if peers' scores jump from round to round."""
+    gain_pages: str = "unseen"
+    """Where those pages come from. ``unseen``: training pages that no hotkey of the metagraph was
+    assigned this round, drawn by the page key (a block produced after the fetch), so no peer can have
+    trained on them. ``heldout``: the public held-out split — a peer can train on all of it (5 % of the
+    corpus) and be paid for it; kept to replay older records. Falls back to ``heldout`` in a round
+    whose assignments leave fewer unseen pages than ``heldout_pages`` (a tiny corpus, many peers)."""
     assigned_pages: int = 24
     """Pages of a peer's own assignment evaluated before and after its Δ (of ``data.pages_per_round``). The
     assignment test's power grows with it: a peer sees each of its pages only a few times a round, so
@@ -110,6 +125,8 @@ class EvalConfig:
             raise ConfigError(f"eval.delta_scale must be in (0, 1], got {self.delta_scale}")
         if not 0 < self.similarity_record <= 1:
             raise ConfigError(f"eval.similarity_record must be in (0, 1], got {self.similarity_record}")
+        if self.gain_pages not in GAIN_PAGES:
+            raise ConfigError(f"eval.gain_pages must be one of {GAIN_PAGES}, got {self.gain_pages!r}")
 
 
 @dataclass(kw_only=True)
@@ -218,6 +235,15 @@ class RoundMeasurements:
     ``sampling["page_block"]`` names it); before, the end-of-round sampling key, which a peer that served
     its Δ late already knew. None (records before either, tools without a chain): the seed alone, which
     every peer knows while it trains."""
+    gain_pages: str = "heldout"
+    """Where ``heldout_page_ids`` came from (:attr:`EvalConfig.gain_pages`): ``unseen`` training pages,
+    or the public held-out split (``heldout``: every record from before this field)."""
+    unseen_excluded: list[str] = field(default_factory=list)
+    """``unseen`` rounds: the hotkeys whose assignments of this round were left out of the pool (the
+    metagraph's and the candidates'), sorted; what a replay needs to draw the same pages."""
+    public_heldout_loss: float | None = None
+    """Mean loss of θ_r on ``heldout_pages`` pages of the public held-out split (the swarm's loss curve;
+    :func:`swarm_heldout_loss`). None: the paid pages were those (``gain_pages`` ``heldout``)."""
     heldout_rule: str = "alone"
     """How scoring reads a Δ's held-out gain (:func:`heldout_gain`). ``alone``:
     L(θ) − L(θ − α·Δ) (blocking rounds, and every record from before this field). ``first_order``:
@@ -401,6 +427,17 @@ class Evaluator:
     def heldout_page_ids(self, round_: int, seed: bytes) -> list[int]:
         return eval_pages(round_, seed, self.store.heldout_pages, self.cfg.heldout_pages, "heldout")
 
+    def unseen_page_ids(self, round_: int, seed: bytes, pick: bytes, hotkeys: Sequence[str]) -> list[int]:
+        """``heldout_pages`` training pages that none of ``hotkeys`` was assigned in round ``round_`` (their
+        assignments derive from ``seed``), drawn by ``pick``; fewer when fewer are left."""
+        assigned: set[int] = set()
+        for hk in hotkeys:
+            assigned.update(self.assignment(hk, round_, seed))
+        pool = [p for p in self.store.train_pages if p not in assigned]
+        if not pool:
+            return []
+        return eval_pages(round_, pick, pool, self.cfg.heldout_pages, "unseen")
+
     def control_page_ids(self, round_: int, seed: bytes) -> list[int]:
         return eval_pages(round_, seed, self.store.train_pages, self.cfg.control_pages, "control")
 
@@ -453,6 +490,8 @@ class Evaluator:
         earlier_sketches: Mapping[tuple[int, int, str], torch.Tensor] | None = None,
         heldout_rule: str | None = None,
         page_key: bytes | None = None,
+        exclude_hotkeys: Sequence[str] = (),
+        gain_pages: str | None = None,
     ) -> tuple[RoundMeasurements, dict[tuple[int, str], torch.Tensor]]:
         """Measure every candidate. Returns the measurements and this round's sketches ``(uid, hotkey) → sketch``.
 
@@ -461,7 +500,10 @@ class Evaluator:
         ``heldout_rule`` (``alone`` / ``first_order``, :attr:`RoundMeasurements.heldout_rule`) defaults to
         the run's round mode: ``first_order`` for overlapped rounds; a replay passes its record's rule.
         ``page_key`` (``validator.sampling.page_key``) draws the evaluated pages with the seed (:func:`page_pick`);
-        the assignments themselves stay the seed's (what the peers trained on).
+        the assignments themselves stay the seed's (what the peers trained on). ``gain_pages``
+        (default ``cfg.gain_pages``; a replay passes its record's) says where the held-out pages come
+        from; in ``unseen`` rounds the assignments of ``exclude_hotkeys`` (the metagraph's hotkeys) and of
+        every candidate are left out of their pool.
         """
         if heldout_rule is None:
             heldout_rule = "first_order" if self.run.train.rounds == "overlapped" else "alone"
@@ -471,14 +513,23 @@ class Evaluator:
         t0 = time.perf_counter()
         base_hash = self.load_base(base_state)
         pick = page_pick(seed, page_key)
-        heldout = self.heldout_page_ids(round_, pick)
+        public = self.heldout_page_ids(round_, pick)
+        gain_pages, heldout, excluded = gain_pages or self.cfg.gain_pages, public, []
+        if gain_pages == "unseen":
+            excluded = sorted({*exclude_hotkeys, *(c.hotkey for c in candidates)})
+            unseen = self.unseen_page_ids(round_, seed, pick, excluded)
+            if len(unseen) < self.cfg.heldout_pages:  # fewer unseen pages than wanted: the public split
+                gain_pages, excluded = "heldout", []
+            else:
+                heldout = unseen
         control = self.control_page_ids(round_, pick)
         assigned: dict[int, list[int]] = {}
         for c in candidates:
             if c.rejected is None and c.delta_blob is not None:
                 assigned[c.uid] = self.assigned_page_ids(c.hotkey, round_, seed, pick)
         # one batched pass over every page whose base loss anyone needs
-        wanted = list(dict.fromkeys(heldout + control + [p for ps in assigned.values() for p in ps]))
+        wanted = [*heldout, *control, *(p for ps in assigned.values() for p in ps)]
+        wanted = list(dict.fromkeys(wanted + (public if gain_pages == "unseen" else [])))
         base_loss = dict(zip(wanted, self.page_losses(wanted), strict=True))
         if not _all_finite(base_loss.values()):
             raise CheckpointError(
@@ -520,6 +571,9 @@ class Evaluator:
             peers=peers,
             base_seconds=base_seconds,
             heldout_rule=heldout_rule,
+            gain_pages=gain_pages,
+            unseen_excluded=excluded,
+            public_heldout_loss=_mean([base_loss[p] for p in public]) if gain_pages == "unseen" else None,
         )
         return rm, sketches
 
@@ -872,6 +926,13 @@ def _h(*parts: object) -> bytes:
         h.update(p if isinstance(p, bytes) else str(p).encode())
         h.update(b"\x1f")
     return h.digest()
+
+
+def swarm_heldout_loss(measurements: Mapping) -> float:
+    """θ_r's loss on the public held-out split (the swarm's loss curve) from a record's measurements: the
+    paid pages' base loss in records whose paid pages were that split."""
+    public = measurements.get("public_heldout_loss")
+    return measurements["heldout_loss_base"] if public is None else public
 
 
 def heldout_gain(p: PeerMeasurement, heldout_loss_base: float | None, rule: str = "alone") -> float | None:

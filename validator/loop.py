@@ -32,7 +32,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -44,7 +44,14 @@ from peer.data.pages import PageStore
 from peer.errors import CheckpointError
 from peer.net.outbox import decode_state
 from validator.ema import EmaState, last_evaluated, update_ema
-from validator.evaluation import Candidate, EvalConfig, Evaluator, PeerMeasurement, RoundMeasurements
+from validator.evaluation import (
+    Candidate,
+    EvalConfig,
+    Evaluator,
+    PeerMeasurement,
+    RoundMeasurements,
+    swarm_heldout_loss,
+)
 from validator.fetching import (
     LISTING_MIN_S,
     LISTING_SHARE,
@@ -633,16 +640,23 @@ def evaluate(
     lookback: int,
     budget_s: float = 0.0,
     pages_key: bytes | None = None,
+    hotkeys: Sequence[str] = (),
 ) -> tuple[RoundMeasurements, dict, list[int]]:
     """Measure the sampled peers, on the pages ``pages_key`` draws (:func:`draw_page_key`; None: the seed
-    alone); peers the time budget left out are moved from the measurements to ``inputs``' not-sampled
+    alone; ``hotkeys``: the metagraph's, whose assignments are not unseen pages); peers the time budget left out are moved from the measurements to ``inputs``' not-sampled
     set (record and sampling updated), as if the sample had not included them."""
     sketch_rounds, earlier = store.earlier_sketches(inputs.round, lookback, evaluator.sketch_plan_id)
     if isinstance(evaluator, BudgetedEvaluator):
         evaluator.budget_s = budget_s
     try:
         rm, sketches = evaluator.evaluate_round(
-            inputs.round, inputs.seed, inputs.base_state, inputs.candidates, earlier, page_key=pages_key
+            inputs.round,
+            inputs.seed,
+            inputs.base_state,
+            inputs.candidates,
+            earlier,
+            page_key=pages_key,
+            exclude_hotkeys=hotkeys,
         )
     except CheckpointError as e:  # θ_r itself is unusable (non-finite): no peer can be measured against it
         raise NoBaseState(f"round {inputs.round}: {e}") from e
@@ -741,7 +755,13 @@ def run_round(v: Validator, round_: int) -> RoundRecord:
     inputs.sampling["page_block"] = page_block
     t1 = time.perf_counter()
     rm, sketches, sketch_rounds = evaluate(
-        v.evaluator, inputs, v.store, v.cfg.sketch_lookback, v.cfg.sampling.max_seconds, pkey
+        v.evaluator,
+        inputs,
+        v.store,
+        v.cfg.sketch_lookback,
+        v.cfg.sampling.max_seconds,
+        pkey,
+        [n.hotkey for n in mg.neurons],  # every validator excludes the same assignments: its own hotkey's too
     )
     t2 = time.perf_counter()
     not_sampled = {int(u): r for u, r in inputs.sampling["not_sampled"].items()}
@@ -865,7 +885,7 @@ def summary_line(rec: RoundRecord) -> str:
     scored = [s for s in rec.scores if s["score"] > 0]
     skipped = len(rec.sampling.get("not_sampled", {}))
     return (
-        f"round {rec.round}: base held-out loss {rec.measurements['heldout_loss_base']:.4f}; "
+        f"round {rec.round}: base held-out loss {swarm_heldout_loss(rec.measurements):.4f}; "
         f"{len(scored)}/{len(rec.scores) - skipped} evaluated peers earned"
         + (f" ({skipped} not sampled)" if skipped else "")
         + f"; weights {rec.weights['note']}; "

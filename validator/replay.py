@@ -9,7 +9,7 @@ the pure scoring run again with the recorded configs, and the result is compared
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from peer.config import load_run_config
@@ -54,6 +54,7 @@ def configs_from_record(rec: RoundRecord, device: str | None = None) -> tuple[Ev
     sc.setdefault("reference_bias_t", None)  # records before the (experimental) reference bias test
     sc.setdefault("cap_median_of_passers", False)  # records before the cap's median excluded failing peers
     sc.setdefault("max_delta_norm", None)  # records before the absolute norm bound
+    ev.setdefault("gain_pages", "heldout")  # records before unseen pages paid the public held-out split
     return EvalConfig(**ev), ScoringConfig(**sc)
 
 
@@ -67,9 +68,12 @@ def replay_round(
     evaluator: Evaluator | None = None,
     data: str | None = None,
     config: str | None = None,
+    what_if: dict | None = None,
 ) -> ReplayResult:
     """Recompute round ``round_`` from what the store kept. ``config``: the model config's name or YAML
-    path (default: the record's config name); it must be the config the round was scored with."""
+    path (default: the record's config name); it must be the config the round was scored with.
+    ``what_if``: EvalConfig fields to change (e.g. ``{"gain_pages": "heldout"}``: the same Δs measured
+    under another rule, for benchmarks; the mismatches then say how the rule changed the round)."""
     rec = store.load_round(round_)
     run = load_run_config(config or rec.config_name)
     if run.name != rec.config_name:
@@ -78,6 +82,7 @@ def replay_round(
             f"{rec.config_name!r}: pass that one"
         )
     eval_cfg, scoring_cfg = configs_from_record(rec, device)
+    eval_cfg = replace(eval_cfg, **(what_if or {}))
     pages = open_page_store(data, data_dir, run.data, corpus_dir)
     _check_same_data(rec, pages.fingerprint)
     base = decode_state(store.read_blob(rec.base_sha256))
@@ -110,7 +115,16 @@ def replay_round(
     key_hex = rec.measurements.get("page_key_hex")  # records before it: pages drawn by the seed alone
     page_key = bytes.fromhex(key_hex) if key_hex else None
     rm, _ = ev.evaluate_round(
-        rec.round, bytes.fromhex(rec.seed_hex), base, candidates, earlier, rule, page_key
+        rec.round,
+        bytes.fromhex(rec.seed_hex),
+        base,
+        candidates,
+        earlier,
+        rule,
+        page_key,
+        exclude_hotkeys=rec.measurements.get("unseen_excluded", []),
+        gain_pages=(what_if or {}).get("gain_pages")
+        or rec.measurements.get("gain_pages", "heldout"),  # records before it: the public split
     )
     ema_before = EmaState.from_json(rec.ema_before)
     uids = {int(u): e["hotkey"] for u, e in rec.ema_after["entries"].items()}

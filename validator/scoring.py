@@ -6,6 +6,8 @@ machine, which is what makes ``validator replay`` and a second validator agree.
 Round score of a peer (``explain`` keeps every term)::
 
     heldout_gain      = heldout_loss_base − heldout_loss(θ_r − α·Δ)          nats/token, > min_heldout_gain
+                        (on the round's held-out pages: unseen training pages, assigned to no hotkey this
+                        round and drawn after the fetch — ``gain_pages``; validator.evaluation)
                         (overlapped rounds, ``heldout_rule`` "first_order": (L(θ + α·Δ) − L(θ − α·Δ)) / 2,
                         the part of it odd in α; validator.evaluation)
     assigned_gain     = loss before − after on k of its assigned pages
@@ -402,6 +404,7 @@ def score_round(m: RoundMeasurements, cfg: ScoringConfig, history: EmaState | No
             "heldout_loss": p.heldout_loss,
             "heldout_gain": gain,
             "heldout_rule": m.heldout_rule,
+            "gain_pages": m.gain_pages,
             "heldout_loss_opposite": p.heldout_loss_opposite,
             "direction_margin": _diff(p.heldout_loss_opposite, p.heldout_loss),
             "assigned_loss_before": p.assigned_loss_before,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from validator.evaluation import swarm_heldout_loss
 from validator.store import RoundRecord
 
 COLUMNS = [
@@ -71,7 +72,8 @@ def round_metrics(rec: RoundRecord) -> dict:
     per_peer = [r["seconds"] for r in evaluated if r["seconds"]]
     metrics = {
         "round": rec.round,
-        "heldout_loss_base": rec.measurements["heldout_loss_base"],
+        "heldout_loss_base": swarm_heldout_loss(rec.measurements),  # the public split: the swarm's curve
+        "paid_pages_loss_base": rec.measurements["heldout_loss_base"],  # the pages gains were paid on
         "peers/total": len(rows),
         "peers/evaluated": len(evaluated),
         "peers/earned": sum(1 for r in rows if r["score"] > 0),
@@ -127,6 +129,6 @@ def explanation_table(rec: RoundRecord, columns: Sequence[str] = COLUMNS) -> str
         )
     head = (
         f"round {rec.round} · seed {rec.seed_hex[:16]}… · base θ {rec.base_state_hash[:12]} · "
-        f"base held-out loss {rec.measurements['heldout_loss_base']:.4f} · weights: {rec.weights.get('note', '-')}"
+        f"base held-out loss {swarm_heldout_loss(rec.measurements):.4f} · weights: {rec.weights.get('note', '-')}"
     )
     return "\n".join([head, *lines])
