@@ -123,7 +123,7 @@ def measure(ev, run, rounds, dense: bool, honest: dict, copies: dict, counts: li
     from peer.net.outbox import encode_delta
     from peer.training.robust import PLAIN, robust_mean
     from peer.training.sparse import ErrorFeedback, TopK, encode_sparse_delta
-    from validator.evaluation import span_measurements
+    from validator.sketches import span_measurements
 
     kind = "dense" if dense else "top-k"
     names = list(rounds[0]["deltas"])

@@ -59,9 +59,9 @@ sys.path.insert(0, str(REPO))
 
 from validator.ema import EmaState, update_ema  # noqa: E402
 from validator.evaluation import RoundMeasurements  # noqa: E402
+from validator.evidence import assignment_test  # noqa: E402
 from validator.scoring import (  # noqa: E402
     ScoringConfig,
-    assignment_test,
     normalize_weights,
     not_sampled_scores,
     score_round,

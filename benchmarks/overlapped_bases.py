@@ -22,7 +22,7 @@ honest Δs"). Blocking swarms have x_r = θ_r: the script says so and stops.
 ``--assignment`` adds the validator's assignment test in both geometries: on each peer's own assigned
 pages of round r (``Evaluator.assigned_page_ids``), its own per-page gains minus the mean gain of the
 round's other Δs there, each other Δ measured (a) on θ_{r+1}, as the validator does, and (b) from *its
-own* start point x_q: specificity and its one-sample t over pages (``validator.scoring._t_one``). It shows
+own* start point x_q: specificity and its one-sample t over pages (``validator.evidence.t_one``). It shows
 whether scoring from own start points would keep the test's power.
 """
 
@@ -41,8 +41,8 @@ from peer.config import load_run_config  # noqa: E402
 from peer.data.shards import open_page_store  # noqa: E402
 from peer.net.outbox import decode_state  # noqa: E402
 from validator.evaluation import Evaluator, page_pick  # noqa: E402
+from validator.evidence import t_one  # noqa: E402
 from validator.replay import configs_from_record  # noqa: E402
-from validator.scoring import _t_one  # noqa: E402
 from validator.store import ValidatorStore  # noqa: E402
 
 ALPHAS = (0.5, 1.0)
@@ -150,7 +150,7 @@ def main() -> int:
                         g - sum(col) / len(col) for g, col in zip(own, zip(*ref, strict=True), strict=True)
                     ]
                     row["peers"][uid][f"specificity_{name}"] = sum(diffs) / len(diffs)
-                    row["peers"][uid][f"t_{name}"] = _t_one(diffs)
+                    row["peers"][uid][f"t_{name}"] = t_one(diffs)
         print(json.dumps(row), flush=True)
         rows.append(row)
     if not rows:

@@ -37,8 +37,9 @@ import random
 import torch
 
 from validator.ema import EmaEntry, EmaState
-from validator.evaluation import PeerMeasurement, RoundMeasurements, span_measurements
+from validator.evaluation import PeerMeasurement, RoundMeasurements
 from validator.scoring import BurnPolicy, ScoringConfig, normalize_weights, score_round
+from validator.sketches import span_measurements
 
 BASE = 4.0
 K = 24  # eval.assigned_pages

@@ -19,8 +19,9 @@ from peer.net.outbox import encode_delta
 from peer.training.sparse import TopK, encode_sparse_delta
 from tests.fixtures_validator import HONEST, INNER_STEPS, keypair, train_delta, validator_world  # noqa: F401
 from validator.combinations import combination_copies
-from validator.evaluation import Candidate, EvalConfig, Evaluator, span_measurements
+from validator.evaluation import Candidate, EvalConfig, Evaluator
 from validator.scoring import ScoringConfig, score_round
+from validator.sketches import span_measurements
 
 MORE_HONEST = {"hk-honest-d": 64, "hk-honest-e": 26, "hk-honest-f": 40, "hk-honest-g": 64, "hk-honest-h": 40}
 """Five more honest peers of round 1 (name → inner steps: a compute spread)."""

@@ -179,7 +179,7 @@ def test_a_finite_delta_that_overflows_the_model_is_refused_and_harms_no_one(val
 
 
 def test_keyed_sketch_positions_are_secret_exact_and_stable():
-    from validator.evaluation import keyed_sketch_positions, sketch_plan_id
+    from validator.sketches import keyed_sketch_positions, sketch_plan_id
 
     shapes = [("a", 1000), ("b", 7), ("c", 50_000)]
     pos = keyed_sketch_positions(shapes, 2048, b"k" * 32)

@@ -14,7 +14,8 @@ import pytest
 from peer.errors import ConfigError
 from tests.test_scoring import BASE, HELDOUT, by_uid, peer, rm, table
 from validator.ema import MAX_EVIDENCE, EmaEntry, EmaState, update_ema
-from validator.scoring import ScoringConfig, assignment_test, normalize_weights, score_round
+from validator.evidence import assignment_test
+from validator.scoring import ScoringConfig, normalize_weights, score_round
 
 P = ScoringConfig().reward_exponent
 A = 0.39

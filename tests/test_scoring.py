@@ -8,12 +8,12 @@ import pytest
 
 from validator.ema import EmaEntry, EmaState, update_ema
 from validator.evaluation import PeerMeasurement, RoundMeasurements
+from validator.evidence import originality_evidence
 from validator.scoring import (
     BurnPolicy,
     PeerScore,
     ScoringConfig,
     normalize_weights,
-    originality_evidence,
     quantile,
     score_round,
 )
@@ -273,7 +273,7 @@ def _spans(vectors: dict, earlier=(), dense: bool = True) -> dict:
     (few nonzeros: sparse Δs, each measured on its own support)."""
     import torch
 
-    from validator.evaluation import span_measurements
+    from validator.sketches import span_measurements
 
     dim = len(next(iter(vectors.values())))
     rot = torch.eye(dim, dtype=torch.float64)

@@ -84,8 +84,8 @@ def test_the_sketch_key_is_private_stable_and_only_same_plan_rounds_compare(tmp_
 
     import torch
 
-    from validator.evaluation import sketch_plan_id
     from validator.replay import _sketch_key
+    from validator.sketches import sketch_plan_id
     from validator.store import ReplayError, ValidatorStore
 
     store = ValidatorStore(tmp_path)

@@ -16,9 +16,10 @@ from peer.config import load_run_config
 from peer.data.shards import open_page_store
 from peer.net.outbox import decode_state
 from validator.ema import EmaState, last_evaluated, update_ema
-from validator.evaluation import PUBLIC_SKETCH, Candidate, EvalConfig, Evaluator, sketch_plan_id
+from validator.evaluation import Candidate, EvalConfig, Evaluator
 from validator.sampling import select_peers
 from validator.scoring import BurnPolicy, ScoringConfig, normalize_weights, not_sampled_scores, score_round
+from validator.sketches import PUBLIC_SKETCH, sketch_plan_id
 from validator.store import SKETCH_KEY, ReplayError, RoundRecord, ValidatorStore
 
 REL_TOL = 1e-4

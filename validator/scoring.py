@@ -73,10 +73,17 @@ from peer.errors import ConfigError
 from validator.combinations import combination_copies, source_names, weak_combinations
 from validator.ema import MAX_EVIDENCE, EmaState
 from validator.evaluation import NON_FINITE_LOSS, PeerMeasurement, RoundMeasurements, heldout_gain
+from validator.evidence import (
+    assignment_test,
+    clip_t,
+    originality_evidence,
+    prior_evidence,
+    t_one,
+    t_welch,
+)
 
 U16_MAX = 65535
 REWARDS = ("specificity", "heldout")
-T_CAP = 1000.0
 ORIGINALITY = {
     "sustained": "the lower of this round's and that sustained over its recent rounds",
     "best": "best of this round's and pooled",
@@ -642,66 +649,6 @@ def _heldout_median(terms: dict, reasons: dict) -> float | None:
     return median(gains) if gains else None
 
 
-def prior_evidence(history: EmaState | None, uid: int, hotkey: str, n: int) -> list[float]:
-    """The last ``n`` assignment-test t statistics of ``hotkey`` on ``uid`` in ``history`` (oldest first;
-    empty for a new or changed hotkey, or ``n`` = 0)."""
-    if history is None or n <= 0:
-        return []
-    e = history.entries.get(uid)
-    return list(e.evidence[-n:]) if e is not None and e.hotkey == hotkey else []
-
-
-def clip_t(t: float, clip: float) -> float:
-    """An assignment-test t as it enters the evidence: clipped to [−clip, clip] (``evidence_t_clip``)."""
-    return max(-clip, min(clip, t))
-
-
-def pooled_evidence(prior: Sequence[float], t_now: float, clip: float) -> tuple[float, int]:
-    """(Σ t / √k, k) over the earlier t's and this round's, each clipped to [−clip, clip] (Stouffer's
-    combination: N(0, 1)-like for a peer whose t's are noise, whatever k)."""
-    ts = [clip_t(x, clip) for x in (*prior, t_now)]
-    return sum(ts) / math.sqrt(len(ts)), len(ts)
-
-
-def originality_evidence(prior: Sequence[float], t_now: float | None, cfg: ScoringConfig) -> float:
-    """The own-page evidence the combination tests rank a peer by (−inf: no t measured), given its
-    earlier t's (``prior``, oldest first) and this round's. ``sustained``: min(t_now, Σ clip(t) ÷
-    √evidence_rounds) over this round and the last ``evidence_rounds − 1`` earlier ones, missing rounds
-    counting 0 (so a new hotkey's is at most clip ÷ √evidence_rounds); ``best``: max(t_now, the pooled
-    Σ clip(t) ÷ √k over the rounds it has)."""
-    if t_now is None:
-        return -math.inf
-    if cfg.originality == "best":
-        return max(t_now, pooled_evidence(prior, t_now, cfg.evidence_t_clip)[0])
-    recent = [*(prior[-(cfg.evidence_rounds - 1) :] if cfg.evidence_rounds > 1 else ()), t_now]
-    sustained = sum(clip_t(x, cfg.evidence_t_clip) for x in recent) / math.sqrt(cfg.evidence_rounds)
-    return min(t_now, sustained)
-
-
-def assignment_test(
-    prior: Sequence[float], t_now: float | None, cfg: ScoringConfig
-) -> tuple[bool, float, float | None, int]:
-    """(passes, pay factor, pooled t, rounds pooled) of the assignment test of a peer whose specificity
-    is > 0, given its earlier t's (``prior``) and this round's (None: no per-page t, not tested).
-
-    Passes with pay factor 1 when this round's own t reaches ``min_specificity_t`` (the single-round
-    test: an honest peer's earlier weak or negative rounds never hold back a round that proves itself;
-    measured, a pooled-only test refused such rounds and over-paid big peers next to them). Otherwise
-    passes when the pooled t reaches ``min_specificity_t``, with pay factor ``t_now ÷
-    min_specificity_t``: a round that passes on earlier evidence is paid in proportion to its own
-    evidence (no cliff for a small honest peer's weak round, and no full pay for a round without
-    training that rides on earlier ones). For a new hotkey both are this round's t alone.
-    """
-    if t_now is None:
-        return True, 1.0, None, 0
-    pooled, k = pooled_evidence(prior, t_now, cfg.evidence_t_clip)
-    if t_now >= cfg.min_specificity_t:
-        return True, 1.0, pooled, k
-    if pooled < cfg.min_specificity_t:
-        return False, 0.0, pooled, k
-    return True, max(0.0, t_now / cfg.min_specificity_t), pooled, k
-
-
 def _specificity_reward(
     t: dict,
     cfg: ScoringConfig,
@@ -747,35 +694,6 @@ def _specificity_reward(
     return rel * work**cfg.reward_exponent * factor, "scored"
 
 
-def _t_one(xs: Sequence[float]) -> float | None:
-    """One-sample t statistic of mean(xs) > 0 (None with fewer than 2 values or a non-finite one; capped at
-    ±T_CAP)."""
-    if len(xs) < 2 or not all(math.isfinite(x) for x in xs):
-        return None
-    mean = sum(xs) / len(xs)
-    if abs(mean) <= 1e-12:  # rounding noise, not a signal
-        return 0.0
-    var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
-    if var == 0:
-        return T_CAP if mean > 0 else (-T_CAP if mean < 0 else 0.0)
-    return max(-T_CAP, min(T_CAP, mean / math.sqrt(var / len(xs))))
-
-
-def _t_welch(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Welch's t statistic of mean(a) > mean(b) (None with fewer than 2 values on a side, or a non-finite one)."""
-    if len(a) < 2 or len(b) < 2 or not all(math.isfinite(x) for x in [*a, *b]):
-        return None
-    ma, mb = sum(a) / len(a), sum(b) / len(b)
-    if abs(ma - mb) <= 1e-12:
-        return 0.0
-    va = sum((x - ma) ** 2 for x in a) / (len(a) - 1)
-    vb = sum((x - mb) ** 2 for x in b) / (len(b) - 1)
-    se = math.sqrt(va / len(a) + vb / len(b))
-    if se == 0:
-        return T_CAP if ma > mb else (-T_CAP if ma < mb else 0.0)
-    return max(-T_CAP, min(T_CAP, (ma - mb) / se))
-
-
 def _specificity(
     p: PeerMeasurement,
     terms: dict,
@@ -805,7 +723,7 @@ def _specificity(
             page_gains = [c["gain"], *c.get("page_gains", [])]
             if key in eligible_keys and all(g is not None and math.isfinite(g) for g in page_gains):
                 if bias_t is not None and controls is not None:
-                    tb = _t_welch(list(c.get("page_gains", [])), list(controls.get(key, ())))
+                    tb = t_welch(list(c.get("page_gains", [])), list(controls.get(key, ())))
                     if tb is not None and abs(tb) >= bias_t:
                         t["references_biased"] = t.get("references_biased", 0) + 1
                         continue
@@ -822,7 +740,7 @@ def _specificity(
         if own and all(len(pg) == len(own) for _, pg in refs):
             d = [g - median([pg[i] for _, pg in refs]) for i, g in enumerate(own)]
             t["generic_gain"] = t["assigned_gain"] - sum(d) / len(d)
-            t["specificity"], t["specificity_t"], t["specificity_pages"] = sum(d) / len(d), _t_one(d), len(d)
+            t["specificity"], t["specificity_t"], t["specificity_pages"] = sum(d) / len(d), t_one(d), len(d)
             return
         t["generic_gain"] = median([g for g, _ in refs])
         t["specificity"], t["specificity_t"], t["specificity_pages"] = (
@@ -833,7 +751,7 @@ def _specificity(
         return
     t["generic_gain"], t["generic_basis"] = t["control_gain"], "its own gain on control pages"
     t["specificity"] = _diff(t["assigned_gain"], t["generic_gain"])
-    t["specificity_t"] = _t_welch(own, list(p.control_page_gains))
+    t["specificity_t"] = t_welch(own, list(p.control_page_gains))
     t["specificity_pages"] = len(own)
 
 

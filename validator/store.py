@@ -30,7 +30,7 @@ from safetensors.torch import load, save
 from peer.errors import CheckpointError, UserError
 from peer.net.outbox import atomic_write_bytes, atomic_write_json
 from validator.ema import EmaState
-from validator.evaluation import PUBLIC_SKETCH
+from validator.sketches import PUBLIC_SKETCH
 
 RECORD_FORMAT = 1
 SKETCH_KEY = "sketch_key"
@@ -186,7 +186,7 @@ class ValidatorStore:
     # ---- the sketch key
     def sketch_key(self) -> bytes:
         """This validator's secret for the positions its copy tests read (``sketch_key`` in the state dir,
-        created on first use; :func:`validator.evaluation.keyed_sketch_positions`). Keep it with the
+        created on first use; :func:`validator.sketches.keyed_sketch_positions`). Keep it with the
         state dir: a new key makes the earlier rounds' sketches incomparable (they are then skipped)."""
         key = self.existing_sketch_key()
         if key is None:
