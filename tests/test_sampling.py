@@ -159,6 +159,25 @@ def test_the_page_block_never_exists_before_every_delta_is_held(end, head, delay
     assert block > head  # unknown to every peer while the validator was still fetching
 
 
+@pytest.mark.parametrize(
+    ("seconds", "block_time", "blocks"),
+    [(5.0, 0.5, 10), (5.0, 12.0, 1), (0.0, 12.0, 1), (12.0, 12.0, 1), (12.1, 12.0, 2), (5.0, 10_000.0, 1)],
+)
+def test_the_page_key_delay_is_whole_blocks_and_at_least_one(seconds, block_time, blocks):
+    from validator.loop import page_key_delay_blocks
+
+    assert page_key_delay_blocks(seconds, block_time) == blocks
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_a_bad_page_key_delay_is_refused(bad):
+    from peer.errors import ConfigError
+    from validator.loop import page_key_delay_blocks
+
+    with pytest.raises(ConfigError):
+        page_key_delay_blocks(bad, 12.0)
+
+
 def test_page_keys_follow_the_block_and_the_round():
     from validator.evaluation import page_pick
     from validator.sampling import page_key, page_key_block, sampling_key

@@ -87,11 +87,16 @@ def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path
 
     # scores are relative to the round's other measured peers: the same inputs give the same scores, so
     # compare a round both validators measured the same peers in (one may not reach a peer in time: seen
-    # in round 5 of a run, "fetch: cannot reach", and its scores then differ by 2e-3)
+    # in round 5 of a run, "fetch: cannot reach", and its scores then differ by 2e-3) on the same pages
+    # (drawn by the same block: both finished fetching within --eval.page-key-delay of the round's end)
+    def page_block(rec: dict) -> int | None:
+        return rec["sampling"].get("page_block")
+
     common = [
         r
         for r in sorted(set(recs["validator-0"]) & set(recs["validator-1"]))
         if measured(recs["validator-0"][r]) == measured(recs["validator-1"][r])
+        and page_block(recs["validator-0"][r]) == page_block(recs["validator-1"][r])
     ]
     assert common, {v: {r: measured(rec) for r, rec in recs[v].items()} for v in recs}
     r = common[0]

@@ -132,11 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--eval.page-key-delay",
         dest="page_key_delay",
-        type=int,
-        default=2,
-        help="blocks after a round's end, at least, whose hash draws the evaluated pages (always a block "
-        "produced after every Δ was fetched; validators that finish fetching within it draw the same "
-        "pages; default 2)",
+        type=float,
+        default=5.0,
+        help="seconds after a round's end, at least (rounded up to whole blocks, at least one), before the "
+        "block whose hash draws the evaluated pages (always a block produced after every Δ was fetched; "
+        "validators that finish fetching within it draw the same pages and agree; default 5)",
     )
     g = p.add_argument_group("scoring")
     g.add_argument(
@@ -221,7 +221,7 @@ def cmd_run(args) -> int:
     from peer.net.layout import ArtifactLayouts
     from peer.tracking import make_tracker, tracking_config_from_args
     from validator.evaluation import EvalConfig
-    from validator.loop import BudgetedEvaluator, LoopConfig, Validator, run
+    from validator.loop import BudgetedEvaluator, LoopConfig, Validator, page_key_delay_blocks, run
     from validator.sampling import SamplingConfig
     from validator.scoring import BurnPolicy, ScoringConfig
     from validator.store import ValidatorStore
@@ -279,7 +279,7 @@ def cmd_run(args) -> int:
             fetch_parallel=args.fetch_parallel,
             fetch_deadline_s=args.fetch_deadline or max(30.0, 0.5 * round_blocks * chain.block_time),
             dial_private=private_allowed_for(chain_cfg),
-            page_key_delay_blocks=args.page_key_delay,
+            page_key_delay_blocks=page_key_delay_blocks(args.page_key_delay, chain.block_time),
         )
         signal.signal(signal.SIGTERM, _terminate)
         publisher = (

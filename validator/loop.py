@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -126,14 +127,16 @@ class LoopConfig:
     the round at most this. Keep it well under the round length; raise it if honest peers on slow links
     hit it (their blobs keep arriving in the cache for the next attempt)."""
 
-    page_key_delay_blocks: int = 2
+    page_key_delay_blocks: int = 10
     """The evaluated pages (held-out, control, the evaluated part of each assignment) are drawn by the hash
     of a block produced after this validator holds every Δ it evaluates (validator.sampling.page_key_block),
     so no peer can tune its Δ to them by serving it late; the block is at least this many blocks after the
     round's end, so that validators whose fetches finish at different moments within that window draw the
-    same pages and agree on scores. Costs up to this many blocks of waiting per round. Two validators'
-    scores differ on the same Δs → raise it above your fetch time in blocks (``timings.fetch_s`` in the
-    records); evaluation starts late in the round → lower it (any value ≥ 1 is safe)."""
+    same pages and agree on scores. Costs up to this many blocks of waiting per round. The CLI sets it
+    from ``--eval.page-key-delay`` seconds (default 5: :func:`page_key_delay_blocks`). Two validators'
+    scores differ on the same Δs (their records name different ``sampling.page_block``) → raise it above
+    publish grace + fetch time (``timings.fetch_s``); evaluation starts too late in the round → lower it
+    (any value ≥ 1 block is safe)."""
 
     dial_private: bool = False
     """Whether committed loopback/private/link-local addresses are dialled (peer.net.dial_policy). The CLI
@@ -620,6 +623,15 @@ class BudgetedEvaluator(Evaluator):
 
 
 TIME_BUDGET = f"{NOT_SAMPLED} (time budget)"
+
+
+def page_key_delay_blocks(seconds: float, block_time: float) -> int:
+    """``--eval.page-key-delay`` seconds as whole blocks: rounded up, at least one."""
+    from peer.errors import ConfigError
+
+    if not seconds >= 0 or not math.isfinite(seconds):
+        raise ConfigError(f"--eval.page-key-delay must be a number of seconds >= 0, got {seconds}")
+    return max(1, math.ceil(seconds / block_time))
 
 
 def draw_page_key(chain: Chain, clock, round_: int, delay_blocks: int) -> tuple[int, bytes]:
