@@ -164,7 +164,7 @@ def test_the_page_block_never_exists_before_every_delta_is_held(end, head, delay
     [(5.0, 0.5, 10), (5.0, 12.0, 1), (0.0, 12.0, 1), (12.0, 12.0, 1), (12.1, 12.0, 2), (5.0, 10_000.0, 1)],
 )
 def test_the_page_key_delay_is_whole_blocks_and_at_least_one(seconds, block_time, blocks):
-    from validator.loop import page_key_delay_blocks
+    from validator.sampling import page_key_delay_blocks
 
     assert page_key_delay_blocks(seconds, block_time) == blocks
 
@@ -172,7 +172,7 @@ def test_the_page_key_delay_is_whole_blocks_and_at_least_one(seconds, block_time
 @pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
 def test_a_bad_page_key_delay_is_refused(bad):
     from peer.errors import ConfigError
-    from validator.loop import page_key_delay_blocks
+    from validator.sampling import page_key_delay_blocks
 
     with pytest.raises(ConfigError):
         page_key_delay_blocks(bad, 12.0)

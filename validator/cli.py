@@ -221,8 +221,8 @@ def cmd_run(args) -> int:
     from peer.net.layout import ArtifactLayouts
     from peer.tracking import make_tracker, tracking_config_from_args
     from validator.evaluation import EvalConfig
-    from validator.loop import BudgetedEvaluator, LoopConfig, Validator, page_key_delay_blocks, run
-    from validator.sampling import SamplingConfig
+    from validator.loop import BudgetedEvaluator, LoopConfig, Validator, run
+    from validator.sampling import SamplingConfig, page_key_delay_blocks
     from validator.scoring import BurnPolicy, ScoringConfig
     from validator.store import ValidatorStore
     from validator.weights import WeightsConfig, WeightSetter

@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -133,7 +132,7 @@ class LoopConfig:
     so no peer can tune its Δ to them by serving it late; the block is at least this many blocks after the
     round's end, so that validators whose fetches finish at different moments within that window draw the
     same pages and agree on scores. Costs up to this many blocks of waiting per round. The CLI sets it
-    from ``--eval.page-key-delay`` seconds (default 5: :func:`page_key_delay_blocks`). Two validators'
+    from ``--eval.page-key-delay`` seconds (default 5: :func:`validator.sampling.page_key_delay_blocks`). Two validators'
     scores differ on the same Δs (their records name different ``sampling.page_block``) → raise it above
     publish grace + fetch time (``timings.fetch_s``); evaluation starts too late in the round → lower it
     (any value ≥ 1 block is safe)."""
@@ -625,15 +624,6 @@ class BudgetedEvaluator(Evaluator):
 TIME_BUDGET = f"{NOT_SAMPLED} (time budget)"
 
 
-def page_key_delay_blocks(seconds: float, block_time: float) -> int:
-    """``--eval.page-key-delay`` seconds as whole blocks: rounded up, at least one."""
-    from peer.errors import ConfigError
-
-    if not seconds >= 0 or not math.isfinite(seconds):
-        raise ConfigError(f"--eval.page-key-delay must be a number of seconds >= 0, got {seconds}")
-    return max(1, math.ceil(seconds / block_time))
-
-
 def draw_page_key(chain: Chain, clock, round_: int, delay_blocks: int) -> tuple[int, bytes]:
     """(block, key) that draw round ``round_``'s evaluated pages: call it once every Δ is held. Reads the
     head, then waits for :func:`validator.sampling.page_key_block`'s block to exist."""
@@ -655,8 +645,9 @@ def evaluate(
     hotkeys: Sequence[str] = (),
 ) -> tuple[RoundMeasurements, dict, list[int]]:
     """Measure the sampled peers, on the pages ``pages_key`` draws (:func:`draw_page_key`; None: the seed
-    alone; ``hotkeys``: the metagraph's, whose assignments are not unseen pages); peers the time budget left out are moved from the measurements to ``inputs``' not-sampled
-    set (record and sampling updated), as if the sample had not included them."""
+    alone; ``hotkeys``: the metagraph's, whose assignments are not unseen pages); peers the time budget
+    left out are moved from the measurements to ``inputs``' not-sampled set (record and sampling
+    updated), as if the sample had not included them."""
     sketch_rounds, earlier = store.earlier_sketches(inputs.round, lookback, evaluator.sketch_plan_id)
     if isinstance(evaluator, BudgetedEvaluator):
         evaluator.budget_s = budget_s

@@ -112,6 +112,14 @@ def page_key_block(end_block: int, head_after_fetch: int, delay_blocks: int) -> 
     return max(end_block + delay_blocks, head_after_fetch + 1)
 
 
+def page_key_delay_blocks(seconds: float, block_time: float) -> int:
+    """``--eval.page-key-delay`` seconds as the ``delay_blocks`` of :func:`page_key_block`: whole blocks,
+    rounded up, at least one."""
+    if not seconds >= 0 or not math.isfinite(seconds):
+        raise ConfigError(f"--eval.page-key-delay must be a number of seconds >= 0, got {seconds}")
+    return max(1, math.ceil(seconds / block_time))
+
+
 def page_key(block_hash: bytes, round_: int) -> bytes:
     """The key that, with the round's seed, draws the evaluated pages (``validator.evaluation.page_pick``)
     from the hash of :func:`page_key_block`'s block."""
