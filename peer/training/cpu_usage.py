@@ -1,4 +1,5 @@
-"""CPU spent by everything of a peer that is not training, measured over the inner-step phase.
+"""CPU spent by everything of a peer that is not training, measured over the inner-step phase, and the
+peer's peak memory (:func:`peak_rss_mb`).
 
 A peer is several processes: the trainer (its training thread plus helper threads: background writer,
 matchmaking timer, hivemind's state-sharing thread), the hivemind DHT process and its ``p2pd`` daemon,
@@ -68,3 +69,17 @@ class BackgroundCpu:
             used[name] = used.get(name, 0.0) + max(0.0, value - self._start.get(key, 0.0))
         self._start = None
         return wall, {k: round(v, 4) for k, v in used.items()}
+
+
+def peak_rss_mb() -> float:
+    """Peak RSS of this process plus the unique memory (USS) of its children (the averager), MiB."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = 0.0
+    for child in psutil.Process().children(recursive=False):
+        try:
+            children += child.memory_full_info().uss / 2**20  # unique: the fork shares pages
+        except psutil.Error:
+            pass
+    return own + children

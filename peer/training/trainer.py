@@ -55,28 +55,13 @@ from peer.net.records import BlobRef, ContributionManifest, StateManifest
 from peer.progress import Progress
 from peer.tracking import Tracker
 from peer.training import behaviour as bh
+from peer.training.background import BackgroundWriter
 from peer.training.behaviour import Behaviour
 from peer.training.clock import RoundClock
-from peer.training.cpu_usage import BackgroundCpu
+from peer.training.cpu_usage import BackgroundCpu, peak_rss_mb
 from peer.training.diloco import DilocoState, optimizer_state_bytes
 
 log = logging.getLogger("gradswarm.trainer")
-
-
-def peak_rss_mb() -> float:
-    """Peak RSS of this process plus the unique memory (USS) of its children (the averager), MiB."""
-    import resource
-
-    import psutil
-
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = 0.0
-    for child in psutil.Process().children(recursive=False):
-        try:
-            children += child.memory_full_info().uss / 2**20  # unique: the fork shares pages
-        except psutil.Error:
-            pass
-    return own + children
 
 
 @dataclass(kw_only=True)
@@ -196,54 +181,6 @@ class RoundReport:
     boundary_seconds: float = 0.0
     """Time the training thread spent between this round's last inner step and the next round's first
     (all-reduce wait in blocking rounds, outer step and hand-over in overlapped ones)."""
-
-
-class BackgroundWriter:
-    """One worker thread that runs the round's file and network chores in order, off the training thread.
-
-    A job that raises stops the peer: the error is re-raised in the training thread by the next
-    :meth:`submit` or :meth:`wait_idle` (a checkpoint that cannot be written must not go unnoticed).
-    """
-
-    def __init__(self) -> None:
-        import queue
-
-        self._jobs: queue.Queue = queue.Queue()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._work, name="gradswarm-writer", daemon=True)
-        self._thread.start()
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            try:
-                if job is None:
-                    return
-                if self._error is None:
-                    job()
-            except BaseException as e:  # noqa: BLE001 - handed to the training thread
-                log.exception("background job failed")
-                self._error = e
-            finally:
-                self._jobs.task_done()
-
-    def _raise(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-    def submit(self, fn, *args) -> None:
-        self._raise()
-        self._jobs.put(lambda: fn(*args))
-
-    def wait_idle(self) -> None:
-        """Block until every submitted job has run (then re-raise a job's error, if any)."""
-        self._jobs.join()
-        self._raise()
-
-    def close(self) -> None:
-        self._jobs.put(None)
-        self._thread.join(timeout=60)
 
 
 @dataclass
