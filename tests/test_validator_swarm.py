@@ -1,5 +1,6 @@
 """The issue's end-to-end: real `peer join` processes (2 honest + one of each dishonest behaviour) and two
-`validator run` processes on a LocalLedger, started by the local-subnet launcher.
+`validator run` processes on a LocalLedger, started by the local-subnet launcher, in blocking and in
+overlapped rounds (the overlapped run leaves out the behaviours refused before any loss is measured).
 
 Checks what the validators are responsible for: every honest peer ends with a higher weight *on the
 ledger* than every cheating one, whose weights are (near) zero; the swarm's held-out loss falls although
@@ -23,6 +24,9 @@ from tests.test_launcher import (
 )
 
 DISHONEST = ["free-rider", "copycat", "random-data", "nan", "scaled", "sign-flip", "stale"]
+MODE_INDEPENDENT = {"nan", "scaled"}
+"""Refused by gates that read the Δ alone (non-finite, norm), before any loss is measured on a base: the
+overlapped run leaves them out (2 processes fewer on 2 cores, ~30 s); the blocking run covers them."""
 
 
 @pytest.mark.slow
@@ -30,9 +34,10 @@ DISHONEST = ["free-rider", "copycat", "random-data", "nan", "scaled", "sign-flip
 def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path, rounds):  # noqa: F811
     run_dir = tmp_path / "run"
     model = ["--model-config", str(debug_config_file(tmp_path / "config", rounds))]
+    cheats = [b for b in DISHONEST if rounds == "blocking" or b not in MODE_INDEPENDENT]
     launcher = launcher_factory(
         [
-            "--peers", "2", "--behaviours", ",".join(DISHONEST), "--validators", "2", "--rounds", "3",
+            "--peers", "2", "--behaviours", ",".join(cheats), "--validators", "2", "--rounds", "3",
             "--round-blocks", "16", "--run-dir", str(run_dir), "--data-dir", str(debug_data),
             "--wandb-mode", "disabled", "--timeout", "600", *model,
         ],
@@ -44,15 +49,15 @@ def test_validators_pay_honest_peers_only(launcher_factory, debug_data, tmp_path
     peers = summary["peers"]
     honest = [p for p in peers if p["behaviour"] == "honest"]
     dishonest = [p for p in peers if p["behaviour"] != "honest"]
-    assert sorted(p["behaviour"] for p in dishonest) == sorted(DISHONEST)
+    assert sorted(p["behaviour"] for p in dishonest) == sorted(cheats)
     table = {p["name"]: (p["behaviour"], round(p["weight"], 3)) for p in peers}
     for h in honest:  # weights as read back from the ledger
         assert all(h["weight"] > d["weight"] for d in dishonest), table
     for d in dishonest:
         assert d["weight"] < 0.05, table
     assert sum(h["weight"] for h in honest) > 0.9, table
-    # the base model got better although sign-flip and ×100 peers fed the all-reduce: held-out loss after
-    # the last round below that after the first, and well below a random model's ln(vocab) ≈ 7.6
+    # the base model got better although sign-flip (and, in the blocking run, ×100) peers fed the all-reduce:
+    # held-out loss after the last round below that after the first, well below a random model's ln(vocab) ≈ 7.6
     held = [h["heldout_loss"] for h in summary["heldout_loss"]]
     print("weights on the ledger:", table, "held-out loss by round:", [round(x, 3) for x in held])
     assert len(held) >= 2 and held[-1] < held[0] and held[-1] < 7.0, summary["heldout_loss"]
