@@ -221,16 +221,19 @@ def fresh_rounds_part(run, store, base, trial: int, rounds: int) -> dict:
     cfg = ScoringConfig()
     ev = Evaluator(EvalConfig(**EVAL_OVERRIDES), run, store)
     ema = EmaState()
-    per_round = []
+    per_round, by_weight = [], []
     for r in range(1, rounds + 1):
         peers, cands, seed = ground_truth_peers(run, store, base, trial, r)
         rm, _ = ev.evaluate_round(r, seed, base, cands)
         scores = score_round(rm, cfg, history=ema)
         ema = update_ema(ema, r, scores, {c.uid: c.hotkey for c in cands}, cfg.ema_alpha)
         per_round.append(spearman_by_group(peers, [s.score for s in scores]))
+        so_far = normalize_weights({u: e.value for u, e in ema.entries.items()}, BurnPolicy())
+        by_weight.append(spearman_by_group(peers, [so_far.shares.get(c.uid, 0.0) for c in cands]))
         print(
             f"    trial {trial} round {r}: Spearman(score) steps {per_round[-1]['steps']:.3f}, data "
-            f"{per_round[-1]['data']:.3f}; refused "
+            f"{per_round[-1]['data']:.3f}; Spearman(weight so far) steps {by_weight[-1]['steps']:.3f}, "
+            f"data {by_weight[-1]['data']:.3f}; refused "
             + (
                 ", ".join(
                     f"{p[0]} ({s.reason[:60]})" for p, s in zip(peers, scores, strict=True) if s.score <= 0
@@ -243,6 +246,7 @@ def fresh_rounds_part(run, store, base, trial: int, rounds: int) -> dict:
     weight = [w.shares.get(c.uid, 0.0) for c in cands]
     return {
         "per_round": per_round,
+        "weight_by_round": by_weight,
         "final": spearman_by_group(peers, weight),
         "weights": {p[0]: x for p, x in zip(peers, weight, strict=True)},
     }
@@ -295,6 +299,12 @@ def fresh_part(trials: int, rounds: int) -> int:
             f"Spearman(score, {g}), single rounds: worst {min(rnd):.3f}, median {statistics.median(rnd):.3f} "
             f"over {len(rnd)} rounds ({', '.join(f'{v:.3f}' for v in rnd)})"
         )
+        for r in range(1, rounds):
+            at = [t["weight_by_round"][r - 1][g] for t in out]
+            print(
+                f"Spearman(weight after {r} rounds, {g}): worst {min(at):.3f}, median {statistics.median(at):.3f} "
+                f"({', '.join(f'{v:.3f}' for v in at)})"
+            )
         print(
             f"Spearman(weight after {rounds} rounds, {g}): worst {min(fin):.3f}, median "
             f"{statistics.median(fin):.3f} over {len(fin)} trials ({', '.join(f'{v:.3f}' for v in fin)})"
