@@ -302,6 +302,12 @@ def warm_start(cfg, store, steps: int) -> list:
     return [p.detach().clone() for p in model.parameters()]
 
 
+EXTRAPOLATE = -1.0
+"""An arm's eager field ``ext``: every peer starts round r+1 from x_{r+1} = θ_{r+1} + (θ_{r+1} − θ_r), the
+swarm's last outer step taken once more (a start point every peer and validator can compute from public
+states), instead of its own Δ_r."""
+
+
 def simulate_swarm(
     cfg, theta0, batches, mode: str, lr: float, mu: float, heldout, eager: float | None = 1.0
 ) -> dict[int, float]:
@@ -363,10 +369,16 @@ def simulate_swarm(
                 outer_step(avg)
                 curve[r] = loss_of_theta()
             else:
+                before = [t.clone() for t in theta] if eager == EXTRAPOLATE else None
                 if pending is not None:  # θ_{r+1} = OuterStep(θ_r, ḡ_{r−1})
                     outer_step(pending)
                     curve[r - 1] = loss_of_theta()
                 pending = avg
+                if eager == EXTRAPOLATE:  # x_{r+1} = θ_{r+1} + (θ_{r+1} − θ_r): shared by every peer
+                    step = [b - t for b, t in zip(before, theta, strict=True)]
+                    for peer in peers:
+                        peer["carry"] = step
+                    continue
                 w = 1.0 / len(peers) if eager is None else eager
                 for peer, delta in zip(peers, raw, strict=True):
                     peer["carry"] = [d * w for d in delta]  # x_{r+1} = θ_{r+1} − w·Δ_r
@@ -386,7 +398,7 @@ def parse_arms(text: str, cfg) -> list[tuple[float, float, float | None]]:
         lr = float(bits[0]) if bits[0] else cfg.train.outer_lr
         mu = float(bits[1]) if len(bits) > 1 and bits[1] else cfg.train.outer_momentum
         w = bits[2] if len(bits) > 2 and bits[2] else "1.0"
-        eager = None if w == "auto" else float(w)
+        eager = None if w == "auto" else EXTRAPOLATE if w == "ext" else float(w)
         arms.append((lr, mu, eager))
     return arms
 
@@ -416,7 +428,7 @@ def run_sim(args) -> int:
                 "peers": n,
                 "outer_lr": lr,
                 "outer_momentum": mu,
-                "eager_weight": "auto" if eager is None else eager,
+                "eager_weight": "auto" if eager is None else "ext" if eager == EXTRAPOLATE else eager,
                 **summary(curve),
                 "curve": curve,
             }

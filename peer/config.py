@@ -157,6 +157,16 @@ class TrainConfig:
     validators pay the first-order gain"), so a paid subnet would invite splitting hotkeys. Symptom
     that it would pay off: ``averaging_seconds`` in ``rounds.jsonl`` a large share of a round. Every
     peer of a swarm (and its validators' model config) must use the same."""
+    overlapped_start: str = "own"
+    """``rounds: overlapped`` only: where round r+1's inner steps start while ḡ_r is still in flight.
+    ``own`` (default): x_{r+1} = θ_{r+1} − Δ_r, the peer's own Δ standing in for ḡ_r ("Eager updates",
+    Kale et al. 2025, with weight 1): the best loss (4 peers, 24 rounds, in simulation: 1.026 × data
+    parallelism), but each Δ then repairs its peer's own deviation from the average, which is what
+    keeps overlapped rewards from being proportional. ``shared``: x_{r+1} = θ_{r+1} + (θ_{r+1} − θ_r),
+    the swarm's last outer step taken once more: one start point for every peer, computable from public
+    states, with no peer-specific repair in any Δ. It needs a smaller ``overlapped_outer_lr`` (at 1.0 it
+    oscillates: 1.26 × dp; at 0.5, 1.041; benchmarks/RESULTS.md, "Overlapped rounds: a shared start
+    point"). Every peer of a swarm must use the same."""
     overlapped_outer_lr: float | None = 1.0
     """``rounds: overlapped`` only: the outer learning rate used instead of ``outer_lr`` (None:
     ``outer_lr``). See ``overlapped_outer_momentum``."""
@@ -263,6 +273,8 @@ class TrainConfig:
             raise ConfigError("train.max_inner_steps must be >= 1")
         if self.rounds not in ("overlapped", "blocking"):
             raise ConfigError(f"train.rounds must be overlapped or blocking, got {self.rounds!r}")
+        if self.overlapped_start not in ("own", "shared"):
+            raise ConfigError(f"train.overlapped_start must be own or shared, got {self.overlapped_start!r}")
 
 
 @dataclass(kw_only=True)

@@ -7,6 +7,7 @@ import torch
 
 from peer.config import load_run_config
 from peer.data.model import build_model, lm_loss
+from peer.errors import ConfigError
 from peer.training import behaviour as bh
 from peer.training.behaviour import Behaviour
 from peer.training.diloco import DilocoState
@@ -249,6 +250,35 @@ def test_overlapped_rule_delays_the_outer_step_and_carries_own_delta():
         in_flight = averaged
         carries = deltas
     assert peers[0].state_hash() == peers[1].state_hash() == reference.state_hash()
+
+
+def test_a_kept_outer_step_is_the_state_change_and_leaves_the_state_bit_identical():
+    """``train.overlapped_start: shared``: x_{r+1} = θ_{r+1} + (θ_{r+1} − θ_r). The kept step changes nothing
+    of θ (bit-identical with and without it), equals θ_r − θ_{r+1}, and the start point it gives is the
+    same on every peer whatever each trained."""
+    import dataclasses
+
+    cfg = load_run_config("debug")
+    train = dataclasses.replace(
+        cfg.train, rounds="overlapped", overlapped_start="shared", overlapped_outer_lr=0.5
+    )
+    plain, kept = DilocoState(build_model(cfg), train), DilocoState(build_model(cfg), train)
+    gen = torch.Generator().manual_seed(1)
+    g = [torch.randn(t.shape, generator=gen) * 1e-2 for t in plain.snapshot]
+    before = [t.clone() for t in kept.snapshot]
+    plain.outer_step(g)
+    kept.outer_step(g, keep_step=True)
+    assert plain.last_step is None and kept.state_hash() == plain.state_hash()
+    for b, a, st in zip(before, kept.snapshot, kept.last_step, strict=True):
+        assert torch.allclose(st, b - a, atol=1e-7)
+    assert torch.allclose(kept.last_step[0], 0.5 * g[0], atol=1e-7)  # μ = 0 in overlapped rounds
+    kept.begin_round(kept.last_step)
+    x = [p.detach() for p in kept.params]
+    assert all(
+        torch.allclose(xi, 2 * a - b, atol=1e-6) for xi, a, b in zip(x, kept.snapshot, before, strict=True)
+    )
+    with pytest.raises(ConfigError, match="overlapped_start"):
+        dataclasses.replace(cfg.train, overlapped_start="mine")
 
 
 def test_streamed_safetensors_matches_and_hashes(tmp_path):

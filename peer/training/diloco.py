@@ -66,6 +66,8 @@ class DilocoState:
         self.local_steps = 0
         self.carry: list[torch.Tensor] | None = None
         """c_r: the part of the live start point that is not θ_r (None: x_r = θ_r)."""
+        self.last_step: list[torch.Tensor] | None = None
+        """The last outer step taken with ``keep_step`` (θ_r − θ_{r+1}); None otherwise."""
         self.last_delta_norm: float | None = None
         """Norm of the last :meth:`pseudo_gradient` before the ``max_delta_norm`` bound."""
         self.error_feedback: ErrorFeedback | None = None
@@ -190,13 +192,20 @@ class DilocoState:
         return delta
 
     @torch.no_grad()
-    def outer_step(self, avg_delta: Sequence[torch.Tensor]) -> None:
-        """Nesterov SGD on an averaged pseudo-gradient; the result becomes the new θ (and live parameters)."""
+    def outer_step(self, avg_delta: Sequence[torch.Tensor], keep_step: bool = False) -> None:
+        """Nesterov SGD on an averaged pseudo-gradient; the result becomes the new θ (and live parameters).
+        ``keep_step``: also keep the step taken, θ_before − θ_after up to rounding, as :attr:`last_step`
+        (new tensors; the same bytes on every peer that took the same step)."""
         lr, mu = self.cfg.outer_settings(sparse=self.error_feedback is not None)
+        step = []
         for s, m, g in zip(self.snapshot, self.momentum, avg_delta, strict=True):
             g = g.to(torch.float32)
             m.mul_(mu).add_(g)
-            s.sub_(g.add(m, alpha=mu), alpha=lr)
+            u = g.add(m, alpha=mu)
+            s.sub_(u, alpha=lr)
+            if keep_step:
+                step.append(u.mul_(lr))
+        self.last_step = step if keep_step else None
         self._reset_params_to_snapshot()
 
     @torch.no_grad()

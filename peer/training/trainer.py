@@ -15,7 +15,9 @@ Two round modes (``train.rounds``; ``peer join --rounds``):
 * ``overlapped`` (opt-in: README "How a round works"): training runs to the round's
   end; the all-reduce of Δ_r runs in the background during round r+1; the outer step is applied one
   round late: θ_{r+1} = OuterStep(θ_r, ḡ_{r−1}) and the next start point is x_{r+1} = θ_{r+1} − Δ_r
-  (c_{r+1} = Δ_r: the peer's own, not yet averaged progress stands in for ḡ_r until ḡ_r arrives).
+  (c_{r+1} = Δ_r: the peer's own, not yet averaged progress stands in for ḡ_r until ḡ_r arrives);
+  with ``train.overlapped_start: shared`` instead x_{r+1} = θ_{r+1} + (θ_{r+1} − θ_r) (c_{r+1} = θ_r − θ_{r+1},
+  the swarm's last outer step: the same start point on every peer).
 * ``blocking`` (the default): training stops ``averaging_reserve_seconds`` before the round's end,
   the all-reduce of Δ_r runs while training waits, θ_{r+1} = OuterStep(θ_r, ḡ_r), x_{r+1} = θ_{r+1}.
 
@@ -545,12 +547,14 @@ class Trainer:
 
         self.outbox.write_state_tensors(r, named, {"round": str(r), "state_hash": state_hash}, manifest)
 
-    def _apply_average(self, outcome, averaged: list[torch.Tensor]) -> None:
-        """θ ← OuterStep(θ, ḡ) if the all-reduce succeeded (or we were alone); θ unchanged if it failed."""
+    def _apply_average(self, outcome, averaged: list[torch.Tensor], keep_step: bool = False) -> bool:
+        """θ ← OuterStep(θ, ḡ) if the all-reduce succeeded (or we were alone); θ unchanged if it failed.
+        True if θ took the step (``keep_step``: the step is then ``state.last_step``)."""
         if outcome.status in ("averaged", "alone"):
-            self.state.outer_step(averaged)
-        else:
-            self.state.discard_local()
+            self.state.outer_step(averaged, keep_step=keep_step)
+            return True
+        self.state.discard_local()
+        return False
 
     def _fill_averaging(self, report: RoundReport, outcome) -> None:
         report.status = outcome.status
@@ -710,16 +714,21 @@ class Trainer:
         applied = (
             previous is not None and previous.round == r - 1 and self.round == r and self._off_majority != r
         )
+        shared = self.cfg.run.train.overlapped_start == "shared"
+        stepped = False
         with self.state_lock:
             if applied:
-                self._apply_average(outcome, averaged)
+                stepped = self._apply_average(outcome, averaged, keep_step=shared)
                 self.round = r + 1
                 self._invalidate_hash()
         self._inflight = InFlight(
             round=r, pending=self.swarm.start(tensors), report=report, pages=pages, base_hash=base_hash
         )
-        self._carry = delta if bh.trains(self.cfg.behaviour, self._rounds_done) else None
-        self.state.begin_round(self._carry)  # x_{r+1} = θ_{r+1} − Δ_r: the next round trains on at once
+        if shared:  # x_{r+1} = θ_{r+1} − (θ_r − θ_{r+1}): the swarm's last step once more, the same for all
+            self._carry = self.state.last_step if stepped else None
+        else:  # x_{r+1} = θ_{r+1} − Δ_r: the peer's own progress stands in for ḡ_r
+            self._carry = delta if bh.trains(self.cfg.behaviour, self._rounds_done) else None
+        self.state.begin_round(self._carry)  # the next round trains on at once
         self._rounds_done += 1
         report.boundary_seconds = time.time() - t0
         if previous is not None:
