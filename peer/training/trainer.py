@@ -278,6 +278,14 @@ class Trainer:
             count_parameters(self.model) / 1e6,
             run.train.rounds,
         )
+        lr, _ = run.train.outer_settings(sparse=cfg.compression == "topk")
+        if self.overlapped and run.train.overlapped_start == "shared" and lr > 0.5:
+            log.warning(
+                "overlapped_start shared with an outer lr of %g: measured on debug, 4 peers, it trails the own "
+                "start at 0.7 (1.117 x data parallelism) and oscillates at 1.0 (1.26); 0.5 gave 1.041 "
+                "(train.overlapped_outer_lr in the model config)",
+                lr,
+            )
 
     def _make_state(self) -> DilocoState:
         """θ and the inner optimizer: on this process, or sharded over the peer's ranks (FSDP2)."""
