@@ -164,9 +164,11 @@ class TrainConfig:
     parallelism), but each Δ then repairs its peer's own deviation from the average, which is what
     keeps overlapped rewards from being proportional. ``shared``: x_{r+1} = θ_{r+1} + (θ_{r+1} − θ_r),
     the swarm's last outer step taken once more: one start point for every peer, computable from public
-    states, with no peer-specific repair in any Δ. It needs a smaller ``overlapped_outer_lr`` (at 1.0 it
-    oscillates: 1.26 × dp; at 0.5, 1.041; benchmarks/RESULTS.md, "Overlapped rounds: a shared start
-    point"). Every peer of a swarm must use the same."""
+    states, with no peer-specific repair in any Δ: #18's reward figures then look like blocking rounds'
+    (worst of 3: 4× compute 3.18× against 1.57× with ``own``, five hotkeys 0.41× against 5.30×, equal
+    peers 1.35 against 2.40). It needs a smaller ``overlapped_outer_lr`` (4 peers in simulation: 1.26 ×
+    dp at 1.0, oscillating; 1.117 at 0.7; 1.041 at 0.5; the peer warns above 0.5; benchmarks/RESULTS.md,
+    "Overlapped rounds: a shared start point"). Every peer of a swarm must use the same."""
     overlapped_outer_lr: float | None = 1.0
     """``rounds: overlapped`` only: the outer learning rate used instead of ``outer_lr`` (None:
     ``outer_lr``). See ``overlapped_outer_momentum``."""
