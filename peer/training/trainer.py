@@ -706,6 +706,8 @@ class Trainer:
             self.writer.submit(self._after_state_change, None)
         in_step = self._inflight is not None and self._inflight.round == r - 1
         carry = self._carry if in_step else None  # c_r = Δ_{r−1}, whose average is still in flight
+        if report.synced_from_peer and self.cfg.run.train.overlapped_start == "shared":
+            carry = None  # our last outer step was taken on a θ the swarm did not hold: start from θ_r
         pages = self.assigned_pages(r, self.clock.seed(r))
         end = self.clock.round_end(r)
         self._schedule_averaging(r, end)
