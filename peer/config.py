@@ -167,7 +167,7 @@ class TrainConfig:
     states, with no peer-specific repair in any Δ: #18's reward figures then look like blocking rounds'
     (worst of 3: 4× compute 3.18× against 1.57× with ``own``, five hotkeys 0.41× against 5.30×, equal
     peers 1.35 against 2.40). It needs a smaller ``overlapped_outer_lr`` (4 peers in simulation: 1.26 ×
-    dp at 1.0, oscillating; 1.117 at 0.7; 1.041 at 0.5; the peer warns above 0.5; benchmarks/RESULTS.md,
+    dp at 1.0, oscillating; 1.117 at 0.7; 1.041 at 0.5, the best; 1.058 at 0.3; the peer warns above 0.5; benchmarks/RESULTS.md,
     "Overlapped rounds: a shared start point"). Every peer of a swarm must use the same."""
     overlapped_outer_lr: float | None = 1.0
     """``rounds: overlapped`` only: the outer learning rate used instead of ``outer_lr`` (None:
