@@ -242,8 +242,7 @@ def fresh_rounds_part(run, store, base, trial: int, rounds: int) -> dict:
             ),
             flush=True,
         )
-    w = normalize_weights({u: e.value for u, e in ema.entries.items()}, BurnPolicy())
-    weight = [w.shares.get(c.uid, 0.0) for c in cands]
+    weight = [so_far.shares.get(c.uid, 0.0) for c in cands]  # the weights after the last round
     return {
         "per_round": per_round,
         "weight_by_round": by_weight,

@@ -704,9 +704,10 @@ class Trainer:
             wait = min(self.cfg.join_wait_seconds, 2.0) if short else None
             report.synced_from_peer = self.sync_state(r, wait_seconds=wait)
             self.writer.submit(self._after_state_change, None)
+        shared = self.cfg.run.train.overlapped_start == "shared"
         in_step = self._inflight is not None and self._inflight.round == r - 1
         carry = self._carry if in_step else None  # c_r = Δ_{r−1}, whose average is still in flight
-        if report.synced_from_peer and self.cfg.run.train.overlapped_start == "shared":
+        if report.synced_from_peer and shared:
             carry = None  # our last outer step was taken on a θ the swarm did not hold: start from θ_r
         pages = self.assigned_pages(r, self.clock.seed(r))
         end = self.clock.round_end(r)
@@ -724,7 +725,6 @@ class Trainer:
         applied = (
             previous is not None and previous.round == r - 1 and self.round == r and self._off_majority != r
         )
-        shared = self.cfg.run.train.overlapped_start == "shared"
         stepped = False
         with self.state_lock:
             if applied:
