@@ -75,6 +75,9 @@ def run_sync(
             cfg.max_seconds is None or time.time() - start < cfg.max_seconds
         ):
             r = clock.current_round()
+            if reports and r <= reports[-1]["round"]:  # budget spent before the round's end: one per round
+                time.sleep(max(0.0, clock.round_end(reports[-1]["round"]) - time.time()) + 0.01)
+                continue
             pages = assign_pages(
                 keypair.ss58_address, r, clock.seed(r), store.train_pages, run.data.pages_per_round
             )
